@@ -1,0 +1,39 @@
+// Attention statistics of one block for a set of queries, computed over query chunks so that the
+// n x T logit matrix never exists whole.
+//   L = s * Q K^T + 1 b^T            (n x T)
+//   M_i = max_j L_ij                 row maxima
+//   m_i = sum_j exp(L_ij - M_i)      mass (shifted by M_i)
+//   Y_i = softmax(L_i) V             outputs
+//   score_j = reduce_i A_ij,  A = softmax(L)   (optional, for highest-attention selection)
+#pragma once
+
+#include <optional>
+
+#include "core/method.h"
+#include "core/types.h"
+
+namespace kvcompact {
+
+struct BlockView {
+  ConstMatrixMapF keys;     // T x d
+  ConstMatrixMapF values;   // T x dv
+  const float* bias;        // T, or nullptr for a fresh cache (b = 0)
+  float scale;              // s
+  Eigen::Index tokens() const { return keys.rows(); }
+};
+
+struct AttentionStats {
+  VectorF row_max;   // n
+  VectorF mass;      // n
+  MatrixF outputs;   // n x dv
+  VectorF scores;    // T; empty unless a reduce was requested
+};
+
+// `query_chunk` bounds the rows of L held at once (memory is query_chunk x T floats).
+AttentionStats ComputeAttentionStats(const BlockView& block, const MatrixF& queries,
+                                     std::optional<ScoreReduce> reduce, int query_chunk = 256);
+
+// Logits of the queries against a subset of keys given as a matrix: s * Q C^T + 1 bias^T.
+MatrixF SubsetLogits(const MatrixF& queries, const MatrixF& keys, const VectorF& bias, float scale);
+
+}  // namespace kvcompact

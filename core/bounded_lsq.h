@@ -1,0 +1,31 @@
+// Bounded least squares  min_w ||A w - y||^2  s.t.  lo <= w <= hi,  given in normal-equation form
+// (G = A^T A, c = A^T y), solved in float64 by a projected Newton method (Bertsekas 1982):
+// Newton steps on the free variables, scaled gradient steps on the binding ones, an Armijo search
+// along the projection arc. It iterates to the KKT conditions; it is not a clamp of the
+// unconstrained solution.
+#pragma once
+
+#include "core/types.h"
+
+namespace kvcompact {
+
+struct BoundedLsqOptions {
+  int max_iterations = 200;
+  double tolerance = 1e-10;  // on the diagonally scaled projected gradient, relative to max(1, max|w|)
+};
+
+struct BoundedLsqResult {
+  VectorD w;
+  int iterations = 0;
+  bool converged = false;
+  double projected_gradient = 0;  // max |w - P(w - g)|, the KKT residual in the w units
+};
+
+BoundedLsqResult SolveBoundedLsq(const MatrixD& gram, const VectorD& rhs, double lo, double hi,
+                                 const BoundedLsqOptions& options = {});
+
+// max_j |w_j - clamp(w_j - g_j)| with g = G w - c: zero exactly at a KKT point.
+double ProjectedGradientNorm(const MatrixD& gram, const VectorD& rhs, const VectorD& w, double lo,
+                             double hi);
+
+}  // namespace kvcompact

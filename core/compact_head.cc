@@ -1,0 +1,156 @@
+#include "core/compact_head.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <numeric>
+#include <random>
+
+#include "absl/strings/str_cat.h"
+#include "core/fit.h"
+#include "core/selection.h"
+
+namespace kvcompact {
+namespace {
+
+double Since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+MatrixF GatherRows(const Eigen::Ref<const MatrixF>& m, const std::vector<int32_t>& rows) {
+  MatrixF out(static_cast<Eigen::Index>(rows.size()), m.cols());
+  for (size_t i = 0; i < rows.size(); ++i) out.row(i) = m.row(rows[i]);
+  return out;
+}
+
+VectorF GatherBias(const BlockView& block, const std::vector<int32_t>& idx) {
+  VectorF out(static_cast<Eigen::Index>(idx.size()));
+  for (size_t i = 0; i < idx.size(); ++i) out[i] = block.bias ? block.bias[idx[i]] : 0.0f;
+  return out;
+}
+
+// Held-out split: a seeded random subset of round(n * fraction) queries, at least one kept for fitting.
+void SplitQueries(const MatrixF& q, double fraction, uint64_t seed, MatrixF* fit, MatrixF* eval) {
+  const int64_t n = q.rows();
+  int64_t n_eval = static_cast<int64_t>(std::floor(n * fraction));
+  n_eval = std::clamp<int64_t>(n_eval, 0, std::max<int64_t>(n - 1, 0));
+  if (n_eval == 0) {
+    *fit = q;
+    *eval = MatrixF(0, q.cols());
+    return;
+  }
+  std::vector<int32_t> order(n);
+  std::iota(order.begin(), order.end(), 0);
+  std::shuffle(order.begin(), order.end(), std::mt19937_64(seed ^ 0x9e3779b97f4a7c15ull));
+  std::vector<int32_t> eval_rows(order.begin(), order.begin() + n_eval);
+  std::vector<int32_t> fit_rows(order.begin() + n_eval, order.end());
+  std::sort(eval_rows.begin(), eval_rows.end());
+  std::sort(fit_rows.begin(), fit_rows.end());
+  *fit = GatherRows(q, fit_rows);
+  *eval = GatherRows(q, eval_rows);
+}
+
+CompactedHead Unchanged(const BlockView& block) {
+  CompactedHead head;
+  head.indices.resize(block.tokens());
+  std::iota(head.indices.begin(), head.indices.end(), 0);
+  head.keys = block.keys;
+  head.values = block.values;
+  head.beta = block.bias ? VectorF(ConstVectorMapF(block.bias, block.tokens()))
+                         : VectorF::Zero(block.tokens());
+  return head;
+}
+
+}  // namespace
+
+void MeasureErrors(const CompactedHead& head, const MatrixF& queries, const AttentionStats& truth,
+                   float scale, float* output_rel_error, float* mass_rel_error) {
+  const MatrixF logits = SubsetLogits(queries, head.keys, head.beta, scale);
+  const MatrixF probs = (logits.colwise() - truth.row_max).array().exp().matrix();
+  const VectorF mass = probs.rowwise().sum().cwiseMax(1e-30f);
+  MatrixF outputs = probs * head.values;
+  outputs.array().colwise() /= mass.array();
+  const double ref_norm = truth.outputs.cast<double>().norm();
+  *output_rel_error = static_cast<float>((outputs - truth.outputs).cast<double>().norm() /
+                                         std::max(ref_norm, 1e-300));
+  *mass_rel_error =
+      static_cast<float>(((mass - truth.mass).cwiseAbs().array() / truth.mass.array()).mean());
+}
+
+absl::StatusOr<CompactedHead> CompactHead(const BlockView& block, const MatrixF* queries,
+                                          const HeadOptions& options, StageSeconds* seconds) {
+  const MethodSpec& spec = GetMethodSpec(options.method);
+  const int64_t T = block.tokens();
+  const bool has_queries = queries != nullptr && queries->rows() > 0;
+  if (options.budget <= 0) return absl::InvalidArgumentError("budget must be > 0");
+  if (spec.needs_queries && !has_queries) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("method ", std::string(spec.name), " needs reference queries and none were given"));
+  }
+  const bool unchanged = options.budget >= T && !options.force_fit;
+  const int64_t t = std::min(options.budget, T);
+
+  auto start = std::chrono::steady_clock::now();
+  MatrixF fit_q, eval_q;
+  AttentionStats fit_stats, eval_stats;
+  if (has_queries) {
+    SplitQueries(*queries, options.holdout_fraction, options.seed, &fit_q, &eval_q);
+    const bool scores = spec.selection == Selection::kHighestAttention && !unchanged;
+    fit_stats = ComputeAttentionStats(
+        block, fit_q, scores ? std::optional(options.score.value_or(spec.default_score)) : std::nullopt,
+        options.query_chunk);
+    if (eval_q.rows() > 0) eval_stats = ComputeAttentionStats(block, eval_q, std::nullopt, options.query_chunk);
+  }
+
+  CompactedHead head;
+  if (unchanged) {
+    head = Unchanged(block);
+  } else {
+    SelectionParams params;
+    params.budget = t;
+    params.pool_kernel = options.pool_kernel >= 0 ? options.pool_kernel : spec.default_pool_kernel;
+    params.sink_tokens = options.sink_tokens;
+    params.seed = options.seed;
+    head.indices = SelectKeys(spec.selection, T, fit_stats.scores, params);
+    head.keys = GatherRows(block.keys, head.indices);
+    const VectorF subset_bias = GatherBias(block, head.indices);
+    seconds->score += Since(start);
+
+    if (spec.fit == Fit::kAttentionMatching) {
+      start = std::chrono::steady_clock::now();
+      const MatrixF logits = SubsetLogits(fit_q, head.keys, subset_bias, block.scale);
+      MassFitResult mass = FitMass(logits, fit_stats.row_max, fit_stats.mass, subset_bias,
+                                   std::exp(options.beta_min), std::exp(options.beta_max));
+      head.beta = std::move(mass.beta);
+      head.mass_fit_converged = mass.solver.converged;
+      seconds->mass_fit += Since(start);
+
+      start = std::chrono::steady_clock::now();
+      const MatrixF design = RowSoftmax(SubsetLogits(fit_q, head.keys, head.beta, block.scale));
+      head.values = FitValues(design, fit_stats.outputs, options.ridge);
+      seconds->value_fit += Since(start);
+    } else {
+      head.beta = subset_bias;
+      head.values = GatherRows(block.values, head.indices);
+    }
+  }
+
+  if (has_queries) {
+    start = std::chrono::steady_clock::now();
+    HeadQuality& q = head.quality;
+    q.has_quality = true;
+    float unused_mass;
+    MeasureErrors(head, fit_q, fit_stats, block.scale, &q.fit_output_rel_error, &unused_mass);
+    if (eval_q.rows() > 0) {
+      MeasureErrors(head, eval_q, eval_stats, block.scale, &q.output_rel_error, &q.mass_rel_error);
+      q.eval_queries = eval_q.rows();
+    } else {
+      MeasureErrors(head, fit_q, fit_stats, block.scale, &q.output_rel_error, &q.mass_rel_error);
+      q.eval_queries = fit_q.rows();
+    }
+    seconds->evaluate += Since(start);
+  }
+  return head;
+}
+
+}  // namespace kvcompact

@@ -1,0 +1,64 @@
+// The compaction pipeline for one (layer, KV head) block: split queries into fit / held-out,
+// attention statistics, key selection, fit (AM or copy), evaluation.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "core/attention.h"
+#include "core/method.h"
+#include "core/types.h"
+
+namespace kvcompact {
+
+struct HeadOptions {
+  Method method = Method::kAmHighestAttention;
+  int64_t budget = 0;                       // t; >= T returns the block unchanged
+  std::optional<ScoreReduce> score;         // default: the method's
+  int pool_kernel = -1;                     // -1: the method's default
+  int sink_tokens = 4;
+  uint64_t seed = 0;
+  double ridge = 1e-5;
+  double beta_min = -3.0;                   // bounds on log w in the mass fit
+  double beta_max = 3.0;
+  double holdout_fraction = 0.1;
+  int query_chunk = 256;
+  bool force_fit = false;                   // fit even when t >= T (tests of the fit itself)
+};
+
+struct HeadQuality {
+  bool has_quality = false;
+  float output_rel_error = 0;      // held-out queries (all queries if none held out)
+  float mass_rel_error = 0;
+  float fit_output_rel_error = 0;  // queries used for fitting
+  int64_t eval_queries = 0;
+};
+
+struct CompactedHead {
+  std::vector<int32_t> indices;  // ascending kept token positions
+  MatrixF keys;                  // t x d   (= K[S])
+  VectorF beta;                  // t
+  MatrixF values;                // t x dv
+  HeadQuality quality;
+  bool mass_fit_converged = true;
+};
+
+struct StageSeconds {
+  double score = 0, mass_fit = 0, value_fit = 0, evaluate = 0;
+  StageSeconds& operator+=(const StageSeconds& o) {
+    score += o.score; mass_fit += o.mass_fit; value_fit += o.value_fit; evaluate += o.evaluate;
+    return *this;
+  }
+};
+
+// `queries` may be null only for methods that do not need them (quality is then not reported).
+absl::StatusOr<CompactedHead> CompactHead(const BlockView& block, const MatrixF* queries,
+                                          const HeadOptions& options, StageSeconds* seconds);
+
+// Output and mass errors of a compacted block on queries whose full-block stats are known.
+void MeasureErrors(const CompactedHead& head, const MatrixF& queries, const AttentionStats& truth,
+                   float scale, float* output_rel_error, float* mass_rel_error);
+
+}  // namespace kvcompact

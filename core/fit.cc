@@ -1,0 +1,40 @@
+#include "core/fit.h"
+
+#include <cmath>
+
+#include <Eigen/Cholesky>
+
+namespace kvcompact {
+
+MassFitResult FitMass(const MatrixF& subset_logits, const VectorF& row_max, const VectorF& mass,
+                      const VectorF& subset_bias, double w_lo, double w_hi) {
+  const MatrixF phi = (subset_logits.colwise() - row_max).array().exp().matrix();
+  const MatrixD gram = (phi.transpose() * phi).cast<double>();
+  const VectorD rhs = (phi.transpose() * mass).cast<double>();
+  MassFitResult result;
+  result.solver = SolveBoundedLsq(gram, rhs, w_lo, w_hi);
+  result.beta = (result.solver.w.array().log().cast<float>() + subset_bias.array()).matrix();
+  return result;
+}
+
+MatrixF RowSoftmax(const MatrixF& logits) {
+  const VectorF row_max = logits.rowwise().maxCoeff();
+  MatrixF probs = (logits.colwise() - row_max).array().exp().matrix();
+  const VectorF sums = probs.rowwise().sum();
+  probs.array().colwise() /= sums.array();
+  return probs;
+}
+
+MatrixF FitValues(const MatrixF& design, const MatrixF& targets, double ridge) {
+  MatrixD gram = (design.transpose() * design).cast<double>();
+  const MatrixD rhs = (design.transpose() * targets).cast<double>();
+  const Eigen::Index t = gram.rows();
+  const double lambda = ridge * (t > 0 ? gram.trace() / t : 0.0);
+  gram.diagonal().array() += lambda;
+  Eigen::LLT<MatrixD> llt(gram);
+  if (llt.info() == Eigen::Success) return llt.solve(rhs).cast<float>();
+  // Only reachable with ridge = 0 and a singular X; LDLT still gives a usable solution.
+  return gram.ldlt().solve(rhs).cast<float>();
+}
+
+}  // namespace kvcompact

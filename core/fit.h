@@ -1,0 +1,29 @@
+// Steps 2 and 3 of Attention Matching for a chosen key set S (see docs/attention-matching spec):
+//   mass:   Phi_ij = exp(L_ij - M_i), j in S;  w = argmin ||Phi w - m||^2, w_lo <= w <= w_hi;
+//           beta_j = log w_j + b_j   (the + b_j keeps re-compaction of compacted blocks correct)
+//   values: X = softmax_S(s Q C_k^T + beta);  C_v = (X^T X + lambda I)^-1 X^T Y,
+//           lambda = ridge * mean(diag(X^T X))
+// Gram matrices are accumulated in fp32 and solved in float64.
+#pragma once
+
+#include "core/bounded_lsq.h"
+#include "core/types.h"
+
+namespace kvcompact {
+
+struct MassFitResult {
+  VectorF beta;             // t
+  BoundedLsqResult solver;  // w and convergence figures
+};
+
+// `subset_logits` = s * Q K_S^T + b_S (n x t), `row_max`/`mass` of the full block for the same queries.
+MassFitResult FitMass(const MatrixF& subset_logits, const VectorF& row_max, const VectorF& mass,
+                      const VectorF& subset_bias, double w_lo, double w_hi);
+
+// Row-wise softmax of logits.
+MatrixF RowSoftmax(const MatrixF& logits);
+
+// Ridge least squares C_v for design X (n x t) and targets Y (n x dv).
+MatrixF FitValues(const MatrixF& design, const MatrixF& targets, double ridge);
+
+}  // namespace kvcompact

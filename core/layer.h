@@ -1,0 +1,50 @@
+// A layer's worth of blocks (all KV heads of one layer) in fp32, and the backend interface that
+// compacts it. The server assembles LayerData from wire chunks; backends never see the wire.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "core/compact_head.h"
+
+namespace kvcompact {
+
+struct LayerData {
+  int32_t layer = 0;
+  int64_t heads = 0, tokens = 0, queries = 0, head_dim = 0, value_dim = 0;
+  float scale = 0;
+  std::vector<float> keys;         // heads x tokens x head_dim
+  std::vector<float> values;       // heads x tokens x value_dim
+  std::vector<float> bias;         // empty (fresh cache) or heads x tokens
+  std::vector<float> query_data;   // heads x queries x head_dim (pooled over the GQA group)
+
+  void Allocate(bool with_bias);   // sizes the buffers from the dimensions
+  BlockView HeadBlock(int64_t head) const;
+  MatrixF HeadQueries(int64_t head) const;
+  size_t Bytes() const;
+};
+
+struct LayerJob {
+  LayerData data;
+  std::vector<int64_t> budgets;    // t per head
+  HeadOptions options;             // budget field ignored; taken from `budgets`
+};
+
+struct LayerResult {
+  std::vector<CompactedHead> heads;
+  StageSeconds seconds;            // summed over heads (CPU time of the stages)
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string_view name() const = 0;
+  virtual absl::StatusOr<LayerResult> CompactLayer(const LayerJob& job) = 0;
+};
+
+std::unique_ptr<Backend> MakeCpuBackend(int threads);
+
+}  // namespace kvcompact

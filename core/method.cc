@@ -1,0 +1,35 @@
+#include "core/method.h"
+
+namespace kvcompact {
+
+const std::vector<MethodSpec>& AllMethods() {
+  static const std::vector<MethodSpec> kMethods = {
+      {Method::kAmHighestAttention, "am", Selection::kHighestAttention, Fit::kAttentionMatching,
+       ScoreReduce::kRms, 0, true},
+      {Method::kTruncateRecent, "recent", Selection::kRecent, Fit::kCopy, ScoreReduce::kMean, 0,
+       false},
+      {Method::kStreamingLlm, "streaming_llm", Selection::kSinksAndRecent, Fit::kCopy,
+       ScoreReduce::kMean, 0, false},
+      {Method::kH2O, "h2o", Selection::kHighestAttention, Fit::kCopy, ScoreReduce::kMean, 0, true},
+      {Method::kSnapKV, "snapkv", Selection::kHighestAttention, Fit::kCopy, ScoreReduce::kMean, 7,
+       true},
+      {Method::kRandom, "random", Selection::kRandom, Fit::kCopy, ScoreReduce::kMean, 0, false},
+  };
+  return kMethods;
+}
+
+const MethodSpec& GetMethodSpec(Method method) {
+  for (const MethodSpec& spec : AllMethods()) {
+    if (spec.method == method) return spec;
+  }
+  return AllMethods().front();
+}
+
+std::optional<Method> MethodFromName(std::string_view name) {
+  for (const MethodSpec& spec : AllMethods()) {
+    if (spec.name == name) return spec.method;
+  }
+  return std::nullopt;
+}
+
+}  // namespace kvcompact

@@ -1,0 +1,68 @@
+#include "core/selection.h"
+
+#include <algorithm>
+#include <numeric>
+#include <random>
+
+namespace kvcompact {
+
+VectorF MaxPool1d(const VectorF& scores, int kernel) {
+  if (kernel <= 1) return scores;
+  const Eigen::Index n = scores.size();
+  const Eigen::Index half = kernel / 2;
+  VectorF pooled(n);
+  for (Eigen::Index j = 0; j < n; ++j) {
+    const Eigen::Index lo = std::max<Eigen::Index>(0, j - half);
+    const Eigen::Index hi = std::min<Eigen::Index>(n - 1, j + half);
+    pooled[j] = scores.segment(lo, hi - lo + 1).maxCoeff();
+  }
+  return pooled;
+}
+
+std::vector<int32_t> TopK(const VectorF& scores, int64_t t) {
+  std::vector<int32_t> order(scores.size());
+  std::iota(order.begin(), order.end(), 0);
+  auto better = [&](int32_t a, int32_t b) {
+    return scores[a] != scores[b] ? scores[a] > scores[b] : a > b;
+  };
+  std::nth_element(order.begin(), order.begin() + t, order.end(), better);
+  order.resize(t);
+  std::sort(order.begin(), order.end());
+  return order;
+}
+
+std::vector<int32_t> SelectKeys(Selection rule, int64_t tokens, const VectorF& scores,
+                                const SelectionParams& params) {
+  const int64_t t = params.budget;
+  std::vector<int32_t> kept;
+  kept.reserve(t);
+  switch (rule) {
+    case Selection::kHighestAttention:
+      return TopK(MaxPool1d(scores, params.pool_kernel), t);
+    case Selection::kRecent:
+      for (int64_t j = tokens - t; j < tokens; ++j) kept.push_back(static_cast<int32_t>(j));
+      return kept;
+    case Selection::kSinksAndRecent: {
+      const int64_t sinks = std::min<int64_t>(params.sink_tokens, t);
+      for (int64_t j = 0; j < sinks; ++j) kept.push_back(static_cast<int32_t>(j));
+      for (int64_t j = tokens - (t - sinks); j < tokens; ++j) kept.push_back(static_cast<int32_t>(j));
+      return kept;
+    }
+    case Selection::kRandom: {
+      std::vector<int32_t> all(tokens);
+      std::iota(all.begin(), all.end(), 0);
+      std::mt19937_64 rng(params.seed);
+      // Partial Fisher-Yates: the first t entries become a uniform sample.
+      for (int64_t i = 0; i < t; ++i) {
+        std::uniform_int_distribution<int64_t> pick(i, tokens - 1);
+        std::swap(all[i], all[pick(rng)]);
+      }
+      all.resize(t);
+      std::sort(all.begin(), all.end());
+      return all;
+    }
+  }
+  return kept;
+}
+
+}  // namespace kvcompact

@@ -1,0 +1,254 @@
+#include "core/compact_head.h"
+
+#include <random>
+
+#include <gtest/gtest.h>
+
+#include "core/fit.h"
+#include "core/layer.h"
+#include "core/synthetic.h"
+#include "tests/core/brute_force.h"
+
+namespace kvcompact {
+namespace {
+
+using testing::Md;
+using testing::Vd;
+
+struct Problem {
+  MatrixF K, V, Q;
+  VectorF b;
+  float scale;
+  BlockView view(bool with_bias = true) const {
+    return BlockView{ConstMatrixMapF(K.data(), K.rows(), K.cols()),
+                     ConstMatrixMapF(V.data(), V.rows(), V.cols()), with_bias ? b.data() : nullptr,
+                     scale};
+  }
+};
+
+Problem RandomProblem(uint64_t seed, int T, int n, int d, int dv, float bias_std) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> g(0.f, 1.f);
+  Problem p{MatrixF(T, d), MatrixF(T, dv), MatrixF(n, d), VectorF(T), 1.0f / std::sqrt(float(d))};
+  for (int i = 0; i < p.K.size(); ++i) p.K.data()[i] = 1.5f * g(rng);
+  for (int i = 0; i < p.V.size(); ++i) p.V.data()[i] = g(rng);
+  for (int i = 0; i < p.Q.size(); ++i) p.Q.data()[i] = 1.5f * g(rng);
+  for (int i = 0; i < T; ++i) p.b[i] = bias_std * g(rng);
+  return p;
+}
+
+TEST(AttentionStats, MatchesFloat64BruteForceAcrossChunkSizes) {
+  const Problem p = RandomProblem(11, 37, 50, 16, 8, 0.7f);
+  const auto ref = testing::BruteAttention(p.K.cast<double>(), p.V.cast<double>(),
+                                           p.b.cast<double>(), p.Q.cast<double>(), p.scale);
+  for (int chunk : {1, 7, 16, 256}) {
+    const AttentionStats st = ComputeAttentionStats(p.view(), p.Q, ScoreReduce::kRms, chunk);
+    EXPECT_LT((st.row_max.cast<double>() - ref.row_max).cwiseAbs().maxCoeff(), 1e-5);
+    EXPECT_LT(((st.mass.cast<double>() - ref.mass).array() / ref.mass.array()).abs().maxCoeff(), 1e-5);
+    EXPECT_LT((st.outputs.cast<double>() - ref.outputs).norm() / ref.outputs.norm(), 1e-5);
+    EXPECT_LT((st.scores.cast<double>() - ref.rms_scores).norm() / ref.rms_scores.norm(), 1e-5);
+  }
+}
+
+TEST(FitValues, RidgeSolutionMatchesNormalEquations) {
+  std::mt19937_64 rng(5);
+  std::uniform_real_distribution<float> u(0.f, 1.f);
+  MatrixF X(80, 12), Y(80, 6);
+  for (int i = 0; i < X.size(); ++i) X.data()[i] = u(rng);
+  for (int i = 0; i < Y.size(); ++i) Y.data()[i] = u(rng) - 0.5f;
+  const double ridge = 1e-3;
+  const MatrixF got = FitValues(X, Y, ridge);
+  const Md Xd = X.cast<double>();
+  Md G = Xd.transpose() * Xd;
+  const double lambda = ridge * G.trace() / G.rows();
+  G.diagonal().array() += lambda;
+  const Md want = G.inverse() * (Xd.transpose() * Y.cast<double>());
+  EXPECT_LT((got.cast<double>() - want).norm() / want.norm(), 1e-5);
+  // The normal equations hold: (X^T X + lambda I) C - X^T Y = 0.
+  const Md residual = G * got.cast<double>() - Xd.transpose() * Y.cast<double>();
+  EXPECT_LT(residual.norm() / (Xd.transpose() * Y.cast<double>()).norm(), 1e-5);
+}
+
+TEST(FitValues, NearDuplicateKeysStayFiniteWithRidge) {
+  MatrixF X(30, 4);
+  X.setRandom();
+  X = X.cwiseAbs();
+  X.col(3) = X.col(2);
+  MatrixF Y(30, 3);
+  Y.setRandom();
+  EXPECT_TRUE(FitValues(X, Y, 1e-5).allFinite());
+}
+
+// t = T through the fit path: w = 1 is the exact mass solution, so beta must equal b (the + b rule)
+// and the refitted values must reproduce V, mass and outputs.
+TEST(CompactHead, FullBudgetFitReproducesBlockAndCarriesBias) {
+  const Problem p = RandomProblem(21, 24, 200, 8, 8, 1.0f);
+  HeadOptions opt;
+  opt.budget = 24;
+  opt.force_fit = true;
+  opt.holdout_fraction = 0.25;
+  opt.ridge = 1e-9;
+  StageSeconds s;
+  auto head = CompactHead(p.view(), &p.Q, opt, &s);
+  ASSERT_TRUE(head.ok()) << head.status();
+  EXPECT_LT((head->beta - p.b).cwiseAbs().maxCoeff(), 2e-4);
+  EXPECT_LT((head->values - p.V).norm() / p.V.norm(), 2e-3);
+  EXPECT_LT(head->quality.output_rel_error, 1e-4);
+  EXPECT_LT(head->quality.mass_rel_error, 1e-4);
+}
+
+TEST(CompactHead, BudgetAtLeastTokensReturnsBlockUnchanged) {
+  const Problem p = RandomProblem(22, 30, 40, 8, 8, 0.5f);
+  HeadOptions opt;
+  opt.budget = 45;
+  StageSeconds s;
+  auto head = CompactHead(p.view(), &p.Q, opt, &s);
+  ASSERT_TRUE(head.ok());
+  ASSERT_EQ(head->indices.size(), 30u);
+  EXPECT_EQ(head->keys, p.K);
+  EXPECT_EQ(head->values, p.V);
+  EXPECT_EQ(head->beta, p.b);
+  EXPECT_LT(head->quality.output_rel_error, 1e-6);
+}
+
+// Compact once, then compact the result again at its own size: nothing may change.
+TEST(CompactHead, RecompactingAtOwnSizeIsIdentity) {
+  const Problem p = RandomProblem(23, 64, 120, 8, 8, 0.0f);
+  HeadOptions opt;
+  opt.budget = 16;
+  StageSeconds s;
+  auto first = CompactHead(p.view(false), &p.Q, opt, &s);
+  ASSERT_TRUE(first.ok());
+  const BlockView again{ConstMatrixMapF(first->keys.data(), 16, 8),
+                        ConstMatrixMapF(first->values.data(), 16, 8), first->beta.data(), p.scale};
+  auto second = CompactHead(again, &p.Q, opt, &s);
+  ASSERT_TRUE(second.ok());
+  EXPECT_EQ(second->keys, first->keys);
+  EXPECT_EQ(second->beta, first->beta);
+  EXPECT_EQ(second->values, first->values);
+  // Through the fit path too: beta comes back as log(1) + b.
+  opt.force_fit = true;
+  opt.ridge = 1e-9;
+  auto refit = CompactHead(again, &p.Q, opt, &s);
+  ASSERT_TRUE(refit.ok());
+  EXPECT_LT((refit->beta - first->beta).cwiseAbs().maxCoeff(), 2e-3);
+}
+
+// The whole AM pipeline against a float64 brute-force run of the same three steps.
+TEST(CompactHead, AmMatchesFloat64BruteForcePipeline) {
+  for (uint64_t seed : {31u, 32u, 33u}) {
+    const Problem p = RandomProblem(seed, 40, 96, 8, 6, 0.3f);
+    const int t = 6;
+    HeadOptions opt;
+    opt.budget = t;
+    opt.holdout_fraction = 0;
+    opt.ridge = 1e-6;
+    StageSeconds s;
+    auto head = CompactHead(p.view(), &p.Q, opt, &s);
+    ASSERT_TRUE(head.ok());
+
+    const Md K = p.K.cast<double>(), V = p.V.cast<double>(), Q = p.Q.cast<double>();
+    const Vd b = p.b.cast<double>();
+    const auto ref = testing::BruteAttention(K, V, b, Q, p.scale);
+    std::vector<int> order(40);
+    std::iota(order.begin(), order.end(), 0);
+    std::sort(order.begin(), order.end(),
+              [&](int a, int c) { return ref.rms_scores[a] > ref.rms_scores[c]; });
+    std::vector<int> S(order.begin(), order.begin() + t);
+    std::sort(S.begin(), S.end());
+    ASSERT_EQ(std::vector<int>(head->indices.begin(), head->indices.end()), S) << "seed " << seed;
+
+    Md phi(Q.rows(), t);
+    for (int i = 0; i < Q.rows(); ++i)
+      for (int a = 0; a < t; ++a)
+        phi(i, a) = std::exp(p.scale * Q.row(i).dot(K.row(S[a])) + b[S[a]] - ref.row_max[i]);
+    const Vd w = testing::BruteBoundedLsq(phi, ref.mass, std::exp(-3.0), std::exp(3.0));
+    Vd beta(t);
+    for (int a = 0; a < t; ++a) beta[a] = std::log(w[a]) + b[S[a]];
+    EXPECT_LT((head->beta.cast<double>() - beta).cwiseAbs().maxCoeff(), 1e-3) << "seed " << seed;
+
+    Md X(Q.rows(), t);
+    for (int i = 0; i < Q.rows(); ++i) {
+      for (int a = 0; a < t; ++a) X(i, a) = std::exp(p.scale * Q.row(i).dot(K.row(S[a])) + beta[a]);
+      X.row(i) /= X.row(i).sum();
+    }
+    Md G = X.transpose() * X;
+    G.diagonal().array() += 1e-6 * G.trace() / t;
+    const Md Cv = G.ldlt().solve(X.transpose() * ref.outputs);
+    EXPECT_LT((head->values.cast<double>() - Cv).norm() / Cv.norm(), 5e-3) << "seed " << seed;
+  }
+}
+
+TEST(CompactHead, BaselinesCopyKeysBiasAndValues) {
+  const Problem p = RandomProblem(41, 50, 60, 8, 8, 0.4f);
+  for (Method m : {Method::kH2O, Method::kSnapKV, Method::kTruncateRecent, Method::kStreamingLlm,
+                   Method::kRandom}) {
+    HeadOptions opt;
+    opt.method = m;
+    opt.budget = 10;
+    StageSeconds s;
+    auto head = CompactHead(p.view(), &p.Q, opt, &s);
+    ASSERT_TRUE(head.ok()) << GetMethodSpec(m).name;
+    ASSERT_EQ(head->indices.size(), 10u);
+    ASSERT_TRUE(std::is_sorted(head->indices.begin(), head->indices.end()));
+    ASSERT_EQ(std::adjacent_find(head->indices.begin(), head->indices.end()), head->indices.end());
+    for (int a = 0; a < 10; ++a) {
+      const int j = head->indices[a];
+      EXPECT_EQ(head->keys.row(a), p.K.row(j));
+      EXPECT_EQ(head->values.row(a), p.V.row(j));
+      EXPECT_EQ(head->beta[a], p.b[j]);
+    }
+    if (m == Method::kTruncateRecent) {
+      EXPECT_EQ(head->indices.front(), 40);
+    }
+    if (m == Method::kStreamingLlm) {
+      EXPECT_EQ(head->indices[3], 3);
+      EXPECT_EQ(head->indices[4], 44);
+    }
+  }
+}
+
+TEST(CompactHead, QueryFreeMethodsRunWithoutQueriesOthersRefuse) {
+  const Problem p = RandomProblem(42, 50, 60, 8, 8, 0.f);
+  HeadOptions opt;
+  opt.budget = 10;
+  StageSeconds s;
+  opt.method = Method::kTruncateRecent;
+  auto recent = CompactHead(p.view(), nullptr, opt, &s);
+  ASSERT_TRUE(recent.ok());
+  EXPECT_FALSE(recent->quality.has_quality);
+  opt.method = Method::kAmHighestAttention;
+  auto am = CompactHead(p.view(), nullptr, opt, &s);
+  EXPECT_EQ(am.status().code(), absl::StatusCode::kInvalidArgument);
+  opt.budget = 0;
+  EXPECT_EQ(CompactHead(p.view(), &p.Q, opt, &s).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+// The reason the service exists: at 20x, refitting beta and values beats copying them.
+TEST(CompactHead, AmHeldOutErrorBelowEvictionBaselinesOnSyntheticHeads) {
+  SyntheticShape shape;
+  shape.heads = 3;
+  shape.tokens = 1024;
+  shape.queries = 512;
+  const LayerData data = MakeSyntheticLayer(shape, 7);
+  for (int64_t h = 0; h < shape.heads; ++h) {
+    const MatrixF q = data.HeadQueries(h);
+    float err[3];
+    const Method methods[3] = {Method::kAmHighestAttention, Method::kH2O, Method::kSnapKV};
+    for (int i = 0; i < 3; ++i) {
+      HeadOptions opt;
+      opt.method = methods[i];
+      opt.budget = shape.tokens / 20;
+      StageSeconds s;
+      auto head = CompactHead(data.HeadBlock(h), &q, opt, &s);
+      ASSERT_TRUE(head.ok());
+      err[i] = head->quality.output_rel_error;
+    }
+    EXPECT_LT(err[0], 0.8f * err[1]) << "head " << h << " am " << err[0] << " h2o " << err[1];
+    EXPECT_LT(err[0], 0.8f * err[2]) << "head " << h << " am " << err[0] << " snapkv " << err[2];
+  }
+}
+
+}  // namespace
+}  // namespace kvcompact

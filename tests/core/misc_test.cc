@@ -1,0 +1,82 @@
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "core/dtype.h"
+#include "core/method.h"
+#include "core/selection.h"
+#include "core/thread_pool.h"
+
+namespace kvcompact {
+namespace {
+
+TEST(DType, HalfAndBFloat16RoundTripWithinTheirPrecision) {
+  std::vector<float> in = {0.f, 1.f, -2.5f, 3.14159f, 1e-3f, -65504.f};
+  for (DType dt : {DType::kFloat32, DType::kFloat16, DType::kBFloat16}) {
+    std::vector<uint8_t> wire(in.size() * DTypeSize(dt));
+    EncodeFromFloat(in.data(), in.size(), dt, wire.data());
+    std::vector<float> out(in.size());
+    ASSERT_TRUE(DecodeToFloat(wire.data(), dt, in.size(), out.data()).ok());
+    const float eps = dt == DType::kFloat32 ? 0.f : dt == DType::kFloat16 ? 1e-3f : 8e-3f;
+    for (size_t i = 0; i < in.size(); ++i) EXPECT_NEAR(out[i], in[i], eps * std::abs(in[i]) + 1e-7);
+  }
+}
+
+TEST(DType, DecodeRejectsNanAndInf) {
+  for (float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
+    std::vector<float> in = {1.f, bad, 2.f};
+    for (DType dt : {DType::kFloat32, DType::kFloat16, DType::kBFloat16}) {
+      std::vector<uint8_t> wire(in.size() * DTypeSize(dt));
+      EncodeFromFloat(in.data(), in.size(), dt, wire.data());
+      std::vector<float> out(in.size());
+      const absl::Status s = DecodeToFloat(wire.data(), dt, in.size(), out.data());
+      EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+      EXPECT_NE(s.message().find("element 1"), std::string_view::npos) << s;
+    }
+  }
+}
+
+TEST(Selection, MaxPoolAndTopK) {
+  VectorF s(7);
+  s << 0, 0, 5, 0, 0, 0, 1;
+  const VectorF pooled = MaxPool1d(s, 3);
+  EXPECT_EQ(pooled[1], 5);
+  EXPECT_EQ(pooled[3], 5);
+  EXPECT_EQ(pooled[4], 0);
+  EXPECT_EQ(pooled[5], 1);
+  EXPECT_EQ(TopK(s, 2), (std::vector<int32_t>{2, 6}));
+}
+
+TEST(Selection, RandomIsSeededDistinctAndSorted) {
+  SelectionParams p;
+  p.budget = 20;
+  p.seed = 9;
+  const auto a = SelectKeys(Selection::kRandom, 100, VectorF(), p);
+  const auto b = SelectKeys(Selection::kRandom, 100, VectorF(), p);
+  EXPECT_EQ(a, b);
+  ASSERT_EQ(a.size(), 20u);
+  EXPECT_TRUE(std::is_sorted(a.begin(), a.end()));
+  EXPECT_EQ(std::adjacent_find(a.begin(), a.end()), a.end());
+  p.seed = 10;
+  EXPECT_NE(SelectKeys(Selection::kRandom, 100, VectorF(), p), a);
+}
+
+TEST(Method, NamesRoundTrip) {
+  for (const MethodSpec& spec : AllMethods()) {
+    ASSERT_TRUE(MethodFromName(spec.name).has_value());
+    EXPECT_EQ(*MethodFromName(spec.name), spec.method);
+  }
+  EXPECT_FALSE(MethodFromName("nope").has_value());
+}
+
+TEST(ThreadPool, RunsEveryIndexOnce) {
+  ThreadPool pool(3);
+  std::vector<int> hits(1000, 0);
+  pool.ParallelFor(1000, [&](int64_t i) { hits[i]++; });
+  for (int h : hits) EXPECT_EQ(h, 1);
+}
+
+}  // namespace
+}  // namespace kvcompact
