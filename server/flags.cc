@@ -1,0 +1,60 @@
+#include "server/flags.h"
+
+#include <cctype>
+#include <cstdlib>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/reflection.h"
+
+ABSL_FLAG(std::string, listen, "0.0.0.0:50051", "gRPC listen address");
+ABSL_FLAG(std::string, metrics_listen, "0.0.0.0:9464", "Prometheus /metrics address; empty disables");
+ABSL_FLAG(std::string, backend, "auto", "Compute backend: auto, cpu (cuda when built with it)");
+ABSL_FLAG(int, threads, 0, "CPU threads for the CPU backend; 0 = all cores");
+ABSL_FLAG(uint64_t, max_message_bytes, 16u << 20, "Largest gRPC message accepted and sent");
+ABSL_FLAG(uint64_t, max_tokens_per_block, 1u << 20, "Largest T of one layer's block");
+ABSL_FLAG(uint64_t, max_queries_per_layer, 1u << 18, "Largest reference-query count per KV head");
+ABSL_FLAG(uint32_t, max_concurrent_streams, 64, "Compact streams served at once; more get RESOURCE_EXHAUSTED");
+ABSL_FLAG(uint32_t, max_open_layers_per_stream, 4, "Layers one stream may have half-sent at once");
+ABSL_FLAG(uint32_t, queue_depth, 4, "Layers waiting for the worker before streams stop reading");
+ABSL_FLAG(double, shutdown_timeout_seconds, 10, "On SIGTERM: time in-flight streams get to finish");
+ABSL_FLAG(bool, warmup, true, "Run a self-test before reporting SERVING");
+ABSL_FLAG(std::string, log_level, "info", "spdlog level: trace, debug, info, warn, error");
+
+namespace kvcompact::server {
+namespace {
+
+const char* const kFlagNames[] = {
+    "listen", "metrics_listen", "backend", "threads", "max_message_bytes", "max_tokens_per_block",
+    "max_queries_per_layer", "max_concurrent_streams", "max_open_layers_per_stream", "queue_depth",
+    "shutdown_timeout_seconds", "warmup", "log_level"};
+
+std::string EnvName(const std::string& flag) {
+  std::string env = "KVCOMPACT_";
+  for (char c : flag) env += static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+  return env;
+}
+
+}  // namespace
+
+std::string ApplyEnvironmentToFlags() {
+  for (const char* name : kFlagNames) {
+    const char* value = std::getenv(EnvName(name).c_str());
+    if (value == nullptr) continue;
+    absl::CommandLineFlag* flag = absl::FindCommandLineFlag(name);
+    std::string error;
+    if (flag == nullptr || !flag->ParseFrom(value, &error)) {
+      return EnvName(name) + ": " + error;
+    }
+  }
+  return "";
+}
+
+std::vector<std::string> EffectiveFlags() {
+  std::vector<std::string> out;
+  for (const char* name : kFlagNames) {
+    out.push_back(std::string(name) + "=" + absl::FindCommandLineFlag(name)->CurrentValue());
+  }
+  return out;
+}
+
+}  // namespace kvcompact::server

@@ -1,0 +1,31 @@
+// Command-line flags of kvcompact-server. Each flag --name can also be set through the environment
+// as KVCOMPACT_NAME (upper case); the command line wins.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "absl/flags/declare.h"
+
+ABSL_DECLARE_FLAG(std::string, listen);
+ABSL_DECLARE_FLAG(std::string, metrics_listen);
+ABSL_DECLARE_FLAG(std::string, backend);
+ABSL_DECLARE_FLAG(int, threads);
+ABSL_DECLARE_FLAG(uint64_t, max_message_bytes);
+ABSL_DECLARE_FLAG(uint64_t, max_tokens_per_block);
+ABSL_DECLARE_FLAG(uint64_t, max_queries_per_layer);
+ABSL_DECLARE_FLAG(uint32_t, max_concurrent_streams);
+ABSL_DECLARE_FLAG(uint32_t, max_open_layers_per_stream);
+ABSL_DECLARE_FLAG(uint32_t, queue_depth);
+ABSL_DECLARE_FLAG(double, shutdown_timeout_seconds);
+ABSL_DECLARE_FLAG(bool, warmup);
+ABSL_DECLARE_FLAG(std::string, log_level);
+
+namespace kvcompact::server {
+
+// Applies KVCOMPACT_* environment variables to the flags; returns "" or an error message.
+std::string ApplyEnvironmentToFlags();
+// "name=value" for every flag above, for the start-up log.
+std::vector<std::string> EffectiveFlags();
+
+}  // namespace kvcompact::server

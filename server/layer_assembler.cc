@@ -1,0 +1,221 @@
+#include "server/layer_assembler.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "core/dtype.h"
+
+namespace kvcompact::server {
+namespace {
+
+using absl::InvalidArgumentError;
+using absl::StrCat;
+
+std::string ShapeString(const v1::Tensor& t) {
+  std::string s = "[";
+  for (int i = 0; i < t.shape_size(); ++i) s += StrCat(i ? ", " : "", t.shape(i));
+  return s + "]";
+}
+
+// Checks dtype, shape and byte count of `t` and decodes it to fp32.
+absl::Status DecodeTensor(const v1::Tensor& t, absl::string_view name, const std::vector<int64_t>& shape,
+                          std::vector<float>* out) {
+  auto dtype = FromProto(t.dtype());
+  if (!dtype.ok()) return InvalidArgumentError(StrCat(name, ": ", dtype.status().message()));
+  bool same = t.shape_size() == static_cast<int>(shape.size());
+  for (size_t i = 0; same && i < shape.size(); ++i) same = t.shape(i) == shape[i];
+  std::string want = "[";
+  for (size_t i = 0; i < shape.size(); ++i) want += StrCat(i ? ", " : "", shape[i]);
+  want += "]";
+  if (!same) return InvalidArgumentError(StrCat(name, ": shape ", ShapeString(t), ", expected ", want));
+  size_t count = 1;
+  for (int64_t s : shape) count *= static_cast<size_t>(s);
+  if (t.data().size() != count * DTypeSize(*dtype)) {
+    return InvalidArgumentError(StrCat(name, ": ", t.data().size(), " bytes for shape ", want, " of ",
+                                       std::string(DTypeName(*dtype)), ", expected ",
+                                       count * DTypeSize(*dtype)));
+  }
+  out->resize(count);
+  absl::Status s = DecodeToFloat(t.data().data(), *dtype, count, out->data());
+  if (!s.ok()) return InvalidArgumentError(StrCat(name, ": ", s.message()));
+  return absl::OkStatus();
+}
+
+absl::Status CheckHeads(uint32_t begin, uint32_t end, uint32_t heads) {
+  if (begin >= end || end > heads) {
+    return InvalidArgumentError(StrCat("head range [", begin, ", ", end, ") is not within [0, ", heads, ")"));
+  }
+  return absl::OkStatus();
+}
+
+// Marks rows [begin, begin + rows) of each head as received; fails on overlap.
+absl::Status MarkRows(std::vector<uint8_t>& seen, int64_t per_head, uint32_t h0, uint32_t h1,
+                      int64_t begin, int64_t rows, absl::string_view what) {
+  for (uint32_t h = h0; h < h1; ++h) {
+    uint8_t* row = seen.data() + h * per_head + begin;
+    if (std::find(row, row + rows, 1) != row + rows) {
+      return InvalidArgumentError(StrCat(what, " rows [", begin, ", ", begin + rows, ") of head ", h,
+                                         " were already sent"));
+    }
+  }
+  for (uint32_t h = h0; h < h1; ++h) std::fill_n(seen.data() + h * per_head + begin, rows, 1);
+  return absl::OkStatus();
+}
+
+// "head 1 rows [100, 4096)": the first gap, for a precise message.
+std::string FirstGap(const std::vector<uint8_t>& seen, int64_t per_head) {
+  const auto it = std::find(seen.begin(), seen.end(), 0);
+  const int64_t pos = it - seen.begin();
+  const int64_t head = pos / per_head, begin = pos % per_head;
+  int64_t end = begin;
+  while (end < per_head && seen[head * per_head + end] == 0) ++end;
+  return StrCat("head ", head, " rows [", begin, ", ", end, ")");
+}
+
+}  // namespace
+
+void LayerAssembler::Close(uint32_t layer) {
+  open_.erase(layer);
+  closed_.insert(layer);
+}
+
+absl::StatusOr<LayerAssembler::Pending*> LayerAssembler::OpenLayer(uint32_t layer) {
+  if (layer >= plan_->num_layers) {
+    return InvalidArgumentError(StrCat("layer ", layer, " is not within [0, ", plan_->num_layers, ")"));
+  }
+  auto it = open_.find(layer);
+  if (it != open_.end()) return &it->second;
+  if (open_.size() >= limits_->max_open_layers_per_stream) {
+    return absl::ResourceExhaustedError(StrCat("more than ", limits_->max_open_layers_per_stream,
+                                               " layers open at once in one stream; end a layer first"));
+  }
+  Pending& p = open_[layer];
+  p.data.layer = static_cast<int32_t>(layer);
+  p.data.heads = plan_->num_kv_heads;
+  p.data.head_dim = plan_->head_dim;
+  p.data.value_dim = plan_->value_dim;
+  p.data.scale = plan_->scale;
+  return &p;
+}
+
+absl::StatusOr<uint64_t> LayerAssembler::AddKV(const v1::KVChunk& c) {
+  auto opened = OpenLayer(c.layer());
+  if (!opened.ok()) return opened.status();
+  Pending& p = **opened;
+  LayerData& d = p.data;
+  if (absl::Status s = CheckHeads(c.head_begin(), c.head_end(), plan_->num_kv_heads); !s.ok()) return s;
+  if (c.layer_tokens() == 0 || c.layer_tokens() > limits_->max_tokens_per_block) {
+    return InvalidArgumentError(StrCat("layer_tokens ", c.layer_tokens(), " is not within [1, ",
+                                       limits_->max_tokens_per_block, "] (max_tokens_per_block)"));
+  }
+  if (d.tokens == 0) {
+    d.tokens = static_cast<int64_t>(c.layer_tokens());
+    d.keys.assign(d.heads * d.tokens * d.head_dim, 0.f);
+    d.values.assign(d.heads * d.tokens * d.value_dim, 0.f);
+    p.kv_seen.assign(d.heads * d.tokens, 0);
+  } else if (d.tokens != static_cast<int64_t>(c.layer_tokens())) {
+    return InvalidArgumentError(StrCat("layer_tokens ", c.layer_tokens(), " differs from ", d.tokens,
+                                       " in an earlier chunk of this layer"));
+  }
+  const int64_t heads = c.head_end() - c.head_begin();
+  const int64_t rows = c.keys().shape_size() == 3 ? c.keys().shape(1) : -1;
+  if (rows <= 0) return InvalidArgumentError(StrCat("keys: shape ", ShapeString(c.keys()), ", expected [heads, rows, head_dim]"));
+  if (c.token_begin() + rows > static_cast<uint64_t>(d.tokens)) {
+    return InvalidArgumentError(StrCat("tokens [", c.token_begin(), ", ", c.token_begin() + rows,
+                                       ") exceed layer_tokens ", d.tokens));
+  }
+  std::vector<float> keys, values, bias;
+  if (auto s = DecodeTensor(c.keys(), "keys", {heads, rows, d.head_dim}, &keys); !s.ok()) return s;
+  if (auto s = DecodeTensor(c.values(), "values", {heads, rows, d.value_dim}, &values); !s.ok()) return s;
+  const bool has_bias = c.has_bias() && c.bias().shape_size() > 0;
+  if (has_bias) {
+    if (auto s = DecodeTensor(c.bias(), "bias", {heads, rows}, &bias); !s.ok()) return s;
+  }
+  if (auto s = MarkRows(p.kv_seen, d.tokens, c.head_begin(), c.head_end(), c.token_begin(), rows, "token");
+      !s.ok()) {
+    return s;
+  }
+  if (has_bias && d.bias.empty()) d.bias.assign(d.heads * d.tokens, 0.f);  // unsent rows keep b = 0
+  for (int64_t h = 0; h < heads; ++h) {
+    const int64_t gh = c.head_begin() + h;
+    std::copy_n(keys.data() + h * rows * d.head_dim, rows * d.head_dim,
+                d.keys.data() + (gh * d.tokens + c.token_begin()) * d.head_dim);
+    std::copy_n(values.data() + h * rows * d.value_dim, rows * d.value_dim,
+                d.values.data() + (gh * d.tokens + c.token_begin()) * d.value_dim);
+    if (has_bias) std::copy_n(bias.data() + h * rows, rows, d.bias.data() + gh * d.tokens + c.token_begin());
+  }
+  return c.keys().data().size() + c.values().data().size() + (has_bias ? c.bias().data().size() : 0);
+}
+
+absl::StatusOr<uint64_t> LayerAssembler::AddQueries(const v1::QueryChunk& c) {
+  auto opened = OpenLayer(c.layer());
+  if (!opened.ok()) return opened.status();
+  Pending& p = **opened;
+  LayerData& d = p.data;
+  if (absl::Status s = CheckHeads(c.head_begin(), c.head_end(), plan_->num_kv_heads); !s.ok()) return s;
+  if (c.layer_queries() == 0 || c.layer_queries() > limits_->max_queries_per_layer) {
+    return InvalidArgumentError(StrCat("layer_queries ", c.layer_queries(), " is not within [1, ",
+                                       limits_->max_queries_per_layer, "] (max_queries_per_layer)"));
+  }
+  if (d.queries == 0) {
+    d.queries = static_cast<int64_t>(c.layer_queries());
+    d.query_data.assign(d.heads * d.queries * d.head_dim, 0.f);
+    p.query_seen.assign(d.heads * d.queries, 0);
+  } else if (d.queries != static_cast<int64_t>(c.layer_queries())) {
+    return InvalidArgumentError(StrCat("layer_queries ", c.layer_queries(), " differs from ", d.queries,
+                                       " in an earlier chunk of this layer"));
+  }
+  const int64_t heads = c.head_end() - c.head_begin();
+  const int64_t rows = c.queries().shape_size() == 3 ? c.queries().shape(1) : -1;
+  if (rows <= 0) {
+    return InvalidArgumentError(StrCat("queries: shape ", ShapeString(c.queries()), ", expected [heads, rows, head_dim]"));
+  }
+  if (c.query_begin() + rows > static_cast<uint64_t>(d.queries)) {
+    return InvalidArgumentError(StrCat("queries [", c.query_begin(), ", ", c.query_begin() + rows,
+                                       ") exceed layer_queries ", d.queries));
+  }
+  std::vector<float> q;
+  if (auto s = DecodeTensor(c.queries(), "queries", {heads, rows, d.head_dim}, &q); !s.ok()) return s;
+  if (auto s = MarkRows(p.query_seen, d.queries, c.head_begin(), c.head_end(), c.query_begin(), rows, "query");
+      !s.ok()) {
+    return s;
+  }
+  for (int64_t h = 0; h < heads; ++h) {
+    const int64_t gh = c.head_begin() + h;
+    std::copy_n(q.data() + h * rows * d.head_dim, rows * d.head_dim,
+                d.query_data.data() + (gh * d.queries + c.query_begin()) * d.head_dim);
+  }
+  return c.queries().data().size();
+}
+
+absl::StatusOr<LayerJob> LayerAssembler::EndLayer(uint32_t layer) {
+  if (layer >= plan_->num_layers) {
+    return InvalidArgumentError(StrCat("layer ", layer, " is not within [0, ", plan_->num_layers, ")"));
+  }
+  auto it = open_.find(layer);
+  if (it == open_.end()) return InvalidArgumentError("layer_end for a layer with no keys or values");
+  Pending& p = it->second;
+  if (p.data.tokens == 0) return InvalidArgumentError("no keys or values were sent for this layer");
+  if (std::find(p.kv_seen.begin(), p.kv_seen.end(), 0) != p.kv_seen.end()) {
+    return InvalidArgumentError(StrCat("keys/values missing: ", FirstGap(p.kv_seen, p.data.tokens)));
+  }
+  const MethodSpec& spec = GetMethodSpec(plan_->options.method);
+  if (p.data.queries == 0 && spec.needs_queries) {
+    return InvalidArgumentError(StrCat("no reference queries were sent; method ", std::string(spec.name),
+                                       " needs them"));
+  }
+  if (p.data.queries > 0 && std::find(p.query_seen.begin(), p.query_seen.end(), 0) != p.query_seen.end()) {
+    return InvalidArgumentError(StrCat("queries missing: ", FirstGap(p.query_seen, p.data.queries)));
+  }
+  LayerJob job;
+  job.options = plan_->options;
+  for (uint32_t h = 0; h < plan_->num_kv_heads; ++h) {
+    job.budgets.push_back(plan_->Budget(layer, h, p.data.tokens));
+  }
+  job.data = std::move(p.data);
+  open_.erase(it);
+  closed_.insert(layer);
+  return job;
+}
+
+}  // namespace kvcompact::server

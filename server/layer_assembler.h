@@ -1,0 +1,48 @@
+// Builds fp32 LayerData from the KV and query chunks of one stream, validating each chunk against
+// the stream plan and limits. Every rejection names the layer and what was wrong, so the reactor
+// can report it as a LayerError and go on with the other layers.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <set>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "core/layer.h"
+#include "kvcompact/v1/kvcompact.pb.h"
+#include "server/limits.h"
+#include "server/stream_plan.h"
+
+namespace kvcompact::server {
+
+class LayerAssembler {
+ public:
+  LayerAssembler(const StreamPlan* plan, const Limits* limits) : plan_(plan), limits_(limits) {}
+
+  // Each returns the payload bytes decoded. On error the layer is dropped (see IsClosed).
+  absl::StatusOr<uint64_t> AddKV(const v1::KVChunk& chunk);
+  absl::StatusOr<uint64_t> AddQueries(const v1::QueryChunk& chunk);
+  // Checks the layer is complete and hands over its job (budgets filled in).
+  absl::StatusOr<LayerJob> EndLayer(uint32_t layer);
+
+  // A layer that ended or failed: later chunks for it are refused once and then ignored.
+  bool IsClosed(uint32_t layer) const { return closed_.count(layer) > 0; }
+  void Close(uint32_t layer);
+  size_t open_layers() const { return open_.size(); }
+
+ private:
+  struct Pending {
+    LayerData data;
+    std::vector<uint8_t> kv_seen;     // heads x tokens
+    std::vector<uint8_t> query_seen;  // heads x queries
+  };
+  absl::StatusOr<Pending*> OpenLayer(uint32_t layer);
+
+  const StreamPlan* plan_;
+  const Limits* limits_;
+  std::map<uint32_t, Pending> open_;
+  std::set<uint32_t> closed_;
+};
+
+}  // namespace kvcompact::server

@@ -1,0 +1,24 @@
+// Turns a compacted layer into response messages: HeadResult chunks that each fit the message
+// limit, then a LayerDone with per-head figures and stage times.
+#pragma once
+
+#include <vector>
+
+#include "core/layer.h"
+#include "kvcompact/v1/kvcompact.pb.h"
+#include "server/stream_plan.h"
+
+namespace kvcompact::server {
+
+struct LayerTimes {
+  double decode_seconds = 0, queue_seconds = 0, run_seconds = 0;
+};
+
+// `payload_bytes` receives the tensor bytes written (for metrics and the summary).
+std::vector<v1::CompactResponse> EncodeLayer(const StreamPlan& plan, int32_t layer, int64_t tokens_in,
+                                             const LayerResult& result, const LayerTimes& times,
+                                             uint64_t max_message_bytes, uint64_t* payload_bytes);
+
+void AddTimes(const v1::StageTimes& from, v1::StageTimes* into);
+
+}  // namespace kvcompact::server

@@ -1,0 +1,70 @@
+#include "server/service.h"
+
+#include "absl/strings/str_cat.h"
+#include "core/method.h"
+#include "server/compact_reactor.h"
+#include "server/self_test.h"
+
+namespace kvcompact::server {
+
+grpc::Status ToGrpc(const absl::Status& status) {
+  return grpc::Status(static_cast<grpc::StatusCode>(status.code()), std::string(status.message()));
+}
+
+grpc::ServerBidiReactor<v1::CompactRequest, v1::CompactResponse>* KVCompactService::Compact(
+    grpc::CallbackServerContext* /*context*/) {
+  const int open = ++context_->open_streams;
+  absl::Status reject;
+  if (open > static_cast<int>(context_->limits.max_concurrent_streams)) {
+    reject = absl::ResourceExhaustedError(absl::StrCat(
+        "too many concurrent Compact streams (max_concurrent_streams = ",
+        context_->limits.max_concurrent_streams, "); retry later"));
+  }
+  return new CompactReactor(context_, reject);
+}
+
+grpc::ServerUnaryReactor* KVCompactService::GetServerInfo(grpc::CallbackServerContext* context,
+                                                          const v1::ServerInfoRequest*,
+                                                          v1::ServerInfo* response) {
+  response->set_version(context_->version);
+  response->set_backend(std::string(context_->worker->backend_name()));
+  for (const std::string& b : context_->backends) response->add_backends(b);
+  for (const MethodSpec& m : AllMethods()) response->add_methods(std::string(m.name));
+  v1::Limits* limits = response->mutable_limits();
+  limits->set_max_message_bytes(context_->limits.max_message_bytes);
+  limits->set_max_tokens_per_block(context_->limits.max_tokens_per_block);
+  limits->set_max_queries_per_layer(context_->limits.max_queries_per_layer);
+  limits->set_max_concurrent_streams(context_->limits.max_concurrent_streams);
+  limits->set_worker_queue_depth(context_->limits.worker_queue_depth);
+  response->set_threads(context_->threads);
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* KVCompactService::SelfTest(grpc::CallbackServerContext* context,
+                                                     const v1::SelfTestRequest* request,
+                                                     v1::SelfTestResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  absl::StatusOr<v1::SelfTestRequest> normalized = NormalizeSelfTest(*request);
+  if (!normalized.ok()) {
+    reactor->Finish(ToGrpc(normalized.status()));
+    return reactor;
+  }
+  WorkItem item;
+  item.run = [reactor, response, req = *normalized](Backend* backend, double) {
+    if (!backend) {
+      reactor->Finish(grpc::Status(grpc::StatusCode::CANCELLED, "self-test dropped: server shutting down"));
+      return;
+    }
+    absl::StatusOr<v1::SelfTestResponse> result = RunSelfTest(*backend, req);
+    if (result.ok()) *response = *std::move(result);
+    reactor->Finish(ToGrpc(result.status()));
+  };
+  if (!context_->worker->SubmitOrWait(item, [] {})) {
+    reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "worker queue full; retry later"));
+  }
+  return reactor;
+}
+
+}  // namespace kvcompact::server

@@ -1,0 +1,60 @@
+// The one thread that owns the compute backend. Streams post whole layers into a bounded queue;
+// when the queue is full they stop reading (so HTTP/2 flow control pushes back on the client) and
+// register a callback that runs when a slot frees up.
+#pragma once
+
+#include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <thread>
+
+#include "absl/status/statusor.h"
+#include "core/layer.h"
+#include "server/metrics.h"
+
+namespace kvcompact::server {
+
+struct WorkItem {
+  std::function<bool()> cancelled;  // checked before running: cancelled streams are skipped
+  // Runs on the worker thread with the backend, or with nullptr when the item was dropped
+  // (cancelled stream, shutdown) so that its owner can report that. queue_seconds: time from
+  // submission to start.
+  std::function<void(Backend* backend, double queue_seconds)> run;
+  std::chrono::steady_clock::time_point submitted;
+};
+
+class Worker {
+ public:
+  Worker(std::unique_ptr<Backend> backend, size_t capacity, Metrics* metrics);
+  ~Worker();  // stops and joins; queued items complete with CANCELLED
+
+  std::string_view backend_name() const { return backend_->name(); }
+  size_t capacity() const { return capacity_; }
+
+  // Queues the item and returns true, or, when the queue is full, leaves the item untouched,
+  // registers `on_space` (run once, on the worker thread, when the next item leaves the queue)
+  // and returns false. Atomic, so no wake-up is lost between the two.
+  bool SubmitOrWait(WorkItem& item, std::function<void()> on_space);
+  // Runs `run` on the worker thread and blocks until it has returned (start-up warm-up).
+  void RunBlocking(std::function<void(Backend*)> run);
+  // Stops taking work, fails queued items with CANCELLED, joins the thread.
+  void Stop();
+
+ private:
+  void Loop();
+
+  std::unique_ptr<Backend> backend_;
+  const size_t capacity_;
+  Metrics* metrics_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<WorkItem> queue_;
+  std::deque<std::function<void()>> space_waiters_;
+  bool stopping_ = false;
+  std::thread thread_;
+};
+
+}  // namespace kvcompact::server
