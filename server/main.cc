@@ -112,6 +112,7 @@ int Run(int argc, char** argv) {
   context.threads = threads;
   Worker worker(std::move(backend), context.limits.worker_queue_depth, &metrics);
   context.worker = &worker;
+  context.metrics = &metrics;
   KVCompactService service(&context);
 
   grpc::EnableDefaultHealthCheckService(true);

@@ -1,0 +1,122 @@
+#include "client/cache_files.h"
+
+#include <filesystem>
+#include <regex>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "client/npy.h"
+#include "client/safetensors.h"
+
+namespace kvcompact::client {
+namespace {
+
+absl::StatusOr<TensorFile> ReadNpyDirectory(const std::string& dir) {
+  TensorFile file;
+  for (const auto& entry : std::filesystem::directory_iterator(dir)) {
+    if (entry.path().extension() != ".npy") continue;
+    auto t = ReadNpy(entry.path().string());
+    if (!t.ok()) return t.status();
+    file.tensors.emplace(entry.path().stem().string(), *std::move(t));
+  }
+  return file;
+}
+
+}  // namespace
+
+absl::Status ValidateLayerInput(const LayerInput& l) {
+  const std::string where = absl::StrCat("layer ", l.layer, ": ");
+  if (l.keys.shape.size() != 3) return absl::InvalidArgumentError(where + "keys must be [kv_heads, T, head_dim], got " + l.keys.ShapeString());
+  if (l.values.shape.size() != 3 || l.values.shape[0] != l.keys.shape[0] || l.values.shape[1] != l.keys.shape[1]) {
+    return absl::InvalidArgumentError(where + "values must be [kv_heads, T, value_dim] matching keys " +
+                                      l.keys.ShapeString() + ", got " + l.values.ShapeString());
+  }
+  if (l.queries && (l.queries->shape.size() != 3 || l.queries->shape[0] != l.keys.shape[0] ||
+                    l.queries->shape[2] != l.keys.shape[2])) {
+    return absl::InvalidArgumentError(where + "queries must be [kv_heads, n, head_dim] matching keys " +
+                                      l.keys.ShapeString() + ", got " + l.queries->ShapeString());
+  }
+  if (l.bias && (l.bias->shape.size() != 2 || l.bias->shape[0] != l.keys.shape[0] || l.bias->shape[1] != l.keys.shape[1])) {
+    return absl::InvalidArgumentError(where + "bias must be [kv_heads, T], got " + l.bias->ShapeString());
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<CacheInput> LoadCache(const std::string& path) {
+  absl::StatusOr<TensorFile> file = std::filesystem::is_directory(path) ? ReadNpyDirectory(path) : ReadSafetensors(path);
+  if (!file.ok()) return file.status();
+  CacheInput cache;
+  std::map<uint32_t, LayerInput> layers;
+  const std::regex name_re(R"(layers\.(\d+)\.(keys|values|queries|bias))");
+  for (auto& [name, tensor] : file->tensors) {
+    std::smatch m;
+    if (!std::regex_match(name, m, name_re)) continue;
+    const uint32_t layer = static_cast<uint32_t>(std::stoul(m[1]));
+    LayerInput& in = layers[layer];
+    in.layer = layer;
+    if (m[2] == "keys") in.keys = tensor;
+    else if (m[2] == "values") in.values = tensor;
+    else if (m[2] == "queries") in.queries = tensor;
+    else in.bias = tensor;
+  }
+  if (layers.empty()) return absl::InvalidArgumentError(absl::StrCat(path, ": no tensors named layers.<L>.keys"));
+  for (auto& [index, layer] : layers) {
+    if (layer.keys.shape.empty() || layer.values.shape.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat(path, ": layer ", index, " needs both keys and values"));
+    }
+    if (absl::Status s = ValidateLayerInput(layer); !s.ok()) return s;
+    cache.layers.push_back(std::move(layer));
+  }
+  const LayerInput& first = cache.layers.front();
+  cache.num_layers = cache.layers.back().layer + 1;
+  cache.num_kv_heads = static_cast<uint32_t>(first.keys.shape[0]);
+  cache.head_dim = static_cast<uint32_t>(first.keys.shape[2]);
+  cache.value_dim = static_cast<uint32_t>(first.values.shape[2]);
+  if (auto it = file->metadata.find("logit_scale"); it != file->metadata.end()) {
+    if (!absl::SimpleAtof(it->second, &cache.logit_scale)) return absl::InvalidArgumentError("metadata logit_scale is not a number");
+  }
+  if (auto it = file->metadata.find("query_heads_per_kv_head"); it != file->metadata.end()) {
+    absl::SimpleAtoi(it->second, &cache.query_heads_per_kv_head);
+  }
+  return cache;
+}
+
+absl::Status SaveCompacted(const std::string& path, const CompactOutcome& outcome, const CompactedFileInfo& info) {
+  TensorFile file;
+  for (const CompactedLayer& layer : outcome.layers) {
+    for (size_t h = 0; h < layer.heads.size(); ++h) {
+      const CompactedHead& head = layer.heads[h];
+      const int64_t t = static_cast<int64_t>(head.tokens);
+      const std::string prefix = absl::StrCat("layers.", layer.layer, ".heads.", h, ".");
+      file.tensors[prefix + "keys"] = HostTensor::FromBytes(head.keys, head.dtype, {t, info.head_dim});
+      file.tensors[prefix + "values"] = HostTensor::FromBytes(head.values, head.dtype, {t, info.value_dim});
+      file.tensors[prefix + "beta"] = HostTensor::FromFloats(head.beta, {t});
+      if (!head.indices.empty()) file.int32_tensors[prefix + "indices"] = std::vector<int32_t>(head.indices.begin(), head.indices.end());
+    }
+  }
+  file.metadata["format"] = "kvcompact.compacted.v1";
+  file.metadata["method"] = info.method;
+  file.metadata["logit_scale"] = absl::StrCat(info.logit_scale);
+  file.metadata["num_layers"] = absl::StrCat(info.num_layers);
+  file.metadata["num_kv_heads"] = absl::StrCat(info.num_kv_heads);
+  for (size_t l = 0; l < info.tokens_in.size(); ++l) {
+    if (info.tokens_in[l]) file.metadata[absl::StrCat("layers.", l, ".tokens_in")] = absl::StrCat(info.tokens_in[l]);
+  }
+  return WriteSafetensors(path, file);
+}
+
+absl::Status SaveCache(const std::string& path, const CacheInput& cache) {
+  TensorFile file;
+  for (const LayerInput& l : cache.layers) {
+    const std::string p = absl::StrCat("layers.", l.layer, ".");
+    file.tensors[p + "keys"] = l.keys;
+    file.tensors[p + "values"] = l.values;
+    if (l.queries) file.tensors[p + "queries"] = *l.queries;
+    if (l.bias) file.tensors[p + "bias"] = *l.bias;
+  }
+  if (cache.logit_scale > 0) file.metadata["logit_scale"] = absl::StrCat(cache.logit_scale);
+  if (cache.query_heads_per_kv_head) file.metadata["query_heads_per_kv_head"] = absl::StrCat(cache.query_heads_per_kv_head);
+  return WriteSafetensors(path, file);
+}
+
+}  // namespace kvcompact::client

@@ -1,0 +1,188 @@
+#include "client/cli/commands.h"
+
+#include <cmath>
+#include <cstdio>
+
+#include "absl/strings/str_cat.h"
+#include "client/cache_files.h"
+#include "client/client.h"
+#include "core/method.h"
+#include "core/synthetic.h"
+
+namespace kvcompact::cli {
+namespace {
+
+using client::CacheInput;
+using client::Client;
+using client::ClientOptions;
+using client::CompactedLayer;
+
+bool ParseDType(const std::string& name, DType* out) {
+  if (name == "f32" || name == "fp32") { *out = DType::kFloat32; return true; }
+  if (name == "f16" || name == "fp16") { *out = DType::kFloat16; return true; }
+  if (name == "bf16") { *out = DType::kBFloat16; return true; }
+  return false;
+}
+
+v1::DType ToProto(DType d) {
+  return d == DType::kFloat16 ? v1::DTYPE_FP16 : d == DType::kBFloat16 ? v1::DTYPE_BF16 : v1::DTYPE_FP32;
+}
+
+int Fail(const absl::Status& s) {
+  fprintf(stderr, "error: %s\n", s.ToString().c_str());
+  return 1;
+}
+
+struct LayerRow {
+  double t_avg = 0, out_err = 0, mass_err = 0;
+  bool quality = false;
+};
+
+LayerRow Summarise(const CompactedLayer& layer) {
+  LayerRow row;
+  const int heads = layer.done.heads_size();
+  for (const v1::HeadMetrics& h : layer.done.heads()) {
+    row.t_avg += static_cast<double>(h.tokens_out()) / heads;
+    row.out_err += h.output_rel_error() / heads;
+    row.mass_err += h.mass_rel_error() / heads;
+    row.quality = h.has_quality();
+  }
+  return row;
+}
+
+}  // namespace
+
+int RunCompact(const Settings& s) {
+  if (s.input.empty() || s.output.empty()) {
+    fprintf(stderr, "compact needs --input and --output\n");
+    return 2;
+  }
+  const auto method = MethodFromName(s.method);
+  DType out_dtype;
+  if (!method || !ParseDType(s.output_dtype, &out_dtype)) {
+    fprintf(stderr, "unknown --method or --output_dtype\n");
+    return 2;
+  }
+  absl::StatusOr<CacheInput> cache = client::LoadCache(s.input);
+  if (!cache.ok()) return Fail(cache.status());
+
+  v1::StreamHeader header;
+  header.set_request_id(s.request_id.empty() ? s.input : s.request_id);
+  v1::Geometry* g = header.mutable_geometry();
+  g->set_num_layers(cache->num_layers);
+  g->set_num_kv_heads(cache->num_kv_heads);
+  g->set_query_heads_per_kv_head(cache->query_heads_per_kv_head);
+  g->set_head_dim(cache->head_dim);
+  g->set_value_dim(cache->value_dim);
+  const float scale = s.logit_scale > 0 ? static_cast<float>(s.logit_scale) : cache->logit_scale;
+  g->set_logit_scale(scale);
+  v1::Options* o = header.mutable_options();
+  o->set_method(static_cast<v1::Method>(*method));
+  if (s.budget > 0) o->mutable_budget()->set_tokens(s.budget);
+  else o->mutable_budget()->set_ratio(s.ratio);
+  o->set_holdout_fraction(static_cast<float>(s.holdout));
+  o->set_output_dtype(ToProto(out_dtype));
+  o->set_return_indices(s.return_indices);
+  o->set_seed(s.seed);
+
+  ClientOptions options;
+  options.streams = s.streams;
+  options.max_message_bytes = s.max_message_bytes;
+  Client client(s.server, options);
+  size_t done = 0;
+  const size_t total = cache->layers.size();
+  auto outcome = client.Compact(header, cache->layers, [&](const CompactedLayer& layer) {
+    ++done;
+    if (s.quiet) return;
+    const LayerRow row = Summarise(layer);
+    fprintf(stderr, "[%zu/%zu] layer %u: t=%.0f held-out output error %.4f (%.2f s)\n", done, total, layer.layer,
+            row.t_avg, row.out_err, layer.done.times().total_seconds());
+  });
+  if (!outcome.ok()) return Fail(outcome.status());
+
+  client::CompactedFileInfo info;
+  info.method = s.method;
+  info.logit_scale = scale > 0 ? scale : 1.0f / std::sqrt(static_cast<float>(cache->head_dim));
+  info.num_layers = cache->num_layers;
+  info.num_kv_heads = cache->num_kv_heads;
+  info.head_dim = cache->head_dim;
+  info.value_dim = cache->value_dim;
+  info.tokens_in.assign(cache->num_layers, 0);
+  for (const auto& l : cache->layers) info.tokens_in[l.layer] = static_cast<uint64_t>(l.keys.shape[1]);
+  if (absl::Status st = client::SaveCompacted(s.output, *outcome, info); !st.ok()) return Fail(st);
+
+  printf("%-6s %-6s %-8s %-8s %-14s %-10s %-8s\n", "layer", "heads", "T", "t(avg)", "out_err(held)", "mass_err", "time_s");
+  for (const CompactedLayer& layer : outcome->layers) {
+    const LayerRow row = Summarise(layer);
+    const uint64_t T = info.tokens_in[layer.layer];
+    if (row.quality) {
+      printf("%-6u %-6d %-8lu %-8.1f %-14.4f %-10.4f %-8.3f\n", layer.layer, layer.done.heads_size(), T, row.t_avg,
+             row.out_err, row.mass_err, layer.done.times().total_seconds());
+    } else {
+      printf("%-6u %-6d %-8lu %-8.1f %-14s %-10s %-8.3f\n", layer.layer, layer.done.heads_size(), T, row.t_avg, "-",
+             "-", layer.done.times().total_seconds());
+    }
+  }
+  for (const v1::LayerError& e : outcome->errors) printf("error  %s (code %d)\n", e.message().c_str(), e.code());
+  const v1::StreamSummary& sum = outcome->summary;
+  printf("total: %u layers ok, %u failed; %lu -> %lu entries (%.1fx); %.1f MB in, %.1f MB out; "
+         "server wall %.2f s, client wall %.2f s; wrote %s\n",
+         sum.layers_done(), sum.layers_failed(), sum.tokens_in(), sum.tokens_out(),
+         sum.tokens_out() ? static_cast<double>(sum.tokens_in()) / sum.tokens_out() : 0.0, sum.bytes_in() / 1e6,
+         sum.bytes_out() / 1e6, sum.wall_seconds(), outcome->wall_seconds, s.output.c_str());
+  return outcome->errors.empty() ? 0 : 3;
+}
+
+int RunGenerate(const Settings& s) {
+  DType dtype;
+  if (s.output.empty() || !ParseDType(s.dtype, &dtype)) {
+    fprintf(stderr, "generate needs --output and a valid --dtype\n");
+    return 2;
+  }
+  CacheInput cache;
+  cache.query_heads_per_kv_head = 1;
+  SyntheticShape shape;
+  shape.heads = s.kv_heads;
+  shape.tokens = s.context;
+  shape.queries = s.queries;
+  shape.head_dim = shape.value_dim = s.head_dim;
+  for (uint32_t l = 0; l < s.layers; ++l) {
+    const LayerData d = MakeSyntheticLayer(shape, s.seed, static_cast<int32_t>(l));
+    auto encode = [&](const std::vector<float>& v, std::vector<int64_t> dims) {
+      std::string bytes(v.size() * DTypeSize(dtype), '\0');
+      EncodeFromFloat(v.data(), v.size(), dtype, bytes.data());
+      return client::HostTensor::FromBytes(std::move(bytes), dtype, std::move(dims));
+    };
+    client::LayerInput in;
+    in.layer = l;
+    in.keys = encode(d.keys, {d.heads, d.tokens, d.head_dim});
+    in.values = encode(d.values, {d.heads, d.tokens, d.value_dim});
+    in.queries = encode(d.query_data, {d.heads, d.queries, d.head_dim});
+    cache.layers.push_back(std::move(in));
+  }
+  if (absl::Status st = client::SaveCache(s.output, cache); !st.ok()) return Fail(st);
+  printf("wrote %s: %u layers x %u KV heads x %u tokens x d=%u, %u queries per KV head (%s)\n", s.output.c_str(),
+         s.layers, s.kv_heads, s.context, s.head_dim, s.queries, s.dtype.c_str());
+  return 0;
+}
+
+int RunInfo(const Settings& s) {
+  auto info = Client(s.server).GetServerInfo();
+  if (!info.ok()) return Fail(info.status());
+  printf("%s\n", info->DebugString().c_str());
+  return 0;
+}
+
+int RunSelfTest(const Settings& s) {
+  v1::SelfTestRequest request;
+  request.set_seed(s.seed);
+  auto result = Client(s.server).SelfTest(request);
+  if (!result.ok()) return Fail(result.status());
+  printf("backend %s\n%-14s %-14s %-10s %-8s\n", result->backend().c_str(), "method", "out_err(held)", "mass_err", "time_s");
+  for (const v1::SelfTestResult& r : result->results()) {
+    printf("%-14s %-14.4f %-10.4f %-8.3f\n", r.method_name().c_str(), r.output_rel_error(), r.mass_rel_error(), r.seconds());
+  }
+  return 0;
+}
+
+}  // namespace kvcompact::cli

@@ -1,0 +1,24 @@
+// The CLI's commands; each returns the process exit code (0 ok, 1 failed call, 2 usage,
+// 3 some layers failed).
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace kvcompact::cli {
+
+struct Settings {
+  std::string server, input, output, method, output_dtype, request_id, dtype;
+  double ratio = 20, holdout = 0.1, logit_scale = 0;
+  uint32_t budget = 0, layers = 30, kv_heads = 3, head_dim = 64, context = 4096, queries = 2048;
+  int streams = 1;
+  uint64_t max_message_bytes = 4u << 20, seed = 0;
+  bool return_indices = true, quiet = false;
+};
+
+int RunCompact(const Settings& s);
+int RunGenerate(const Settings& s);
+int RunInfo(const Settings& s);
+int RunSelfTest(const Settings& s);
+
+}  // namespace kvcompact::cli

@@ -1,0 +1,78 @@
+// kvcompact: command-line client of kvcompact-server.
+//   kvcompact compact  --input cache.safetensors|dir --output out.safetensors [--server host:port] ...
+//   kvcompact generate --output cache.safetensors [--layers 30 --kv_heads 3 ...]
+//   kvcompact info | selftest [--server host:port]
+#include <cstdio>
+#include <string>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/str_cat.h"
+#include "client/cache_files.h"
+#include "client/cli/commands.h"
+
+ABSL_FLAG(std::string, server, "localhost:50051", "kvcompact-server address");
+ABSL_FLAG(std::string, input, "", "compact: input cache (.safetensors file or directory of .npy)");
+ABSL_FLAG(std::string, output, "", "compact/generate: output .safetensors file");
+ABSL_FLAG(std::string, method, "am", "am, h2o, snapkv, recent, streaming_llm, random");
+ABSL_FLAG(double, ratio, 20, "compaction ratio T/t (ignored when --budget is set)");
+ABSL_FLAG(uint32_t, budget, 0, "absolute t per head (overrides --ratio)");
+ABSL_FLAG(double, holdout, 0.1, "share of queries held out for the error figures");
+ABSL_FLAG(std::string, output_dtype, "f32", "dtype of returned keys/values: f32, f16, bf16");
+ABSL_FLAG(int, streams, 1, "parallel streams (layers spread round-robin)");
+ABSL_FLAG(uint64_t, max_message_bytes, 4u << 20, "largest message sent");
+ABSL_FLAG(bool, return_indices, true, "also fetch and save the kept token indices");
+ABSL_FLAG(double, logit_scale, 0, "override the logit scale (0: file metadata, else 1/sqrt(d))");
+ABSL_FLAG(std::string, request_id, "", "request id for server logs");
+ABSL_FLAG(bool, quiet, false, "no per-layer progress on stderr");
+ABSL_FLAG(uint32_t, layers, 30, "generate: layers");
+ABSL_FLAG(uint32_t, kv_heads, 3, "generate: KV heads");
+ABSL_FLAG(uint32_t, head_dim, 64, "generate: head dim");
+ABSL_FLAG(uint32_t, context, 4096, "generate: tokens T per layer");
+ABSL_FLAG(uint32_t, queries, 2048, "generate: reference queries per KV head");
+ABSL_FLAG(std::string, dtype, "f32", "generate: f32, f16, bf16");
+ABSL_FLAG(uint64_t, seed, 0, "generate / random method seed");
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "kvcompact <compact|generate|info|selftest> [flags]\n"
+      "  compact   stream a cache file to the server, write the compacted cache\n"
+      "  generate  write a random cache of a given geometry (for demos and benchmarks)\n"
+      "  info      print the server's version, backend and limits\n"
+      "  selftest  ask the server to compact a generated problem");
+  std::vector<char*> args = absl::ParseCommandLine(argc, argv);
+  if (args.size() != 2) {
+    fprintf(stderr, "%s\n", absl::ProgramUsageMessage().data());
+    return 2;
+  }
+  const std::string command = args[1];
+  kvcompact::cli::Settings s;
+  s.server = absl::GetFlag(FLAGS_server);
+  s.input = absl::GetFlag(FLAGS_input);
+  s.output = absl::GetFlag(FLAGS_output);
+  s.method = absl::GetFlag(FLAGS_method);
+  s.ratio = absl::GetFlag(FLAGS_ratio);
+  s.budget = absl::GetFlag(FLAGS_budget);
+  s.holdout = absl::GetFlag(FLAGS_holdout);
+  s.output_dtype = absl::GetFlag(FLAGS_output_dtype);
+  s.streams = absl::GetFlag(FLAGS_streams);
+  s.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
+  s.return_indices = absl::GetFlag(FLAGS_return_indices);
+  s.logit_scale = absl::GetFlag(FLAGS_logit_scale);
+  s.request_id = absl::GetFlag(FLAGS_request_id);
+  s.quiet = absl::GetFlag(FLAGS_quiet);
+  s.layers = absl::GetFlag(FLAGS_layers);
+  s.kv_heads = absl::GetFlag(FLAGS_kv_heads);
+  s.head_dim = absl::GetFlag(FLAGS_head_dim);
+  s.context = absl::GetFlag(FLAGS_context);
+  s.queries = absl::GetFlag(FLAGS_queries);
+  s.dtype = absl::GetFlag(FLAGS_dtype);
+  s.seed = absl::GetFlag(FLAGS_seed);
+  if (command == "compact") return kvcompact::cli::RunCompact(s);
+  if (command == "generate") return kvcompact::cli::RunGenerate(s);
+  if (command == "info") return kvcompact::cli::RunInfo(s);
+  if (command == "selftest") return kvcompact::cli::RunSelfTest(s);
+  fprintf(stderr, "unknown command '%s'\n%s\n", command.c_str(), absl::ProgramUsageMessage().data());
+  return 2;
+}
