@@ -24,24 +24,6 @@ absl::StatusOr<TensorFile> ReadNpyDirectory(const std::string& dir) {
 
 }  // namespace
 
-absl::Status ValidateLayerInput(const LayerInput& l) {
-  const std::string where = absl::StrCat("layer ", l.layer, ": ");
-  if (l.keys.shape.size() != 3) return absl::InvalidArgumentError(where + "keys must be [kv_heads, T, head_dim], got " + l.keys.ShapeString());
-  if (l.values.shape.size() != 3 || l.values.shape[0] != l.keys.shape[0] || l.values.shape[1] != l.keys.shape[1]) {
-    return absl::InvalidArgumentError(where + "values must be [kv_heads, T, value_dim] matching keys " +
-                                      l.keys.ShapeString() + ", got " + l.values.ShapeString());
-  }
-  if (l.queries && (l.queries->shape.size() != 3 || l.queries->shape[0] != l.keys.shape[0] ||
-                    l.queries->shape[2] != l.keys.shape[2])) {
-    return absl::InvalidArgumentError(where + "queries must be [kv_heads, n, head_dim] matching keys " +
-                                      l.keys.ShapeString() + ", got " + l.queries->ShapeString());
-  }
-  if (l.bias && (l.bias->shape.size() != 2 || l.bias->shape[0] != l.keys.shape[0] || l.bias->shape[1] != l.keys.shape[1])) {
-    return absl::InvalidArgumentError(where + "bias must be [kv_heads, T], got " + l.bias->ShapeString());
-  }
-  return absl::OkStatus();
-}
-
 absl::StatusOr<CacheInput> LoadCache(const std::string& path) {
   absl::StatusOr<TensorFile> file = std::filesystem::is_directory(path) ? ReadNpyDirectory(path) : ReadSafetensors(path);
   if (!file.ok()) return file.status();

@@ -30,8 +30,6 @@ struct CacheInput {
 };
 
 absl::StatusOr<CacheInput> LoadCache(const std::string& path);
-// Checks shapes of one layer against each other (the server checks them against the header).
-absl::Status ValidateLayerInput(const LayerInput& layer);
 
 struct CompactedFileInfo {
   std::string method;

@@ -7,6 +7,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "grpc/health/v1/health.grpc.pb.h"
 
 namespace kvcompact::client {
 namespace {
@@ -66,6 +67,24 @@ void Canceller::Register(grpc::ClientContext* context) {
 void Canceller::Unregister(grpc::ClientContext* context) {
   std::lock_guard<std::mutex> lock(mu_);
   contexts_.erase(std::remove(contexts_.begin(), contexts_.end(), context), contexts_.end());
+}
+
+absl::Status ValidateLayerInput(const LayerInput& l) {
+  const std::string where = absl::StrCat("layer ", l.layer, ": ");
+  if (l.keys.shape.size() != 3) return absl::InvalidArgumentError(where + "keys must be [kv_heads, T, head_dim], got " + l.keys.ShapeString());
+  if (l.values.shape.size() != 3 || l.values.shape[0] != l.keys.shape[0] || l.values.shape[1] != l.keys.shape[1]) {
+    return absl::InvalidArgumentError(where + "values must be [kv_heads, T, value_dim] matching keys " +
+                                      l.keys.ShapeString() + ", got " + l.values.ShapeString());
+  }
+  if (l.queries && (l.queries->shape.size() != 3 || l.queries->shape[0] != l.keys.shape[0] ||
+                    l.queries->shape[2] != l.keys.shape[2])) {
+    return absl::InvalidArgumentError(where + "queries must be [kv_heads, n, head_dim] matching keys " +
+                                      l.keys.ShapeString() + ", got " + l.queries->ShapeString());
+  }
+  if (l.bias && (l.bias->shape.size() != 2 || l.bias->shape[0] != l.keys.shape[0] || l.bias->shape[1] != l.keys.shape[1])) {
+    return absl::InvalidArgumentError(where + "bias must be [kv_heads, T], got " + l.bias->ShapeString());
+  }
+  return absl::OkStatus();
 }
 
 std::vector<v1::CompactRequest> ChunkLayer(const LayerInput& in, uint64_t max_bytes) {
@@ -138,6 +157,18 @@ absl::StatusOr<v1::ServerInfo> Client::GetServerInfo(double timeout_seconds) {
   return info;
 }
 
+absl::StatusOr<bool> Client::IsServing(const std::string& service, double timeout_seconds) {
+  auto stub = grpc::health::v1::Health::NewStub(MakeChannel(0));
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(static_cast<int64_t>(timeout_seconds * 1000)));
+  grpc::health::v1::HealthCheckRequest request;
+  request.set_service(service);
+  grpc::health::v1::HealthCheckResponse response;
+  grpc::Status s = stub->Check(&ctx, request, &response);
+  if (!s.ok()) return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
+  return response.status() == grpc::health::v1::HealthCheckResponse::SERVING;
+}
+
 absl::StatusOr<v1::SelfTestResponse> Client::SelfTest(const v1::SelfTestRequest& request, double timeout_seconds) {
   auto stub = v1::KVCompact::NewStub(MakeChannel(0));
   grpc::ClientContext ctx;
@@ -151,6 +182,9 @@ absl::StatusOr<v1::SelfTestResponse> Client::SelfTest(const v1::SelfTestRequest&
 absl::StatusOr<CompactOutcome> Client::Compact(const v1::StreamHeader& header, const std::vector<LayerInput>& layers,
                                                const std::function<void(const CompactedLayer&)>& on_layer,
                                                Canceller* canceller) {
+  for (const LayerInput& layer : layers) {
+    if (absl::Status s = ValidateLayerInput(layer); !s.ok()) return s;
+  }
   const auto start = std::chrono::steady_clock::now();
   const int streams = std::max(1, std::min<int>(options_.streams, std::max<size_t>(layers.size(), 1)));
   std::mutex mu;  // guards outcome and serialises on_layer

@@ -73,6 +73,8 @@ class Client {
   Client(std::string target, ClientOptions options = {});
 
   absl::StatusOr<v1::ServerInfo> GetServerInfo(double timeout_seconds = 10);
+  // grpc.health.v1 Check: true when SERVING. `service` "" is the whole server.
+  absl::StatusOr<bool> IsServing(const std::string& service = "", double timeout_seconds = 5);
   absl::StatusOr<v1::SelfTestResponse> SelfTest(const v1::SelfTestRequest& request, double timeout_seconds = 120);
 
   // Sends every layer, returns when all streams have finished. `on_layer` runs (serialised) as
@@ -88,6 +90,9 @@ class Client {
   std::string target_;
   ClientOptions options_;
 };
+
+// Checks the shapes of one layer against each other (the server checks them against the header).
+absl::Status ValidateLayerInput(const LayerInput& layer);
 
 // Splits a layer into request messages no larger than about `max_message_bytes` each.
 std::vector<v1::CompactRequest> ChunkLayer(const LayerInput& layer, uint64_t max_message_bytes);

@@ -98,6 +98,7 @@ int Run(int argc, char** argv) {
       return 2;
     }
     exposer->RegisterCollectable(metrics.registry());
+    spdlog::info("metrics on {} (port {})", absl::GetFlag(FLAGS_metrics_listen), exposer->GetListeningPorts().front());
   }
 
   ServiceContext context;

@@ -173,6 +173,13 @@ int RunInfo(const Settings& s) {
   return 0;
 }
 
+int RunHealth(const Settings& s) {
+  auto serving = Client(s.server).IsServing();
+  if (!serving.ok()) return Fail(serving.status());
+  printf("%s\n", *serving ? "SERVING" : "NOT_SERVING");
+  return *serving ? 0 : 1;
+}
+
 int RunSelfTest(const Settings& s) {
   v1::SelfTestRequest request;
   request.set_seed(s.seed);

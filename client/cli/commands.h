@@ -20,5 +20,6 @@ int RunCompact(const Settings& s);
 int RunGenerate(const Settings& s);
 int RunInfo(const Settings& s);
 int RunSelfTest(const Settings& s);
+int RunHealth(const Settings& s);
 
 }  // namespace kvcompact::cli

@@ -36,11 +36,12 @@ ABSL_FLAG(uint64_t, seed, 0, "generate / random method seed");
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
-      "kvcompact <compact|generate|info|selftest> [flags]\n"
+      "kvcompact <compact|generate|info|selftest|health> [flags]\n"
       "  compact   stream a cache file to the server, write the compacted cache\n"
       "  generate  write a random cache of a given geometry (for demos and benchmarks)\n"
       "  info      print the server's version, backend and limits\n"
-      "  selftest  ask the server to compact a generated problem");
+      "  selftest  ask the server to compact a generated problem\n"
+      "  health    grpc.health.v1 check; exit 0 when SERVING");
   std::vector<char*> args = absl::ParseCommandLine(argc, argv);
   if (args.size() != 2) {
     fprintf(stderr, "%s\n", absl::ProgramUsageMessage().data());
@@ -73,6 +74,7 @@ int main(int argc, char** argv) {
   if (command == "generate") return kvcompact::cli::RunGenerate(s);
   if (command == "info") return kvcompact::cli::RunInfo(s);
   if (command == "selftest") return kvcompact::cli::RunSelfTest(s);
+  if (command == "health") return kvcompact::cli::RunHealth(s);
   fprintf(stderr, "unknown command '%s'\n%s\n", command.c_str(), absl::ProgramUsageMessage().data());
   return 2;
 }

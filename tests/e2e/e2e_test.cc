@@ -1,0 +1,197 @@
+// End to end: the real server binary on loopback, driven by the client library and the CLI.
+#include <signal.h>
+
+#include <cstring>
+#include <thread>
+
+#include <gtest/gtest.h>
+
+#include "client/safetensors.h"
+#include "tests/e2e/helpers.h"
+#include "tests/e2e/server_process.h"
+
+namespace kvcompact::testing {
+namespace {
+
+class E2E : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() { server_ = new ServerProcess(); }
+  static void TearDownTestSuite() { delete server_; }
+  void SetUp() override { ASSERT_TRUE(server_->ok()) << server_->Log(); }
+  static ServerProcess* server_;
+};
+ServerProcess* E2E::server_ = nullptr;
+
+TEST_F(E2E, ClientLibraryCompactsRaggedBudgetsAndKeysAreCopies) {
+  const auto layers = MakeLayers(3, 2, 512, 256);
+  v1::StreamHeader header = Header(3, 2, 64, v1::METHOD_AM_HIGHEST_ATTENTION, 1);
+  auto* per_head = header.mutable_options()->mutable_budget()->mutable_per_head();
+  const std::vector<uint32_t> budgets = {10, 40, 25, 25, 64, 7};
+  for (uint32_t b : budgets) per_head->add_tokens(b);
+  client::Client cl(server_->address());
+  int callbacks = 0;
+  auto outcome = cl.Compact(header, ToInputs(layers), [&](const client::CompactedLayer&) { ++callbacks; });
+  ASSERT_TRUE(outcome.ok()) << outcome.status();
+  EXPECT_EQ(callbacks, 3);
+  ASSERT_EQ(outcome->layers.size(), 3u);
+  EXPECT_TRUE(outcome->errors.empty());
+  uint64_t total_t = 0;
+  for (const client::CompactedLayer& layer : outcome->layers) {
+    ASSERT_EQ(layer.heads.size(), 2u);
+    for (int h = 0; h < 2; ++h) {
+      const client::CompactedHead& head = layer.heads[h];
+      const uint32_t want_t = budgets[layer.layer * 2 + h];
+      ASSERT_EQ(head.tokens, want_t);
+      ASSERT_EQ(head.beta.size(), want_t);
+      ASSERT_EQ(head.indices.size(), want_t);
+      ASSERT_EQ(head.keys.size(), want_t * 64 * 4);
+      total_t += want_t;
+      // C_k rows are exact copies of the sent keys at the reported indices.
+      const LayerData& d = layers[layer.layer];
+      for (uint32_t r = 0; r < want_t; ++r) {
+        const float* sent = d.keys.data() + (h * d.tokens + head.indices[r]) * 64;
+        ASSERT_EQ(std::memcmp(head.keys.data() + r * 64 * 4, sent, 64 * 4), 0);
+      }
+      const v1::HeadMetrics& m = layer.done.heads(h);
+      EXPECT_TRUE(m.has_quality());
+      EXPECT_EQ(m.tokens_in(), 512u);
+      EXPECT_GT(m.eval_queries(), 0u);
+      EXPECT_LT(m.output_rel_error(), 0.6f);
+    }
+  }
+  EXPECT_EQ(outcome->summary.layers_done(), 3u);
+  EXPECT_EQ(outcome->summary.tokens_out(), total_t);
+  EXPECT_EQ(outcome->summary.tokens_in(), 3u * 2 * 512);
+  EXPECT_GT(outcome->summary.bytes_in(), 3u * 2 * 512 * 64 * 4 * 2);
+}
+
+TEST_F(E2E, AmBeatsEvictionBaselinesThroughTheService) {
+  const auto inputs = ToInputs(MakeLayers(2, 2, 1024, 512, 11));
+  auto mean_error = [&](v1::Method method) {
+    auto outcome = client::Client(server_->address()).Compact(Header(2, 2, 64, method, 20), inputs);
+    EXPECT_TRUE(outcome.ok()) << outcome.status();
+    double err = 0;
+    for (const auto& l : outcome->layers)
+      for (const auto& h : l.done.heads()) err += h.output_rel_error() / 4;
+    return err;
+  };
+  const double am = mean_error(v1::METHOD_AM_HIGHEST_ATTENTION);
+  const double h2o = mean_error(v1::METHOD_H2O);
+  const double snapkv = mean_error(v1::METHOD_SNAPKV);
+  EXPECT_LT(am, 0.8 * h2o) << "am " << am << " h2o " << h2o;
+  EXPECT_LT(am, 0.8 * snapkv) << "am " << am << " snapkv " << snapkv;
+}
+
+TEST_F(E2E, ParallelStreamsGiveTheSameResultAsOne) {
+  const auto inputs = ToInputs(MakeLayers(4, 2, 256, 128, 5));
+  const v1::StreamHeader header = Header(4, 2, 64, v1::METHOD_AM_HIGHEST_ATTENTION, 8);
+  client::ClientOptions one, three;
+  three.streams = 3;
+  three.max_message_bytes = 64 << 10;  // many chunks per layer
+  auto a = client::Client(server_->address(), one).Compact(header, inputs);
+  auto b = client::Client(server_->address(), three).Compact(header, inputs);
+  ASSERT_TRUE(a.ok() && b.ok());
+  ASSERT_EQ(a->layers.size(), 4u);
+  ASSERT_EQ(b->layers.size(), 4u);
+  for (size_t l = 0; l < 4; ++l) {
+    for (size_t h = 0; h < 2; ++h) {
+      EXPECT_EQ(a->layers[l].heads[h].indices, b->layers[l].heads[h].indices);
+      EXPECT_EQ(a->layers[l].heads[h].beta, b->layers[l].heads[h].beta);
+      EXPECT_EQ(a->layers[l].heads[h].values, b->layers[l].heads[h].values);
+    }
+  }
+}
+
+TEST_F(E2E, CancelMidStreamLeavesServerHealthy) {
+  const auto inputs = ToInputs(MakeLayers(24, 2, 2048, 1024, 6));
+  client::Canceller canceller;
+  auto outcome = client::Client(server_->address())
+                     .Compact(Header(24, 2, 64, v1::METHOD_AM_HIGHEST_ATTENTION, 20), inputs,
+                              [&](const client::CompactedLayer&) { canceller.Cancel(); }, &canceller);
+  ASSERT_FALSE(outcome.ok());
+  EXPECT_EQ(outcome.status().code(), absl::StatusCode::kCancelled) << outcome.status();
+  auto serving = client::Client(server_->address()).IsServing();
+  ASSERT_TRUE(serving.ok() && *serving);
+  auto again = client::Client(server_->address()).Compact(Header(1, 2, 64, v1::METHOD_H2O, 4), ToInputs(MakeLayers(1, 2, 128, 64)));
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(again->layers.size(), 1u);
+}
+
+TEST_F(E2E, CliCompactsAFileAndWritesARaggedSafetensorsCache) {
+  const std::string in = ::testing::TempDir() + "/cli_in.safetensors", out = ::testing::TempDir() + "/cli_out.safetensors";
+  std::string log;
+  ASSERT_EQ(RunCommand({CliBinary(), "generate", "--output=" + in, "--layers=3", "--kv_heads=2", "--context=512",
+                        "--queries=256", "--dtype=bf16"}, &log), 0) << log;
+  ASSERT_EQ(RunCommand({CliBinary(), "compact", "--server=" + server_->address(), "--input=" + in, "--output=" + out,
+                        "--ratio=16", "--output_dtype=bf16"}, &log), 0) << log;
+  EXPECT_NE(log.find("[3/3] layer"), std::string::npos) << log;  // progress
+  EXPECT_NE(log.find("total: 3 layers ok, 0 failed"), std::string::npos) << log;
+  auto file = client::ReadSafetensors(out);
+  ASSERT_TRUE(file.ok()) << file.status();
+  EXPECT_EQ(file->metadata["format"], "kvcompact.compacted.v1");
+  EXPECT_EQ(file->metadata["layers.2.tokens_in"], "512");
+  const client::HostTensor& keys = file->tensors.at("layers.1.heads.1.keys");
+  EXPECT_EQ(keys.dtype, DType::kBFloat16);
+  EXPECT_EQ(keys.shape, (std::vector<int64_t>{32, 64}));
+  EXPECT_EQ(file->tensors.at("layers.0.heads.0.beta").dtype, DType::kFloat32);
+  EXPECT_EQ(file->int32_tensors.at("layers.0.heads.0.indices").size(), 32u);
+  ASSERT_EQ(RunCommand({CliBinary(), "selftest", "--server=" + server_->address()}, &log), 0) << log;
+  EXPECT_NE(log.find("am"), std::string::npos);
+  ASSERT_EQ(RunCommand({CliBinary(), "info", "--server=" + server_->address()}, &log), 0) << log;
+  EXPECT_NE(log.find("backend: \"cpu\""), std::string::npos) << log;
+}
+
+TEST_F(E2E, ClientKilledMidStreamLeavesServerHealthy) {
+  const std::string in = ::testing::TempDir() + "/kill_in.safetensors";
+  ASSERT_EQ(RunCommand({CliBinary(), "generate", "--output=" + in, "--layers=20", "--kv_heads=2", "--context=4096",
+                        "--queries=1024"}, nullptr), 0);
+  const pid_t pid = fork();
+  if (pid == 0) {
+    const std::string server = "--server=" + server_->address(), input = "--input=" + in;
+    execl(CliBinary().c_str(), "kvcompact", "compact", server.c_str(), input.c_str(), "--output=/dev/null", "--quiet",
+          static_cast<char*>(nullptr));
+    _exit(127);
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(700));
+  kill(pid, SIGKILL);
+  waitpid(pid, nullptr, 0);
+  auto serving = client::Client(server_->address()).IsServing();
+  ASSERT_TRUE(serving.ok() && *serving);
+  auto again = client::Client(server_->address()).Compact(Header(1, 2, 64, v1::METHOD_AM_HIGHEST_ATTENTION, 4),
+                                                          ToInputs(MakeLayers(1, 2, 128, 64)));
+  ASSERT_TRUE(again.ok()) << again.status();
+}
+
+TEST_F(E2E, MetricsEndpointReportsCompactions) {
+  auto outcome = client::Client(server_->address()).Compact(Header(1, 2, 64, v1::METHOD_AM_HIGHEST_ATTENTION, 4),
+                                                            ToInputs(MakeLayers(1, 2, 128, 64)));
+  ASSERT_TRUE(outcome.ok());
+  const std::string metrics = HttpGet(server_->metrics_port(), "/metrics");
+  EXPECT_NE(metrics.find("kvcompact_layers_total{result=\"ok\"}"), std::string::npos) << metrics.substr(0, 500);
+  EXPECT_NE(metrics.find("kvcompact_stage_seconds_bucket{stage=\"mass_fit\""), std::string::npos);
+  EXPECT_NE(metrics.find("kvcompact_build_info{"), std::string::npos);
+  EXPECT_NE(metrics.find("kvcompact_queue_depth"), std::string::npos);
+}
+
+// SIGTERM with a stream in flight: the stream completes, health goes NOT_SERVING, exit code 0.
+TEST(E2EShutdown, SigtermDrainsInFlightStreamAndExitsCleanly) {
+  ServerProcess server({"--shutdown_timeout_seconds=30"});
+  ASSERT_TRUE(server.ok()) << server.Log();
+  const auto inputs = ToInputs(MakeLayers(8, 2, 1024, 512, 9));
+  absl::StatusOr<client::CompactOutcome> outcome;
+  std::thread stream([&] {
+    outcome = client::Client(server.address()).Compact(Header(8, 2, 64, v1::METHOD_AM_HIGHEST_ATTENTION, 10), inputs,
+                                                       [&](const client::CompactedLayer& l) {
+                                                         if (l.layer == 0) server.Signal(SIGTERM);
+                                                       });
+  });
+  stream.join();
+  EXPECT_EQ(server.WaitForExit(30), 0) << server.Log();
+  ASSERT_TRUE(outcome.ok()) << outcome.status();
+  EXPECT_EQ(outcome->layers.size(), 8u);
+  EXPECT_NE(server.Log().find("draining"), std::string::npos);
+  EXPECT_NE(server.Log().find("stopped cleanly"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace kvcompact::testing
