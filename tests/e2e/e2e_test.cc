@@ -195,3 +195,32 @@ TEST(E2EShutdown, SigtermDrainsInFlightStreamAndExitsCleanly) {
 
 }  // namespace
 }  // namespace kvcompact::testing
+
+namespace kvcompact::testing {
+namespace {
+
+TEST(E2EConfig, EnvironmentMirrorsFlagsAndCommandLineWins) {
+  setenv("KVCOMPACT_MAX_CONCURRENT_STREAMS", "7", 1);
+  setenv("KVCOMPACT_QUEUE_DEPTH", "9", 1);
+  ServerProcess server({"--queue_depth=3"});
+  unsetenv("KVCOMPACT_MAX_CONCURRENT_STREAMS");
+  unsetenv("KVCOMPACT_QUEUE_DEPTH");
+  ASSERT_TRUE(server.ok()) << server.Log();
+  auto info = client::Client(server.address()).GetServerInfo();
+  ASSERT_TRUE(info.ok());
+  EXPECT_EQ(info->limits().max_concurrent_streams(), 7u);
+  EXPECT_EQ(info->limits().worker_queue_depth(), 3u);
+  EXPECT_NE(server.Log().find("max_concurrent_streams=7"), std::string::npos) << "effective config is logged";
+}
+
+TEST(E2EConfig, BadEnvironmentValueExitsWithAClearMessage) {
+  setenv("KVCOMPACT_THREADS", "many", 1);
+  std::string log;
+  const int code = RunCommand({ServerBinary(), "--listen=127.0.0.1:0", "--metrics_listen="}, &log);
+  unsetenv("KVCOMPACT_THREADS");
+  EXPECT_EQ(code, 2);
+  EXPECT_NE(log.find("KVCOMPACT_THREADS"), std::string::npos) << log;
+}
+
+}  // namespace
+}  // namespace kvcompact::testing
