@@ -31,7 +31,9 @@ VectorD ProjectedNewtonDirection(const MatrixD& gram, const VectorD& grad,
   }
   // A relative jitter keeps LDLT well-posed on rank-deficient systems (duplicate keys).
   sub.diagonal().array() += 1e-13 * (sub.trace() / f + 1e-300);
-  const VectorD step = -sub.ldlt().solve(g);
+  // Blocked Cholesky first (fast for large t); LDLT only if the jittered system is not PD.
+  Eigen::LLT<MatrixD> llt(sub);
+  const VectorD step = llt.info() == Eigen::Success ? VectorD(-llt.solve(g)) : VectorD(-sub.ldlt().solve(g));
   if (!step.allFinite()) return dir;
   for (Eigen::Index a = 0; a < f; ++a) dir[free[a]] = step[a];
   return dir;
@@ -59,7 +61,8 @@ BoundedLsqResult SolveBoundedLsq(const MatrixD& gram, const VectorD& rhs, double
   // Start from the clamped unconstrained solution: often already optimal or close.
   MatrixD jittered = gram;
   jittered.diagonal().array() += 1e-12 * (gram.trace() / t + 1e-300);
-  VectorD w = Clamp(jittered.ldlt().solve(rhs), lo, hi);
+  Eigen::LLT<MatrixD> llt(jittered);
+  VectorD w = Clamp(llt.info() == Eigen::Success ? VectorD(llt.solve(rhs)) : VectorD(jittered.ldlt().solve(rhs)), lo, hi);
   if (!w.allFinite()) w = VectorD::Constant(t, std::clamp(1.0, lo, hi));
 
   for (int it = 0; it < options.max_iterations; ++it) {

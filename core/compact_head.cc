@@ -29,7 +29,8 @@ VectorF GatherBias(const BlockView& block, const std::vector<int32_t>& idx) {
   return out;
 }
 
-// Held-out split: a seeded random subset of round(n * fraction) queries, at least one kept for fitting.
+}  // namespace
+
 void SplitQueries(const MatrixF& q, double fraction, uint64_t seed, MatrixF* fit, MatrixF* eval) {
   const int64_t n = q.rows();
   int64_t n_eval = static_cast<int64_t>(std::floor(n * fraction));
@@ -49,6 +50,8 @@ void SplitQueries(const MatrixF& q, double fraction, uint64_t seed, MatrixF* fit
   *fit = GatherRows(q, fit_rows);
   *eval = GatherRows(q, eval_rows);
 }
+
+namespace {
 
 CompactedHead Unchanged(const BlockView& block) {
   CompactedHead head;
@@ -70,11 +73,16 @@ void MeasureErrors(const CompactedHead& head, const MatrixF& queries, const Atte
   const VectorF mass = probs.rowwise().sum().cwiseMax(1e-30f);
   MatrixF outputs = probs * head.values;
   outputs.array().colwise() /= mass.array();
-  const double ref_norm = truth.outputs.cast<double>().norm();
-  *output_rel_error = static_cast<float>((outputs - truth.outputs).cast<double>().norm() /
+  ErrorsFromOutputs(outputs, mass, truth.outputs, truth.mass, output_rel_error, mass_rel_error);
+}
+
+void ErrorsFromOutputs(const MatrixF& outputs, const VectorF& mass, const MatrixF& true_outputs,
+                       const VectorF& true_mass, float* output_rel_error, float* mass_rel_error) {
+  const double ref_norm = true_outputs.cast<double>().norm();
+  *output_rel_error = static_cast<float>((outputs - true_outputs).cast<double>().norm() /
                                          std::max(ref_norm, 1e-300));
   *mass_rel_error =
-      static_cast<float>(((mass - truth.mass).cwiseAbs().array() / truth.mass.array()).mean());
+      static_cast<float>(((mass - true_mass).cwiseAbs().array() / true_mass.array()).mean());
 }
 
 absl::StatusOr<CompactedHead> CompactHead(const BlockView& block, const MatrixF* queries,

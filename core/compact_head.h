@@ -57,6 +57,14 @@ struct StageSeconds {
 absl::StatusOr<CompactedHead> CompactHead(const BlockView& block, const MatrixF* queries,
                                           const HeadOptions& options, StageSeconds* seconds);
 
+// Held-out split: a seeded random subset of floor(n * fraction) queries (at least one query is
+// kept for fitting); both backends use it so that they see the same queries.
+void SplitQueries(const MatrixF& queries, double fraction, uint64_t seed, MatrixF* fit, MatrixF* eval);
+
+// Relative output error ||Y_hat - Y|| / ||Y|| and mean relative mass error |m_hat - m| / m.
+void ErrorsFromOutputs(const MatrixF& outputs, const VectorF& mass, const MatrixF& true_outputs,
+                       const VectorF& true_mass, float* output_rel_error, float* mass_rel_error);
+
 // Output and mass errors of a compacted block on queries whose full-block stats are known.
 void MeasureErrors(const CompactedHead& head, const MatrixF& queries, const AttentionStats& truth,
                    float scale, float* output_rel_error, float* mass_rel_error);

@@ -23,9 +23,7 @@ class CpuBackend final : public Backend {
     std::vector<StageSeconds> seconds(data.heads);
     std::vector<absl::Status> status(data.heads);
     pool_.ParallelFor(data.heads, [&](int64_t h) {
-      HeadOptions options = job.options;
-      options.budget = job.budgets[h];
-      options.seed = job.options.seed + static_cast<uint64_t>(data.layer) * 1000003u + h;
+      const HeadOptions options = HeadOptionsFor(job, h);
       const MatrixF queries = data.HeadQueries(h);
       auto head = CompactHead(data.HeadBlock(h), data.queries > 0 ? &queries : nullptr, options,
                               &seconds[h]);

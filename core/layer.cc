@@ -20,6 +20,13 @@ MatrixF LayerData::HeadQueries(int64_t head) const {
   return ConstMatrixMapF(query_data.data() + head * queries * head_dim, queries, head_dim);
 }
 
+HeadOptions HeadOptionsFor(const LayerJob& job, int64_t head) {
+  HeadOptions options = job.options;
+  options.budget = job.budgets[head];
+  options.seed = job.options.seed + static_cast<uint64_t>(job.data.layer) * 1000003u + head;
+  return options;
+}
+
 size_t LayerData::Bytes() const {
   return sizeof(float) * (keys.size() + values.size() + bias.size() + query_data.size());
 }

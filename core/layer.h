@@ -38,6 +38,9 @@ struct LayerResult {
   StageSeconds seconds;            // summed over heads (CPU time of the stages)
 };
 
+// The options of head `head` of a job: its budget and its seed (random selection, query split).
+HeadOptions HeadOptionsFor(const LayerJob& job, int64_t head);
+
 class Backend {
  public:
   virtual ~Backend() = default;

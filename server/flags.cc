@@ -8,7 +8,10 @@
 
 ABSL_FLAG(std::string, listen, "0.0.0.0:50051", "gRPC listen address");
 ABSL_FLAG(std::string, metrics_listen, "0.0.0.0:9464", "Prometheus /metrics address; empty disables");
-ABSL_FLAG(std::string, backend, "auto", "Compute backend: auto, cpu (cuda when built with it)");
+ABSL_FLAG(std::string, backend, "auto", "Compute backend: auto (cuda when built in and a device is usable, else cpu), cpu, cuda");
+ABSL_FLAG(int, cuda_device, 0, "CUDA device ordinal");
+ABSL_FLAG(bool, allow_tf32, false, "Let cuBLAS use TF32 tensor cores for the large fp32 products (faster, less exact)");
+ABSL_FLAG(uint64_t, cuda_workspace_bytes, uint64_t{2} << 30, "GPU memory bound for the logit chunk of one layer");
 ABSL_FLAG(int, threads, 0, "CPU threads for the CPU backend; 0 = all cores");
 ABSL_FLAG(uint64_t, max_message_bytes, 16u << 20, "Largest gRPC message accepted and sent");
 ABSL_FLAG(uint64_t, max_tokens_per_block, 1u << 20, "Largest T of one layer's block");
@@ -24,7 +27,7 @@ namespace kvcompact::server {
 namespace {
 
 const char* const kFlagNames[] = {
-    "listen", "metrics_listen", "backend", "threads", "max_message_bytes", "max_tokens_per_block",
+    "listen", "metrics_listen", "backend", "cuda_device", "allow_tf32", "cuda_workspace_bytes", "threads", "max_message_bytes", "max_tokens_per_block",
     "max_queries_per_layer", "max_concurrent_streams", "max_open_layers_per_stream", "queue_depth",
     "shutdown_timeout_seconds", "warmup", "log_level"};
 

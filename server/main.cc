@@ -18,15 +18,46 @@
 #include "server/self_test.h"
 #include "server/service.h"
 #include "server/version.h"
+#ifdef KVCOMPACT_WITH_CUDA
+#include "kernels/cuda_backend.h"
+#endif
 
 namespace kvcompact::server {
 namespace {
 
 constexpr char kServiceName[] = "kvcompact.v1.KVCompact";
 
+std::vector<std::string> BuiltInBackends() {
+#ifdef KVCOMPACT_WITH_CUDA
+  return {"cpu", "cuda"};
+#else
+  return {"cpu"};
+#endif
+}
+
 std::unique_ptr<Backend> MakeBackend(const std::string& name, int threads, std::string* error) {
-  if (name == "auto" || name == "cpu") return MakeCpuBackend(threads);
-  *error = "unknown or unavailable backend '" + name + "' (built in: cpu)";
+  if (name == "cpu") return MakeCpuBackend(threads);
+#ifdef KVCOMPACT_WITH_CUDA
+  if (name == "cuda" || name == "auto") {
+    kernels::CudaBackendOptions options;
+    options.device = absl::GetFlag(FLAGS_cuda_device);
+    options.allow_tf32 = absl::GetFlag(FLAGS_allow_tf32);
+    options.workspace_bytes = absl::GetFlag(FLAGS_cuda_workspace_bytes);
+    auto cuda = kernels::MakeCudaBackend(options);
+    if (cuda.ok()) {
+      spdlog::info("CUDA backend on device {}; math: {}", options.device,
+                   options.allow_tf32 ? "TF32 tensor cores allowed" : "fp32 (no TF32)");
+      return *std::move(cuda);
+    }
+    if (name == "cuda") {
+      *error = "backend cuda: " + cuda.status().ToString();
+      return nullptr;
+    }
+    spdlog::info("no usable CUDA device ({}); using the CPU backend", std::string(cuda.status().message()));
+  }
+#endif
+  if (name == "auto") return MakeCpuBackend(threads);
+  *error = "unknown or unavailable backend '" + name + "' (built in: " + absl::StrJoin(BuiltInBackends(), ", ") + ")";
   return nullptr;
 }
 
@@ -109,7 +140,7 @@ int Run(int argc, char** argv) {
   context.limits.max_open_layers_per_stream = absl::GetFlag(FLAGS_max_open_layers_per_stream);
   context.limits.worker_queue_depth = std::max(1u, absl::GetFlag(FLAGS_queue_depth));
   context.version = kVersion;
-  context.backends = {"cpu"};
+  context.backends = BuiltInBackends();
   context.threads = threads;
   Worker worker(std::move(backend), context.limits.worker_queue_depth, &metrics);
   context.worker = &worker;

@@ -1,0 +1,188 @@
+#include "kernels/am_kernels.cuh"
+
+#include <cfloat>
+
+namespace kvcompact::kernels {
+namespace {
+
+constexpr int kBlock = 256;
+
+__device__ float BlockReduceMax(float v, float* shared) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  v = threadIdx.x < (blockDim.x >> 5) ? shared[threadIdx.x] : -FLT_MAX;
+  if (warp == 0) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
+    if (lane == 0) shared[0] = v;
+  }
+  __syncthreads();
+  v = shared[0];
+  __syncthreads();
+  return v;
+}
+
+__device__ float BlockReduceSum(float v, float* shared) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  v = threadIdx.x < (blockDim.x >> 5) ? shared[threadIdx.x] : 0.f;
+  if (warp == 0) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+    if (lane == 0) shared[0] = v;
+  }
+  __syncthreads();
+  v = shared[0];
+  __syncthreads();
+  return v;
+}
+
+__global__ void RowSoftmaxStatsKernel(float* logits, int64_t cols, const float* bias, int64_t rows_per_head,
+                                      int64_t bias_stride, float* row_max, float* mass, int64_t out_head_stride) {
+  __shared__ float shared[32];
+  const int64_t row = blockIdx.x;
+  const int64_t head = row / rows_per_head, within = row % rows_per_head;
+  float* x = logits + row * cols;
+  const float* b = bias ? bias + head * bias_stride : nullptr;
+  float m = -FLT_MAX;
+  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
+    const float v = b ? x[j] + b[j] : x[j];
+    x[j] = v;
+    m = fmaxf(m, v);
+  }
+  m = BlockReduceMax(m, shared);
+  float s = 0.f;
+  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
+    const float e = expf(x[j] - m);
+    x[j] = e;
+    s += e;
+  }
+  s = BlockReduceSum(s, shared);
+  const float inv = 1.f / s;
+  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) x[j] *= inv;
+  if (threadIdx.x == 0 && row_max) row_max[head * out_head_stride + within] = m;
+  if (threadIdx.x == 0 && mass) mass[head * out_head_stride + within] = s;
+}
+
+__global__ void AccumulateScoresKernel(const float* probs, int64_t rows, int64_t cols, int reduce, float* scores) {
+  const int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  const int64_t h = blockIdx.y;
+  if (j >= cols) return;
+  const float* p = probs + h * rows * cols + j;
+  float acc = scores[h * cols + j];
+  if (reduce == static_cast<int>(ScoreReduceKind::kMax)) {
+    for (int64_t i = 0; i < rows; ++i) acc = fmaxf(acc, p[i * cols]);
+  } else if (reduce == static_cast<int>(ScoreReduceKind::kRms)) {
+    for (int64_t i = 0; i < rows; ++i) acc = fmaf(p[i * cols], p[i * cols], acc);
+  } else {
+    for (int64_t i = 0; i < rows; ++i) acc += p[i * cols];
+  }
+  scores[h * cols + j] = acc;
+}
+
+__global__ void FinalizeScoresKernel(float* scores, int64_t count, float inv_n, int reduce) {
+  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (i >= count) return;
+  if (reduce == static_cast<int>(ScoreReduceKind::kRms)) scores[i] = sqrtf(scores[i] * inv_n);
+  else if (reduce == static_cast<int>(ScoreReduceKind::kMean)) scores[i] *= inv_n;
+}
+
+__global__ void ExpShiftedKernel(float* x, int64_t rows, int64_t cols, const float* bias, const float* shift) {
+  const int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (k >= rows * cols) return;
+  const int64_t i = k / cols, j = k % cols;
+  x[k] = expf(x[k] + (bias ? bias[j] : 0.f) - shift[i]);
+}
+
+__global__ void AddColumnBiasKernel(float* x, int64_t rows, int64_t cols, const float* bias) {
+  const int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (k >= rows * cols) return;
+  x[k] += bias[k % cols];
+}
+
+__global__ void RowSumsKernel(const float* x, int64_t cols, float* out) {
+  __shared__ float shared[32];
+  const float* r = x + blockIdx.x * cols;
+  float s = 0.f;
+  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) s += r[j];
+  s = BlockReduceSum(s, shared);
+  if (threadIdx.x == 0) out[blockIdx.x] = s;
+}
+
+__global__ void DivideRowsKernel(float* x, int64_t rows, int64_t cols, const float* d, float floor) {
+  const int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (k >= rows * cols) return;
+  x[k] /= fmaxf(d[k / cols], floor);
+}
+
+__global__ void GatherRowsKernel(const float* in, const int32_t* index, int64_t count, int64_t cols, float* out) {
+  const int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (k >= count * cols) return;
+  const int64_t r = k / cols, c = k % cols;
+  out[k] = in[int64_t(index[r]) * cols + c];
+}
+
+__global__ void AddDiagonalKernel(float* a, int64_t batch, int64_t n, const float* value) {
+  const int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (k >= batch * n) return;
+  const int64_t b = k / n, i = k % n;
+  a[b * n * n + i * n + i] += value[b];
+}
+
+unsigned Blocks(int64_t n) { return static_cast<unsigned>((n + kBlock - 1) / kBlock); }
+
+}  // namespace
+
+void RowSoftmaxStats(float* logits, int64_t heads, int64_t rows_per_head, int64_t cols, const float* bias,
+                     int64_t bias_stride, float* row_max, float* mass, int64_t out_head_stride, cudaStream_t stream) {
+  if (heads * rows_per_head == 0) return;
+  RowSoftmaxStatsKernel<<<static_cast<unsigned>(heads * rows_per_head), kBlock, 0, stream>>>(
+      logits, cols, bias, rows_per_head, bias_stride, row_max, mass, out_head_stride);
+}
+
+void AccumulateScores(const float* probs, int64_t heads, int64_t rows, int64_t cols, ScoreReduceKind reduce,
+                      float* scores, cudaStream_t stream) {
+  if (heads == 0 || cols == 0) return;
+  AccumulateScoresKernel<<<dim3(Blocks(cols), static_cast<unsigned>(heads)), kBlock, 0, stream>>>(
+      probs, rows, cols, static_cast<int>(reduce), scores);
+}
+
+void FinalizeScores(float* scores, int64_t count, int64_t n, ScoreReduceKind reduce, cudaStream_t stream) {
+  if (count == 0) return;
+  FinalizeScoresKernel<<<Blocks(count), kBlock, 0, stream>>>(scores, count, 1.f / static_cast<float>(n),
+                                                             static_cast<int>(reduce));
+}
+
+void ExpShifted(float* x, int64_t rows, int64_t cols, const float* bias, const float* shift, cudaStream_t stream) {
+  if (rows * cols == 0) return;
+  ExpShiftedKernel<<<Blocks(rows * cols), kBlock, 0, stream>>>(x, rows, cols, bias, shift);
+}
+
+void AddColumnBias(float* x, int64_t rows, int64_t cols, const float* bias, cudaStream_t stream) {
+  if (rows * cols == 0) return;
+  AddColumnBiasKernel<<<Blocks(rows * cols), kBlock, 0, stream>>>(x, rows, cols, bias);
+}
+
+void RowSums(const float* x, int64_t rows, int64_t cols, float* out, cudaStream_t stream) {
+  if (rows == 0) return;
+  RowSumsKernel<<<static_cast<unsigned>(rows), kBlock, 0, stream>>>(x, cols, out);
+}
+
+void DivideRows(float* x, int64_t rows, int64_t cols, const float* d, float floor, cudaStream_t stream) {
+  if (rows * cols == 0) return;
+  DivideRowsKernel<<<Blocks(rows * cols), kBlock, 0, stream>>>(x, rows, cols, d, floor);
+}
+
+void GatherRows(const float* in, const int32_t* index, int64_t count, int64_t cols, float* out, cudaStream_t stream) {
+  if (count * cols == 0) return;
+  GatherRowsKernel<<<Blocks(count * cols), kBlock, 0, stream>>>(in, index, count, cols, out);
+}
+
+void AddDiagonal(float* a, int64_t batch, int64_t n, const float* value, cudaStream_t stream) {
+  if (batch * n == 0) return;
+  AddDiagonalKernel<<<Blocks(batch * n), kBlock, 0, stream>>>(a, batch, n, value);
+}
+
+}  // namespace kvcompact::kernels

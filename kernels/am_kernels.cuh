@@ -1,0 +1,50 @@
+// Element-wise and reduction kernels of the GPU Attention Matching pipeline. Matrices are
+// row-major fp32, batched over heads with a fixed stride. Each launcher is the one production
+// entry point: the backend, the tests and the benchmarks call these.
+//
+// CPU references (core/): attention.cc (RowSoftmaxStats, AccumulateScores), selection.cc
+// (MaxPool1d), fit.cc (ExpShifted, RowSoftmax), compact_head.cc (MeasureErrors: RowSums).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace kvcompact::kernels {
+
+enum class ScoreReduceKind : int { kRms = 1, kMean = 2, kMax = 3 };
+
+// Logits of `heads` x `rows_per_head` rows x cols (+ optional per-column bias per head:
+// bias + head * bias_stride) -> row max M, mass m = sum exp(L - M), and in place
+// A = exp(L - M) / m (the softmax). M and m of row i of head h go to [h * out_head_stride + i]
+// (null: not written). One block per row.
+void RowSoftmaxStats(float* logits, int64_t heads, int64_t rows_per_head, int64_t cols, const float* bias,
+                     int64_t bias_stride, float* row_max, float* mass, int64_t out_head_stride, cudaStream_t stream);
+
+// scores[h][j] (+)= reduce_i A[h][i][j] over `rows` rows of each head's probs (heads x rows x cols).
+// kRms and kMean accumulate sums (of squares); kMax keeps the maximum. Finalised on the host side
+// of the caller by FinalizeScores.
+void AccumulateScores(const float* probs, int64_t heads, int64_t rows, int64_t cols, ScoreReduceKind reduce,
+                      float* scores, cudaStream_t stream);
+// kRms: sqrt(sum / n); kMean: sum / n; kMax: unchanged.
+void FinalizeScores(float* scores, int64_t count, int64_t n, ScoreReduceKind reduce, cudaStream_t stream);
+
+// In place: x[i][j] = exp(x[i][j] + bias[j] - shift[i])  (rows x cols). bias may be null.
+void ExpShifted(float* x, int64_t rows, int64_t cols, const float* bias, const float* shift, cudaStream_t stream);
+
+// In place: x[i][j] += bias[j].
+void AddColumnBias(float* x, int64_t rows, int64_t cols, const float* bias, cudaStream_t stream);
+
+// out[i] = sum_j x[i][j].
+void RowSums(const float* x, int64_t rows, int64_t cols, float* out, cudaStream_t stream);
+
+// In place: x[i][:] /= max(d[i], floor).
+void DivideRows(float* x, int64_t rows, int64_t cols, const float* d, float floor, cudaStream_t stream);
+
+// out[r][:] = in[index[r]][:]  (gather of `count` rows of width `cols`).
+void GatherRows(const float* in, const int32_t* index, int64_t count, int64_t cols, float* out, cudaStream_t stream);
+
+// Adds `value` to the diagonal of each of `batch` n x n matrices (stride n*n).
+void AddDiagonal(float* a, int64_t batch, int64_t n, const float* value, cudaStream_t stream);
+
+}  // namespace kvcompact::kernels

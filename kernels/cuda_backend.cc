@@ -1,0 +1,435 @@
+// CUDA backend. Per layer, all KV heads at once for the n x T work (logits, softmax statistics,
+// key scores, outputs: strided-batched cuBLAS over heads, query chunks bounded by the workspace so
+// the n x T matrix never exists whole); per head for the t-sized fits (ragged budgets): subset
+// logits, Phi^T Phi and Phi^T m on the GPU; the bounded NNLS on host threads in float64, all heads
+// in parallel (the CPU backend's solver on the t x t system); X^T X and X^T Y on the GPU and the
+// ridge solve by cuSOLVER Cholesky in fp32. Key selection runs on the host from the GPU's scores, with the CPU
+// backend's code, so both backends pick the same keys.
+#include "kernels/cuda_backend.h"
+
+#include <algorithm>
+#include <chrono>
+#include <numeric>
+#include <optional>
+#include <thread>
+#include <cmath>
+#include <vector>
+
+#include "core/fit.h"
+#include "core/selection.h"
+#include "core/thread_pool.h"
+#include "kernels/am_kernels.cuh"
+#include "kernels/device_buffer.h"
+#include "kernels/gemm.h"
+
+namespace kvcompact::kernels {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double Since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+template <typename T>
+absl::Status ToDevice(DeviceBuffer<T>& buf, const T* host, size_t count, cudaStream_t s) {
+  if (absl::Status st = buf.Reserve(std::max<size_t>(count, 1)); !st.ok()) return st;
+  if (count) KVC_CUDA(cudaMemcpyAsync(buf.get(), host, count * sizeof(T), cudaMemcpyHostToDevice, s));
+  return absl::OkStatus();
+}
+
+template <typename T>
+absl::Status ToHost(T* host, const T* device, size_t count, cudaStream_t s) {
+  if (count) KVC_CUDA(cudaMemcpyAsync(host, device, count * sizeof(T), cudaMemcpyDeviceToHost, s));
+  KVC_CUDA(cudaStreamSynchronize(s));
+  return absl::OkStatus();
+}
+
+ScoreReduceKind ToKind(ScoreReduce r) { return static_cast<ScoreReduceKind>(static_cast<int>(r)); }
+
+// Attention statistics of one query set, on the device, for all heads.
+struct DeviceStats {
+  DeviceBuffer<float> row_max, mass, outputs;
+};
+
+class CudaBackend final : public Backend {
+ public:
+  explicit CudaBackend(const CudaBackendOptions& options) : options_(options) {}
+  ~CudaBackend() override {
+    if (solver_) cusolverDnDestroy(solver_);
+    if (blas_) cublasDestroy(blas_);
+    if (stream_) cudaStreamDestroy(stream_);
+  }
+
+  absl::Status Init() {
+    KVC_CUDA(cudaSetDevice(options_.device));
+    KVC_CUDA(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    KVC_CUBLAS(cublasCreate(&blas_));
+    KVC_CUBLAS(cublasSetStream(blas_, stream_));
+    // fp32 by default (the least-squares fits are sensitive to TF32); TF32 only when asked.
+    KVC_CUBLAS(cublasSetMathMode(blas_, options_.allow_tf32 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_PEDANTIC_MATH));
+    KVC_CUSOLVER(cusolverDnCreate(&solver_));
+    KVC_CUSOLVER(cusolverDnSetStream(solver_, stream_));
+    return info_.Reserve(1);
+  }
+
+  std::string_view name() const override { return "cuda"; }
+
+  absl::StatusOr<LayerResult> CompactLayer(const LayerJob& job) override {
+    absl::StatusOr<LayerResult> result = Run(job);
+    if (!result.ok()) cudaStreamSynchronize(stream_);  // leave no work in flight on failure
+    return result;
+  }
+
+ private:
+  absl::StatusOr<LayerResult> Run(const LayerJob& job);
+  absl::Status Stats(const float* queries, int64_t n, const std::optional<ScoreReduce>& reduce, DeviceStats* out);
+  // Mass system of head h on the device (C_k in ck_): G = Phi^T Phi and c = Phi^T m, to the host.
+  absl::Status MassSystem(int64_t h, int64_t nf, int64_t t, const VectorF& bias_s, MatrixF* gram, VectorF* rhs);
+  // Values of head h (C_k in ck_, head->beta set) by the ridge solve on the device.
+  absl::Status ValueFit(int64_t h, int64_t nf, int64_t t, double ridge, CompactedHead* head);
+  absl::Status ReserveHeadBuffers(int64_t t, int64_t n_max);
+  // Compacted outputs for n queries (device) against the head's device C_k, beta, C_v; returns errors.
+  absl::Status Evaluate(const float* queries, int64_t n, const DeviceStats& truth, int64_t h, int64_t t,
+                        float* out_err, float* mass_err);
+
+  CudaBackendOptions options_;
+  cudaStream_t stream_ = nullptr;
+  cublasHandle_t blas_ = nullptr;
+  cusolverDnHandle_t solver_ = nullptr;
+  // Layer inputs and statistics.
+  int64_t H_ = 0, T_ = 0, d_ = 0, dv_ = 0;
+  float scale_ = 0;
+  bool has_bias_ = false;
+  DeviceBuffer<float> keys_, values_, bias_, q_fit_, q_eval_, logits_, scores_;
+  DeviceStats fit_, eval_;
+  // Per-head fit buffers.
+  DeviceBuffer<int32_t> idx_;
+  DeviceBuffer<float> ck_, cv_, beta_, subset_, gram_, rhs_, cvec_, lambda_, yhat_, mhat_, work_;
+  DeviceBuffer<int> info_;
+  ThreadPool pool_{static_cast<int>(std::max(1u, std::thread::hardware_concurrency()))};  // host-side NNLS
+};
+
+absl::Status CudaBackend::ReserveHeadBuffers(int64_t t, int64_t n_max) {
+  for (auto* buf : {&ck_, &cv_, &beta_, &cvec_, &mhat_}) {
+    if (auto s = buf->Reserve(std::max(t * std::max(d_, dv_), n_max)); !s.ok()) return s;
+  }
+  if (auto s = subset_.Reserve(n_max * t); !s.ok()) return s;
+  if (auto s = gram_.Reserve(t * t); !s.ok()) return s;
+  if (auto s = rhs_.Reserve(t * dv_); !s.ok()) return s;
+  if (auto s = yhat_.Reserve(n_max * dv_); !s.ok()) return s;
+  return lambda_.Reserve(1);
+}
+
+absl::Status CudaBackend::Stats(const float* queries, int64_t n, const std::optional<ScoreReduce>& reduce,
+                                DeviceStats* out) {
+  if (auto s = out->row_max.Reserve(H_ * n); !s.ok()) return s;
+  if (auto s = out->mass.Reserve(H_ * n); !s.ok()) return s;
+  if (auto s = out->outputs.Reserve(H_ * n * dv_); !s.ok()) return s;
+  const int64_t per_row = H_ * T_;
+  const int64_t chunk = std::clamp<int64_t>(static_cast<int64_t>(options_.workspace_bytes / sizeof(float)) / per_row, 1, n);
+  if (auto s = logits_.Reserve(chunk * per_row); !s.ok()) return s;
+  if (reduce) {
+    if (auto s = scores_.Reserve(H_ * T_); !s.ok()) return s;
+    KVC_CUDA(cudaMemsetAsync(scores_.get(), 0, H_ * T_ * sizeof(float), stream_));
+  }
+  for (int64_t r0 = 0; r0 < n; r0 += chunk) {
+    const int64_t rows = std::min(chunk, n - r0);
+    // L[h] = s Q[h][r0:r0+rows] K[h]^T          (rows x T per head)
+    if (auto s = Gemm(blas_, rows, T_, d_, scale_, {queries + r0 * d_, d_, n * d_, false}, {keys_.get(), d_, T_ * d_, true},
+                      0.f, logits_.get(), T_, rows * T_, H_);
+        !s.ok()) {
+      return s;
+    }
+    RowSoftmaxStats(logits_.get(), H_, rows, T_, has_bias_ ? bias_.get() : nullptr, T_, out->row_max.get() + r0,
+                    out->mass.get() + r0, n, stream_);
+    KVC_LAUNCHED("RowSoftmaxStats");
+    if (reduce) {
+      AccumulateScores(logits_.get(), H_, rows, T_, ToKind(*reduce), scores_.get(), stream_);
+      KVC_LAUNCHED("AccumulateScores");
+    }
+    // Y[h][r0:r0+rows] = A V[h]                  (rows x dv per head)
+    if (auto s = Gemm(blas_, rows, dv_, T_, 1.f, {logits_.get(), T_, rows * T_, false}, {values_.get(), dv_, T_ * dv_, false},
+                      0.f, out->outputs.get() + r0 * dv_, dv_, n * dv_, H_);
+        !s.ok()) {
+      return s;
+    }
+  }
+  if (reduce) {
+    FinalizeScores(scores_.get(), H_ * T_, n, ToKind(*reduce), stream_);
+    KVC_LAUNCHED("FinalizeScores");
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::MassSystem(int64_t h, int64_t nf, int64_t t, const VectorF& bias_s, MatrixF* gram,
+                                     VectorF* rhs) {
+  // Phi = exp(s Q K_S^T + b_S - M)   (nf x t);  G = Phi^T Phi;  c = Phi^T m.
+  if (auto s = Gemm(blas_, nf, t, d_, scale_, {q_fit_.get() + h * nf * d_, d_, 0, false}, {ck_.get(), d_, 0, true}, 0.f,
+                    subset_.get(), t, 0, 1);
+      !s.ok()) {
+    return s;
+  }
+  if (auto s = ToDevice(beta_, bias_s.data(), t, stream_); !s.ok()) return s;
+  ExpShifted(subset_.get(), nf, t, beta_.get(), fit_.row_max.get() + h * nf, stream_);
+  KVC_LAUNCHED("ExpShifted");
+  if (auto s = Gemm(blas_, t, t, nf, 1.f, {subset_.get(), t, 0, true}, {subset_.get(), t, 0, false}, 0.f, gram_.get(), t, 0, 1);
+      !s.ok()) {
+    return s;
+  }
+  if (auto s = Gemm(blas_, t, 1, nf, 1.f, {subset_.get(), t, 0, true}, {fit_.mass.get() + h * nf, 1, 0, false}, 0.f,
+                    cvec_.get(), 1, 0, 1);
+      !s.ok()) {
+    return s;
+  }
+  gram->resize(t, t);
+  rhs->resize(t);
+  if (auto s = ToHost(gram->data(), gram_.get(), t * t, stream_); !s.ok()) return s;
+  return ToHost(rhs->data(), cvec_.get(), t, stream_);
+}
+
+absl::Status CudaBackend::ValueFit(int64_t h, int64_t nf, int64_t t, double ridge, CompactedHead* head) {
+  // X = softmax(s Q K_S^T + beta);  (X^T X + lambda I) C_v = X^T Y  by Cholesky.
+  if (auto s = ToDevice(beta_, head->beta.data(), t, stream_); !s.ok()) return s;
+  if (auto s = Gemm(blas_, nf, t, d_, scale_, {q_fit_.get() + h * nf * d_, d_, 0, false}, {ck_.get(), d_, 0, true}, 0.f,
+                    subset_.get(), t, 0, 1);
+      !s.ok()) {
+    return s;
+  }
+  RowSoftmaxStats(subset_.get(), 1, nf, t, beta_.get(), 0, nullptr, nullptr, 0, stream_);
+  KVC_LAUNCHED("RowSoftmaxStats(X)");
+  if (auto s = Gemm(blas_, t, t, nf, 1.f, {subset_.get(), t, 0, true}, {subset_.get(), t, 0, false}, 0.f, gram_.get(), t, 0, 1);
+      !s.ok()) {
+    return s;
+  }
+  // Y^T X (dv x t, row-major) is X^T Y in column-major, the layout cuSOLVER wants for the right-hand sides.
+  if (auto s = Gemm(blas_, dv_, t, nf, 1.f, {fit_.outputs.get() + h * nf * dv_, dv_, 0, true}, {subset_.get(), t, 0, false},
+                    0.f, rhs_.get(), t, 0, 1);
+      !s.ok()) {
+    return s;
+  }
+  float trace = 0;
+  KVC_CUBLAS(cublasSasum(blas_, static_cast<int>(t), gram_.get(), static_cast<int>(t + 1), &trace));
+  const float lambda = static_cast<float>(ridge * trace / t);
+  if (auto s = ToDevice(lambda_, &lambda, 1, stream_); !s.ok()) return s;
+  AddDiagonal(gram_.get(), 1, t, lambda_.get(), stream_);
+  KVC_LAUNCHED("AddDiagonal");
+  int lwork = 0;
+  KVC_CUSOLVER(cusolverDnSpotrf_bufferSize(solver_, CUBLAS_FILL_MODE_LOWER, static_cast<int>(t), gram_.get(),
+                                           static_cast<int>(t), &lwork));
+  if (auto s = work_.Reserve(std::max(lwork, 1)); !s.ok()) return s;
+  KVC_CUSOLVER(cusolverDnSpotrf(solver_, CUBLAS_FILL_MODE_LOWER, static_cast<int>(t), gram_.get(), static_cast<int>(t),
+                                work_.get(), lwork, info_.get()));
+  int info = 0;
+  if (auto s = ToHost(&info, info_.get(), 1, stream_); !s.ok()) return s;
+  if (info != 0) {
+    return absl::InternalError(absl::StrCat("value fit: Cholesky of X^T X + lambda I failed (cuSOLVER info ", info,
+                                            "); raise options.ridge"));
+  }
+  KVC_CUSOLVER(cusolverDnSpotrs(solver_, CUBLAS_FILL_MODE_LOWER, static_cast<int>(t), static_cast<int>(dv_), gram_.get(),
+                                static_cast<int>(t), rhs_.get(), static_cast<int>(t), info_.get()));
+  if (auto s = ToHost(&info, info_.get(), 1, stream_); !s.ok()) return s;
+  if (info != 0) return absl::InternalError(absl::StrCat("value fit: potrs info ", info));
+  MatrixF cv_t(dv_, t);  // C_v^T
+  if (auto s = ToHost(cv_t.data(), rhs_.get(), dv_ * t, stream_); !s.ok()) return s;
+  head->values = cv_t.transpose();
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::Evaluate(const float* queries, int64_t n, const DeviceStats& truth, int64_t h, int64_t t,
+                                   float* out_err, float* mass_err) {
+  // P = exp(s Q C_k^T + beta - M);  m_hat = rowsum P;  Y_hat = P C_v / m_hat.
+  if (auto s = Gemm(blas_, n, t, d_, scale_, {queries, d_, 0, false}, {ck_.get(), d_, 0, true}, 0.f, subset_.get(), t, 0, 1);
+      !s.ok()) {
+    return s;
+  }
+  ExpShifted(subset_.get(), n, t, beta_.get(), truth.row_max.get() + h * n, stream_);
+  KVC_LAUNCHED("ExpShifted(eval)");
+  RowSums(subset_.get(), n, t, mhat_.get(), stream_);
+  KVC_LAUNCHED("RowSums");
+  if (auto s = Gemm(blas_, n, dv_, t, 1.f, {subset_.get(), t, 0, false}, {cv_.get(), dv_, 0, false}, 0.f, yhat_.get(), dv_, 0, 1);
+      !s.ok()) {
+    return s;
+  }
+  DivideRows(yhat_.get(), n, dv_, mhat_.get(), 1e-30f, stream_);
+  KVC_LAUNCHED("DivideRows");
+  MatrixF yhat(n, dv_), y(n, dv_);
+  VectorF mhat(n), m(n);
+  if (auto s = ToHost(yhat.data(), yhat_.get(), n * dv_, stream_); !s.ok()) return s;
+  if (auto s = ToHost(mhat.data(), mhat_.get(), n, stream_); !s.ok()) return s;
+  if (auto s = ToHost(y.data(), truth.outputs.get() + h * n * dv_, n * dv_, stream_); !s.ok()) return s;
+  if (auto s = ToHost(m.data(), truth.mass.get() + h * n, n, stream_); !s.ok()) return s;
+  mhat = mhat.cwiseMax(1e-30f);
+  ErrorsFromOutputs(yhat, mhat, y, m, out_err, mass_err);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<LayerResult> CudaBackend::Run(const LayerJob& job) {
+  const LayerData& data = job.data;
+  if (static_cast<int64_t>(job.budgets.size()) != data.heads) return absl::InvalidArgumentError("one budget per head is required");
+  const MethodSpec& spec = GetMethodSpec(job.options.method);
+  H_ = data.heads, T_ = data.tokens, d_ = data.head_dim, dv_ = data.value_dim, scale_ = data.scale;
+  has_bias_ = !data.bias.empty();
+  const bool has_queries = data.queries > 0;
+  if (spec.needs_queries && !has_queries) {
+    return absl::InvalidArgumentError(absl::StrCat("method ", std::string(spec.name), " needs reference queries and none were given"));
+  }
+  LayerResult result;
+  result.heads.resize(H_);
+  auto start = Clock::now();
+
+  // Split each head's queries exactly as the CPU backend does; all heads get the same counts.
+  std::vector<float> q_fit, q_eval;
+  int64_t nf = 0, ne = 0;
+  for (int64_t h = 0; h < H_ && has_queries; ++h) {
+    MatrixF fit, eval;
+    SplitQueries(data.HeadQueries(h), job.options.holdout_fraction, HeadOptionsFor(job, h).seed, &fit, &eval);
+    nf = fit.rows(), ne = eval.rows();
+    q_fit.insert(q_fit.end(), fit.data(), fit.data() + fit.size());
+    q_eval.insert(q_eval.end(), eval.data(), eval.data() + eval.size());
+  }
+  if (auto s = ToDevice(keys_, data.keys.data(), data.keys.size(), stream_); !s.ok()) return s;
+  if (auto s = ToDevice(values_, data.values.data(), data.values.size(), stream_); !s.ok()) return s;
+  if (has_bias_) {
+    if (auto s = ToDevice(bias_, data.bias.data(), data.bias.size(), stream_); !s.ok()) return s;
+  }
+  if (auto s = ToDevice(q_fit_, q_fit.data(), q_fit.size(), stream_); !s.ok()) return s;
+  if (auto s = ToDevice(q_eval_, q_eval.data(), q_eval.size(), stream_); !s.ok()) return s;
+
+  const bool wants_scores = spec.selection == Selection::kHighestAttention;
+  std::vector<float> scores;
+  if (has_queries) {
+    const std::optional<ScoreReduce> reduce =
+        wants_scores ? std::optional(job.options.score.value_or(spec.default_score)) : std::nullopt;
+    if (auto s = Stats(q_fit_.get(), nf, reduce, &fit_); !s.ok()) return s;
+    if (wants_scores) {
+      scores.resize(H_ * T_);
+      if (auto s = ToHost(scores.data(), scores_.get(), scores.size(), stream_); !s.ok()) return s;
+    }
+  }
+  KVC_CUDA(cudaStreamSynchronize(stream_));
+  result.seconds.score += Since(start);
+  if (ne > 0) {
+    start = Clock::now();
+    if (auto s = Stats(q_eval_.get(), ne, std::nullopt, &eval_); !s.ok()) return s;
+    KVC_CUDA(cudaStreamSynchronize(stream_));
+    result.seconds.evaluate += Since(start);
+  }
+
+  const int64_t n_max = std::max<int64_t>(std::max(nf, ne), 1);
+  const bool am_fit = spec.fit == Fit::kAttentionMatching;
+  std::vector<HeadOptions> head_options(H_);
+  std::vector<VectorF> bias_s(H_);
+  std::vector<MatrixF> grams(H_);
+  std::vector<VectorF> rhss(H_);
+  std::vector<uint8_t> fitted(H_, 0);
+
+  // Phase 1, per head on the device: select S, gather C_k, build the mass system.
+  for (int64_t h = 0; h < H_; ++h) {
+    head_options[h] = HeadOptionsFor(job, h);
+    const HeadOptions& o = head_options[h];
+    if (o.budget <= 0) return absl::InvalidArgumentError(absl::StrCat("head ", h, ": budget must be > 0"));
+    const bool unchanged = o.budget >= T_ && !o.force_fit;
+    const int64_t t = std::min<int64_t>(o.budget, T_);
+    CompactedHead& head = result.heads[h];
+    start = Clock::now();
+    if (unchanged) {
+      head.indices.resize(T_);
+      std::iota(head.indices.begin(), head.indices.end(), 0);
+    } else {
+      SelectionParams params;
+      params.budget = t;
+      params.pool_kernel = o.pool_kernel >= 0 ? o.pool_kernel : spec.default_pool_kernel;
+      params.sink_tokens = o.sink_tokens;
+      params.seed = o.seed;
+      VectorF head_scores = wants_scores ? VectorF(ConstVectorMapF(scores.data() + h * T_, T_)) : VectorF();
+      head.indices = SelectKeys(spec.selection, T_, head_scores, params);
+    }
+    const BlockView block = data.HeadBlock(h);
+    head.keys.resize(t, d_);
+    bias_s[h].resize(t);
+    for (int64_t r = 0; r < t; ++r) {
+      head.keys.row(r) = block.keys.row(head.indices[r]);
+      bias_s[h][r] = block.bias ? block.bias[head.indices[r]] : 0.f;
+    }
+    result.seconds.score += Since(start);
+    if (!am_fit || unchanged) {
+      head.beta = bias_s[h];
+      head.values.resize(t, dv_);
+      for (int64_t r = 0; r < t; ++r) head.values.row(r) = block.values.row(head.indices[r]);
+      continue;
+    }
+    fitted[h] = 1;
+    start = Clock::now();
+    if (auto s = ReserveHeadBuffers(t, n_max); !s.ok()) return s;
+    if (auto s = ToDevice(idx_, head.indices.data(), t, stream_); !s.ok()) return s;
+    GatherRows(keys_.get() + h * T_ * d_, idx_.get(), t, d_, ck_.get(), stream_);
+    KVC_LAUNCHED("GatherRows");
+    if (auto s = MassSystem(h, nf, t, bias_s[h], &grams[h], &rhss[h]); !s.ok()) {
+      return absl::Status(s.code(), absl::StrCat("head ", h, ": ", s.message()));
+    }
+    result.seconds.mass_fit += Since(start);
+  }
+
+  // Phase 2, on host threads: the bounded NNLS of every head (float64, the CPU backend's solver).
+  start = Clock::now();
+  pool_.ParallelFor(H_, [&](int64_t h) {
+    if (!fitted[h]) return;
+    const HeadOptions& o = head_options[h];
+    const BoundedLsqResult w = SolveBoundedLsq(grams[h].cast<double>(), rhss[h].cast<double>(), std::exp(o.beta_min),
+                                               std::exp(o.beta_max));
+    result.heads[h].beta = (w.w.array().log().cast<float>() + bias_s[h].array()).matrix();
+    result.heads[h].mass_fit_converged = w.converged;
+  });
+  result.seconds.mass_fit += Since(start);
+
+  // Phase 3, per head on the device: values by the ridge solve, then held-out evaluation.
+  for (int64_t h = 0; h < H_; ++h) {
+    CompactedHead& head = result.heads[h];
+    const int64_t t = static_cast<int64_t>(head.indices.size());
+    if (auto s = ReserveHeadBuffers(t, n_max); !s.ok()) return s;
+    if (auto s = ToDevice(idx_, head.indices.data(), t, stream_); !s.ok()) return s;
+    GatherRows(keys_.get() + h * T_ * d_, idx_.get(), t, d_, ck_.get(), stream_);
+    KVC_LAUNCHED("GatherRows");
+    if (fitted[h]) {
+      start = Clock::now();
+      if (auto s = ValueFit(h, nf, t, head_options[h].ridge, &head); !s.ok()) {
+        return absl::Status(s.code(), absl::StrCat("head ", h, ": ", s.message()));
+      }
+      result.seconds.value_fit += Since(start);
+    }
+    if (!has_queries) continue;
+    start = Clock::now();
+    if (auto s = ToDevice(beta_, head.beta.data(), t, stream_); !s.ok()) return s;
+    if (auto s = ToDevice(cv_, head.values.data(), t * dv_, stream_); !s.ok()) return s;
+    HeadQuality& q = head.quality;
+    q.has_quality = true;
+    float unused;
+    if (auto s = Evaluate(q_fit_.get() + h * nf * d_, nf, fit_, h, t, &q.fit_output_rel_error, &unused); !s.ok()) return s;
+    if (ne > 0) {
+      if (auto s = Evaluate(q_eval_.get() + h * ne * d_, ne, eval_, h, t, &q.output_rel_error, &q.mass_rel_error); !s.ok()) return s;
+      q.eval_queries = ne;
+    } else {
+      if (auto s = Evaluate(q_fit_.get() + h * nf * d_, nf, fit_, h, t, &q.output_rel_error, &q.mass_rel_error); !s.ok()) return s;
+      q.eval_queries = nf;
+    }
+    result.seconds.evaluate += Since(start);
+  }
+  return result;
+}
+
+}  // namespace
+
+std::string CudaUnavailableReason() {
+  int count = 0;
+  const cudaError_t e = cudaGetDeviceCount(&count);
+  if (e != cudaSuccess) return cudaGetErrorString(e);
+  if (count == 0) return "no CUDA device";
+  return "";
+}
+
+absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend(const CudaBackendOptions& options) {
+  if (std::string why = CudaUnavailableReason(); !why.empty()) return absl::UnavailableError(why);
+  auto backend = std::make_unique<CudaBackend>(options);
+  if (absl::Status s = backend->Init(); !s.ok()) return s;
+  return std::unique_ptr<Backend>(std::move(backend));
+}
+
+}  // namespace kvcompact::kernels

@@ -1,0 +1,253 @@
+// The CUDA backend against the CPU backend (the reference) on random inputs, and each kernel
+// against its CPU counterpart. Math mode: fp32 (cuBLAS pedantic; TF32 off) unless a test says
+// otherwise. Skipped when no CUDA device is usable. Label: gpu.
+#include <cmath>
+#include <random>
+
+#include <gtest/gtest.h>
+
+#include "core/attention.h"
+#include "core/dtype.h"
+#include "core/synthetic.h"
+#include "kernels/am_kernels.cuh"
+#include "kernels/cuda_backend.h"
+
+namespace kvcompact {
+namespace {
+
+#define SKIP_WITHOUT_GPU()                                                     \
+  do {                                                                         \
+    if (std::string why = kernels::CudaUnavailableReason(); !why.empty()) {    \
+      GTEST_SKIP() << "no CUDA device: " << why;                               \
+    }                                                                          \
+  } while (0)
+
+constexpr float kGuard = -12345.f;
+
+// Device copy of a host vector with `pad` guard values on each side.
+struct Guarded {
+  float* base = nullptr;
+  size_t n = 0, pad = 64;
+  explicit Guarded(const std::vector<float>& host) : n(host.size()) {
+    std::vector<float> all(n + 2 * pad, kGuard);
+    std::copy(host.begin(), host.end(), all.begin() + pad);
+    cudaMalloc(&base, all.size() * sizeof(float));
+    cudaMemcpy(base, all.data(), all.size() * sizeof(float), cudaMemcpyHostToDevice);
+  }
+  ~Guarded() { cudaFree(base); }
+  float* data() { return base + pad; }
+  std::vector<float> Read(bool* guards_intact) const {
+    std::vector<float> all(n + 2 * pad);
+    cudaMemcpy(all.data(), base, all.size() * sizeof(float), cudaMemcpyDeviceToHost);
+    *guards_intact = true;
+    for (size_t i = 0; i < pad; ++i) *guards_intact &= all[i] == kGuard && all[pad + n + i] == kGuard;
+    return std::vector<float>(all.begin() + pad, all.begin() + pad + n);
+  }
+};
+
+double RelErr(const float* a, const float* b, size_t n) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < n; ++i) {
+    num += double(a[i] - b[i]) * (a[i] - b[i]);
+    den += double(b[i]) * b[i];
+  }
+  return std::sqrt(num / std::max(den, 1e-300));
+}
+
+bool AllFinite(const std::vector<float>& v) {
+  for (float x : v) if (!std::isfinite(x)) return false;
+  return true;
+}
+
+TEST(Kernels, RowSoftmaxStatsAndScoresMatchCpu) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(1);
+  std::normal_distribution<float> g(0, 2);
+  for (int64_t cols : {7, 300, 5000}) {
+    const int64_t heads = 3, rows = 17;
+    std::vector<float> logits(heads * rows * cols), bias(heads * cols);
+    for (float& x : logits) x = g(rng);
+    for (float& x : bias) x = g(rng);
+    Guarded d_logits(logits), d_bias(bias), d_max(std::vector<float>(heads * rows)), d_mass(std::vector<float>(heads * rows)),
+        d_scores(std::vector<float>(heads * cols, 0.f));
+    kernels::RowSoftmaxStats(d_logits.data(), heads, rows, cols, d_bias.data(), cols, d_max.data(), d_mass.data(), rows, nullptr);
+    kernels::AccumulateScores(d_logits.data(), heads, rows, cols, kernels::ScoreReduceKind::kRms, d_scores.data(), nullptr);
+    kernels::FinalizeScores(d_scores.data(), heads * cols, rows, kernels::ScoreReduceKind::kRms, nullptr);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    bool ok[5];
+    const auto probs = d_logits.Read(&ok[0]);
+    const auto row_max = d_max.Read(&ok[1]);
+    const auto mass = d_mass.Read(&ok[2]);
+    const auto scores = d_scores.Read(&ok[3]);
+    for (int i = 0; i < 4; ++i) EXPECT_TRUE(ok[i]) << "guard values overwritten, output " << i;
+    for (int64_t h = 0; h < heads; ++h) {
+      MatrixF L = ConstMatrixMapF(logits.data() + h * rows * cols, rows, cols);
+      L.rowwise() += ConstVectorMapF(bias.data() + h * cols, cols).transpose();
+      const VectorF m = L.rowwise().maxCoeff();
+      MatrixF P = (L.colwise() - m).array().exp();
+      const VectorF s = P.rowwise().sum();
+      P.array().colwise() /= s.array();
+      const VectorF rms = (P.array().square().colwise().sum() / rows).sqrt().transpose();
+      EXPECT_LT(RelErr(row_max.data() + h * rows, m.data(), rows), 1e-6);
+      EXPECT_LT(RelErr(mass.data() + h * rows, s.data(), rows), 1e-5);
+      EXPECT_LT(RelErr(probs.data() + h * rows * cols, P.data(), rows * cols), 1e-5);
+      EXPECT_LT(RelErr(scores.data() + h * cols, rms.data(), cols), 1e-5);
+    }
+  }
+}
+
+TEST(Kernels, ElementwiseHelpersMatchCpu) {
+  SKIP_WITHOUT_GPU();
+  const int64_t rows = 33, cols = 70;
+  std::vector<float> x(rows * cols), bias(cols), shift(rows);
+  std::mt19937 rng(2);
+  std::normal_distribution<float> g(0, 1);
+  for (float& v : x) v = g(rng);
+  for (float& v : bias) v = g(rng);
+  for (float& v : shift) v = g(rng);
+  Guarded dx(x), db(bias), ds(shift), dsum{std::vector<float>(rows)};
+  kernels::ExpShifted(dx.data(), rows, cols, db.data(), ds.data(), nullptr);
+  kernels::RowSums(dx.data(), rows, cols, dsum.data(), nullptr);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  bool ok1, ok2;
+  const auto e = dx.Read(&ok1);
+  const auto sums = dsum.Read(&ok2);
+  EXPECT_TRUE(ok1 && ok2);
+  for (int64_t i = 0; i < rows; ++i) {
+    double row = 0;
+    for (int64_t j = 0; j < cols; ++j) {
+      const float want = std::exp(x[i * cols + j] + bias[j] - shift[i]);
+      EXPECT_NEAR(e[i * cols + j], want, 1e-5f * want + 1e-7f);
+      row += want;
+    }
+    EXPECT_NEAR(sums[i], row, 1e-5 * row);
+  }
+}
+
+struct Case {
+  int64_t tokens, head_dim, ratio;
+  Method method;
+  DType dtype;
+  bool bias;
+  float holdout;
+};
+
+std::string Name(const Case& c) {
+  return std::string(GetMethodSpec(c.method).name) + " T=" + std::to_string(c.tokens) + " d=" + std::to_string(c.head_dim) +
+         " ratio=" + std::to_string(c.ratio) + " " + std::string(DTypeName(c.dtype)) + (c.bias ? " bias" : "") +
+         " holdout=" + std::to_string(c.holdout);
+}
+
+// Rounds a buffer through a wire dtype, as the server's decode does.
+void RoundTrip(std::vector<float>& v, DType dtype) {
+  std::vector<uint8_t> wire(v.size() * DTypeSize(dtype));
+  EncodeFromFloat(v.data(), v.size(), dtype, wire.data());
+  ASSERT_TRUE(DecodeToFloat(wire.data(), dtype, v.size(), v.data()).ok());
+}
+
+LayerJob MakeJob(const Case& c, uint64_t seed) {
+  SyntheticShape shape;
+  shape.heads = 3;
+  shape.tokens = c.tokens;
+  shape.queries = 512;
+  shape.head_dim = shape.value_dim = c.head_dim;
+  LayerJob job;
+  job.data = MakeSyntheticLayer(shape, seed, 2);
+  for (auto* v : {&job.data.keys, &job.data.values, &job.data.query_data}) RoundTrip(*v, c.dtype);
+  if (c.bias) {
+    std::mt19937 rng(seed);
+    std::normal_distribution<float> g(0, 0.5f);
+    job.data.bias.resize(shape.heads * shape.tokens);
+    for (float& b : job.data.bias) b = g(rng);
+  }
+  job.options.method = c.method;
+  job.options.holdout_fraction = c.holdout;
+  job.options.seed = seed;
+  // Ragged: head h gets (h + 1) / 2 times the nominal budget.
+  for (int64_t h = 0; h < shape.heads; ++h) job.budgets.push_back(std::max<int64_t>(1, c.tokens * (h + 1) / (2 * c.ratio)));
+  return job;
+}
+
+void ExpectSameResult(const LayerResult& gpu, const LayerResult& cpu, const std::string& name) {
+  ASSERT_EQ(gpu.heads.size(), cpu.heads.size()) << name;
+  for (size_t h = 0; h < cpu.heads.size(); ++h) {
+    const CompactedHead& g = gpu.heads[h];
+    const CompactedHead& c = cpu.heads[h];
+    const std::string where = name + " head " + std::to_string(h);
+    ASSERT_EQ(g.indices.size(), c.indices.size()) << where;
+    size_t same = 0;
+    for (size_t i = 0; i < c.indices.size(); ++i) same += std::binary_search(g.indices.begin(), g.indices.end(), c.indices[i]);
+    // Scores are sums in a different order; a key tied at the t-th place within fp32 rounding may flip.
+    EXPECT_GE(same, c.indices.size() - std::max<size_t>(1, c.indices.size() / 100)) << where;
+    EXPECT_TRUE(g.beta.allFinite() && g.values.allFinite() && g.keys.allFinite()) << where;
+    if (g.indices == c.indices) {
+      EXPECT_EQ(g.keys, c.keys) << where;
+      EXPECT_LT((g.beta - c.beta).cwiseAbs().maxCoeff(), 2e-3f) << where;
+      EXPECT_LT(RelErr(g.values.data(), c.values.data(), c.values.size()), 2e-3) << where;
+    }
+    EXPECT_EQ(g.quality.has_quality, c.quality.has_quality) << where;
+    EXPECT_EQ(g.quality.eval_queries, c.quality.eval_queries) << where;
+    EXPECT_NEAR(g.quality.output_rel_error, c.quality.output_rel_error, 2e-3f + 0.02f * c.quality.output_rel_error) << where;
+    EXPECT_NEAR(g.quality.mass_rel_error, c.quality.mass_rel_error, 2e-3f + 0.02f * c.quality.mass_rel_error) << where;
+  }
+}
+
+TEST(CudaBackend, MatchesCpuBackendOverAGrid) {
+  SKIP_WITHOUT_GPU();
+  auto gpu = kernels::MakeCudaBackend({});
+  ASSERT_TRUE(gpu.ok()) << gpu.status();
+  auto cpu = MakeCpuBackend(4);
+  std::vector<Case> cases;
+  for (int64_t T : {256, 1000, 3000})
+    for (int64_t d : {64, 128})
+      for (DType dt : {DType::kFloat32, DType::kBFloat16, DType::kFloat16})
+        cases.push_back({T, d, T >= 1000 ? 20 : 4, Method::kAmHighestAttention, dt, T == 1000, T == 3000 ? 0.f : 0.2f});
+  for (Method m : {Method::kH2O, Method::kSnapKV, Method::kTruncateRecent, Method::kStreamingLlm, Method::kRandom})
+    cases.push_back({1000, 64, 10, m, DType::kFloat32, true, 0.1f});
+  cases.push_back({300, 64, 1, Method::kAmHighestAttention, DType::kFloat32, true, 0.1f});  // t >= T for two heads
+  uint64_t seed = 100;
+  for (const Case& c : cases) {
+    const LayerJob job = MakeJob(c, ++seed);
+    auto g = (*gpu)->CompactLayer(job);
+    auto r = cpu->CompactLayer(job);
+    ASSERT_TRUE(g.ok()) << Name(c) << ": " << g.status();
+    ASSERT_TRUE(r.ok()) << Name(c) << ": " << r.status();
+    ExpectSameResult(*g, *r, Name(c));
+  }
+}
+
+TEST(CudaBackend, SmallWorkspaceChunksQueriesWithoutChangingResults) {
+  SKIP_WITHOUT_GPU();
+  kernels::CudaBackendOptions small;
+  small.workspace_bytes = 3 * 1000 * 4 * 37;  // 37 query rows per chunk
+  auto chunked = kernels::MakeCudaBackend(small);
+  auto whole = kernels::MakeCudaBackend({});
+  ASSERT_TRUE(chunked.ok() && whole.ok());
+  const LayerJob job = MakeJob({1000, 64, 10, Method::kAmHighestAttention, DType::kFloat32, false, 0.1f}, 7);
+  auto a = (*chunked)->CompactLayer(job);
+  auto b = (*whole)->CompactLayer(job);
+  ASSERT_TRUE(a.ok() && b.ok());
+  for (size_t h = 0; h < a->heads.size(); ++h) {
+    EXPECT_EQ(a->heads[h].indices, b->heads[h].indices);
+    EXPECT_LT((a->heads[h].beta - b->heads[h].beta).cwiseAbs().maxCoeff(), 1e-4f);
+  }
+}
+
+TEST(CudaBackend, BadJobsAreStatusesNotCrashes) {
+  SKIP_WITHOUT_GPU();
+  auto gpu = kernels::MakeCudaBackend({});
+  ASSERT_TRUE(gpu.ok());
+  LayerJob job = MakeJob({256, 64, 4, Method::kAmHighestAttention, DType::kFloat32, false, 0.1f}, 3);
+  job.budgets.pop_back();
+  EXPECT_EQ((*gpu)->CompactLayer(job).status().code(), absl::StatusCode::kInvalidArgument);
+  job = MakeJob({256, 64, 4, Method::kAmHighestAttention, DType::kFloat32, false, 0.1f}, 3);
+  job.data.queries = 0;
+  job.data.query_data.clear();
+  EXPECT_EQ((*gpu)->CompactLayer(job).status().code(), absl::StatusCode::kInvalidArgument);
+  // The backend is still usable afterwards.
+  job = MakeJob({256, 64, 4, Method::kAmHighestAttention, DType::kFloat32, false, 0.1f}, 3);
+  EXPECT_TRUE((*gpu)->CompactLayer(job).ok());
+}
+
+}  // namespace
+}  // namespace kvcompact
