@@ -132,6 +132,7 @@ absl::StatusOr<CompactedHead> CompactHead(const BlockView& block, const MatrixF*
       head.beta = std::move(mass.beta);
       head.mass_fit_converged = mass.solver.converged;
       seconds->mass_fit += Since(start);
+      seconds->mass_solve += mass.solve_seconds;
 
       start = std::chrono::steady_clock::now();
       const MatrixF design = RowSoftmax(SubsetLogits(fit_q, head.keys, head.beta, block.scale));

@@ -47,8 +47,12 @@ struct CompactedHead {
 
 struct StageSeconds {
   double score = 0, mass_fit = 0, value_fit = 0, evaluate = 0;
+  // Parts of the stages above, where a backend measures them: host-to-device copies (in score)
+  // and the bounded NNLS itself (in mass_fit).
+  double upload = 0, mass_solve = 0;
   StageSeconds& operator+=(const StageSeconds& o) {
     score += o.score; mass_fit += o.mass_fit; value_fit += o.value_fit; evaluate += o.evaluate;
+    upload += o.upload; mass_solve += o.mass_solve;
     return *this;
   }
 };

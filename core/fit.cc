@@ -1,5 +1,6 @@
 #include "core/fit.h"
 
+#include <chrono>
 #include <cmath>
 
 #include <Eigen/Cholesky>
@@ -12,7 +13,9 @@ MassFitResult FitMass(const MatrixF& subset_logits, const VectorF& row_max, cons
   const MatrixD gram = (phi.transpose() * phi).cast<double>();
   const VectorD rhs = (phi.transpose() * mass).cast<double>();
   MassFitResult result;
+  const auto start = std::chrono::steady_clock::now();
   result.solver = SolveBoundedLsq(gram, rhs, w_lo, w_hi);
+  result.solve_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   result.beta = (result.solver.w.array().log().cast<float>() + subset_bias.array()).matrix();
   return result;
 }

@@ -14,6 +14,7 @@ namespace kvcompact {
 struct MassFitResult {
   VectorF beta;             // t
   BoundedLsqResult solver;  // w and convergence figures
+  double solve_seconds = 0;  // of the bounded NNLS alone
 };
 
 // `subset_logits` = s * Q K_S^T + b_S (n x t), `row_max`/`mass` of the full block for the same queries.

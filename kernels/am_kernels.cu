@@ -7,22 +7,6 @@ namespace {
 
 constexpr int kBlock = 256;
 
-__device__ float BlockReduceMax(float v, float* shared) {
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (lane == 0) shared[warp] = v;
-  __syncthreads();
-  v = threadIdx.x < (blockDim.x >> 5) ? shared[threadIdx.x] : -FLT_MAX;
-  if (warp == 0) {
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
-    if (lane == 0) shared[0] = v;
-  }
-  __syncthreads();
-  v = shared[0];
-  __syncthreads();
-  return v;
-}
-
 __device__ float BlockReduceSum(float v, float* shared) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -39,29 +23,55 @@ __device__ float BlockReduceSum(float v, float* shared) {
   return v;
 }
 
+// Online softmax statistics: one read pass keeps a running (max, sum) per thread, merged across
+// the block; a second pass writes exp(x - M) / m. Two reads and one write per element.
+__device__ void MergeMaxSum(float& m, float& s, float m2, float s2) {
+  const float mx = fmaxf(m, m2);
+  s = (m == -FLT_MAX ? 0.f : s * expf(m - mx)) + (m2 == -FLT_MAX ? 0.f : s2 * expf(m2 - mx));
+  m = mx;
+}
+
 __global__ void RowSoftmaxStatsKernel(float* logits, int64_t cols, const float* bias, int64_t rows_per_head,
                                       int64_t bias_stride, float* row_max, float* mass, int64_t out_head_stride) {
-  __shared__ float shared[32];
+  __shared__ float shared_m[32], shared_s[32];
   const int64_t row = blockIdx.x;
   const int64_t head = row / rows_per_head, within = row % rows_per_head;
   float* x = logits + row * cols;
   const float* b = bias ? bias + head * bias_stride : nullptr;
-  float m = -FLT_MAX;
+  float m = -FLT_MAX, s = 0.f;
   for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
     const float v = b ? x[j] + b[j] : x[j];
-    x[j] = v;
-    m = fmaxf(m, v);
+    if (v > m) {
+      s = s * expf(m - v) + 1.f;
+      m = v;
+    } else {
+      s += expf(v - m);
+    }
   }
-  m = BlockReduceMax(m, shared);
-  float s = 0.f;
-  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
-    const float e = expf(x[j] - m);
-    x[j] = e;
-    s += e;
+  for (int o = 16; o > 0; o >>= 1) MergeMaxSum(m, s, __shfl_xor_sync(0xffffffff, m, o), __shfl_xor_sync(0xffffffff, s, o));
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) {
+    shared_m[warp] = m;
+    shared_s[warp] = s;
   }
-  s = BlockReduceSum(s, shared);
+  __syncthreads();
+  if (warp == 0) {
+    m = lane < (blockDim.x >> 5) ? shared_m[lane] : -FLT_MAX;
+    s = lane < (blockDim.x >> 5) ? shared_s[lane] : 0.f;
+    for (int o = 16; o > 0; o >>= 1) MergeMaxSum(m, s, __shfl_xor_sync(0xffffffff, m, o), __shfl_xor_sync(0xffffffff, s, o));
+    if (lane == 0) {
+      shared_m[0] = m;
+      shared_s[0] = s;
+    }
+  }
+  __syncthreads();
+  m = shared_m[0];
+  s = shared_s[0];
   const float inv = 1.f / s;
-  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) x[j] *= inv;
+  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
+    const float v = b ? x[j] + b[j] : x[j];
+    x[j] = expf(v - m) * inv;
+  }
   if (threadIdx.x == 0 && row_max) row_max[head * out_head_stride + within] = m;
   if (threadIdx.x == 0 && mass) mass[head * out_head_stride + within] = s;
 }

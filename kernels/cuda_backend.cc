@@ -292,6 +292,8 @@ absl::StatusOr<LayerResult> CudaBackend::Run(const LayerJob& job) {
   }
   if (auto s = ToDevice(q_fit_, q_fit.data(), q_fit.size(), stream_); !s.ok()) return s;
   if (auto s = ToDevice(q_eval_, q_eval.data(), q_eval.size(), stream_); !s.ok()) return s;
+  KVC_CUDA(cudaStreamSynchronize(stream_));
+  result.seconds.upload += Since(start);
 
   const bool wants_scores = spec.selection == Selection::kHighestAttention;
   std::vector<float> scores;
@@ -379,6 +381,7 @@ absl::StatusOr<LayerResult> CudaBackend::Run(const LayerJob& job) {
     result.heads[h].mass_fit_converged = w.converged;
   });
   result.seconds.mass_fit += Since(start);
+  result.seconds.mass_solve += Since(start);
 
   // Phase 3, per head on the device: values by the ridge solve, then held-out evaluation.
   for (int64_t h = 0; h < H_; ++h) {

@@ -6,7 +6,6 @@
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
-#include <prometheus/exposer.h>
 #include <spdlog/spdlog.h>
 
 #include "absl/flags/flag.h"
@@ -15,6 +14,7 @@
 #include "absl/strings/str_join.h"
 #include "core/layer.h"
 #include "server/flags.h"
+#include "server/metrics_http.h"
 #include "server/self_test.h"
 #include "server/service.h"
 #include "server/version.h"
@@ -120,16 +120,15 @@ int Run(int argc, char** argv) {
   const std::string backend_name(backend->name());
 
   Metrics metrics(kVersion, backend_name);
-  std::unique_ptr<prometheus::Exposer> exposer;
+  std::unique_ptr<MetricsHttpServer> metrics_http;
   if (!absl::GetFlag(FLAGS_metrics_listen).empty()) {
-    try {
-      exposer = std::make_unique<prometheus::Exposer>(absl::GetFlag(FLAGS_metrics_listen));
-    } catch (const std::exception& e) {
-      spdlog::critical("cannot serve metrics on {}: {}", absl::GetFlag(FLAGS_metrics_listen), e.what());
+    auto started = MetricsHttpServer::Start(absl::GetFlag(FLAGS_metrics_listen), metrics.registry());
+    if (!started.ok()) {
+      spdlog::critical("cannot serve metrics: {}", started.status().ToString());
       return 2;
     }
-    exposer->RegisterCollectable(metrics.registry());
-    spdlog::info("metrics on {} (port {})", absl::GetFlag(FLAGS_metrics_listen), exposer->GetListeningPorts().front());
+    metrics_http = *std::move(started);
+    spdlog::info("metrics on {} (port {})", absl::GetFlag(FLAGS_metrics_listen), metrics_http->port());
   }
 
   ServiceContext context;

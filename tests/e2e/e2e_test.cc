@@ -171,6 +171,8 @@ TEST_F(E2E, MetricsEndpointReportsCompactions) {
   EXPECT_NE(metrics.find("kvcompact_stage_seconds_bucket{stage=\"mass_fit\""), std::string::npos);
   EXPECT_NE(metrics.find("kvcompact_build_info{"), std::string::npos);
   EXPECT_NE(metrics.find("kvcompact_queue_depth"), std::string::npos);
+  EXPECT_EQ(metrics.rfind("HTTP/1.0 200 OK", 0), 0u);
+  EXPECT_EQ(HttpGet(server_->metrics_port(), "/other").rfind("HTTP/1.0 404", 0), 0u);
 }
 
 // SIGTERM with a stream in flight: the stream completes, health goes NOT_SERVING, exit code 0.

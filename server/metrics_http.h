@@ -1,0 +1,38 @@
+// A minimal HTTP/1.0 endpoint serving GET /metrics in the Prometheus text format from a registry.
+// Own thread with a default stack: the civetweb-based prometheus::Exposer cannot start its
+// threads once the CUDA math libraries are linked (their static TLS exceeds civetweb's fixed
+// thread stack size), and a scrape endpoint needs nothing more than this.
+#pragma once
+
+#include <atomic>
+#include <memory>
+#include <string>
+#include <thread>
+
+#include <prometheus/registry.h>
+
+#include "absl/status/statusor.h"
+
+namespace kvcompact::server {
+
+class MetricsHttpServer {
+ public:
+  // `address` is host:port (port 0 picks a free one); binds and listens before returning.
+  static absl::StatusOr<std::unique_ptr<MetricsHttpServer>> Start(const std::string& address,
+                                                                  std::shared_ptr<prometheus::Registry> registry);
+  ~MetricsHttpServer();
+  int port() const { return port_; }
+
+ private:
+  MetricsHttpServer(int fd, int port, std::shared_ptr<prometheus::Registry> registry);
+  void Loop();
+  void Serve(int client);
+
+  int fd_;
+  int port_;
+  std::shared_ptr<prometheus::Registry> registry_;
+  std::atomic<bool> stop_{false};
+  std::thread thread_;
+};
+
+}  // namespace kvcompact::server
