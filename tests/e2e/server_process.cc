@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdlib>
 #include <cstdio>
 #include <fstream>
 #include <regex>
@@ -18,8 +19,15 @@
 
 namespace kvcompact::testing {
 
-std::string ServerBinary() { return KVCOMPACT_SERVER_BINARY; }
-std::string CliBinary() { return KVCOMPACT_CLI_BINARY; }
+// The build's binaries, unless the environment names others (running the suite elsewhere).
+std::string ServerBinary() {
+  const char* env = std::getenv("KVCOMPACT_TEST_SERVER_BINARY");
+  return env ? env : KVCOMPACT_SERVER_BINARY;
+}
+std::string CliBinary() {
+  const char* env = std::getenv("KVCOMPACT_TEST_CLI_BINARY");
+  return env ? env : KVCOMPACT_CLI_BINARY;
+}
 
 namespace {
 
