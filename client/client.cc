@@ -50,6 +50,22 @@ void Plan(int64_t heads, int64_t rows_total, uint64_t row_bytes, uint64_t max_by
   *rows_per = std::clamp<int64_t>(static_cast<int64_t>(budget / (row_bytes * *heads_per)), 1, rows_total);
 }
 
+// Header, then the layers s, s + streams, ... of `layers`, chunked; then half-close.
+template <typename Writer>
+void WriteStream(Writer* stream, const v1::StreamHeader& header, const std::vector<LayerInput>& layers, int s,
+                 int streams, uint64_t max_message_bytes) {
+  v1::CompactRequest first;
+  *first.mutable_header() = header;
+  if (streams > 1) first.mutable_header()->set_request_id(absl::StrCat(header.request_id(), "/", s));
+  bool ok = stream->Write(first);
+  for (size_t i = s; ok && i < layers.size(); i += streams) {
+    for (v1::CompactRequest& req : ChunkLayer(layers[i], max_message_bytes)) {
+      if (!(ok = stream->Write(req))) break;
+    }
+  }
+  stream->WritesDone();
+}
+
 }  // namespace
 
 void Canceller::Cancel() {
@@ -179,6 +195,30 @@ absl::StatusOr<v1::SelfTestResponse> Client::SelfTest(const v1::SelfTestRequest&
   return response;
 }
 
+absl::StatusOr<v1::SinkSummary> Client::Sink(const v1::StreamHeader& header, const std::vector<LayerInput>& layers) {
+  const int streams = std::max(1, std::min<int>(options_.streams, std::max<size_t>(layers.size(), 1)));
+  std::vector<v1::SinkSummary> summaries(streams);
+  std::vector<grpc::Status> statuses(streams);
+  auto run_stream = [&](int s) {
+    auto stub = v1::KVCompact::NewStub(MakeChannel(s));
+    grpc::ClientContext ctx;
+    auto stream = stub->Sink(&ctx, &summaries[s]);
+    WriteStream(stream.get(), header, layers, s, streams, options_.max_message_bytes);
+    statuses[s] = stream->Finish();
+  };
+  std::vector<std::thread> threads;
+  for (int s = 1; s < streams; ++s) threads.emplace_back(run_stream, s);
+  run_stream(0);
+  for (std::thread& t : threads) t.join();
+  v1::SinkSummary total;
+  for (int s = 0; s < streams; ++s) {
+    if (!statuses[s].ok()) return absl::Status(static_cast<absl::StatusCode>(statuses[s].error_code()), statuses[s].error_message());
+    total.set_messages(total.messages() + summaries[s].messages());
+    total.set_bytes(total.bytes() + summaries[s].bytes());
+  }
+  return total;
+}
+
 absl::StatusOr<CompactOutcome> Client::Compact(const v1::StreamHeader& header, const std::vector<LayerInput>& layers,
                                                const std::function<void(const CompactedLayer&)>& on_layer,
                                                Canceller* canceller) {
@@ -196,18 +236,7 @@ absl::StatusOr<CompactOutcome> Client::Compact(const v1::StreamHeader& header, c
     grpc::ClientContext ctx;
     if (canceller) canceller->Register(&ctx);
     auto stream = stub->Compact(&ctx);
-    std::thread writer([&] {
-      v1::CompactRequest first;
-      *first.mutable_header() = header;
-      if (streams > 1) first.mutable_header()->set_request_id(absl::StrCat(header.request_id(), "/", s));
-      bool ok = stream->Write(first);
-      for (size_t i = s; ok && i < layers.size(); i += streams) {
-        for (v1::CompactRequest& req : ChunkLayer(layers[i], options_.max_message_bytes)) {
-          if (!(ok = stream->Write(req))) break;
-        }
-      }
-      stream->WritesDone();
-    });
+    std::thread writer([&] { WriteStream(stream.get(), header, layers, s, streams, options_.max_message_bytes); });
     std::map<uint32_t, CompactedLayer> partial;
     v1::CompactResponse resp;
     while (stream->Read(&resp)) {

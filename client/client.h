@@ -77,6 +77,9 @@ class Client {
   absl::StatusOr<bool> IsServing(const std::string& service = "", double timeout_seconds = 5);
   absl::StatusOr<v1::SelfTestResponse> SelfTest(const v1::SelfTestRequest& request, double timeout_seconds = 120);
 
+  // Sends the same messages as Compact to the Sink RPC, which only counts them (transport baseline).
+  absl::StatusOr<v1::SinkSummary> Sink(const v1::StreamHeader& header, const std::vector<LayerInput>& layers);
+
   // Sends every layer, returns when all streams have finished. `on_layer` runs (serialised) as
   // each layer arrives. A stream-level failure (bad header, cancellation) is the returned status;
   // per-layer failures are in CompactOutcome::errors.

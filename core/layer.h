@@ -46,6 +46,9 @@ class Backend {
   virtual ~Backend() = default;
   virtual std::string_view name() const = 0;
   virtual absl::StatusOr<LayerResult> CompactLayer(const LayerJob& job) = 0;
+  // Device memory held by the backend's buffers, now and at most so far; safe from any thread.
+  virtual size_t device_bytes_reserved() const { return 0; }
+  virtual size_t device_bytes_peak() const { return 0; }
 };
 
 std::unique_ptr<Backend> MakeCpuBackend(int threads);

@@ -71,6 +71,8 @@ class CudaBackend final : public Backend {
   }
 
   std::string_view name() const override { return "cuda"; }
+  size_t device_bytes_reserved() const override { return g_device_bytes.load(); }
+  size_t device_bytes_peak() const override { return g_device_bytes_peak.load(); }
 
   absl::StatusOr<LayerResult> CompactLayer(const LayerJob& job) override {
     absl::StatusOr<LayerResult> result = Run(job);

@@ -3,11 +3,16 @@
 
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstddef>
 
 #include "kernels/cuda_check.h"
 
 namespace kvcompact::kernels {
+
+// Bytes held by all DeviceBuffers of the process, and the most held at once.
+inline std::atomic<size_t> g_device_bytes{0};
+inline std::atomic<size_t> g_device_bytes_peak{0};
 
 template <typename T>
 class DeviceBuffer {
@@ -15,20 +20,28 @@ class DeviceBuffer {
   DeviceBuffer() = default;
   DeviceBuffer(const DeviceBuffer&) = delete;
   DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  ~DeviceBuffer() {
-    if (ptr_) cudaFree(ptr_);
-  }
+  ~DeviceBuffer() { Release(); }
   // Ensures room for `count` elements (contents are not preserved when it grows).
   absl::Status Reserve(size_t count) {
     if (count <= capacity_) return absl::OkStatus();
-    if (ptr_) cudaFree(ptr_);
-    ptr_ = nullptr;
-    capacity_ = 0;
+    Release();
     KVC_CUDA(cudaMalloc(&ptr_, count * sizeof(T)));
     capacity_ = count;
+    const size_t now = g_device_bytes += count * sizeof(T);
+    size_t peak = g_device_bytes_peak.load();
+    while (now > peak && !g_device_bytes_peak.compare_exchange_weak(peak, now)) {
+    }
     return absl::OkStatus();
   }
   T* get() const { return ptr_; }
+  void Release() {
+    if (ptr_) {
+      cudaFree(ptr_);
+      g_device_bytes -= capacity_ * sizeof(T);
+    }
+    ptr_ = nullptr;
+    capacity_ = 0;
+  }
   size_t capacity() const { return capacity_; }
 
  private:

@@ -37,9 +37,40 @@ grpc::ServerUnaryReactor* KVCompactService::GetServerInfo(grpc::CallbackServerCo
   limits->set_max_concurrent_streams(context_->limits.max_concurrent_streams);
   limits->set_worker_queue_depth(context_->limits.worker_queue_depth);
   response->set_threads(context_->threads);
+  response->set_device_bytes_reserved(context_->worker->backend().device_bytes_reserved());
+  response->set_device_bytes_peak(context_->worker->backend().device_bytes_peak());
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   reactor->Finish(grpc::Status::OK);
   return reactor;
+}
+
+namespace {
+
+// Counts and drops every message of a Sink stream.
+class SinkReactor final : public grpc::ServerReadReactor<v1::CompactRequest> {
+ public:
+  explicit SinkReactor(v1::SinkSummary* summary) : summary_(summary) { StartRead(&request_); }
+  void OnReadDone(bool ok) override {
+    if (!ok) {
+      Finish(grpc::Status::OK);
+      return;
+    }
+    summary_->set_messages(summary_->messages() + 1);
+    summary_->set_bytes(summary_->bytes() + request_.ByteSizeLong());
+    StartRead(&request_);
+  }
+  void OnDone() override { delete this; }
+
+ private:
+  v1::SinkSummary* summary_;
+  v1::CompactRequest request_;
+};
+
+}  // namespace
+
+grpc::ServerReadReactor<v1::CompactRequest>* KVCompactService::Sink(grpc::CallbackServerContext*,
+                                                                    v1::SinkSummary* response) {
+  return new SinkReactor(response);
 }
 
 grpc::ServerUnaryReactor* KVCompactService::SelfTest(grpc::CallbackServerContext* context,

@@ -31,6 +31,8 @@ class KVCompactService final : public v1::KVCompact::CallbackService {
   grpc::ServerUnaryReactor* GetServerInfo(grpc::CallbackServerContext* context,
                                           const v1::ServerInfoRequest* request,
                                           v1::ServerInfo* response) override;
+  grpc::ServerReadReactor<v1::CompactRequest>* Sink(grpc::CallbackServerContext* context,
+                                                    v1::SinkSummary* response) override;
   grpc::ServerUnaryReactor* SelfTest(grpc::CallbackServerContext* context,
                                      const v1::SelfTestRequest* request,
                                      v1::SelfTestResponse* response) override;

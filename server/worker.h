@@ -32,6 +32,7 @@ class Worker {
   ~Worker();  // stops and joins; queued items complete with CANCELLED
 
   std::string_view backend_name() const { return backend_->name(); }
+  const Backend& backend() const { return *backend_; }
   size_t capacity() const { return capacity_; }
 
   // Queues the item and returns true, or, when the queue is full, leaves the item untouched,
