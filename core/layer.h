@@ -49,6 +49,8 @@ class Backend {
   // Device memory held by the backend's buffers, now and at most so far; safe from any thread.
   virtual size_t device_bytes_reserved() const { return 0; }
   virtual size_t device_bytes_peak() const { return 0; }
+  // False once the backend can no longer work (e.g. a sticky CUDA error): the process must restart.
+  virtual bool healthy() const { return true; }
 };
 
 std::unique_ptr<Backend> MakeCpuBackend(int threads);

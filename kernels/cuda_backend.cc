@@ -8,6 +8,7 @@
 #include "kernels/cuda_backend.h"
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <numeric>
 #include <optional>
@@ -76,9 +77,17 @@ class CudaBackend final : public Backend {
 
   absl::StatusOr<LayerResult> CompactLayer(const LayerJob& job) override {
     absl::StatusOr<LayerResult> result = Run(job);
-    if (!result.ok()) cudaStreamSynchronize(stream_);  // leave no work in flight on failure
+    if (!result.ok()) {
+      // Leave no work in flight; a sticky error (the context is lost) makes the backend unhealthy.
+      const cudaError_t sync = cudaStreamSynchronize(stream_);
+      const cudaError_t last = cudaGetLastError();
+      if (result.status().code() == absl::StatusCode::kDataLoss || IsStickyCudaError(sync) || IsStickyCudaError(last)) {
+        healthy_ = false;
+      }
+    }
     return result;
   }
+  bool healthy() const override { return healthy_.load(); }
 
  private:
   absl::StatusOr<LayerResult> Run(const LayerJob& job);
@@ -93,6 +102,7 @@ class CudaBackend final : public Backend {
                         float* out_err, float* mass_err);
 
   CudaBackendOptions options_;
+  std::atomic<bool> healthy_{true};
   cudaStream_t stream_ = nullptr;
   cublasHandle_t blas_ = nullptr;
   cusolverDnHandle_t solver_ = nullptr;

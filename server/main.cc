@@ -1,4 +1,7 @@
 // kvcompact-server: the gRPC KV-cache compaction service.
+#include <unistd.h>
+
+#include <atomic>
 #include <csignal>
 #include <memory>
 #include <thread>
@@ -141,7 +144,14 @@ int Run(int argc, char** argv) {
   context.version = kVersion;
   context.backends = BuiltInBackends();
   context.threads = threads;
-  Worker worker(std::move(backend), context.limits.worker_queue_depth, &metrics);
+  // A backend that can no longer work (sticky CUDA error) turns health NOT_SERVING and stops the
+  // process with exit code 1 so that the orchestrator restarts it.
+  std::atomic<bool> backend_failed{false};
+  Worker worker(std::move(backend), context.limits.worker_queue_depth, &metrics, [&backend_failed] {
+    spdlog::critical("backend unhealthy (sticky device error): shutting down for a restart");
+    backend_failed = true;
+    kill(getpid(), SIGTERM);
+  });
   context.worker = &worker;
   context.metrics = &metrics;
   KVCompactService service(&context);
@@ -190,6 +200,10 @@ int Run(int argc, char** argv) {
   server->Shutdown(deadline);
   server->Wait();
   worker.Stop();
+  if (backend_failed) {
+    spdlog::critical("stopped after a backend failure");
+    return 1;
+  }
   spdlog::info("stopped cleanly");
   return 0;
 }

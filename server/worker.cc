@@ -2,8 +2,9 @@
 
 namespace kvcompact::server {
 
-Worker::Worker(std::unique_ptr<Backend> backend, size_t capacity, Metrics* metrics)
-    : backend_(std::move(backend)), capacity_(capacity), metrics_(metrics),
+Worker::Worker(std::unique_ptr<Backend> backend, size_t capacity, Metrics* metrics,
+               std::function<void()> on_unhealthy)
+    : backend_(std::move(backend)), capacity_(capacity), metrics_(metrics), on_unhealthy_(std::move(on_unhealthy)),
       thread_([this] { Loop(); }) {}
 
 Worker::~Worker() { Stop(); }
@@ -77,8 +78,12 @@ void Worker::Loop() {
     if (waiter) waiter();
     const auto start = std::chrono::steady_clock::now();
     const double queued = std::chrono::duration<double>(start - item.submitted).count();
-    const bool dropped = item.cancelled && item.cancelled();
+    const bool dropped = unhealthy_ || (item.cancelled && item.cancelled());
     item.run(dropped ? nullptr : backend_.get(), queued);
+    if (!unhealthy_ && !backend_->healthy()) {
+      unhealthy_ = true;
+      if (on_unhealthy_) on_unhealthy_();
+    }
   }
 }
 

@@ -28,7 +28,10 @@ struct WorkItem {
 
 class Worker {
  public:
-  Worker(std::unique_ptr<Backend> backend, size_t capacity, Metrics* metrics);
+  // `on_unhealthy` runs once, on the worker thread, when the backend stops being healthy; the
+  // worker then fails every further item with UNAVAILABLE.
+  Worker(std::unique_ptr<Backend> backend, size_t capacity, Metrics* metrics,
+         std::function<void()> on_unhealthy = {});
   ~Worker();  // stops and joins; queued items complete with CANCELLED
 
   std::string_view backend_name() const { return backend_->name(); }
@@ -50,6 +53,8 @@ class Worker {
   std::unique_ptr<Backend> backend_;
   const size_t capacity_;
   Metrics* metrics_;
+  std::function<void()> on_unhealthy_;
+  bool unhealthy_ = false;  // worker thread only
   std::mutex mu_;
   std::condition_variable cv_;
   std::deque<WorkItem> queue_;
