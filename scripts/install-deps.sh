@@ -9,6 +9,7 @@ PACKAGES=(
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler grpc-proto
   libabsl-dev libspdlog-dev prometheus-cpp-dev libeigen3-dev nlohmann-json3-dev
   libgtest-dev libgmock-dev
+  python3 python3-venv python3-pip
 )
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Installs dependencies, builds, and runs every test that needs no GPU (CTest labels cpu and e2e).
+# Installs dependencies, builds, and runs every test that needs no GPU: the C++ suites (CTest
+# labels cpu and e2e), then the Python client's tests against the real server binary.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 scripts/build.sh
 ctest --test-dir build -LE gpu --output-on-failure -j"$(nproc)"
+scripts/python-env.sh
+KVCOMPACT_SERVER_BINARY="$PWD/build/server/kvcompact-server" build/pyenv/bin/python -m pytest -q client/python/tests

@@ -1,0 +1,11 @@
+"""Python client of kvcompact: compact a model's KV cache by Attention Matching over gRPC.
+
+    from kvcompact import Client, Layer
+    client = Client("localhost:50051")
+    result = client.compact([Layer(0, keys, values, queries)], ratio=20)
+    result.layers[0].heads[0].keys  # [t, head_dim]
+"""
+from kvcompact.client import Client, CompactError, compact
+from kvcompact.types import CompactedHead, CompactedLayer, CompactResult, Layer
+
+__all__ = ["Client", "CompactError", "compact", "Layer", "CompactedHead", "CompactedLayer", "CompactResult"]

@@ -1,0 +1,228 @@
+"""The kvcompact client: streams layers to kvcompact-server and collects the compacted blocks."""
+from __future__ import annotations
+
+import threading
+from typing import Callable, Iterable, Iterator, Optional, Sequence
+
+import grpc
+import numpy as np
+
+from kvcompact.proto import pb, pb_grpc
+from kvcompact.tensors import dtype_size, fill_tensor, from_tensor, to_numpy_wire
+from kvcompact.types import CompactedHead, CompactedLayer, CompactResult, Layer
+
+METHODS = {
+    "am": pb.METHOD_AM_HIGHEST_ATTENTION,
+    "recent": pb.METHOD_TRUNCATE_RECENT,
+    "streaming_llm": pb.METHOD_STREAMING_LLM,
+    "h2o": pb.METHOD_H2O,
+    "snapkv": pb.METHOD_SNAPKV,
+    "random": pb.METHOD_RANDOM,
+}
+DTYPES = {"fp32": pb.DTYPE_FP32, "fp16": pb.DTYPE_FP16, "bf16": pb.DTYPE_BF16}
+_OVERHEAD = 16 << 10
+
+
+class CompactError(RuntimeError):
+    """A stream-level failure; `code` is the grpc.StatusCode."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+
+def _chunks(layer: Layer, max_bytes: int) -> Iterator[pb.CompactRequest]:
+    keys, kdt = to_numpy_wire(layer.keys)
+    values, vdt = to_numpy_wire(layer.values)
+    bias = bdt = None
+    if layer.bias is not None:
+        bias, bdt = to_numpy_wire(layer.bias)
+    if keys.ndim != 3 or values.ndim != 3 or values.shape[:2] != keys.shape[:2]:
+        raise ValueError(f"layer {layer.index}: keys [H, T, d] and values [H, T, dv] expected, "
+                         f"got {keys.shape} and {values.shape}")
+    heads, tokens, d = keys.shape
+    budget = max(max_bytes - _OVERHEAD, max_bytes // 2)
+    row = d * dtype_size(kdt) + values.shape[2] * dtype_size(vdt) + (dtype_size(bdt) if bias is not None else 0)
+    per_heads = heads if row * heads <= budget else 1
+    rows = max(1, min(tokens, budget // (row * per_heads)))
+    for h0 in range(0, heads, per_heads):
+        h1 = min(heads, h0 + per_heads)
+        for r0 in range(0, tokens, rows):
+            r1 = min(tokens, r0 + rows)
+            req = pb.CompactRequest()
+            c = req.kv
+            c.layer, c.head_begin, c.head_end, c.token_begin, c.layer_tokens = layer.index, h0, h1, r0, tokens
+            fill_tensor(c.keys, np.ascontiguousarray(keys[h0:h1, r0:r1]), kdt)
+            fill_tensor(c.values, np.ascontiguousarray(values[h0:h1, r0:r1]), vdt)
+            if bias is not None:
+                fill_tensor(c.bias, np.ascontiguousarray(bias[h0:h1, r0:r1]), bdt)
+            yield req
+    if layer.queries is not None:
+        q, qdt = to_numpy_wire(layer.queries)
+        n = q.shape[1]
+        qrow = d * dtype_size(qdt)
+        per_heads = heads if qrow * heads <= budget else 1
+        rows = max(1, min(n, budget // (qrow * per_heads)))
+        for h0 in range(0, heads, per_heads):
+            h1 = min(heads, h0 + per_heads)
+            for r0 in range(0, n, rows):
+                r1 = min(n, r0 + rows)
+                req = pb.CompactRequest()
+                c = req.queries
+                c.layer, c.head_begin, c.head_end, c.query_begin, c.layer_queries = layer.index, h0, h1, r0, n
+                fill_tensor(c.queries, np.ascontiguousarray(q[h0:h1, r0:r1]), qdt)
+                yield req
+    end = pb.CompactRequest()
+    end.layer_end.layer = layer.index
+    yield end
+
+
+class Client:
+    """A connection to kvcompact-server. `streams` > 1 spreads layers over parallel streams,
+    each on its own channel (its own TCP connection)."""
+
+    def __init__(self, target: str = "localhost:50051", streams: int = 1, max_message_bytes: int = 4 << 20):
+        self.target = target
+        self.streams = max(1, streams)
+        self.max_message_bytes = max_message_bytes
+        self._channels = [self._channel(i) for i in range(self.streams)]
+
+    def _channel(self, index: int) -> grpc.Channel:
+        return grpc.insecure_channel(self.target, options=[
+            ("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1),
+            ("kvcompact.channel_index", index)])
+
+    def close(self) -> None:
+        for c in self._channels:
+            c.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def info(self, timeout: float = 10) -> pb.ServerInfo:
+        return pb_grpc.KVCompactStub(self._channels[0]).GetServerInfo(pb.ServerInfoRequest(), timeout=timeout)
+
+    def self_test(self, timeout: float = 120, **fields) -> pb.SelfTestResponse:
+        return pb_grpc.KVCompactStub(self._channels[0]).SelfTest(pb.SelfTestRequest(**fields), timeout=timeout)
+
+    def header(self, layers: Sequence[Layer], *, ratio: Optional[float] = None, tokens: Optional[int] = None,
+               per_head: Optional[Sequence[int]] = None, method: str = "am", holdout: float = 0.1,
+               output_dtype: str = "fp32", logit_scale: float = 0.0, num_layers: Optional[int] = None,
+               query_heads_per_kv_head: int = 1, return_indices: bool = True, seed: int = 0,
+               request_id: str = "") -> pb.StreamHeader:
+        """The StreamHeader for `layers` (geometry from the first layer's shapes)."""
+        first = layers[0]
+        k_shape, v_shape = tuple(first.keys.shape), tuple(first.values.shape)
+        h = pb.StreamHeader(request_id=request_id)
+        g = h.geometry
+        g.num_layers = num_layers if num_layers is not None else max(l.index for l in layers) + 1
+        g.num_kv_heads, g.head_dim, g.value_dim = k_shape[0], k_shape[2], v_shape[2]
+        g.query_heads_per_kv_head, g.logit_scale = query_heads_per_kv_head, logit_scale
+        o = h.options
+        o.method = METHODS[method]
+        o.holdout_fraction, o.output_dtype, o.return_indices, o.seed = holdout, DTYPES[output_dtype], return_indices, seed
+        if per_head is not None:
+            o.budget.per_head.tokens.extend(per_head)
+        elif tokens is not None:
+            o.budget.tokens = tokens
+        else:
+            o.budget.ratio = ratio if ratio is not None else 20.0
+        return h
+
+    def compact(self, layers: Sequence[Layer], *, on_layer: Optional[Callable[[CompactedLayer], None]] = None,
+                timeout: Optional[float] = None, **options) -> CompactResult:
+        """Compacts `layers`; options as in `header()`. Failed layers are in result.errors; a
+        stream-level failure raises CompactError."""
+        header = self.header(layers, **options)
+        result = CompactResult()
+        lock = threading.Lock()
+        failures: list[CompactError] = []
+
+        def run(s: int) -> None:
+            mine = layers[s::self.streams]
+
+            def requests() -> Iterator[pb.CompactRequest]:
+                first = pb.CompactRequest()
+                first.header.CopyFrom(header)
+                if self.streams > 1:
+                    first.header.request_id = f"{header.request_id}/{s}"
+                yield first
+                for layer in mine:
+                    yield from _chunks(layer, self.max_message_bytes)
+
+            partial: dict[int, dict[int, dict]] = {}
+            try:
+                for resp in pb_grpc.KVCompactStub(self._channels[s]).Compact(requests(), timeout=timeout):
+                    kind = resp.WhichOneof("msg")
+                    if kind == "head":
+                        hr = resp.head
+                        acc = partial.setdefault(hr.layer, {}).setdefault(hr.head, {"k": [], "b": [], "v": [], "i": []})
+                        acc["k"].append(from_tensor(hr.keys))
+                        acc["b"].append(from_tensor(hr.beta))
+                        acc["v"].append(from_tensor(hr.values))
+                        acc["i"].extend(hr.indices)
+                    elif kind == "layer_done":
+                        done = resp.layer_done
+                        heads_acc = partial.pop(done.layer, {})
+                        heads = []
+                        for m in done.heads:
+                            acc = heads_acc.get(m.head, {"k": [], "b": [], "v": [], "i": []})
+                            cat = (lambda xs, w: np.concatenate(xs) if xs else np.zeros((0, w), np.float32))
+                            heads.append(CompactedHead(
+                                keys=cat(acc["k"], header.geometry.head_dim),
+                                beta=np.concatenate(acc["b"]) if acc["b"] else np.zeros(0, np.float32),
+                                values=cat(acc["v"], header.geometry.value_dim),
+                                indices=np.asarray(acc["i"], dtype=np.int64),
+                                tokens_in=m.tokens_in,
+                                output_rel_error=m.output_rel_error if m.has_quality else None,
+                                mass_rel_error=m.mass_rel_error if m.has_quality else None))
+                        layer = CompactedLayer(done.layer, heads, done.times.total_seconds)
+                        with lock:
+                            result.layers[done.layer] = layer
+                            if on_layer:
+                                on_layer(layer)
+                    elif kind == "layer_error":
+                        partial.pop(resp.layer_error.layer, None)
+                        with lock:
+                            result.errors[resp.layer_error.layer] = resp.layer_error.message
+                    elif kind == "summary":
+                        with lock:
+                            if result.summary is None:
+                                result.summary = pb.StreamSummary()
+                            _add_summary(result.summary, resp.summary)
+            except grpc.RpcError as e:
+                with lock:
+                    failures.append(CompactError(e.code(), e.details()))
+
+        threads = [threading.Thread(target=run, args=(s,)) for s in range(1, min(self.streams, len(layers)))]
+        for t in threads:
+            t.start()
+        run(0)
+        for t in threads:
+            t.join()
+        if failures:
+            raise failures[0]
+        result.layers = dict(sorted(result.layers.items()))
+        return result
+
+
+def _add_summary(into: pb.StreamSummary, s: pb.StreamSummary) -> None:
+    into.request_id = into.request_id or s.request_id.split("/")[0]
+    into.backend = s.backend
+    for f in ("layers_done", "layers_failed", "tokens_in", "tokens_out", "bytes_in", "bytes_out"):
+        setattr(into, f, getattr(into, f) + getattr(s, f))
+    into.wall_seconds = max(into.wall_seconds, s.wall_seconds)
+
+
+def compact(keys, values, queries=None, *, server: str = "localhost:50051", bias=None, **options) -> CompactResult:
+    """The common case in one call: keys/values [layers, kv_heads, T, d], queries
+    [layers, kv_heads, n, d] (or lists of per-layer arrays)."""
+    n = len(keys)
+    layers = [Layer(i, keys[i], values[i], None if queries is None else queries[i], None if bias is None else bias[i])
+              for i in range(n)]
+    with Client(server) as client:
+        return client.compact(layers, **options)

@@ -1,0 +1,52 @@
+"""numpy/torch arrays <-> v1.Tensor (bytes + dtype + shape)."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from kvcompact.proto import pb
+
+_DTYPE_SIZE = {pb.DTYPE_FP32: 4, pb.DTYPE_FP16: 2, pb.DTYPE_BF16: 2}
+
+
+def to_numpy_wire(x: Any) -> tuple[np.ndarray, int]:
+    """Returns a C-contiguous array whose bytes are the wire encoding, and its v1 dtype."""
+    if type(x).__module__.startswith("torch"):
+        import torch  # only when torch tensors are passed
+
+        t = x.detach().to("cpu").contiguous()
+        if t.dtype == torch.bfloat16:
+            return t.view(torch.int16).numpy(), pb.DTYPE_BF16
+        if t.dtype == torch.float16:
+            return t.numpy(), pb.DTYPE_FP16
+        return t.to(torch.float32).numpy(), pb.DTYPE_FP32
+    a = np.ascontiguousarray(x)
+    if a.dtype == np.float16:
+        return a, pb.DTYPE_FP16
+    if a.dtype.name == "bfloat16":  # ml_dtypes
+        return a.view(np.int16), pb.DTYPE_BF16
+    if a.dtype != np.float32:
+        a = a.astype(np.float32)
+    return a, pb.DTYPE_FP32
+
+
+def fill_tensor(msg: Any, a: np.ndarray, dtype: int) -> None:
+    msg.dtype = dtype
+    msg.shape.extend(a.shape)
+    msg.data = a.tobytes()
+
+
+def from_tensor(t: Any) -> np.ndarray:
+    """Decodes a v1.Tensor to numpy (bf16 becomes float32)."""
+    shape = tuple(t.shape)
+    if t.dtype == pb.DTYPE_FP16:
+        return np.frombuffer(t.data, dtype=np.float16).reshape(shape)
+    if t.dtype == pb.DTYPE_BF16:
+        raw = np.frombuffer(t.data, dtype=np.uint16).astype(np.uint32) << 16
+        return raw.view(np.float32).reshape(shape)
+    return np.frombuffer(t.data, dtype=np.float32).reshape(shape)
+
+
+def dtype_size(dtype: int) -> int:
+    return _DTYPE_SIZE[dtype]

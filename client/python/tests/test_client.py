@@ -1,0 +1,126 @@
+"""The Python client against the real server: shapes, exact key copies, ragged budgets, dtypes,
+parallel streams, errors."""
+import numpy as np
+import pytest
+
+from kvcompact import Client, CompactError, Layer, compact
+from kvcompact.proto import pb
+
+
+def make_layers(num_layers=2, heads=2, tokens=512, queries=256, d=64, seed=0, dtype=np.float32):
+    """Attention that is uneven (a shared topic direction, a few heavy-hitter keys) and values
+    with a head-specific offset, as in trained models."""
+    rng = np.random.default_rng(seed)
+    layers = []
+    for i in range(num_layers):
+        topic = rng.normal(size=(heads, 1, d))
+        heavy = (rng.random((heads, tokens, 1)) < 0.02) * 0.6
+        k = 1.2 * rng.normal(size=(heads, tokens, d)) + heavy * topic
+        v = rng.normal(size=(heads, 1, d)) + rng.normal(size=(heads, tokens, d))
+        q = 1.2 * rng.normal(size=(heads, queries, d)) + 0.5 * topic
+        layers.append(Layer(i, k.astype(dtype), v.astype(dtype), q.astype(dtype)))
+    return layers
+
+
+def test_info_and_self_test(server_address):
+    with Client(server_address) as client:
+        info = client.info()
+        assert info.backend in info.backends
+        assert "am" in info.methods
+        st = client.self_test(tokens=512, queries=256)
+        names = [r.method_name for r in st.results]
+        assert names == ["am", "h2o", "snapkv"]
+        assert st.results[0].output_rel_error < st.results[1].output_rel_error
+
+
+def test_ragged_budgets_and_exact_key_copies(server_address):
+    layers = make_layers()
+    budgets = [10, 40, 25, 7]
+    with Client(server_address) as client:
+        result = client.compact(layers, per_head=budgets)
+    assert not result.errors
+    assert sorted(result.layers) == [0, 1]
+    for li, layer in result.layers.items():
+        for h, head in enumerate(layer.heads):
+            t = budgets[li * 2 + h]
+            assert head.keys.shape == (t, 64) and head.values.shape == (t, 64) and head.beta.shape == (t,)
+            assert head.indices.shape == (t,)
+            assert np.array_equal(head.keys, layers[li].keys[h][head.indices])
+            assert np.all(np.diff(head.indices) > 0)
+            assert np.isfinite(head.beta).all() and np.isfinite(head.values).all()
+            assert head.tokens_in == 512
+            assert 0 <= head.output_rel_error < 1
+    assert result.summary.layers_done == 2
+    assert result.summary.tokens_out == sum(budgets)
+
+
+def test_am_beats_eviction_baselines(server_address):
+    layers = make_layers(tokens=1024, queries=512, seed=3)
+    errors = {}
+    with Client(server_address) as client:
+        for method in ("am", "h2o", "snapkv"):
+            r = client.compact(layers, ratio=20, method=method)
+            errors[method] = np.mean([h.output_rel_error for l in r.layers.values() for h in l.heads])
+    assert errors["am"] < 0.8 * errors["h2o"], errors
+    assert errors["am"] < 0.8 * errors["snapkv"], errors
+
+
+def test_half_precision_in_and_bf16_out(server_address):
+    layers = make_layers(dtype=np.float16, seed=4)
+    with Client(server_address) as client:
+        result = client.compact(layers, ratio=8, output_dtype="bf16")
+    head = result.layers[0].heads[0]
+    assert head.keys.dtype == np.float32  # bf16 decoded
+    sent = layers[0].keys[0][head.indices].astype(np.float32)
+    assert np.allclose(head.keys, sent, rtol=1e-2, atol=1e-2)
+
+
+def test_parallel_streams_match_one_stream(server_address):
+    layers = make_layers(num_layers=4, tokens=256, queries=128, seed=5)
+    with Client(server_address) as one, Client(server_address, streams=3, max_message_bytes=64 << 10) as three:
+        a = one.compact(layers, ratio=8)
+        b = three.compact(layers, ratio=8)
+    assert sorted(a.layers) == sorted(b.layers) == [0, 1, 2, 3]
+    for i in a.layers:
+        for ha, hb in zip(a.layers[i].heads, b.layers[i].heads):
+            assert np.array_equal(ha.indices, hb.indices)
+            assert np.array_equal(ha.beta, hb.beta)
+            assert np.array_equal(ha.values, hb.values)
+
+
+def test_bad_budget_raises_with_status(server_address):
+    with Client(server_address) as client:
+        with pytest.raises(CompactError) as err:
+            client.compact(make_layers(num_layers=1), ratio=0)
+    assert err.value.code.name == "INVALID_ARGUMENT"
+    assert "budget.ratio must be > 0" in err.value.message
+
+
+def test_bad_layer_is_reported_and_others_compact(server_address):
+    layers = make_layers(seed=6)
+    layers[1].keys[0, 5, 3] = np.nan
+    with Client(server_address) as client:
+        result = client.compact(layers, ratio=8)
+    assert list(result.layers) == [0]
+    assert "non-finite" in result.errors[1]
+
+
+def test_compact_convenience_with_stacked_arrays(server_address):
+    layers = make_layers(num_layers=3, tokens=128, queries=64, seed=7)
+    K = np.stack([l.keys for l in layers])
+    V = np.stack([l.values for l in layers])
+    Q = np.stack([l.queries for l in layers])
+    result = compact(K, V, Q, server=server_address, tokens=16, method="h2o")
+    assert [len(l.heads) for l in result.layers.values()] == [2, 2, 2]
+    assert all(h.keys.shape == (16, 64) for l in result.layers.values() for h in l.heads)
+    assert result.summary.backend in ("cpu", "cuda")
+
+
+def test_messages_stay_under_the_limit():
+    from kvcompact.client import _chunks
+    layer = make_layers(num_layers=1, tokens=3000, queries=700, seed=8)[0]
+    msgs = list(_chunks(layer, 100 << 10))
+    assert all(m.ByteSize() <= 100 << 10 for m in msgs)
+    assert sum((m.kv.head_end - m.kv.head_begin) * m.kv.keys.shape[1] for m in msgs if m.HasField("kv")) == 2 * 3000
+    assert msgs[-1].HasField("layer_end")
+    assert pb.CompactRequest.FromString(msgs[0].SerializeToString()) == msgs[0]

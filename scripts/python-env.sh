@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# A virtual environment in build/pyenv with the Python client (stubs generated from proto/) and
+# its test dependencies from PyPI.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -x build/pyenv/bin/python ] || python3 -m venv build/pyenv
+build/pyenv/bin/python -m pip install -q --upgrade pip
+build/pyenv/bin/python -m pip install -q "./client/python[test]"
