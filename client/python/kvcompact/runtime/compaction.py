@@ -1,0 +1,36 @@
+"""Compacting a runtime's KV cache through the service: send a span of every (layer, KV head),
+put the compacted blocks (keys, beta, values) in its place. Positions of later tokens stay logical."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+
+from kvcompact.client import Client
+from kvcompact.runtime.cache import KVCache
+from kvcompact.types import CompactResult, Layer
+
+
+def cache_layers(cache: KVCache, queries: Optional[Sequence[np.ndarray]], start: int, end: int) -> list[Layer]:
+    """Entries [start, end) of every head as service layers. Heads of a layer must hold the same
+    span (true for a cache that was not compacted there before)."""
+    layers = []
+    for l, heads in enumerate(cache.heads):
+        keys = np.stack([h.keys[start:end] for h in heads])
+        values = np.stack([h.values[start:end] for h in heads])
+        bias = np.stack([h.bias[start:end] for h in heads])
+        layers.append(Layer(l, keys, values, None if queries is None else queries[l],
+                            bias if np.any(bias) else None))
+    return layers
+
+
+def compact_cache(cache: KVCache, client: Client, queries: Optional[Sequence[np.ndarray]], start: int, end: int,
+                  **options) -> CompactResult:
+    """Compacts entries [start, end) of every head of `cache` in place; returns the service result."""
+    result = client.compact(cache_layers(cache, queries, start, end), **options)
+    if result.errors:
+        raise RuntimeError(f"compaction failed for layers {sorted(result.errors)}: {next(iter(result.errors.values()))}")
+    for l, layer in result.layers.items():
+        for g, head in enumerate(layer.heads):
+            cache.replace(l, g, start, end, head.keys, head.values, head.beta)
+    return result
