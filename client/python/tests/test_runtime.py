@@ -19,7 +19,9 @@ def model():
 def context(model):
     import os
     here = os.path.dirname(os.path.abspath(__file__))
-    essay = os.path.normpath(os.path.join(here, "..", "..", "..", "..", "shared", "data", "niah_essays", "addiction.txt"))
+    # The shared data folder sits beside the repository checkout.
+    data = os.environ.get("KVCOMPACT_DATA_DIR", os.path.join(here, "..", "..", "..", "..", "shared", "data"))
+    essay = os.path.normpath(os.path.join(data, "niah_essays", "addiction.txt"))
     text = open(essay).read()[:1500]
     tok = model.tokenizer
     ctx = tok.encode(tok.apply_chat_template([{"role": "user", "content": text + "\n\nWhat is the essay about?"}]))
