@@ -72,17 +72,7 @@ int main(int argc, char** argv) {
       continue;
     }
     const LayerData d = MakeSyntheticLayer(shape, 1, static_cast<int32_t>(l));
-    auto encode = [&](const std::vector<float>& v, std::vector<int64_t> dims) {
-      std::string bytes(v.size() * DTypeSize(wire), '\0');
-      EncodeFromFloat(v.data(), v.size(), wire, bytes.data());
-      return client::HostTensor::FromBytes(std::move(bytes), wire, std::move(dims));
-    };
-    client::LayerInput in;
-    in.layer = l;
-    in.keys = encode(d.keys, {d.heads, d.tokens, d.head_dim});
-    in.values = encode(d.values, {d.heads, d.tokens, d.value_dim});
-    in.queries = encode(d.query_data, {d.heads, d.queries, d.head_dim});
-    layers.push_back(std::move(in));
+    layers.push_back(client::ToLayerInput(d, wire));
   }
   v1::StreamHeader header;
   header.set_request_id("bench_e2e");

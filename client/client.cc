@@ -85,6 +85,21 @@ void Canceller::Unregister(grpc::ClientContext* context) {
   contexts_.erase(std::remove(contexts_.begin(), contexts_.end(), context), contexts_.end());
 }
 
+LayerInput ToLayerInput(const LayerData& d, DType dtype) {
+  auto encode = [dtype](const std::vector<float>& v, std::vector<int64_t> dims) {
+    std::string bytes(v.size() * DTypeSize(dtype), '\0');
+    EncodeFromFloat(v.data(), v.size(), dtype, bytes.data());
+    return HostTensor::FromBytes(std::move(bytes), dtype, std::move(dims));
+  };
+  LayerInput in;
+  in.layer = static_cast<uint32_t>(d.layer);
+  in.keys = encode(d.keys, {d.heads, d.tokens, d.head_dim});
+  in.values = encode(d.values, {d.heads, d.tokens, d.value_dim});
+  if (d.queries > 0) in.queries = encode(d.query_data, {d.heads, d.queries, d.head_dim});
+  if (!d.bias.empty()) in.bias = HostTensor::FromFloats(d.bias, {d.heads, d.tokens});
+  return in;
+}
+
 absl::Status ValidateLayerInput(const LayerInput& l) {
   const std::string where = absl::StrCat("layer ", l.layer, ": ");
   if (l.keys.shape.size() != 3) return absl::InvalidArgumentError(where + "keys must be [kv_heads, T, head_dim], got " + l.keys.ShapeString());
@@ -106,45 +121,42 @@ absl::Status ValidateLayerInput(const LayerInput& l) {
 std::vector<v1::CompactRequest> ChunkLayer(const LayerInput& in, uint64_t max_bytes) {
   std::vector<v1::CompactRequest> out;
   const int64_t H = in.keys.shape[0], T = in.keys.shape[1], d = in.keys.shape[2], dv = in.values.shape[2];
+  // Calls emit(h0, h1, r0, rows) for blocks of a [H, R, ...] group that fit the message limit.
+  auto for_each_block = [&](int64_t R, uint64_t row_bytes, const auto& emit) {
+    int64_t heads_per = 0, rows_per = 0;
+    Plan(H, R, row_bytes, max_bytes, &heads_per, &rows_per);
+    for (int64_t h0 = 0; h0 < H; h0 += heads_per) {
+      for (int64_t r0 = 0; r0 < R; r0 += rows_per) emit(h0, std::min(H, h0 + heads_per), r0, std::min(rows_per, R - r0));
+    }
+  };
   const uint64_t kv_row = d * DTypeSize(in.keys.dtype) + dv * DTypeSize(in.values.dtype) +
                           (in.bias ? DTypeSize(in.bias->dtype) : 0);
-  int64_t heads_per = 0, rows_per = 0;
-  Plan(H, T, kv_row, max_bytes, &heads_per, &rows_per);
-  for (int64_t h0 = 0; h0 < H; h0 += heads_per) {
-    const int64_t h1 = std::min(H, h0 + heads_per);
-    for (int64_t r0 = 0; r0 < T; r0 += rows_per) {
-      const int64_t rows = std::min(rows_per, T - r0);
+  for_each_block(T, kv_row, [&](int64_t h0, int64_t h1, int64_t r0, int64_t rows) {
+    v1::CompactRequest req;
+    v1::KVChunk* c = req.mutable_kv();
+    c->set_layer(in.layer);
+    c->set_head_begin(h0);
+    c->set_head_end(h1);
+    c->set_token_begin(r0);
+    c->set_layer_tokens(T);
+    Slice(in.keys, h0, h1, r0, rows, c->mutable_keys());
+    Slice(in.values, h0, h1, r0, rows, c->mutable_values());
+    if (in.bias) Slice(*in.bias, h0, h1, r0, rows, c->mutable_bias());
+    out.push_back(std::move(req));
+  });
+  if (in.queries) {
+    const int64_t n = in.queries->shape[1];
+    for_each_block(n, d * DTypeSize(in.queries->dtype), [&](int64_t h0, int64_t h1, int64_t r0, int64_t rows) {
       v1::CompactRequest req;
-      v1::KVChunk* c = req.mutable_kv();
+      v1::QueryChunk* c = req.mutable_queries();
       c->set_layer(in.layer);
       c->set_head_begin(h0);
       c->set_head_end(h1);
-      c->set_token_begin(r0);
-      c->set_layer_tokens(T);
-      Slice(in.keys, h0, h1, r0, rows, c->mutable_keys());
-      Slice(in.values, h0, h1, r0, rows, c->mutable_values());
-      if (in.bias) Slice(*in.bias, h0, h1, r0, rows, c->mutable_bias());
+      c->set_query_begin(r0);
+      c->set_layer_queries(n);
+      Slice(*in.queries, h0, h1, r0, rows, c->mutable_queries());
       out.push_back(std::move(req));
-    }
-  }
-  if (in.queries) {
-    const int64_t n = in.queries->shape[1];
-    Plan(H, n, d * DTypeSize(in.queries->dtype), max_bytes, &heads_per, &rows_per);
-    for (int64_t h0 = 0; h0 < H; h0 += heads_per) {
-      const int64_t h1 = std::min(H, h0 + heads_per);
-      for (int64_t r0 = 0; r0 < n; r0 += rows_per) {
-        const int64_t rows = std::min(rows_per, n - r0);
-        v1::CompactRequest req;
-        v1::QueryChunk* c = req.mutable_queries();
-        c->set_layer(in.layer);
-        c->set_head_begin(h0);
-        c->set_head_end(h1);
-        c->set_query_begin(r0);
-        c->set_layer_queries(n);
-        Slice(*in.queries, h0, h1, r0, rows, c->mutable_queries());
-        out.push_back(std::move(req));
-      }
-    }
+    });
   }
   v1::CompactRequest end;
   end.mutable_layer_end()->set_layer(in.layer);

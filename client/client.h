@@ -15,6 +15,7 @@
 
 #include "absl/status/statusor.h"
 #include "client/host_tensor.h"
+#include "core/layer.h"
 #include "kvcompact/v1/kvcompact.grpc.pb.h"
 
 namespace kvcompact::client {
@@ -93,6 +94,9 @@ class Client {
   std::string target_;
   ClientOptions options_;
 };
+
+// A core LayerData (fp32) as client input in a wire dtype (generated data, tests, benchmarks).
+LayerInput ToLayerInput(const LayerData& data, DType dtype = DType::kFloat32);
 
 // Checks the shapes of one layer against each other (the server checks them against the header).
 absl::Status ValidateLayerInput(const LayerInput& layer);

@@ -114,12 +114,7 @@ absl::StatusOr<CompactedHead> CompactHead(const BlockView& block, const MatrixF*
   if (unchanged) {
     head = Unchanged(block);
   } else {
-    SelectionParams params;
-    params.budget = t;
-    params.pool_kernel = options.pool_kernel >= 0 ? options.pool_kernel : spec.default_pool_kernel;
-    params.sink_tokens = options.sink_tokens;
-    params.seed = options.seed;
-    head.indices = SelectKeys(spec.selection, T, fit_stats.scores, params);
+    head.indices = SelectKeys(spec.selection, T, fit_stats.scores, SelectionParamsFor(options, spec, t));
     head.keys = GatherRows(block.keys, head.indices);
     const VectorF subset_bias = GatherBias(block, head.indices);
     seconds->score += Since(start);

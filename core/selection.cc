@@ -1,5 +1,7 @@
 #include "core/selection.h"
 
+#include "core/compact_head.h"
+
 #include <algorithm>
 #include <numeric>
 #include <random>
@@ -29,6 +31,15 @@ std::vector<int32_t> TopK(const VectorF& scores, int64_t t) {
   order.resize(t);
   std::sort(order.begin(), order.end());
   return order;
+}
+
+SelectionParams SelectionParamsFor(const HeadOptions& options, const MethodSpec& spec, int64_t budget) {
+  SelectionParams params;
+  params.budget = budget;
+  params.pool_kernel = options.pool_kernel >= 0 ? options.pool_kernel : spec.default_pool_kernel;
+  params.sink_tokens = options.sink_tokens;
+  params.seed = options.seed;
+  return params;
 }
 
 std::vector<int32_t> SelectKeys(Selection rule, int64_t tokens, const VectorF& scores,

@@ -22,6 +22,11 @@ VectorF MaxPool1d(const VectorF& scores, int kernel);
 // The t indices with the highest scores, ascending by position. Ties break towards later tokens.
 std::vector<int32_t> TopK(const VectorF& scores, int64_t t);
 
+struct HeadOptions;
+struct MethodSpec;
+// The selection parameters of a head: its options, with the method's defaults filled in.
+SelectionParams SelectionParamsFor(const HeadOptions& options, const MethodSpec& spec, int64_t budget);
+
 // Returns ascending token indices. `scores` is used by highest-attention selection only.
 std::vector<int32_t> SelectKeys(Selection rule, int64_t tokens, const VectorF& scores,
                                 const SelectionParams& params);

@@ -348,13 +348,8 @@ absl::StatusOr<LayerResult> CudaBackend::Run(const LayerJob& job) {
       head.indices.resize(T_);
       std::iota(head.indices.begin(), head.indices.end(), 0);
     } else {
-      SelectionParams params;
-      params.budget = t;
-      params.pool_kernel = o.pool_kernel >= 0 ? o.pool_kernel : spec.default_pool_kernel;
-      params.sink_tokens = o.sink_tokens;
-      params.seed = o.seed;
       VectorF head_scores = wants_scores ? VectorF(ConstVectorMapF(scores.data() + h * T_, T_)) : VectorF();
-      head.indices = SelectKeys(spec.selection, T_, head_scores, params);
+      head.indices = SelectKeys(spec.selection, T_, head_scores, SelectionParamsFor(o, spec, t));
     }
     const BlockView block = data.HeadBlock(h);
     head.keys.resize(t, d_);

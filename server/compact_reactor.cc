@@ -282,6 +282,9 @@ void CompactReactor::MaybeFinishLocked() {
 
 void CompactReactor::FinishLocked(const grpc::Status& status) {
   finished_ = true;
+  // Free the stream slot before the client can see the status, so a client that opens its next
+  // stream right after this one ends is not refused for a slot that is about to be free.
+  context_->open_streams.fetch_sub(1);
   Finish(status);
 }
 
@@ -292,7 +295,6 @@ void CompactReactor::OnDone() {
     shared_->cancelled = true;  // queued layers of this stream are skipped
   }
   if (accepted_) context_->metrics->streams_in_flight.Decrement();
-  context_->open_streams.fetch_sub(1);  // the service counted every stream, rejected ones too
   delete this;
 }
 

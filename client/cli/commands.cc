@@ -148,17 +148,7 @@ int RunGenerate(const Settings& s) {
   shape.head_dim = shape.value_dim = s.head_dim;
   for (uint32_t l = 0; l < s.layers; ++l) {
     const LayerData d = MakeSyntheticLayer(shape, s.seed, static_cast<int32_t>(l));
-    auto encode = [&](const std::vector<float>& v, std::vector<int64_t> dims) {
-      std::string bytes(v.size() * DTypeSize(dtype), '\0');
-      EncodeFromFloat(v.data(), v.size(), dtype, bytes.data());
-      return client::HostTensor::FromBytes(std::move(bytes), dtype, std::move(dims));
-    };
-    client::LayerInput in;
-    in.layer = l;
-    in.keys = encode(d.keys, {d.heads, d.tokens, d.head_dim});
-    in.values = encode(d.values, {d.heads, d.tokens, d.value_dim});
-    in.queries = encode(d.query_data, {d.heads, d.queries, d.head_dim});
-    cache.layers.push_back(std::move(in));
+    cache.layers.push_back(client::ToLayerInput(d, dtype));
   }
   if (absl::Status st = client::SaveCache(s.output, cache); !st.ok()) return Fail(st);
   printf("wrote %s: %u layers x %u KV heads x %u tokens x d=%u, %u queries per KV head (%s)\n", s.output.c_str(),

@@ -11,14 +11,7 @@
 
 namespace kvcompact::testing {
 
-inline client::LayerInput ToInput(const LayerData& d) {
-  client::LayerInput in;
-  in.layer = static_cast<uint32_t>(d.layer);
-  in.keys = client::HostTensor::FromFloats(d.keys, {d.heads, d.tokens, d.head_dim});
-  in.values = client::HostTensor::FromFloats(d.values, {d.heads, d.tokens, d.value_dim});
-  if (d.queries > 0) in.queries = client::HostTensor::FromFloats(d.query_data, {d.heads, d.queries, d.head_dim});
-  return in;
-}
+inline client::LayerInput ToInput(const LayerData& d) { return client::ToLayerInput(d); }
 
 inline std::vector<LayerData> MakeLayers(int layers, int heads, int tokens, int queries, uint64_t seed = 3) {
   SyntheticShape shape;

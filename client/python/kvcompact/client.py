@@ -32,6 +32,16 @@ class CompactError(RuntimeError):
         self.message = message
 
 
+def _blocks(heads: int, rows: int, row_bytes: int, max_bytes: int) -> Iterator[tuple[int, int, int, int]]:
+    """(h0, h1, r0, r1) blocks of a [heads, rows, ...] group that fit the message limit."""
+    budget = max(max_bytes - _OVERHEAD, max_bytes // 2)
+    per_heads = heads if row_bytes * heads <= budget else 1
+    per_rows = max(1, min(rows, budget // (row_bytes * per_heads)))
+    for h0 in range(0, heads, per_heads):
+        for r0 in range(0, rows, per_rows):
+            yield h0, min(heads, h0 + per_heads), r0, min(rows, r0 + per_rows)
+
+
 def _chunks(layer: Layer, max_bytes: int) -> Iterator[pb.CompactRequest]:
     keys, kdt = to_numpy_wire(layer.keys)
     values, vdt = to_numpy_wire(layer.values)
@@ -42,37 +52,25 @@ def _chunks(layer: Layer, max_bytes: int) -> Iterator[pb.CompactRequest]:
         raise ValueError(f"layer {layer.index}: keys [H, T, d] and values [H, T, dv] expected, "
                          f"got {keys.shape} and {values.shape}")
     heads, tokens, d = keys.shape
-    budget = max(max_bytes - _OVERHEAD, max_bytes // 2)
     row = d * dtype_size(kdt) + values.shape[2] * dtype_size(vdt) + (dtype_size(bdt) if bias is not None else 0)
-    per_heads = heads if row * heads <= budget else 1
-    rows = max(1, min(tokens, budget // (row * per_heads)))
-    for h0 in range(0, heads, per_heads):
-        h1 = min(heads, h0 + per_heads)
-        for r0 in range(0, tokens, rows):
-            r1 = min(tokens, r0 + rows)
-            req = pb.CompactRequest()
-            c = req.kv
-            c.layer, c.head_begin, c.head_end, c.token_begin, c.layer_tokens = layer.index, h0, h1, r0, tokens
-            fill_tensor(c.keys, np.ascontiguousarray(keys[h0:h1, r0:r1]), kdt)
-            fill_tensor(c.values, np.ascontiguousarray(values[h0:h1, r0:r1]), vdt)
-            if bias is not None:
-                fill_tensor(c.bias, np.ascontiguousarray(bias[h0:h1, r0:r1]), bdt)
-            yield req
+    for h0, h1, r0, r1 in _blocks(heads, tokens, row, max_bytes):
+        req = pb.CompactRequest()
+        c = req.kv
+        c.layer, c.head_begin, c.head_end, c.token_begin, c.layer_tokens = layer.index, h0, h1, r0, tokens
+        fill_tensor(c.keys, np.ascontiguousarray(keys[h0:h1, r0:r1]), kdt)
+        fill_tensor(c.values, np.ascontiguousarray(values[h0:h1, r0:r1]), vdt)
+        if bias is not None:
+            fill_tensor(c.bias, np.ascontiguousarray(bias[h0:h1, r0:r1]), bdt)
+        yield req
     if layer.queries is not None:
         q, qdt = to_numpy_wire(layer.queries)
         n = q.shape[1]
-        qrow = d * dtype_size(qdt)
-        per_heads = heads if qrow * heads <= budget else 1
-        rows = max(1, min(n, budget // (qrow * per_heads)))
-        for h0 in range(0, heads, per_heads):
-            h1 = min(heads, h0 + per_heads)
-            for r0 in range(0, n, rows):
-                r1 = min(n, r0 + rows)
-                req = pb.CompactRequest()
-                c = req.queries
-                c.layer, c.head_begin, c.head_end, c.query_begin, c.layer_queries = layer.index, h0, h1, r0, n
-                fill_tensor(c.queries, np.ascontiguousarray(q[h0:h1, r0:r1]), qdt)
-                yield req
+        for h0, h1, r0, r1 in _blocks(heads, n, d * dtype_size(qdt), max_bytes):
+            req = pb.CompactRequest()
+            c = req.queries
+            c.layer, c.head_begin, c.head_end, c.query_begin, c.layer_queries = layer.index, h0, h1, r0, n
+            fill_tensor(c.queries, np.ascontiguousarray(q[h0:h1, r0:r1]), qdt)
+            yield req
     end = pb.CompactRequest()
     end.layer_end.layer = layer.index
     yield end
