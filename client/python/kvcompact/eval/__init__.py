@@ -1,0 +1,1 @@
+"""Evaluation harness: what compaction does inside a real model (see quality.py)."""

@@ -1,0 +1,299 @@
+"""Quality of compacted caches inside SmolLM2-135M-Instruct, one command:
+
+    python -m kvcompact.eval.quality --server localhost:50051 --out docs/quality
+
+For every method (AM and the baselines the service serves, plus full context and no context) and
+ratio: the change in log-perplexity of the full-context model's own answers to QuALITY questions
+(`leval/quality.jsonl`), pass-key retrieval in haystacks built from `niah_essays/`, the held-out
+attention-output error the service reports, and compaction time. Writes results.json, report.md
+and PNG plots into --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from kvcompact import Client
+from kvcompact.runtime import KVCache, LlamaModel
+from kvcompact.runtime.compaction import compact_cache
+
+SINK_TOKENS = 4  # the start of the chat template stays exact (attention sinks)
+
+
+@dataclass
+class Row:
+    task: str
+    item: str
+    method: str
+    ratio: float
+    value: float            # delta log-ppl (quality) or 1/0 correct (needle)
+    attn_error: float = float("nan")
+    compact_seconds: float = 0.0
+    entries: int = 0        # stored cache entries after compaction (all layers and heads)
+
+
+@dataclass
+class Prefix:
+    tokens: list[int]
+    cache: KVCache
+    queries: list[np.ndarray]
+
+
+def data_dir(arg: str | None) -> str:
+    """--data, else $KVCOMPACT_DATA_DIR, else a shared/data folder beside the working directory or
+    one of its parents (the checkout's layout)."""
+    if arg or os.environ.get("KVCOMPACT_DATA_DIR"):
+        return arg or os.environ["KVCOMPACT_DATA_DIR"]
+    here = os.getcwd()
+    for _ in range(5):
+        candidate = os.path.join(os.path.dirname(here), "shared", "data")
+        if os.path.isdir(candidate):
+            return candidate
+        here = os.path.dirname(here)
+    raise FileNotFoundError("shared data folder not found: pass --data or set KVCOMPACT_DATA_DIR")
+
+
+def chat_prefix(model: LlamaModel, document: str, max_tokens: int) -> list[int]:
+    """Tokens of the chat template up to and including the document, the document trimmed so the
+    prefix fits max_tokens. The question follows in `chat_suffix`."""
+    tok = model.tokenizer
+    full = tok.apply_chat_template([{"role": "user", "content": "@@DOC@@"}], add_generation_prompt=False)
+    head = tok.encode(full.split("@@DOC@@")[0])
+    doc = tok.encode(document)[: max_tokens - len(head)]
+    return head + doc
+
+
+def chat_suffix(model: LlamaModel, question: str) -> list[int]:
+    return model.tokenizer.encode("\n\n" + question + "<|im_end|>\n<|im_start|>assistant\n")
+
+
+def prefill(model: LlamaModel, tokens: list[int], queries_per_head: int, rng: np.random.Generator) -> Prefix:
+    cache = model.new_cache()
+    _, queries = model.forward(tokens, cache, capture_queries=True)
+    picked = []
+    for q in queries:  # [kv_heads, n * group, d]: a random subset of the context-prefill queries
+        n = q.shape[1]
+        idx = np.sort(rng.choice(n, size=min(n, queries_per_head), replace=False))
+        picked.append(np.ascontiguousarray(q[:, idx]))
+    return Prefix(tokens, cache, picked)
+
+
+def answer_logprob(model: LlamaModel, cache: KVCache, suffix: list[int], answer: list[int]) -> float:
+    """Mean log p(answer | cache, suffix), teacher-forced."""
+    c = cache.copy()
+    seq = suffix + answer
+    lp = model.log_probs(seq, c)
+    return float(lp[len(suffix) - 1:].mean())
+
+
+def method_options(label: str) -> dict:
+    """'am' or 'am:ridge=1e-3' -> client options."""
+    name, _, rest = label.partition(":")
+    options = {"method": name}
+    for part in filter(None, rest.split(",")):
+        key, _, value = part.partition("=")
+        options[key] = float(value)
+    return options
+
+
+def compacted(prefix: Prefix, client: Client, method: str, ratio: float) -> tuple[KVCache, float, float]:
+    cache = prefix.cache.copy()
+    start = time.time()
+    result = compact_cache(cache, client, prefix.queries, SINK_TOKENS, len(prefix.tokens), ratio=ratio, holdout=0.1,
+                           **method_options(method))
+    errors = [h.output_rel_error for l in result.layers.values() for h in l.heads if h.output_rel_error is not None]
+    return cache, time.time() - start, float(np.mean(errors)) if errors else float("nan")
+
+
+def run_quality(model, client, args, rng, rows: list[Row], progress) -> None:
+    articles = [json.loads(l) for l in open(os.path.join(data_dir(args.data), "leval", "quality.jsonl"))]
+    for a_index, article in enumerate(articles[: args.articles]):
+        prefix = prefill(model, chat_prefix(model, article["input"], args.max_context), args.queries_per_head, rng)
+        empty = prefill(model, chat_prefix(model, "", args.max_context), args.queries_per_head, rng)
+        questions = []
+        for q in article["instructions"][: args.questions]:
+            suffix = chat_suffix(model, q.strip())
+            c = prefix.cache.copy()
+            answer = model.generate(suffix, c, max_new_tokens=args.answer_tokens)
+            if len(answer) >= 2:
+                questions.append((suffix, answer, answer_logprob(model, prefix.cache, suffix, answer)))
+        item = f"quality[{a_index}] ({len(prefix.tokens)} tokens, {len(questions)} questions)"
+        for suffix, answer, full in questions:
+            rows.append(Row("quality", item, "no_context", 0, full - answer_logprob(model, empty.cache, suffix, answer)))
+        for method in args.methods:
+            for ratio in args.ratios:
+                cache, secs, err = compacted(prefix, client, method, ratio)
+                for suffix, answer, full in questions:
+                    rows.append(Row("quality", item, method, ratio, full - answer_logprob(model, cache, suffix, answer),
+                                    err, secs, cache.entries()))
+                progress(f"quality article {a_index} {method} {ratio}x")
+
+
+NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
+QUESTION = "What is the pass key? Answer with the number only."
+
+
+def haystack(folder: str, length_tokens: int, depth: float, key: int, model: LlamaModel) -> str:
+    text = ""
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".txt"):
+            text += open(os.path.join(folder, name)).read() + "\n"
+        if len(text) > length_tokens * 6:
+            break
+    ids = model.tokenizer.encode(text)[:length_tokens]
+    cut = int(len(ids) * depth)
+    return model.tokenizer.decode(ids[:cut]) + " " + NEEDLE.format(key=key) + " " + model.tokenizer.decode(ids[cut:])
+
+
+def run_needles(model, client, args, rng, rows: list[Row], progress) -> None:
+    for length in args.needle_lengths:
+        for depth in args.needle_depths:
+            key = int(rng.integers(10000, 99999))
+            doc = haystack(os.path.join(data_dir(args.data), "niah_essays"), length, depth, key, model)
+            prefix = prefill(model, chat_prefix(model, doc, length + 64), args.queries_per_head, rng)
+            suffix = chat_suffix(model, QUESTION)
+            item = f"needle len={len(prefix.tokens)} depth={depth}"
+
+            def correct(cache: KVCache) -> float:
+                out = model.tokenizer.decode(model.generate(suffix, cache.copy(), max_new_tokens=12))
+                return 1.0 if str(key) in out else 0.0
+
+            rows.append(Row("needle", item, "full", 1, correct(prefix.cache), entries=prefix.cache.entries()))
+            for method in args.methods:
+                for ratio in args.ratios:
+                    cache, secs, err = compacted(prefix, client, method, ratio)
+                    rows.append(Row("needle", item, method, ratio, correct(cache), err, secs, cache.entries()))
+                    progress(f"needle {length} {depth} {method} {ratio}x")
+
+
+def write_report(rows: list[Row], args, out: str, wall: float) -> None:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump({"args": vars(args), "wall_seconds": wall, "rows": [asdict(r) for r in rows]}, f, indent=1)
+    methods = [m for m in args.methods]
+    lines = [f"# Compaction quality: SmolLM2-135M-Instruct", "",
+             f"Command: `python -m kvcompact.eval.quality {' '.join(args.argv)}`  ",
+             f"Date: {time.strftime('%Y-%m-%d')}; wall time {wall / 60:.1f} min; server backend: {args.backend}.", ""]
+
+    def table(task: str, title: str, fmt: str, agg) -> None:
+        sel = [r for r in rows if r.task == task]
+        if not sel:
+            return
+        lines.extend([f"## {title}", "", "| method | " + " | ".join(f"{r:g}x" for r in args.ratios) + " |",
+                      "| --- | " + " | ".join("---" for _ in args.ratios) + " |"])
+        for extra in ("full", "no_context"):
+            vals = [r.value for r in sel if r.method == extra]
+            if vals:
+                lines.append(f"| {extra} | " + " | ".join(fmt.format(agg(vals)) for _ in args.ratios) + " |")
+        for m in methods:
+            cells = []
+            for ratio in args.ratios:
+                vals = [r.value for r in sel if r.method == m and r.ratio == ratio]
+                cells.append(fmt.format(agg(vals)) if vals else "-")
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append("")
+
+    table("quality", "Change in log-perplexity of the full-context answers (nats per token, lower is better)",
+          "{:+.3f}", lambda v: float(np.mean(v)))
+    table("needle", "Pass-key retrieval accuracy", "{:.0%}", lambda v: float(np.mean(v)))
+    lines.extend(["## Held-out attention-output error reported by the service (mean over heads and items)", "",
+                  "| method | " + " | ".join(f"{r:g}x" for r in args.ratios) + " |",
+                  "| --- | " + " | ".join("---" for _ in args.ratios) + " |"])
+    for m in methods:
+        cells = []
+        for ratio in args.ratios:
+            vals = [r.attn_error for r in rows if r.method == m and r.ratio == ratio and np.isfinite(r.attn_error)]
+            cells.append(f"{np.mean(vals):.3f}" if vals else "-")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    times = [r.compact_seconds for r in rows if r.compact_seconds > 0]
+    lines.extend(["", f"Compaction time per context (all layers, through the service): median "
+                      f"{np.median(times):.2f} s over {len(times)} compactions." if times else "", "",
+                  "Items: " + "; ".join(sorted({r.item for r in rows})), ""])
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write("\n".join(lines))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        for task, ylabel, name in (("quality", "delta log-ppl (nats/token)", "quality_logppl.png"),
+                                   ("needle", "pass-key accuracy", "needle_accuracy.png")):
+            sel = [r for r in rows if r.task == task]
+            if not sel:
+                continue
+            plt.figure(figsize=(6, 4))
+            for extra in ("no_context", "full"):
+                vals = [r.value for r in sel if r.method == extra]
+                if vals:
+                    plt.axhline(np.mean(vals), linestyle="--", color="gray", linewidth=1)
+                    plt.text(args.ratios[0], np.mean(vals), extra, fontsize=7, color="gray", va="bottom")
+            for m in methods:
+                ys = [np.mean([r.value for r in sel if r.method == m and r.ratio == ratio] or [np.nan]) for ratio in args.ratios]
+                plt.plot(args.ratios, ys, marker="o", label=m)
+            plt.xscale("log")
+            plt.xlabel("compaction ratio")
+            plt.ylabel(ylabel)
+            plt.title(f"SmolLM2-135M-Instruct: {task}")
+            plt.legend(fontsize=8)
+            plt.grid(alpha=0.3)
+            plt.tight_layout()
+            plt.savefig(os.path.join(out, name), dpi=120)
+            plt.close()
+    except ImportError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--server", default="localhost:50051")
+    ap.add_argument("--out", default="quality-report")
+    ap.add_argument("--data", default=None, help="the shared data folder (default: beside the checkout)")
+    ap.add_argument("--articles", type=int, default=10)
+    ap.add_argument("--questions", type=int, default=4)
+    ap.add_argument("--max-context", type=int, default=2048)
+    ap.add_argument("--answer-tokens", type=int, default=40)
+    ap.add_argument("--queries-per-head", type=int, default=2048)
+    ap.add_argument("--ratios", type=float, nargs="+", default=[5, 10, 20, 50, 100])
+    ap.add_argument("--methods", nargs="+", default=["am", "h2o", "snapkv", "recent", "streaming_llm", "random"],
+                    help="service methods, optionally with options: am:ridge=1e-3")
+    ap.add_argument("--needle-lengths", type=int, nargs="*", default=[1024, 2048])
+    ap.add_argument("--needle-depths", type=float, nargs="*", default=[0.1, 0.5, 0.9])
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    args.argv = argv if argv is not None else __import__("sys").argv[1:]
+    rng = np.random.default_rng(args.seed)
+    model = LlamaModel()
+    rows: list[Row] = []
+    total = args.articles * len(args.methods) * len(args.ratios) + \
+        len(args.needle_lengths) * len(args.needle_depths) * len(args.methods) * len(args.ratios)
+    try:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="compaction")
+        progress = lambda label: (bar.set_description(label), bar.update(1))  # noqa: E731
+    except ImportError:
+        done = [0]
+
+        def progress(label: str) -> None:
+            done[0] += 1
+            print(f"[{done[0]}/{total}] {label}", flush=True)
+
+    start = time.time()
+    with Client(args.server) as client:
+        args.backend = client.info().backend
+        if args.articles:
+            run_quality(model, client, args, rng, rows, progress)
+        if args.needle_lengths:
+            run_needles(model, client, args, rng, rows, progress)
+    write_report(rows, args, args.out, time.time() - start)
+    print(f"wrote {args.out}/report.md")
+
+
+if __name__ == "__main__":
+    main()
