@@ -18,6 +18,6 @@ build/client/kvcompact compact --server=127.0.0.1:50051 --input="$work/cache.saf
   --output="$work/compacted.safetensors" --ratio=20 --method=am
 echo "== H2O-like baseline, 20x (same budget)"
 build/client/kvcompact compact --server=127.0.0.1:50051 --input="$work/cache.safetensors" \
-  --output="$work/h2o.safetensors" --ratio=20 --method=h2o --quiet | tail -1
+  --output="$work/h2o.safetensors" --ratio=20 --method=h2o --quiet | tail -2
 echo "== metrics (excerpt)"
 curl -s 127.0.0.1:9464/metrics | grep -E '^kvcompact_(layers_total|tokens_(in|out)_total)'

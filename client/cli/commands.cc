@@ -125,6 +125,14 @@ int RunCompact(const Settings& s) {
   }
   for (const v1::LayerError& e : outcome->errors) printf("error  %s (code %d)\n", e.message().c_str(), e.code());
   const v1::StreamSummary& sum = outcome->summary;
+  double err = 0;
+  int heads = 0;
+  for (const CompactedLayer& layer : outcome->layers) {
+    for (const v1::HeadMetrics& h : layer.done.heads()) {
+      if (h.has_quality()) err += h.output_rel_error(), ++heads;
+    }
+  }
+  if (heads > 0) printf("mean held-out output error over %d heads: %.4f\n", heads, err / heads);
   printf("total: %u layers ok, %u failed; %lu -> %lu entries (%.1fx); %.1f MB in, %.1f MB out; "
          "server wall %.2f s, client wall %.2f s; wrote %s\n",
          sum.layers_done(), sum.layers_failed(), sum.tokens_in(), sum.tokens_out(),
