@@ -111,7 +111,8 @@ class Client:
                per_head: Optional[Sequence[int]] = None, method: str = "am", holdout: float = 0.1,
                output_dtype: str = "fp32", logit_scale: float = 0.0, num_layers: Optional[int] = None,
                query_heads_per_kv_head: int = 1, return_indices: bool = True, seed: int = 0,
-               ridge: float = 0.0, request_id: str = "") -> pb.StreamHeader:
+               ridge: float = 0.0, beta_min: float = 0.0, beta_max: float = 0.0,
+               request_id: str = "") -> pb.StreamHeader:
         """The StreamHeader for `layers` (geometry from the first layer's shapes)."""
         first = layers[0]
         k_shape, v_shape = tuple(first.keys.shape), tuple(first.values.shape)
@@ -124,6 +125,7 @@ class Client:
         o.method = METHODS[method]
         o.holdout_fraction, o.output_dtype, o.return_indices, o.seed = holdout, DTYPES[output_dtype], return_indices, seed
         o.ridge = ridge  # 0: the server's default
+        o.beta_min, o.beta_max = beta_min, beta_max  # both 0: the server's defaults [-3, 3]
         if per_head is not None:
             o.budget.per_head.tokens.extend(per_head)
         elif tokens is not None:
