@@ -19,6 +19,8 @@ METHODS = {
     "snapkv": pb.METHOD_SNAPKV,
     "random": pb.METHOD_RANDOM,
 }
+SCORES = {"": pb.SCORE_REDUCE_UNSPECIFIED, "rms": pb.SCORE_REDUCE_RMS, "mean": pb.SCORE_REDUCE_MEAN,
+          "max": pb.SCORE_REDUCE_MAX}
 DTYPES = {"fp32": pb.DTYPE_FP32, "fp16": pb.DTYPE_FP16, "bf16": pb.DTYPE_BF16}
 _OVERHEAD = 16 << 10
 
@@ -111,8 +113,8 @@ class Client:
                per_head: Optional[Sequence[int]] = None, method: str = "am", holdout: float = 0.1,
                output_dtype: str = "fp32", logit_scale: float = 0.0, num_layers: Optional[int] = None,
                query_heads_per_kv_head: int = 1, return_indices: bool = True, seed: int = 0,
-               ridge: float = 0.0, beta_min: float = 0.0, beta_max: float = 0.0,
-               request_id: str = "") -> pb.StreamHeader:
+               ridge: float = 0.0, beta_min: float = 0.0, beta_max: float = 0.0, score: str = "",
+               pool_kernel: int = 0, request_id: str = "") -> pb.StreamHeader:
         """The StreamHeader for `layers` (geometry from the first layer's shapes)."""
         first = layers[0]
         k_shape, v_shape = tuple(first.keys.shape), tuple(first.values.shape)
@@ -126,6 +128,8 @@ class Client:
         o.holdout_fraction, o.output_dtype, o.return_indices, o.seed = holdout, DTYPES[output_dtype], return_indices, seed
         o.ridge = ridge  # 0: the server's default
         o.beta_min, o.beta_max = beta_min, beta_max  # both 0: the server's defaults [-3, 3]
+        o.score = SCORES[score]  # "": the method's default
+        o.pool_kernel = int(pool_kernel)
         if per_head is not None:
             o.budget.per_head.tokens.extend(per_head)
         elif tokens is not None:

@@ -97,7 +97,7 @@ def method_options(label: str) -> dict:
     options = {"method": name}
     for part in filter(None, rest.split(",")):
         key, _, value = part.partition("=")
-        options[key] = float(value)
+        options[key] = value if key == "score" else float(value)
     return options
 
 
