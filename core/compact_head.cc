@@ -144,7 +144,9 @@ absl::StatusOr<CompactedHead> CompactHead(const BlockView& block, const MatrixF*
     HeadQuality& q = head.quality;
     q.has_quality = true;
     float unused_mass;
-    MeasureErrors(head, fit_q, fit_stats, block.scale, &q.fit_output_rel_error, &unused_mass);
+    const int64_t m = std::min<int64_t>(fit_q.rows(), kFitErrorQueries);
+    const AttentionStats fit_head{fit_stats.row_max.head(m), fit_stats.mass.head(m), fit_stats.outputs.topRows(m), {}};
+    MeasureErrors(head, fit_q.topRows(m), fit_head, block.scale, &q.fit_output_rel_error, &unused_mass);
     if (eval_q.rows() > 0) {
       MeasureErrors(head, eval_q, eval_stats, block.scale, &q.output_rel_error, &q.mass_rel_error);
       q.eval_queries = eval_q.rows();

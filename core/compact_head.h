@@ -28,11 +28,14 @@ struct HeadOptions {
   bool force_fit = false;                   // fit even when t >= T (tests of the fit itself)
 };
 
+// The fit error is a diagnostic: measured on at most this many of the fitting queries.
+inline constexpr int64_t kFitErrorQueries = 1024;
+
 struct HeadQuality {
   bool has_quality = false;
   float output_rel_error = 0;      // held-out queries (all queries if none held out)
   float mass_rel_error = 0;
-  float fit_output_rel_error = 0;  // queries used for fitting
+  float fit_output_rel_error = 0;  // the first kFitErrorQueries queries used for fitting
   int64_t eval_queries = 0;
 };
 

@@ -98,7 +98,8 @@ class CudaBackend final : public Backend {
   absl::Status ValueFit(int64_t h, int64_t nf, int64_t t, double ridge, CompactedHead* head);
   absl::Status ReserveHeadBuffers(int64_t t, int64_t n_max);
   // Compacted outputs for n queries (device) against the head's device C_k, beta, C_v; returns errors.
-  absl::Status Evaluate(const float* queries, int64_t n, const DeviceStats& truth, int64_t h, int64_t t,
+  // `n` queries of head h; `stride` is the per-head query count of `truth`.
+  absl::Status Evaluate(const float* queries, int64_t n, int64_t stride, const DeviceStats& truth, int64_t h, int64_t t,
                         float* out_err, float* mass_err);
 
   CudaBackendOptions options_;
@@ -245,14 +246,14 @@ absl::Status CudaBackend::ValueFit(int64_t h, int64_t nf, int64_t t, double ridg
   return absl::OkStatus();
 }
 
-absl::Status CudaBackend::Evaluate(const float* queries, int64_t n, const DeviceStats& truth, int64_t h, int64_t t,
-                                   float* out_err, float* mass_err) {
+absl::Status CudaBackend::Evaluate(const float* queries, int64_t n, int64_t stride, const DeviceStats& truth, int64_t h,
+                                   int64_t t, float* out_err, float* mass_err) {
   // P = exp(s Q C_k^T + beta - M);  m_hat = rowsum P;  Y_hat = P C_v / m_hat.
   if (auto s = Gemm(blas_, n, t, d_, scale_, {queries, d_, 0, false}, {ck_.get(), d_, 0, true}, 0.f, subset_.get(), t, 0, 1);
       !s.ok()) {
     return s;
   }
-  ExpShifted(subset_.get(), n, t, beta_.get(), truth.row_max.get() + h * n, stream_);
+  ExpShifted(subset_.get(), n, t, beta_.get(), truth.row_max.get() + h * stride, stream_);
   KVC_LAUNCHED("ExpShifted(eval)");
   RowSums(subset_.get(), n, t, mhat_.get(), stream_);
   KVC_LAUNCHED("RowSums");
@@ -266,8 +267,8 @@ absl::Status CudaBackend::Evaluate(const float* queries, int64_t n, const Device
   VectorF mhat(n), m(n);
   if (auto s = ToHost(yhat.data(), yhat_.get(), n * dv_, stream_); !s.ok()) return s;
   if (auto s = ToHost(mhat.data(), mhat_.get(), n, stream_); !s.ok()) return s;
-  if (auto s = ToHost(y.data(), truth.outputs.get() + h * n * dv_, n * dv_, stream_); !s.ok()) return s;
-  if (auto s = ToHost(m.data(), truth.mass.get() + h * n, n, stream_); !s.ok()) return s;
+  if (auto s = ToHost(y.data(), truth.outputs.get() + h * stride * dv_, n * dv_, stream_); !s.ok()) return s;
+  if (auto s = ToHost(m.data(), truth.mass.get() + h * stride, n, stream_); !s.ok()) return s;
   mhat = mhat.cwiseMax(1e-30f);
   ErrorsFromOutputs(yhat, mhat, y, m, out_err, mass_err);
   return absl::OkStatus();
@@ -412,12 +413,19 @@ absl::StatusOr<LayerResult> CudaBackend::Run(const LayerJob& job) {
     HeadQuality& q = head.quality;
     q.has_quality = true;
     float unused;
-    if (auto s = Evaluate(q_fit_.get() + h * nf * d_, nf, fit_, h, t, &q.fit_output_rel_error, &unused); !s.ok()) return s;
+    const int64_t nf_err = std::min<int64_t>(nf, kFitErrorQueries);
+    if (auto s = Evaluate(q_fit_.get() + h * nf * d_, nf_err, nf, fit_, h, t, &q.fit_output_rel_error, &unused); !s.ok()) {
+      return s;
+    }
     if (ne > 0) {
-      if (auto s = Evaluate(q_eval_.get() + h * ne * d_, ne, eval_, h, t, &q.output_rel_error, &q.mass_rel_error); !s.ok()) return s;
+      if (auto s = Evaluate(q_eval_.get() + h * ne * d_, ne, ne, eval_, h, t, &q.output_rel_error, &q.mass_rel_error); !s.ok()) {
+        return s;
+      }
       q.eval_queries = ne;
     } else {
-      if (auto s = Evaluate(q_fit_.get() + h * nf * d_, nf, fit_, h, t, &q.output_rel_error, &q.mass_rel_error); !s.ok()) return s;
+      if (auto s = Evaluate(q_fit_.get() + h * nf * d_, nf, nf, fit_, h, t, &q.output_rel_error, &q.mass_rel_error); !s.ok()) {
+        return s;
+      }
       q.eval_queries = nf;
     }
     result.seconds.evaluate += Since(start);
