@@ -122,7 +122,7 @@ void CompactReactor::HandleHeaderLocked() {
 }
 
 void CompactReactor::ReportLayerErrorLocked(uint32_t layer, const absl::Status& status) {
-  if (layer < (plan_ ? plan_->num_layers : 0)) assembler_->Close(layer);
+  assembler_->Close(layer);  // later chunks of this layer (known or not) are dropped silently
   decode_seconds_.erase(layer);
   v1::CompactResponse msg;
   v1::LayerError* err = msg.mutable_layer_error();

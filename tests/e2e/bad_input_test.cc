@@ -150,6 +150,7 @@ TEST_F(BadInput, UnknownLayer) {
   v1::CompactRequest extra = *FirstKV(s, 0);
   extra.mutable_kv()->set_layer(99);
   s.push_back(extra);
+  s.push_back(extra);  // reported once, not once per chunk
   const RawResult r = RawCompact(server_->address(), s);
   ASSERT_TRUE(r.status.ok());
   ASSERT_EQ(r.errors().size(), 1u);
