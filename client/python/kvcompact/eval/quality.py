@@ -112,7 +112,7 @@ def compacted(prefix: Prefix, client: Client, method: str, ratio: float) -> tupl
 
 def run_quality(model, client, args, rng, rows: list[Row], progress) -> None:
     articles = [json.loads(l) for l in open(os.path.join(data_dir(args.data), "leval", "quality.jsonl"))]
-    for a_index, article in enumerate(articles[: args.articles]):
+    for a_index, article in enumerate(articles[args.first_article: args.first_article + args.articles], args.first_article):
         prefix = prefill(model, chat_prefix(model, article["input"], args.max_context), args.queries_per_head, rng)
         empty = prefill(model, chat_prefix(model, "", args.max_context), args.queries_per_head, rng)
         questions = []
@@ -255,6 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="quality-report")
     ap.add_argument("--data", default=None, help="the shared data folder (default: beside the checkout)")
     ap.add_argument("--articles", type=int, default=10)
+    ap.add_argument("--first-article", type=int, default=0, help="skip this many QuALITY articles")
     ap.add_argument("--questions", type=int, default=4)
     ap.add_argument("--max-context", type=int, default=2048)
     ap.add_argument("--answer-tokens", type=int, default=40)
