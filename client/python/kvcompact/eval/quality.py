@@ -92,7 +92,9 @@ def answer_logprob(model: LlamaModel, cache: KVCache, suffix: list[int], answer:
 
 
 def method_options(label: str) -> dict:
-    """'am' or 'am:ridge=1e-3' -> client options."""
+    """'am' or 'am:ridge=1e-3' -> client options. 'copy_values=1' is applied on this side: the
+    service's keys and beta are kept and the original values of the kept tokens put back (an
+    ablation that separates the mass fit from the value fit)."""
     name, _, rest = label.partition(":")
     options = {"method": name}
     for part in filter(None, rest.split(",")):
@@ -104,8 +106,16 @@ def method_options(label: str) -> dict:
 def compacted(prefix: Prefix, client: Client, method: str, ratio: float) -> tuple[KVCache, float, float]:
     cache = prefix.cache.copy()
     start = time.time()
+    options = method_options(method)
+    copy_values = bool(options.pop("copy_values", 0))
     result = compact_cache(cache, client, prefix.queries, SINK_TOKENS, len(prefix.tokens), ratio=ratio, holdout=0.1,
-                           **method_options(method))
+                           return_indices=True, **options)
+    if copy_values:
+        for l, layer in result.layers.items():
+            for g, head in enumerate(layer.heads):
+                original = prefix.cache.heads[l][g].values[SINK_TOKENS:len(prefix.tokens)]
+                block = cache.heads[l][g]
+                block.values[SINK_TOKENS:SINK_TOKENS + len(head.indices)] = original[head.indices]
     errors = [h.output_rel_error for l in result.layers.values() for h in l.heads if h.output_rel_error is not None]
     return cache, time.time() - start, float(np.mean(errors)) if errors else float("nan")
 
