@@ -8,30 +8,18 @@
 
 #include "absl/strings/str_cat.h"
 #include "grpc/health/v1/health.grpc.pb.h"
+#include "proto/wire.h"
 
 namespace kvcompact::client {
 namespace {
 
 constexpr uint64_t kMessageOverhead = 16 << 10;  // field tags, shapes, framing
 
-v1::DType ToProto(DType d) {
-  switch (d) {
-    case DType::kFloat32: return v1::DTYPE_FP32;
-    case DType::kFloat16: return v1::DTYPE_FP16;
-    case DType::kBFloat16: return v1::DTYPE_BF16;
-  }
-  return v1::DTYPE_UNSPECIFIED;
-}
-
-DType FromProto(v1::DType d) {
-  return d == v1::DTYPE_FP16 ? DType::kFloat16 : d == v1::DTYPE_BF16 ? DType::kBFloat16 : DType::kFloat32;
-}
-
 // Copies heads [h0, h1) x rows [r0, r0 + rows) of a [H, R, C] tensor into `out`.
 void Slice(const HostTensor& t, int64_t h0, int64_t h1, int64_t r0, int64_t rows, v1::Tensor* out) {
   const int64_t R = t.shape[1], C = t.shape.size() > 2 ? t.shape[2] : 1;
   const size_t es = DTypeSize(t.dtype);
-  out->set_dtype(ToProto(t.dtype));
+  out->set_dtype(DTypeToProto(t.dtype));
   out->add_shape(h1 - h0);
   out->add_shape(rows);
   if (t.shape.size() > 2) out->add_shape(C);
@@ -259,7 +247,7 @@ absl::StatusOr<CompactOutcome> Client::Compact(const v1::StreamHeader& header, c
         if (layer.heads.size() <= h.head()) layer.heads.resize(h.head() + 1);
         CompactedHead& head = layer.heads[h.head()];
         head.tokens = h.head_tokens();
-        head.dtype = FromProto(h.keys().dtype());
+        head.dtype = DTypeFromProto(h.keys().dtype()).value_or(DType::kFloat32);
         head.keys += h.keys().data();
         head.values += h.values().data();
         const size_t nb = h.beta().data().size() / 4;
@@ -292,15 +280,7 @@ absl::StatusOr<CompactOutcome> Client::Compact(const v1::StreamHeader& header, c
         out.set_bytes_in(out.bytes_in() + in.bytes_in());
         out.set_bytes_out(out.bytes_out() + in.bytes_out());
         out.set_wall_seconds(std::max(out.wall_seconds(), in.wall_seconds()));
-        v1::StageTimes* t = out.mutable_times();
-        const v1::StageTimes& f = in.times();
-        t->set_decode_seconds(t->decode_seconds() + f.decode_seconds());
-        t->set_score_seconds(t->score_seconds() + f.score_seconds());
-        t->set_mass_fit_seconds(t->mass_fit_seconds() + f.mass_fit_seconds());
-        t->set_value_fit_seconds(t->value_fit_seconds() + f.value_fit_seconds());
-        t->set_evaluate_seconds(t->evaluate_seconds() + f.evaluate_seconds());
-        t->set_queue_seconds(t->queue_seconds() + f.queue_seconds());
-        t->set_total_seconds(t->total_seconds() + f.total_seconds());
+        AddStageTimes(in.times(), out.mutable_times());
       }
     }
     writer.join();

@@ -59,7 +59,6 @@ struct ClientOptions {
 class Canceller {
  public:
   void Cancel();
-  bool cancelled() const { return cancelled_; }
   void Register(grpc::ClientContext* context);
   void Unregister(grpc::ClientContext* context);
 

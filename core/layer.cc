@@ -27,8 +27,5 @@ HeadOptions HeadOptionsFor(const LayerJob& job, int64_t head) {
   return options;
 }
 
-size_t LayerData::Bytes() const {
-  return sizeof(float) * (keys.size() + values.size() + bias.size() + query_data.size());
-}
 
 }  // namespace kvcompact

@@ -24,7 +24,6 @@ struct LayerData {
   void Allocate(bool with_bias);   // sizes the buffers from the dimensions
   BlockView HeadBlock(int64_t head) const;
   MatrixF HeadQueries(int64_t head) const;
-  size_t Bytes() const;
 };
 
 struct LayerJob {

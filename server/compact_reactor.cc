@@ -4,6 +4,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "proto/wire.h"
 
 namespace kvcompact::server {
 namespace {
@@ -213,7 +214,7 @@ void CompactReactor::OnLayerResultLocked(std::vector<v1::CompactResponse> messag
     summary_.set_tokens_in(summary_.tokens_in() + tokens_in);
     summary_.set_tokens_out(summary_.tokens_out() + tokens_out);
     summary_.set_bytes_out(summary_.bytes_out() + bytes_out);
-    AddTimes(times, summary_.mutable_times());
+    AddStageTimes(times, summary_.mutable_times());
     context_->metrics->layers_ok.Increment();
     context_->metrics->tokens_in.Increment(static_cast<double>(tokens_in));
     context_->metrics->tokens_out.Increment(static_cast<double>(tokens_out));

@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/dtype.h"
+#include "proto/wire.h"
 
 namespace kvcompact::server {
 namespace {
@@ -20,7 +21,7 @@ std::string ShapeString(const v1::Tensor& t) {
 // Checks dtype, shape and byte count of `t` and decodes it to fp32.
 absl::Status DecodeTensor(const v1::Tensor& t, absl::string_view name, const std::vector<int64_t>& shape,
                           std::vector<float>* out) {
-  auto dtype = FromProto(t.dtype());
+  auto dtype = DTypeFromProto(t.dtype());
   if (!dtype.ok()) return InvalidArgumentError(StrCat(name, ": ", dtype.status().message()));
   bool same = t.shape_size() == static_cast<int>(shape.size());
   for (size_t i = 0; same && i < shape.size(); ++i) same = t.shape(i) == shape[i];

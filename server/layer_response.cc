@@ -2,11 +2,13 @@
 
 #include <algorithm>
 
+#include "proto/wire.h"
+
 namespace kvcompact::server {
 namespace {
 
 void FillTensor(const float* src, int64_t rows, int64_t cols, DType dtype, v1::Tensor* out) {
-  out->set_dtype(ToProto(dtype));
+  out->set_dtype(DTypeToProto(dtype));
   out->add_shape(rows);
   if (cols > 0) out->add_shape(cols);
   const size_t count = static_cast<size_t>(rows * std::max<int64_t>(cols, 1));
@@ -16,16 +18,6 @@ void FillTensor(const float* src, int64_t rows, int64_t cols, DType dtype, v1::T
 }
 
 }  // namespace
-
-void AddTimes(const v1::StageTimes& from, v1::StageTimes* into) {
-  into->set_decode_seconds(into->decode_seconds() + from.decode_seconds());
-  into->set_score_seconds(into->score_seconds() + from.score_seconds());
-  into->set_mass_fit_seconds(into->mass_fit_seconds() + from.mass_fit_seconds());
-  into->set_value_fit_seconds(into->value_fit_seconds() + from.value_fit_seconds());
-  into->set_evaluate_seconds(into->evaluate_seconds() + from.evaluate_seconds());
-  into->set_queue_seconds(into->queue_seconds() + from.queue_seconds());
-  into->set_total_seconds(into->total_seconds() + from.total_seconds());
-}
 
 std::vector<v1::CompactResponse> EncodeLayer(const StreamPlan& plan, int32_t layer, int64_t tokens_in,
                                              const LayerResult& result, const LayerTimes& times,

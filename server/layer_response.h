@@ -19,6 +19,4 @@ std::vector<v1::CompactResponse> EncodeLayer(const StreamPlan& plan, int32_t lay
                                              const LayerResult& result, const LayerTimes& times,
                                              uint64_t max_message_bytes, uint64_t* payload_bytes);
 
-void AddTimes(const v1::StageTimes& from, v1::StageTimes* into);
-
 }  // namespace kvcompact::server

@@ -3,26 +3,9 @@
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
+#include "proto/wire.h"
 
 namespace kvcompact::server {
-
-absl::StatusOr<DType> FromProto(v1::DType dtype) {
-  switch (dtype) {
-    case v1::DTYPE_FP32: return DType::kFloat32;
-    case v1::DTYPE_FP16: return DType::kFloat16;
-    case v1::DTYPE_BF16: return DType::kBFloat16;
-    default: return absl::InvalidArgumentError(absl::StrCat("unsupported dtype ", static_cast<int>(dtype)));
-  }
-}
-
-v1::DType ToProto(DType dtype) {
-  switch (dtype) {
-    case DType::kFloat32: return v1::DTYPE_FP32;
-    case DType::kFloat16: return v1::DTYPE_FP16;
-    case DType::kBFloat16: return v1::DTYPE_BF16;
-  }
-  return v1::DTYPE_UNSPECIFIED;
-}
 
 int64_t StreamPlan::Budget(uint32_t layer, uint32_t head, int64_t tokens) const {
   switch (budget.kind_case()) {
@@ -84,7 +67,7 @@ absl::StatusOr<StreamPlan> MakeStreamPlan(const v1::StreamHeader& header) {
   }
   plan.return_indices = o.return_indices();
   if (o.output_dtype() != v1::DTYPE_UNSPECIFIED) {
-    auto dt = FromProto(o.output_dtype());
+    auto dt = DTypeFromProto(o.output_dtype());
     if (!dt.ok()) return absl::InvalidArgumentError("options.output_dtype is unknown");
     plan.output_dtype = *dt;
   }

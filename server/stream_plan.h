@@ -27,7 +27,5 @@ struct StreamPlan {
 };
 
 absl::StatusOr<StreamPlan> MakeStreamPlan(const v1::StreamHeader& header);
-absl::StatusOr<DType> FromProto(v1::DType dtype);
-v1::DType ToProto(DType dtype);
 
 }  // namespace kvcompact::server

@@ -36,7 +36,6 @@ class Worker {
 
   std::string_view backend_name() const { return backend_->name(); }
   const Backend& backend() const { return *backend_; }
-  size_t capacity() const { return capacity_; }
 
   // Queues the item and returns true, or, when the queue is full, leaves the item untouched,
   // registers `on_space` (run once, on the worker thread, when the next item leaves the queue)

@@ -8,6 +8,7 @@
 #include "client/client.h"
 #include "core/method.h"
 #include "core/synthetic.h"
+#include "proto/wire.h"
 
 namespace kvcompact::cli {
 namespace {
@@ -22,10 +23,6 @@ bool ParseDType(const std::string& name, DType* out) {
   if (name == "f16" || name == "fp16") { *out = DType::kFloat16; return true; }
   if (name == "bf16") { *out = DType::kBFloat16; return true; }
   return false;
-}
-
-v1::DType ToProto(DType d) {
-  return d == DType::kFloat16 ? v1::DTYPE_FP16 : d == DType::kBFloat16 ? v1::DTYPE_BF16 : v1::DTYPE_FP32;
 }
 
 int Fail(const absl::Status& s) {
@@ -81,7 +78,7 @@ int RunCompact(const Settings& s) {
   if (s.budget > 0) o->mutable_budget()->set_tokens(s.budget);
   else o->mutable_budget()->set_ratio(s.ratio);
   o->set_holdout_fraction(static_cast<float>(s.holdout));
-  o->set_output_dtype(ToProto(out_dtype));
+  o->set_output_dtype(DTypeToProto(out_dtype));
   o->set_return_indices(s.return_indices);
   o->set_seed(s.seed);
 
