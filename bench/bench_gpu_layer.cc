@@ -104,7 +104,7 @@ int main(int argc, char** argv) {
   printf("%-28s %10.3f\n", "stage score s (incl. H2D)", sum.score);
   printf("%-28s %10.3f\n", "  of which H2D copies s", sum.upload);
   printf("%-28s %10.3f\n", "stage mass fit s", sum.mass_fit);
-  printf("%-28s %10.3f\n", "  of which host NNLS s", sum.mass_solve);
+  printf("%-28s %10.3f\n", "  of which NNLS solve s", sum.mass_solve);
   printf("%-28s %10.3f\n", "stage value fit s", sum.value_fit);
   printf("%-28s %10.3f\n", "stage evaluate s", sum.evaluate);
   printf("%-28s %10.1f\n", "QK^T + AV TFLOP", flops / 1e12);

@@ -23,8 +23,27 @@ MatrixF LayerData::HeadQueries(int64_t head) const {
 HeadOptions HeadOptionsFor(const LayerJob& job, int64_t head) {
   HeadOptions options = job.options;
   options.budget = job.budgets[head];
-  options.seed = job.options.seed + static_cast<uint64_t>(job.data.layer) * 1000003u + head;
+  options.seed = job.options.seed + static_cast<uint64_t>(job.data.layer) * 1000003u +
+                 static_cast<uint64_t>(job.first_head + head);
   return options;
+}
+
+LayerJob SliceHeads(const LayerJob& job, int64_t begin, int64_t end) {
+  const LayerData& d = job.data;
+  LayerJob out;
+  out.options = job.options;
+  out.first_head = job.first_head + begin;
+  out.budgets.assign(job.budgets.begin() + begin, job.budgets.begin() + end);
+  out.data = LayerData{d.layer, end - begin, d.tokens, d.queries, d.head_dim, d.value_dim, d.scale, {}, {}, {}, {}};
+  auto slice = [&](const std::vector<float>& v, int64_t per_head) {
+    if (v.empty()) return std::vector<float>();
+    return std::vector<float>(v.begin() + begin * per_head, v.begin() + end * per_head);
+  };
+  out.data.keys = slice(d.keys, d.tokens * d.head_dim);
+  out.data.values = slice(d.values, d.tokens * d.value_dim);
+  out.data.bias = slice(d.bias, d.tokens);
+  out.data.query_data = slice(d.query_data, d.queries * d.head_dim);
+  return out;
 }
 
 

@@ -30,14 +30,20 @@ struct LayerJob {
   LayerData data;
   std::vector<int64_t> budgets;    // t per head
   HeadOptions options;             // budget field ignored; taken from `budgets`
+  int64_t first_head = 0;          // layer-wide index of data's head 0 (a slice of a larger layer)
 };
+
+// Heads [begin, end) of a job as a job of their own: the same per-head results (seeds follow the
+// layer-wide head index). Lets a backend split a layer that does not fit its memory.
+LayerJob SliceHeads(const LayerJob& job, int64_t begin, int64_t end);
 
 struct LayerResult {
   std::vector<CompactedHead> heads;
   StageSeconds seconds;            // summed over heads (CPU time of the stages)
 };
 
-// The options of head `head` of a job: its budget and its seed (random selection, query split).
+// The options of head `head` of a job: its budget and its seed (random selection, query split),
+// which depends on the layer-wide head index.
 HeadOptions HeadOptionsFor(const LayerJob& job, int64_t head);
 
 class Backend {

@@ -1,9 +1,9 @@
 // CUDA backend. Per layer, all KV heads at once for the n x T work (logits, softmax statistics,
 // key scores, outputs: strided-batched cuBLAS over heads, query chunks bounded by the workspace so
 // the n x T matrix never exists whole); per head for the t-sized fits (ragged budgets): subset
-// logits, Phi^T Phi and Phi^T m on the GPU; the bounded NNLS on host threads in float64, all heads
-// in parallel (the CPU backend's solver on the t x t system); X^T X and X^T Y on the GPU and the
-// ridge solve by cuSOLVER Cholesky in fp32. Key selection runs on the host from the GPU's scores, with the CPU
+// logits, Phi^T Phi and Phi^T m on the GPU; the bounded NNLS for all heads at once on the GPU in
+// fp64 (kernels/device_lsq.h: the CPU solver's method); X^T X and X^T Y on the GPU and the ridge
+// solve by cuSOLVER Cholesky in fp32. Key selection runs on the host from the GPU's scores, with the CPU
 // backend's code, so both backends pick the same keys.
 #include "kernels/cuda_backend.h"
 
@@ -18,9 +18,10 @@
 
 #include "core/fit.h"
 #include "core/selection.h"
-#include "core/thread_pool.h"
 #include "kernels/am_kernels.cuh"
 #include "kernels/device_buffer.h"
+#include "kernels/device_lsq.h"
+#include "kernels/pinned_uploader.h"
 #include "kernels/gemm.h"
 
 namespace kvcompact::kernels {
@@ -52,7 +53,7 @@ struct DeviceStats {
 
 class CudaBackend final : public Backend {
  public:
-  explicit CudaBackend(const CudaBackendOptions& options) : options_(options) {}
+  explicit CudaBackend(const CudaBackendOptions& options) : options_(options), limit_(options.memory_limit_bytes) {}
   ~CudaBackend() override {
     if (solver_) cusolverDnDestroy(solver_);
     if (blas_) cublasDestroy(blas_);
@@ -68,6 +69,14 @@ class CudaBackend final : public Backend {
     KVC_CUBLAS(cublasSetMathMode(blas_, options_.allow_tf32 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_PEDANTIC_MATH));
     KVC_CUSOLVER(cusolverDnCreate(&solver_));
     KVC_CUSOLVER(cusolverDnSetStream(solver_, stream_));
+    if (limit_ == 0) {
+      size_t free = 0, total = 0;
+      KVC_CUDA(cudaMemGetInfo(&free, &total));
+      limit_ = free / 10 * 9;
+    }
+    lsq_ = std::make_unique<DeviceBoundedLsq>(blas_, solver_, stream_);
+    const int copy_threads = static_cast<int>(std::clamp(std::thread::hardware_concurrency() / 2, 1u, 8u));
+    if (auto s = uploader_.Init(stream_, size_t{16} << 20, copy_threads); !s.ok()) return s;
     return info_.Reserve(1);
   }
 
@@ -76,7 +85,7 @@ class CudaBackend final : public Backend {
   size_t device_bytes_peak() const override { return g_device_bytes_peak.load(); }
 
   absl::StatusOr<LayerResult> CompactLayer(const LayerJob& job) override {
-    absl::StatusOr<LayerResult> result = Run(job);
+    absl::StatusOr<LayerResult> result = RunWithinLimit(job);
     if (!result.ok()) {
       // Leave no work in flight; a sticky error (the context is lost) makes the backend unhealthy.
       const cudaError_t sync = cudaStreamSynchronize(stream_);
@@ -91,18 +100,32 @@ class CudaBackend final : public Backend {
 
  private:
   absl::StatusOr<LayerResult> Run(const LayerJob& job);
+  // Run on the whole layer, or on groups of heads when the layer does not fit memory_limit_bytes.
+  absl::StatusOr<LayerResult> RunWithinLimit(const LayerJob& job);
+  void ReleaseBuffers();
   absl::Status Stats(const float* queries, int64_t n, const std::optional<ScoreReduce>& reduce, DeviceStats* out);
-  // Mass system of head h on the device (C_k in ck_): G = Phi^T Phi and c = Phi^T m, to the host.
-  absl::Status MassSystem(int64_t h, int64_t nf, int64_t t, const VectorF& bias_s, MatrixF* gram, VectorF* rhs);
+  // Mass system of head h on the device (C_k in ck_): G = Phi^T Phi and c = Phi^T m, into the
+  // solver's fp64 slots.
+  absl::Status MassSystem(int64_t h, int64_t nf, int64_t t, const VectorF& bias_s, double* gram, double* rhs);
+  // Bounded NNLS for the mass weights of `heads` (indices selected, C_k gathered per head) in
+  // batches whose solver memory fits the workspace; sets beta = log w + b on the host.
+  absl::Status FitMass(const std::vector<int64_t>& heads, int64_t nf, int64_t n_max, const std::vector<HeadOptions>& options,
+                       const std::vector<VectorF>& bias_s, LayerResult* result);
   // Values of head h (C_k in ck_, head->beta set) by the ridge solve on the device.
   absl::Status ValueFit(int64_t h, int64_t nf, int64_t t, double ridge, CompactedHead* head);
   absl::Status ReserveHeadBuffers(int64_t t, int64_t n_max);
+  // Layer inputs to the device through the pinned staging buffers.
+  absl::Status Stage(DeviceBuffer<float>& buf, const float* host, size_t count) {
+    if (auto s = buf.Reserve(std::max<size_t>(count, 1)); !s.ok()) return s;
+    return uploader_.Upload(buf.get(), host, count * sizeof(float));
+  }
   // Compacted outputs for n queries (device) against the head's device C_k, beta, C_v; returns errors.
   // `n` queries of head h; `stride` is the per-head query count of `truth`.
   absl::Status Evaluate(const float* queries, int64_t n, int64_t stride, const DeviceStats& truth, int64_t h, int64_t t,
                         float* out_err, float* mass_err);
 
   CudaBackendOptions options_;
+  size_t limit_ = 0;
   std::atomic<bool> healthy_{true};
   cudaStream_t stream_ = nullptr;
   cublasHandle_t blas_ = nullptr;
@@ -117,7 +140,8 @@ class CudaBackend final : public Backend {
   DeviceBuffer<int32_t> idx_;
   DeviceBuffer<float> ck_, cv_, beta_, subset_, gram_, rhs_, cvec_, lambda_, yhat_, mhat_, work_;
   DeviceBuffer<int> info_;
-  ThreadPool pool_{static_cast<int>(std::max(1u, std::thread::hardware_concurrency()))};  // host-side NNLS
+  std::unique_ptr<DeviceBoundedLsq> lsq_;
+  PinnedUploader uploader_;
 };
 
 absl::Status CudaBackend::ReserveHeadBuffers(int64_t t, int64_t n_max) {
@@ -172,9 +196,10 @@ absl::Status CudaBackend::Stats(const float* queries, int64_t n, const std::opti
   return absl::OkStatus();
 }
 
-absl::Status CudaBackend::MassSystem(int64_t h, int64_t nf, int64_t t, const VectorF& bias_s, MatrixF* gram,
-                                     VectorF* rhs) {
-  // Phi = exp(s Q K_S^T + b_S - M)   (nf x t);  G = Phi^T Phi;  c = Phi^T m.
+absl::Status CudaBackend::MassSystem(int64_t h, int64_t nf, int64_t t, const VectorF& bias_s, double* gram,
+                                     double* rhs) {
+  // Phi = exp(s Q K_S^T + b_S - M)   (nf x t);  G = Phi^T Phi;  c = Phi^T m  (fp32 products, as on
+  // the CPU; the solver works in fp64).
   if (auto s = Gemm(blas_, nf, t, d_, scale_, {q_fit_.get() + h * nf * d_, d_, 0, false}, {ck_.get(), d_, 0, true}, 0.f,
                     subset_.get(), t, 0, 1);
       !s.ok()) {
@@ -192,10 +217,10 @@ absl::Status CudaBackend::MassSystem(int64_t h, int64_t nf, int64_t t, const Vec
       !s.ok()) {
     return s;
   }
-  gram->resize(t, t);
-  rhs->resize(t);
-  if (auto s = ToHost(gram->data(), gram_.get(), t * t, stream_); !s.ok()) return s;
-  return ToHost(rhs->data(), cvec_.get(), t, stream_);
+  CastToDouble(gram_.get(), t * t, gram, stream_);
+  CastToDouble(cvec_.get(), t, rhs, stream_);
+  KVC_LAUNCHED("CastToDouble");
+  return absl::OkStatus();
 }
 
 absl::Status CudaBackend::ValueFit(int64_t h, int64_t nf, int64_t t, double ridge, CompactedHead* head) {
@@ -274,6 +299,109 @@ absl::Status CudaBackend::Evaluate(const float* queries, int64_t n, int64_t stri
   return absl::OkStatus();
 }
 
+DeviceBytes EstimateDeviceBytesImpl(const LayerJob& job, size_t workspace_bytes) {
+  const LayerData& d = job.data;
+  const int64_t T = d.tokens, n = std::max<int64_t>(d.queries, 1);
+  int64_t t = 1;
+  for (int64_t b : job.budgets) t = std::max(t, std::min(b, T));
+  const int64_t wide = std::max(d.head_dim, d.value_dim);
+  DeviceBytes bytes;
+  // Per head: K, V, bias, scores; queries; row max, mass and outputs of both query sets; at least
+  // one logit row.
+  bytes.per_head = sizeof(float) * static_cast<size_t>(T * (d.head_dim + d.value_dim + 3) + n * (d.head_dim + 2 + d.value_dim));
+  // Per layer: the logit workspace, one head's fit buffers, the NNLS batch (bounded by the
+  // workspace but at least one head), the Cholesky workspace of the value fit.
+  bytes.fixed = workspace_bytes +
+                sizeof(float) * static_cast<size_t>(5 * std::max(t * wide, n) + n * t + 2 * t * t + t * d.value_dim + n * d.value_dim) +
+                std::max(workspace_bytes, DeviceBoundedLsq::BytesFor({t})) + (size_t{64} << 20);
+  return bytes;
+}
+
+absl::StatusOr<LayerResult> CudaBackend::RunWithinLimit(const LayerJob& job) {
+  if (static_cast<int64_t>(job.budgets.size()) != job.data.heads) return absl::InvalidArgumentError("one budget per head is required");
+  const DeviceBytes need = EstimateDeviceBytesImpl(job, options_.workspace_bytes);
+  const int64_t H = job.data.heads;
+  const int64_t fit = limit_ > need.fixed ? static_cast<int64_t>((limit_ - need.fixed) / std::max<size_t>(need.per_head, 1)) : 0;
+  if (fit < 1) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "layer ", job.data.layer, ": one KV head of ", job.data.tokens, " tokens needs about ",
+        (need.fixed + need.per_head) >> 20, " MiB of GPU memory, over the bound of ", limit_ >> 20,
+        " MiB; raise --cuda_memory_limit_bytes, lower --cuda_workspace_bytes, or send fewer tokens or queries per layer"));
+  }
+  const int64_t group = std::min(H, fit);
+  // Grow-only buffers shaped by earlier layers may not leave room for this one: start afresh.
+  if (g_device_bytes.load() + need.fixed + group * need.per_head > limit_) ReleaseBuffers();
+  if (group == H) return Run(job);
+  LayerResult all;
+  for (int64_t begin = 0; begin < H; begin += group) {
+    absl::StatusOr<LayerResult> part = Run(SliceHeads(job, begin, std::min(H, begin + group)));
+    if (!part.ok()) return part.status();
+    for (CompactedHead& head : part->heads) all.heads.push_back(std::move(head));
+    all.seconds += part->seconds;
+  }
+  return all;
+}
+
+void CudaBackend::ReleaseBuffers() {
+  for (auto* b : {&keys_, &values_, &bias_, &q_fit_, &q_eval_, &logits_, &scores_, &fit_.row_max, &fit_.mass,
+                  &fit_.outputs, &eval_.row_max, &eval_.mass, &eval_.outputs, &ck_, &cv_, &beta_, &subset_, &gram_,
+                  &rhs_, &cvec_, &lambda_, &yhat_, &mhat_, &work_}) {
+    b->Release();
+  }
+  idx_.Release();
+  lsq_->Release();
+}
+
+absl::Status CudaBackend::FitMass(const std::vector<int64_t>& heads, int64_t nf, int64_t n_max,
+                                  const std::vector<HeadOptions>& options, const std::vector<VectorF>& bias_s,
+                                  LayerResult* result) {
+  for (size_t first = 0; first < heads.size();) {
+    // The largest run of heads whose solver memory fits the workspace (at least one head).
+    std::vector<int64_t> sizes;
+    size_t last = first;
+    while (last < heads.size()) {
+      sizes.push_back(static_cast<int64_t>(result->heads[heads[last]].indices.size()));
+      if (sizes.size() > 1 && DeviceBoundedLsq::BytesFor(sizes) > options_.workspace_bytes) {
+        sizes.pop_back();
+        break;
+      }
+      ++last;
+    }
+    std::vector<LsqBounds> bounds;
+    for (size_t k = first; k < last; ++k) {
+      const HeadOptions& o = options[heads[k]];
+      bounds.push_back({sizes[k - first], std::exp(o.beta_min), std::exp(o.beta_max)});
+    }
+    if (auto s = lsq_->Reset(bounds); !s.ok()) return s;
+    for (size_t k = first; k < last; ++k) {
+      const int64_t h = heads[k], t = sizes[k - first];
+      const int i = static_cast<int>(k - first);
+      if (auto s = ReserveHeadBuffers(t, n_max); !s.ok()) return s;
+      if (auto s = ToDevice(idx_, result->heads[h].indices.data(), t, stream_); !s.ok()) return s;
+      GatherRows(keys_.get() + h * T_ * d_, idx_.get(), t, d_, ck_.get(), stream_);
+      KVC_LAUNCHED("GatherRows");
+      if (auto s = MassSystem(h, nf, t, bias_s[h], lsq_->gram(i), lsq_->rhs(i)); !s.ok()) {
+        return absl::Status(s.code(), absl::StrCat("head ", h, ": ", s.message()));
+      }
+    }
+    const auto solve_start = Clock::now();
+    std::vector<LsqOutcome> outcomes;
+    if (auto s = lsq_->Solve(BoundedLsqOptions{}, &outcomes); !s.ok()) return s;
+    for (size_t k = first; k < last; ++k) {
+      const int64_t h = heads[k], t = sizes[k - first];
+      std::vector<double> w(t);
+      if (auto s = ToHost(w.data(), lsq_->weights(static_cast<int>(k - first)), t, stream_); !s.ok()) return s;
+      CompactedHead& head = result->heads[h];
+      head.beta.resize(t);
+      for (int64_t j = 0; j < t; ++j) head.beta[j] = static_cast<float>(std::log(w[j])) + bias_s[h][j];
+      head.mass_fit_converged = outcomes[k - first].converged;
+    }
+    result->seconds.mass_solve += Since(solve_start);
+    first = last;
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<LayerResult> CudaBackend::Run(const LayerJob& job) {
   const LayerData& data = job.data;
   if (static_cast<int64_t>(job.budgets.size()) != data.heads) return absl::InvalidArgumentError("one budget per head is required");
@@ -298,13 +426,13 @@ absl::StatusOr<LayerResult> CudaBackend::Run(const LayerJob& job) {
     q_fit.insert(q_fit.end(), fit.data(), fit.data() + fit.size());
     q_eval.insert(q_eval.end(), eval.data(), eval.data() + eval.size());
   }
-  if (auto s = ToDevice(keys_, data.keys.data(), data.keys.size(), stream_); !s.ok()) return s;
-  if (auto s = ToDevice(values_, data.values.data(), data.values.size(), stream_); !s.ok()) return s;
+  if (auto s = Stage(keys_, data.keys.data(), data.keys.size()); !s.ok()) return s;
+  if (auto s = Stage(values_, data.values.data(), data.values.size()); !s.ok()) return s;
   if (has_bias_) {
-    if (auto s = ToDevice(bias_, data.bias.data(), data.bias.size(), stream_); !s.ok()) return s;
+    if (auto s = Stage(bias_, data.bias.data(), data.bias.size()); !s.ok()) return s;
   }
-  if (auto s = ToDevice(q_fit_, q_fit.data(), q_fit.size(), stream_); !s.ok()) return s;
-  if (auto s = ToDevice(q_eval_, q_eval.data(), q_eval.size(), stream_); !s.ok()) return s;
+  if (auto s = Stage(q_fit_, q_fit.data(), q_fit.size()); !s.ok()) return s;
+  if (auto s = Stage(q_eval_, q_eval.data(), q_eval.size()); !s.ok()) return s;
   KVC_CUDA(cudaStreamSynchronize(stream_));
   result.seconds.upload += Since(start);
 
@@ -332,11 +460,10 @@ absl::StatusOr<LayerResult> CudaBackend::Run(const LayerJob& job) {
   const bool am_fit = spec.fit == Fit::kAttentionMatching;
   std::vector<HeadOptions> head_options(H_);
   std::vector<VectorF> bias_s(H_);
-  std::vector<MatrixF> grams(H_);
-  std::vector<VectorF> rhss(H_);
+  std::vector<int64_t> to_fit;
   std::vector<uint8_t> fitted(H_, 0);
 
-  // Phase 1, per head on the device: select S, gather C_k, build the mass system.
+  // Phase 1, per head on the host: select S (from the device's scores), gather C_k and b_S.
   for (int64_t h = 0; h < H_; ++h) {
     head_options[h] = HeadOptionsFor(job, h);
     const HeadOptions& o = head_options[h];
@@ -366,30 +493,14 @@ absl::StatusOr<LayerResult> CudaBackend::Run(const LayerJob& job) {
       for (int64_t r = 0; r < t; ++r) head.values.row(r) = block.values.row(head.indices[r]);
       continue;
     }
-    fitted[h] = 1;
-    start = Clock::now();
-    if (auto s = ReserveHeadBuffers(t, n_max); !s.ok()) return s;
-    if (auto s = ToDevice(idx_, head.indices.data(), t, stream_); !s.ok()) return s;
-    GatherRows(keys_.get() + h * T_ * d_, idx_.get(), t, d_, ck_.get(), stream_);
-    KVC_LAUNCHED("GatherRows");
-    if (auto s = MassSystem(h, nf, t, bias_s[h], &grams[h], &rhss[h]); !s.ok()) {
-      return absl::Status(s.code(), absl::StrCat("head ", h, ": ", s.message()));
-    }
-    result.seconds.mass_fit += Since(start);
+    to_fit.push_back(h);
   }
 
-  // Phase 2, on host threads: the bounded NNLS of every head (float64, the CPU backend's solver).
+  // Phase 2, on the device: mass systems and the batched bounded NNLS.
   start = Clock::now();
-  pool_.ParallelFor(H_, [&](int64_t h) {
-    if (!fitted[h]) return;
-    const HeadOptions& o = head_options[h];
-    const BoundedLsqResult w = SolveBoundedLsq(grams[h].cast<double>(), rhss[h].cast<double>(), std::exp(o.beta_min),
-                                               std::exp(o.beta_max));
-    result.heads[h].beta = (w.w.array().log().cast<float>() + bias_s[h].array()).matrix();
-    result.heads[h].mass_fit_converged = w.converged;
-  });
+  if (auto s = FitMass(to_fit, nf, n_max, head_options, bias_s, &result); !s.ok()) return s;
   result.seconds.mass_fit += Since(start);
-  result.seconds.mass_solve += Since(start);
+  for (int64_t h : to_fit) fitted[h] = 1;
 
   // Phase 3, per head on the device: values by the ridge solve, then held-out evaluation.
   for (int64_t h = 0; h < H_; ++h) {
@@ -434,6 +545,10 @@ absl::StatusOr<LayerResult> CudaBackend::Run(const LayerJob& job) {
 }
 
 }  // namespace
+
+DeviceBytes EstimateDeviceBytes(const LayerJob& job, size_t workspace_bytes) {
+  return EstimateDeviceBytesImpl(job, workspace_bytes);
+}
 
 std::string CudaUnavailableReason() {
   int count = 0;

@@ -15,7 +15,17 @@ struct CudaBackendOptions {
   int device = 0;
   bool allow_tf32 = false;                 // cuBLAS TF32 tensor-op math for the large products
   size_t workspace_bytes = size_t{2} << 30;  // bound on the logit chunk (heads x rows x T floats)
+  // Bound on the backend's device memory; a layer that would exceed it is compacted in groups of
+  // heads. 0: 90% of the device memory free at start-up.
+  size_t memory_limit_bytes = 0;
 };
+
+// Device bytes the backend needs to compact `heads` heads of this job's shape at once, as a part
+// fixed per layer plus a part per head.
+struct DeviceBytes {
+  size_t fixed = 0, per_head = 0;
+};
+DeviceBytes EstimateDeviceBytes(const LayerJob& job, size_t workspace_bytes);
 
 // "" when a CUDA device is usable, else why not.
 std::string CudaUnavailableReason();

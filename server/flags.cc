@@ -12,6 +12,8 @@ ABSL_FLAG(std::string, backend, "auto", "Compute backend: auto (cuda when built 
 ABSL_FLAG(int, cuda_device, 0, "CUDA device ordinal");
 ABSL_FLAG(bool, allow_tf32, false, "Let cuBLAS use TF32 tensor cores for the large fp32 products (faster, less exact)");
 ABSL_FLAG(uint64_t, cuda_workspace_bytes, uint64_t{2} << 30, "GPU memory bound for the logit chunk of one layer");
+ABSL_FLAG(uint64_t, cuda_memory_limit_bytes, 0,
+          "Bound on the CUDA backend's GPU memory; larger layers are compacted in groups of heads. 0 = 90% of the memory free at start-up");
 ABSL_FLAG(int, threads, 0, "CPU threads for the CPU backend; 0 = all cores");
 ABSL_FLAG(uint64_t, max_message_bytes, 16u << 20, "Largest gRPC message accepted and sent");
 ABSL_FLAG(uint64_t, max_tokens_per_block, 1u << 20, "Largest T of one layer's block");
@@ -27,7 +29,7 @@ namespace kvcompact::server {
 namespace {
 
 const char* const kFlagNames[] = {
-    "listen", "metrics_listen", "backend", "cuda_device", "allow_tf32", "cuda_workspace_bytes", "threads", "max_message_bytes", "max_tokens_per_block",
+    "listen", "metrics_listen", "backend", "cuda_device", "allow_tf32", "cuda_workspace_bytes", "cuda_memory_limit_bytes", "threads", "max_message_bytes", "max_tokens_per_block",
     "max_queries_per_layer", "max_concurrent_streams", "max_open_layers_per_stream", "queue_depth",
     "shutdown_timeout_seconds", "warmup", "log_level"};
 

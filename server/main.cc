@@ -46,6 +46,7 @@ std::unique_ptr<Backend> MakeBackend(const std::string& name, int threads, std::
     options.device = absl::GetFlag(FLAGS_cuda_device);
     options.allow_tf32 = absl::GetFlag(FLAGS_allow_tf32);
     options.workspace_bytes = absl::GetFlag(FLAGS_cuda_workspace_bytes);
+    options.memory_limit_bytes = absl::GetFlag(FLAGS_cuda_memory_limit_bytes);
     auto cuda = kernels::MakeCudaBackend(options);
     if (cuda.ok()) {
       spdlog::info("CUDA backend on device {}; math: {}", options.device,

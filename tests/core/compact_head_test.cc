@@ -250,5 +250,43 @@ TEST(CompactHead, AmHeldOutErrorBelowEvictionBaselinesOnSyntheticHeads) {
   }
 }
 
+// A layer split into head slices gives the same heads as the whole layer (the CUDA backend splits
+// layers that do not fit its memory bound); the random method and the query split depend on seeds.
+TEST(SliceHeads, SlicesCompactToTheSameHeadsAsTheWholeLayer) {
+  SyntheticShape shape;
+  shape.heads = 5;
+  shape.tokens = 300;
+  shape.queries = 64;
+  LayerJob job;
+  job.data = MakeSyntheticLayer(shape, 9);
+  job.data.layer = 3;
+  job.data.bias.assign(shape.heads * shape.tokens, 0.f);
+  for (size_t i = 0; i < job.data.bias.size(); ++i) job.data.bias[i] = 0.01f * static_cast<float>(i % 17);
+  job.budgets = {10, 20, 30, 40, 50};
+  auto cpu = MakeCpuBackend(2);
+  for (Method m : {Method::kRandom, Method::kAmHighestAttention}) {
+    job.options.method = m;
+    job.options.holdout_fraction = 0.25f;
+    auto whole = cpu->CompactLayer(job);
+    ASSERT_TRUE(whole.ok());
+    size_t next = 0;
+    for (auto [begin, end] : {std::pair<int64_t, int64_t>{0, 2}, {2, 3}, {3, 5}}) {
+      const LayerJob slice = SliceHeads(job, begin, end);
+      EXPECT_EQ(slice.data.heads, end - begin);
+      EXPECT_EQ(slice.first_head, begin);
+      auto part = cpu->CompactLayer(slice);
+      ASSERT_TRUE(part.ok());
+      for (const CompactedHead& head : part->heads) {
+        const CompactedHead& ref = whole->heads[next++];
+        EXPECT_EQ(head.indices, ref.indices) << "head " << next - 1;
+        EXPECT_EQ(head.beta, ref.beta) << "head " << next - 1;
+        EXPECT_EQ(head.values, ref.values) << "head " << next - 1;
+        EXPECT_EQ(head.quality.output_rel_error, ref.quality.output_rel_error);
+      }
+    }
+    EXPECT_EQ(next, whole->heads.size());
+  }
+}
+
 }  // namespace
 }  // namespace kvcompact

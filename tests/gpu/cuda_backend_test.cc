@@ -249,5 +249,35 @@ TEST(CudaBackend, BadJobsAreStatusesNotCrashes) {
   EXPECT_TRUE((*gpu)->CompactLayer(job).ok());
 }
 
+TEST(CudaBackend, MemoryLimitSplitsTheLayerIntoHeadGroups) {
+  SKIP_WITHOUT_GPU();
+  const LayerJob job = MakeJob({1000, 64, 10, Method::kAmHighestAttention, DType::kFloat32, true, 0.1f}, 21);
+  kernels::CudaBackendOptions whole_options, limited_options, tiny_options;
+  whole_options.workspace_bytes = limited_options.workspace_bytes = tiny_options.workspace_bytes = size_t{1} << 20;
+  const kernels::DeviceBytes need = kernels::EstimateDeviceBytes(job, whole_options.workspace_bytes);
+  ASSERT_GT(need.per_head, 0u);
+  limited_options.memory_limit_bytes = need.fixed + need.per_head * 3 / 2;  // one head at a time
+  tiny_options.memory_limit_bytes = need.fixed / 2;                         // not even one head
+  auto whole = kernels::MakeCudaBackend(whole_options);
+  auto limited = kernels::MakeCudaBackend(limited_options);
+  auto tiny = kernels::MakeCudaBackend(tiny_options);
+  ASSERT_TRUE(whole.ok() && limited.ok() && tiny.ok());
+  auto a = (*whole)->CompactLayer(job);
+  auto b = (*limited)->CompactLayer(job);
+  ASSERT_TRUE(a.ok()) << a.status();
+  ASSERT_TRUE(b.ok()) << b.status();
+  ASSERT_EQ(a->heads.size(), b->heads.size());
+  for (size_t h = 0; h < a->heads.size(); ++h) {
+    EXPECT_EQ(a->heads[h].indices, b->heads[h].indices) << "head " << h;
+    EXPECT_LT((a->heads[h].beta - b->heads[h].beta).cwiseAbs().maxCoeff(), 1e-4f) << "head " << h;
+    EXPECT_LT(RelErr(b->heads[h].values.data(), a->heads[h].values.data(), a->heads[h].values.size()), 1e-4) << "head " << h;
+    EXPECT_EQ(a->heads[h].quality.eval_queries, b->heads[h].quality.eval_queries);
+  }
+  auto refused = (*tiny)->CompactLayer(job);
+  ASSERT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_NE(refused.status().message().find("--cuda_memory_limit_bytes"), std::string_view::npos) << refused.status();
+  EXPECT_TRUE((*tiny)->healthy());
+}
+
 }  // namespace
 }  // namespace kvcompact

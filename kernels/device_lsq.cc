@@ -1,0 +1,148 @@
+#include "kernels/device_lsq.h"
+
+#include <algorithm>
+
+namespace kvcompact::kernels {
+namespace {
+
+size_t DoublesFor(int64_t t) { return static_cast<size_t>(2 * t * t + kLsqVectors * t); }
+
+}  // namespace
+
+size_t DeviceBoundedLsq::BytesFor(const std::vector<int64_t>& sizes) {
+  size_t doubles = 0;
+  int64_t t_max = 1;
+  for (int64_t t : sizes) doubles += DoublesFor(t), t_max = std::max(t_max, t);
+  // + the Cholesky workspace, bounded by one t_max x t_max matrix in practice.
+  return (doubles + static_cast<size_t>(t_max * t_max)) * sizeof(double) +
+         sizes.size() * (sizeof(LsqProblem) + sizeof(LsqState) + 2 * sizeof(int));
+}
+
+absl::Status DeviceBoundedLsq::Reset(const std::vector<LsqBounds>& problems) {
+  size_t doubles = 0;
+  t_max_ = 1;
+  for (const LsqBounds& b : problems) doubles += DoublesFor(b.t), t_max_ = std::max(t_max_, b.t);
+  if (auto s = arena_.Reserve(std::max<size_t>(doubles, 1)); !s.ok()) return s;
+  const size_t count = std::max<size_t>(problems.size(), 1);
+  if (auto s = problems_.Reserve(count); !s.ok()) return s;
+  if (auto s = states_.Reserve(count); !s.ok()) return s;
+  if (auto s = info_.Reserve(count); !s.ok()) return s;
+  if (auto s = solve_info_.Reserve(count); !s.ok()) return s;
+  host_problems_.assign(problems.size(), LsqProblem{});
+  double* next = arena_.get();
+  for (size_t i = 0; i < problems.size(); ++i) {
+    LsqProblem& p = host_problems_[i];
+    p.t = problems[i].t;
+    p.lo = problems[i].lo;
+    p.hi = problems[i].hi;
+    p.gram = next;
+    p.system = next + p.t * p.t;
+    p.vec = next + 2 * p.t * p.t;
+    next += DoublesFor(p.t);
+  }
+  if (!problems.empty()) {
+    KVC_CUDA(cudaMemcpyAsync(problems_.get(), host_problems_.data(), problems.size() * sizeof(LsqProblem),
+                             cudaMemcpyHostToDevice, stream_));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status DeviceBoundedLsq::ReadStates() {
+  KVC_CUDA(cudaMemcpyAsync(host_states_.data(), states_.get(), host_states_.size() * sizeof(LsqState),
+                           cudaMemcpyDeviceToHost, stream_));
+  KVC_CUDA(cudaStreamSynchronize(stream_));
+  return absl::OkStatus();
+}
+
+absl::Status DeviceBoundedLsq::FactorAndSolve(const std::vector<int>& which) {
+  int lwork = 0;
+  KVC_CUSOLVER(cusolverDnDpotrf_bufferSize(solver_, CUBLAS_FILL_MODE_LOWER, static_cast<int>(t_max_),
+                                           host_problems_[which.front()].system, static_cast<int>(t_max_), &lwork));
+  if (auto s = work_.Reserve(std::max(lwork, 1)); !s.ok()) return s;
+  for (int i : which) {
+    const LsqProblem& p = host_problems_[i];
+    const int t = static_cast<int>(p.t);
+    // info_[i] > 0: not positive definite; the direction kernel then falls back to the gradient.
+    KVC_CUSOLVER(cusolverDnDpotrf(solver_, CUBLAS_FILL_MODE_LOWER, t, p.system, t, work_.get(), lwork, info_.get() + i));
+    KVC_CUSOLVER(cusolverDnDpotrs(solver_, CUBLAS_FILL_MODE_LOWER, t, 1, p.system, t, p.vec + kLsqSol * p.t, t,
+                                  solve_info_.get() + i));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status DeviceBoundedLsq::Solve(const BoundedLsqOptions& options, std::vector<LsqOutcome>* outcomes) {
+  const int count = static_cast<int>(host_problems_.size());
+  outcomes->assign(count, LsqOutcome{});
+  if (count == 0) return absl::OkStatus();
+  host_states_.assign(count, LsqState{});
+  std::vector<int> all(count);
+  for (int i = 0; i < count; ++i) all[i] = i;
+
+  // Start from the clamped unconstrained solution (Cholesky of G + 1e-12 (tr G / t) I).
+  LsqPrepare(problems_.get(), states_.get(), count, t_max_, stream_);
+  KVC_LAUNCHED("LsqPrepare");
+  if (auto s = FactorAndSolve(all); !s.ok()) return s;
+  LsqStart(problems_.get(), info_.get(), count, stream_);
+  KVC_LAUNCHED("LsqStart");
+
+  const double one = 1, minus_one = -1, zero = 0;
+  std::vector<int> active = all;
+  for (int it = 0; it < options.max_iterations && !active.empty(); ++it) {
+    for (int i : active) {  // grad = G w - c
+      const LsqProblem& p = host_problems_[i];
+      const int t = static_cast<int>(p.t);
+      KVC_CUDA(cudaMemcpyAsync(p.vec + kLsqGrad * p.t, p.vec + kLsqRhs * p.t, p.t * sizeof(double), cudaMemcpyDeviceToDevice,
+                               stream_));
+      KVC_CUBLAS(cublasDgemv(blas_, CUBLAS_OP_N, t, t, &one, p.gram, t, p.vec + kLsqW * p.t, 1, &minus_one,
+                             p.vec + kLsqGrad * p.t, 1));
+    }
+    LsqAnalyze(problems_.get(), states_.get(), count, options.tolerance, stream_);
+    KVC_LAUNCHED("LsqAnalyze");
+    if (auto s = ReadStates(); !s.ok()) return s;
+    std::vector<int> still;
+    for (int i : active) {
+      if (host_states_[i].status == kLsqConverged) {
+        (*outcomes)[i] = {it, true};
+      } else {
+        still.push_back(i);
+      }
+    }
+    active.swap(still);
+    if (active.empty()) break;
+
+    LsqBuildSystem(problems_.get(), states_.get(), count, t_max_, stream_);
+    KVC_LAUNCHED("LsqBuildSystem");
+    if (auto s = FactorAndSolve(active); !s.ok()) return s;
+    LsqDirection(problems_.get(), states_.get(), info_.get(), count, stream_);
+    KVC_LAUNCHED("LsqDirection");
+
+    // Armijo search along the projection arc; all problems try alpha = 1 before the first sync.
+    std::vector<int> searching = active;
+    for (int round = 0; round < 40 && !searching.empty(); ++round) {
+      LsqTrial(problems_.get(), states_.get(), count, stream_);
+      KVC_LAUNCHED("LsqTrial");
+      for (int i : searching) {
+        const LsqProblem& p = host_problems_[i];
+        const int t = static_cast<int>(p.t);
+        KVC_CUBLAS(cublasDgemv(blas_, CUBLAS_OP_N, t, t, &one, p.gram, t, p.vec + kLsqTrial * p.t, 1, &zero,
+                               p.vec + kLsqGt * p.t, 1));
+      }
+      LsqAccept(problems_.get(), states_.get(), count, stream_);
+      KVC_LAUNCHED("LsqAccept");
+      if (auto s = ReadStates(); !s.ok()) return s;
+      std::vector<int> next;
+      for (int i : searching) {
+        if (host_states_[i].searching) next.push_back(i);
+      }
+      searching.swap(next);
+    }
+    // Where the Newton arc failed (numerically flat): one projected-gradient step.
+    LsqGradientStep(problems_.get(), states_.get(), count, stream_);
+    KVC_LAUNCHED("LsqGradientStep");
+    for (int i : active) (*outcomes)[i] = {it + 1, false};
+  }
+  KVC_CUDA(cudaStreamSynchronize(stream_));
+  return absl::OkStatus();
+}
+
+}  // namespace kvcompact::kernels

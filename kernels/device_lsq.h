@@ -1,0 +1,71 @@
+// Bounded least squares  min_w ||A w - y||^2, lo <= w <= hi  for a batch of problems on the
+// device: the projected Newton method of core/bounded_lsq.h (the same start, binding set, Armijo
+// search along the projection arc and tolerance), in fp64, every problem of the batch advanced
+// together. The free-set Newton systems are solved by cuSOLVER Cholesky; where one is not positive
+// definite the step falls back to the scaled gradient (the CPU solver tries LDLT there), so on
+// rank-deficient problems the two may stop at different minimisers of the same objective.
+#pragma once
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+#include <cusolverDn.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "core/bounded_lsq.h"
+#include "kernels/device_buffer.h"
+#include "kernels/device_lsq_kernels.cuh"
+
+namespace kvcompact::kernels {
+
+struct LsqBounds {
+  int64_t t = 0;
+  double lo = 0, hi = 0;
+};
+
+struct LsqOutcome {
+  int iterations = 0;
+  bool converged = false;
+};
+
+class DeviceBoundedLsq {
+ public:
+  DeviceBoundedLsq(cublasHandle_t blas, cusolverDnHandle_t solver, cudaStream_t stream)
+      : blas_(blas), solver_(solver), stream_(stream) {}
+
+  // Device bytes a batch of these sizes needs (two t x t matrices and a few vectors each).
+  static size_t BytesFor(const std::vector<int64_t>& sizes);
+
+  // Lays out a batch; then fill gram(i) (t x t) and rhs(i) (t) on the stream before Solve.
+  absl::Status Reset(const std::vector<LsqBounds>& problems);
+  double* gram(int i) const { return host_problems_[i].gram; }
+  double* rhs(int i) const { return host_problems_[i].vec + kLsqRhs * host_problems_[i].t; }
+  // Solution of problem i (device, t long) after Solve.
+  const double* weights(int i) const { return host_problems_[i].vec + kLsqW * host_problems_[i].t; }
+
+  absl::Status Solve(const BoundedLsqOptions& options, std::vector<LsqOutcome>* outcomes);
+  void Release() {
+    arena_.Release();
+    work_.Release();
+  }
+
+ private:
+  // Cholesky factorisation and solve of every listed problem's system against its kLsqSol vector.
+  absl::Status FactorAndSolve(const std::vector<int>& which);
+  absl::Status ReadStates();
+
+  cublasHandle_t blas_;
+  cusolverDnHandle_t solver_;
+  cudaStream_t stream_;
+  std::vector<LsqProblem> host_problems_;
+  std::vector<LsqState> host_states_;
+  int64_t t_max_ = 0;
+  DeviceBuffer<double> arena_, work_;
+  DeviceBuffer<LsqProblem> problems_;
+  DeviceBuffer<LsqState> states_;
+  DeviceBuffer<int> info_, solve_info_;
+};
+
+}  // namespace kvcompact::kernels

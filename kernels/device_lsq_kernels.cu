@@ -1,0 +1,246 @@
+#include "kernels/device_lsq_kernels.cuh"
+
+#include <cfloat>
+
+namespace kvcompact::kernels {
+namespace {
+
+constexpr int kBlock = 256;
+
+struct Sum {
+  __device__ double operator()(double a, double b) const { return a + b; }
+};
+struct Max {
+  __device__ double operator()(double a, double b) const { return fmax(a, b); }
+};
+
+// Reduces `v` over the block; every thread gets the result. Uses `shared[32]`.
+template <typename Op>
+__device__ double BlockReduce(double v, double* shared, Op op, double identity) {
+  for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffff, v, o));
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  v = threadIdx.x < (blockDim.x >> 5) ? shared[threadIdx.x] : identity;
+  if (warp == 0) {
+    for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffff, v, o));
+    if (lane == 0) shared[0] = v;
+  }
+  __syncthreads();
+  v = shared[0];
+  __syncthreads();
+  return v;
+}
+
+__device__ double Clamp(double x, double lo, double hi) { return fmin(fmax(x, lo), hi); }
+__device__ double* Vec(const LsqProblem& p, int which) { return p.vec + which * p.t; }
+
+__global__ void PrepareKernel(const LsqProblem* problems, LsqState* states) {
+  __shared__ double shared[32];
+  const LsqProblem p = problems[blockIdx.x];
+  double trace = 0;
+  for (int64_t j = threadIdx.x; j < p.t; j += blockDim.x) {
+    const double g = p.gram[j * p.t + j];
+    trace += g;
+    Vec(p, kLsqInvDiag)[j] = 1.0 / fmax(g, 1e-300);
+    Vec(p, kLsqSol)[j] = Vec(p, kLsqRhs)[j];
+    Vec(p, kLsqFree)[j] = 1.0;
+  }
+  trace = BlockReduce(trace, shared, Sum(), 0.0);
+  if (threadIdx.x == 0) {
+    LsqState s;
+    s.lipschitz = fmax(trace, 1e-300);
+    s.jitter = 1e-12 * (trace / fmax(double(p.t), 1.0) + 1e-300);
+    s.nfree = static_cast<int>(p.t);
+    states[blockIdx.x] = s;
+  }
+}
+
+__global__ void StartKernel(const LsqProblem* problems, const int* info) {
+  __shared__ double shared[32];
+  const LsqProblem p = problems[blockIdx.x];
+  double bad = 0;
+  for (int64_t j = threadIdx.x; j < p.t; j += blockDim.x) bad += isfinite(Vec(p, kLsqSol)[j]) ? 0.0 : 1.0;
+  const bool use_solution = info[blockIdx.x] == 0 && BlockReduce(bad, shared, Sum(), 0.0) == 0;
+  for (int64_t j = threadIdx.x; j < p.t; j += blockDim.x) {
+    Vec(p, kLsqW)[j] = Clamp(use_solution ? Vec(p, kLsqSol)[j] : 1.0, p.lo, p.hi);
+  }
+}
+
+__global__ void AnalyzeKernel(const LsqProblem* problems, LsqState* states, double tolerance) {
+  __shared__ double shared[32];
+  const LsqProblem p = problems[blockIdx.x];
+  LsqState* state = states + blockIdx.x;
+  if (state->status != kLsqActive) return;
+  const double *w = Vec(p, kLsqW), *g = Vec(p, kLsqGrad), *inv = Vec(p, kLsqInvDiag), *c = Vec(p, kLsqRhs);
+  double pg = 0, wmax = 0;
+  for (int64_t j = threadIdx.x; j < p.t; j += blockDim.x) {
+    pg = fmax(pg, fabs(w[j] - Clamp(w[j] - g[j] * inv[j], p.lo, p.hi)));
+    wmax = fmax(wmax, fabs(w[j]));
+  }
+  pg = BlockReduce(pg, shared, Max(), 0.0);
+  wmax = BlockReduce(wmax, shared, Max(), 0.0);
+  if (pg <= tolerance * fmax(1.0, wmax)) {
+    if (threadIdx.x == 0) {
+      state->pg = pg;
+      state->status = kLsqConverged;
+    }
+    return;
+  }
+  // Epsilon-binding set: at (or within eps of) a bound with the gradient pushing outward.
+  const double eps = fmin(pg, 1e-3 * (p.hi - p.lo));
+  double trace = 0, nfree = 0, f = 0;
+  for (int64_t j = threadIdx.x; j < p.t; j += blockDim.x) {
+    const bool at_lo = w[j] <= p.lo + eps && g[j] > 0;
+    const bool at_hi = w[j] >= p.hi - eps && g[j] < 0;
+    const bool is_free = !at_lo && !at_hi;
+    Vec(p, kLsqFree)[j] = is_free ? 1.0 : 0.0;
+    Vec(p, kLsqSol)[j] = is_free ? -g[j] : 0.0;
+    if (is_free) {
+      trace += p.gram[j * p.t + j];
+      nfree += 1;
+    }
+    f += 0.5 * w[j] * g[j] - 0.5 * w[j] * c[j];  // 0.5 w'Gw - c'w with G w = g + c
+  }
+  trace = BlockReduce(trace, shared, Sum(), 0.0);
+  nfree = BlockReduce(nfree, shared, Sum(), 0.0);
+  f = BlockReduce(f, shared, Sum(), 0.0);
+  if (threadIdx.x == 0) {
+    state->pg = pg;
+    state->wmax = wmax;
+    state->nfree = static_cast<int>(nfree);
+    state->jitter = 1e-13 * (trace / fmax(nfree, 1.0) + 1e-300);
+    state->f0 = f;
+    state->alpha = 1;
+    state->searching = 1;
+    state->moved = 0;
+  }
+}
+
+__global__ void BuildSystemKernel(const LsqProblem* problems, const LsqState* states) {
+  const LsqProblem p = problems[blockIdx.y];
+  const LsqState& s = states[blockIdx.y];
+  if (s.status != kLsqActive) return;
+  const double* is_free = Vec(p, kLsqFree);
+  const int64_t n = p.t * p.t;
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < n; e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t a = e / p.t, b = e % p.t;
+    const bool both = is_free[a] != 0 && is_free[b] != 0;
+    double v = both ? p.gram[e] : 0.0;
+    if (a == b) v = both ? v + s.jitter : 1.0;
+    p.system[e] = v;
+  }
+}
+
+__global__ void DirectionKernel(const LsqProblem* problems, const LsqState* states, const int* info) {
+  __shared__ double shared[32];
+  const LsqProblem p = problems[blockIdx.x];
+  const LsqState& s = states[blockIdx.x];
+  if (s.status != kLsqActive) return;
+  const double *sol = Vec(p, kLsqSol), *is_free = Vec(p, kLsqFree), *g = Vec(p, kLsqGrad), *inv = Vec(p, kLsqInvDiag);
+  double bad = 0;
+  for (int64_t j = threadIdx.x; j < p.t; j += blockDim.x) bad += (is_free[j] != 0 && !isfinite(sol[j])) ? 1.0 : 0.0;
+  // A failed factorisation (not positive definite) or a non-finite step: scaled gradient everywhere.
+  const bool newton = s.nfree > 0 && info[blockIdx.x] == 0 && BlockReduce(bad, shared, Sum(), 0.0) == 0;
+  for (int64_t j = threadIdx.x; j < p.t; j += blockDim.x) {
+    Vec(p, kLsqDir)[j] = newton && is_free[j] != 0 ? sol[j] : -g[j] * inv[j];
+  }
+}
+
+__global__ void TrialKernel(const LsqProblem* problems, const LsqState* states) {
+  const LsqProblem p = problems[blockIdx.x];
+  const LsqState& s = states[blockIdx.x];
+  if (s.status != kLsqActive || !s.searching) return;
+  for (int64_t j = threadIdx.x; j < p.t; j += blockDim.x) {
+    Vec(p, kLsqTrial)[j] = Clamp(Vec(p, kLsqW)[j] + s.alpha * Vec(p, kLsqDir)[j], p.lo, p.hi);
+  }
+}
+
+__global__ void AcceptKernel(const LsqProblem* problems, LsqState* states) {
+  __shared__ double shared[32];
+  __shared__ int accept;
+  const LsqProblem p = problems[blockIdx.x];
+  LsqState* s = states + blockIdx.x;
+  if (s->status != kLsqActive || !s->searching) return;
+  const double *trial = Vec(p, kLsqTrial), *gt = Vec(p, kLsqGt), *c = Vec(p, kLsqRhs), *g = Vec(p, kLsqGrad);
+  double* w = Vec(p, kLsqW);
+  double f = 0, armijo = 0, move = 0;
+  for (int64_t j = threadIdx.x; j < p.t; j += blockDim.x) {
+    f += 0.5 * trial[j] * gt[j] - c[j] * trial[j];
+    armijo += g[j] * (w[j] - trial[j]);
+    move = fmax(move, fabs(trial[j] - w[j]));
+  }
+  f = BlockReduce(f, shared, Sum(), 0.0);
+  armijo = BlockReduce(armijo, shared, Sum(), 0.0);
+  move = BlockReduce(move, shared, Max(), 0.0);
+  if (threadIdx.x == 0) {
+    const double decrease = s->f0 - f;
+    accept = decrease >= 1e-4 * armijo && decrease >= 0;
+    if (accept) {
+      s->moved = move > 0;
+      s->searching = 0;
+    } else {
+      s->alpha *= 0.5;
+    }
+  }
+  __syncthreads();
+  if (accept) {
+    for (int64_t j = threadIdx.x; j < p.t; j += blockDim.x) w[j] = trial[j];
+  }
+}
+
+__global__ void GradientStepKernel(const LsqProblem* problems, const LsqState* states) {
+  const LsqProblem p = problems[blockIdx.x];
+  const LsqState& s = states[blockIdx.x];
+  if (s.status != kLsqActive || s.moved) return;
+  for (int64_t j = threadIdx.x; j < p.t; j += blockDim.x) {
+    Vec(p, kLsqW)[j] = Clamp(Vec(p, kLsqW)[j] - Vec(p, kLsqGrad)[j] / s.lipschitz, p.lo, p.hi);
+  }
+}
+
+__global__ void CastToDoubleKernel(const float* in, int64_t count, double* out) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < count; i += int64_t(gridDim.x) * blockDim.x) {
+    out[i] = in[i];
+  }
+}
+
+dim3 MatrixGrid(int64_t t_max, int count) {
+  const int64_t blocks = (t_max * t_max + kBlock * 8 - 1) / (kBlock * 8);
+  return dim3(static_cast<unsigned>(blocks < 1 ? 1 : (blocks > 65535 ? 65535 : blocks)), static_cast<unsigned>(count));
+}
+
+}  // namespace
+
+void LsqPrepare(const LsqProblem* problems, LsqState* states, int count, int64_t t_max, cudaStream_t stream) {
+  PrepareKernel<<<count, kBlock, 0, stream>>>(problems, states);
+  BuildSystemKernel<<<MatrixGrid(t_max, count), kBlock, 0, stream>>>(problems, states);
+}
+void LsqStart(const LsqProblem* problems, const int* info, int count, cudaStream_t stream) {
+  StartKernel<<<count, kBlock, 0, stream>>>(problems, info);
+}
+void LsqAnalyze(const LsqProblem* problems, LsqState* states, int count, double tolerance, cudaStream_t stream) {
+  AnalyzeKernel<<<count, kBlock, 0, stream>>>(problems, states, tolerance);
+}
+void LsqBuildSystem(const LsqProblem* problems, const LsqState* states, int count, int64_t t_max, cudaStream_t stream) {
+  BuildSystemKernel<<<MatrixGrid(t_max, count), kBlock, 0, stream>>>(problems, states);
+}
+void LsqDirection(const LsqProblem* problems, const LsqState* states, const int* info, int count, cudaStream_t stream) {
+  DirectionKernel<<<count, kBlock, 0, stream>>>(problems, states, info);
+}
+void LsqTrial(const LsqProblem* problems, const LsqState* states, int count, cudaStream_t stream) {
+  TrialKernel<<<count, kBlock, 0, stream>>>(problems, states);
+}
+void LsqAccept(const LsqProblem* problems, LsqState* states, int count, cudaStream_t stream) {
+  AcceptKernel<<<count, kBlock, 0, stream>>>(problems, states);
+}
+void LsqGradientStep(const LsqProblem* problems, const LsqState* states, int count, cudaStream_t stream) {
+  GradientStepKernel<<<count, kBlock, 0, stream>>>(problems, states);
+}
+
+void CastToDouble(const float* in, int64_t count, double* out, cudaStream_t stream) {
+  const int64_t blocks = (count + kBlock * 4 - 1) / (kBlock * 4);
+  CastToDoubleKernel<<<static_cast<unsigned>(blocks < 1 ? 1 : (blocks > 65535 ? 65535 : blocks)), kBlock, 0, stream>>>(
+      in, count, out);
+}
+
+}  // namespace kvcompact::kernels

@@ -1,0 +1,50 @@
+// Kernels of the batched bounded least-squares solver on the device (kernels/device_lsq.h): one
+// thread block per problem for the vector work, a 2-D grid for the t x t Newton systems. fp64.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace kvcompact::kernels {
+
+// Per-problem vectors, each `t` long, stored one after the other at LsqProblem::vec.
+enum LsqVector : int { kLsqRhs, kLsqW, kLsqGrad, kLsqDir, kLsqTrial, kLsqGt, kLsqInvDiag, kLsqSol, kLsqFree, kLsqVectors };
+
+struct LsqProblem {
+  int64_t t = 0;
+  double* gram = nullptr;    // t x t, symmetric (G = A^T A)
+  double* system = nullptr;  // t x t scratch: the Newton system of the free variables
+  double* vec = nullptr;     // kLsqVectors x t
+  double lo = 0, hi = 0;
+};
+
+enum LsqStatus : int { kLsqActive = 0, kLsqConverged = 1 };
+
+struct LsqState {
+  double pg = 0, wmax = 0, jitter = 0, f0 = 0, alpha = 1, lipschitz = 1;
+  int nfree = 0, status = kLsqActive, searching = 0, moved = 0;
+};
+
+// inv_diag, lipschitz; the unconstrained start: system = G + 1e-12 (tr G / t) I, sol = c.
+void LsqPrepare(const LsqProblem* problems, LsqState* states, int count, int64_t t_max, cudaStream_t stream);
+// w = clamp(sol) if the start's Cholesky succeeded (info == 0) and is finite, else clamp(1).
+void LsqStart(const LsqProblem* problems, const int* info, int count, cudaStream_t stream);
+// From grad = G w - c: the KKT residual pg, convergence against `tolerance`, the epsilon-binding
+// set, the free-set right-hand side (sol = -grad on free, 0 elsewhere), f(w), alpha = 1.
+void LsqAnalyze(const LsqProblem* problems, LsqState* states, int count, double tolerance, cudaStream_t stream);
+// system = G on the free set (+ jitter on its diagonal), identity elsewhere; active problems only.
+void LsqBuildSystem(const LsqProblem* problems, const LsqState* states, int count, int64_t t_max, cudaStream_t stream);
+// dir = Newton step on the free set (if its Cholesky succeeded and is finite), -grad / diag(G) elsewhere.
+void LsqDirection(const LsqProblem* problems, const LsqState* states, const int* info, int count, cudaStream_t stream);
+// trial = clamp(w + alpha dir) for problems still searching.
+void LsqTrial(const LsqProblem* problems, const LsqState* states, int count, cudaStream_t stream);
+// Armijo test of the trial (gt = G trial): accept it into w, or halve alpha.
+void LsqAccept(const LsqProblem* problems, LsqState* states, int count, cudaStream_t stream);
+// For active problems that did not move: one projected-gradient step w = clamp(w - grad / L).
+void LsqGradientStep(const LsqProblem* problems, const LsqState* states, int count, cudaStream_t stream);
+
+// out[i] = double(in[i]).
+void CastToDouble(const float* in, int64_t count, double* out, cudaStream_t stream);
+
+}  // namespace kvcompact::kernels
