@@ -101,6 +101,7 @@ int main(int argc, char** argv) {
   printf("%-28s %10s\n", "quantity", "value");
   printf("%-28s %10.3f\n", "total wall s (all layers)", total);
   printf("%-28s %10.4f\n", "median layer s", sorted[sorted.size() / 2]);
+  printf("%-28s %10.3f\n", "total without H2D s", total - sum.upload);
   printf("%-28s %10.3f\n", "stage score s (incl. H2D)", sum.score);
   printf("%-28s %10.3f\n", "  of which H2D copies s", sum.upload);
   printf("%-28s %10.3f\n", "stage mass fit s", sum.mass_fit);
@@ -111,8 +112,8 @@ int main(int argc, char** argv) {
   printf("%-28s %10.1f\n", "achieved TFLOP/s (total)", flops / 1e12 / total);
   printf("%-28s %10.4f\n", "mean held-out output error", err);
   printf("%-28s %10.1f\n", "GPU memory in use GiB", (total_b - free_b) / 1073741824.0);
-  printf("{\"bench\":\"BENCH-A\",\"gpu\":\"%s\",\"total_s\":%.4f,\"tflop\":%.2f,\"score_s\":%.4f,\"mass_fit_s\":%.4f,"
+  printf("{\"bench\":\"BENCH-A\",\"gpu\":\"%s\",\"math\":\"%s\",\"total_s\":%.4f,\"without_h2d_s\":%.4f,\"tflop\":%.2f,\"score_s\":%.4f,\"mass_fit_s\":%.4f,"
          "\"value_fit_s\":%.4f,\"evaluate_s\":%.4f,\"upload_s\":%.4f,\"nnls_s\":%.4f,\"mean_output_rel_error\":%.5f}\n",
-         prop.name, total, flops / 1e12, sum.score, sum.mass_fit, sum.value_fit, sum.evaluate, sum.upload, sum.mass_solve, err);
+         prop.name, options.allow_tf32 ? "tf32" : "fp32", total, total - sum.upload, flops / 1e12, sum.score, sum.mass_fit, sum.value_fit, sum.evaluate, sum.upload, sum.mass_solve, err);
   return 0;
 }

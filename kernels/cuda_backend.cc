@@ -74,9 +74,10 @@ class CudaBackend final : public Backend {
       KVC_CUDA(cudaMemGetInfo(&free, &total));
       limit_ = free / 10 * 9;
     }
-    lsq_ = std::make_unique<DeviceBoundedLsq>(blas_, solver_, stream_);
-    const int copy_threads = static_cast<int>(std::clamp(std::thread::hardware_concurrency() / 2, 1u, 8u));
-    if (auto s = uploader_.Init(stream_, size_t{16} << 20, copy_threads); !s.ok()) return s;
+    lsq_ = std::make_unique<DeviceBoundedLsq>(blas_, stream_);
+    if (auto s = lsq_->Init(); !s.ok()) return s;
+    const int copy_threads = static_cast<int>(std::clamp(std::thread::hardware_concurrency(), 1u, 16u));
+    if (auto s = uploader_.Init(stream_, size_t{32} << 20, copy_threads); !s.ok()) return s;
     return info_.Reserve(1);
   }
 

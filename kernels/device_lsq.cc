@@ -9,6 +9,28 @@ size_t DoublesFor(int64_t t) { return static_cast<size_t>(2 * t * t + kLsqVector
 
 }  // namespace
 
+DeviceBoundedLsq::~DeviceBoundedLsq() {
+  for (auto& lane : lane_) {
+    if (lane->solver) cusolverDnDestroy(lane->solver);
+    if (lane->done) cudaEventDestroy(lane->done);
+    if (lane->stream) cudaStreamDestroy(lane->stream);
+  }
+  if (ready_) cudaEventDestroy(ready_);
+}
+
+absl::Status DeviceBoundedLsq::Init() {
+  KVC_CUDA(cudaEventCreateWithFlags(&ready_, cudaEventDisableTiming));
+  for (int i = 0; i < std::max(1, lanes_); ++i) {
+    auto lane = std::make_unique<Lane>();
+    KVC_CUDA(cudaStreamCreateWithFlags(&lane->stream, cudaStreamNonBlocking));
+    KVC_CUDA(cudaEventCreateWithFlags(&lane->done, cudaEventDisableTiming));
+    KVC_CUSOLVER(cusolverDnCreate(&lane->solver));
+    KVC_CUSOLVER(cusolverDnSetStream(lane->solver, lane->stream));
+    lane_.push_back(std::move(lane));
+  }
+  return absl::OkStatus();
+}
+
 size_t DeviceBoundedLsq::BytesFor(const std::vector<int64_t>& sizes) {
   size_t doubles = 0;
   int64_t t_max = 1;
@@ -55,17 +77,30 @@ absl::Status DeviceBoundedLsq::ReadStates() {
 }
 
 absl::Status DeviceBoundedLsq::FactorAndSolve(const std::vector<int>& which) {
-  int lwork = 0;
-  KVC_CUSOLVER(cusolverDnDpotrf_bufferSize(solver_, CUBLAS_FILL_MODE_LOWER, static_cast<int>(t_max_),
-                                           host_problems_[which.front()].system, static_cast<int>(t_max_), &lwork));
-  if (auto s = work_.Reserve(std::max(lwork, 1)); !s.ok()) return s;
-  for (int i : which) {
-    const LsqProblem& p = host_problems_[i];
-    const int t = static_cast<int>(p.t);
-    // info_[i] > 0: not positive definite; the direction kernel then falls back to the gradient.
-    KVC_CUSOLVER(cusolverDnDpotrf(solver_, CUBLAS_FILL_MODE_LOWER, t, p.system, t, work_.get(), lwork, info_.get() + i));
-    KVC_CUSOLVER(cusolverDnDpotrs(solver_, CUBLAS_FILL_MODE_LOWER, t, 1, p.system, t, p.vec + kLsqSol * p.t, t,
-                                  solve_info_.get() + i));
+  KVC_CUDA(cudaEventRecord(ready_, stream_));
+  const size_t used = std::min(lane_.size(), which.size());
+  for (size_t k = 0; k < used; ++k) {
+    Lane& lane = *lane_[k];
+    KVC_CUDA(cudaStreamWaitEvent(lane.stream, ready_, 0));
+    for (size_t q = k; q < which.size(); q += used) {
+      const int i = which[q];
+      const LsqProblem& p = host_problems_[i];
+      const int t = static_cast<int>(p.t);
+      int lwork = 0;
+      KVC_CUSOLVER(cusolverDnDpotrf_bufferSize(lane.solver, CUBLAS_FILL_MODE_LOWER, t, p.system, t, &lwork));
+      if (static_cast<size_t>(lwork) > lane.work.capacity()) {
+        // Growing frees the old buffer: let this lane's queued work finish first.
+        KVC_CUDA(cudaStreamSynchronize(lane.stream));
+        if (auto s = lane.work.Reserve(std::max(lwork, 1)); !s.ok()) return s;
+      }
+      // info_[i] > 0: not positive definite; the direction kernel then falls back to the gradient.
+      KVC_CUSOLVER(cusolverDnDpotrf(lane.solver, CUBLAS_FILL_MODE_LOWER, t, p.system, t, lane.work.get(), lwork,
+                                    info_.get() + i));
+      KVC_CUSOLVER(cusolverDnDpotrs(lane.solver, CUBLAS_FILL_MODE_LOWER, t, 1, p.system, t, p.vec + kLsqSol * p.t, t,
+                                    solve_info_.get() + i));
+    }
+    KVC_CUDA(cudaEventRecord(lane.done, lane.stream));
+    KVC_CUDA(cudaStreamWaitEvent(stream_, lane.done, 0));
   }
   return absl::OkStatus();
 }

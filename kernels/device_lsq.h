@@ -11,6 +11,7 @@
 #include <cusolverDn.h>
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -32,8 +33,14 @@ struct LsqOutcome {
 
 class DeviceBoundedLsq {
  public:
-  DeviceBoundedLsq(cublasHandle_t blas, cusolverDnHandle_t solver, cudaStream_t stream)
-      : blas_(blas), solver_(solver), stream_(stream) {}
+  // Work is ordered on `stream`; the per-problem Cholesky factorisations fan out over `lanes`
+  // streams of their own (one cuSOLVER handle each), since one factorisation of a few thousand
+  // unknowns leaves most of the GPU idle.
+  DeviceBoundedLsq(cublasHandle_t blas, cudaStream_t stream, int lanes = 8) : blas_(blas), stream_(stream), lanes_(lanes) {}
+  ~DeviceBoundedLsq();
+  DeviceBoundedLsq(const DeviceBoundedLsq&) = delete;
+  DeviceBoundedLsq& operator=(const DeviceBoundedLsq&) = delete;
+  absl::Status Init();
 
   // Device bytes a batch of these sizes needs (two t x t matrices and a few vectors each).
   static size_t BytesFor(const std::vector<int64_t>& sizes);
@@ -48,7 +55,7 @@ class DeviceBoundedLsq {
   absl::Status Solve(const BoundedLsqOptions& options, std::vector<LsqOutcome>* outcomes);
   void Release() {
     arena_.Release();
-    work_.Release();
+    for (auto& lane : lane_) lane->work.Release();
   }
 
  private:
@@ -56,13 +63,21 @@ class DeviceBoundedLsq {
   absl::Status FactorAndSolve(const std::vector<int>& which);
   absl::Status ReadStates();
 
+  struct Lane {
+    cudaStream_t stream = nullptr;
+    cusolverDnHandle_t solver = nullptr;
+    cudaEvent_t done = nullptr;
+    DeviceBuffer<double> work;
+  };
   cublasHandle_t blas_;
-  cusolverDnHandle_t solver_;
   cudaStream_t stream_;
+  int lanes_;
+  std::vector<std::unique_ptr<Lane>> lane_;
+  cudaEvent_t ready_ = nullptr;
   std::vector<LsqProblem> host_problems_;
   std::vector<LsqState> host_states_;
   int64_t t_max_ = 0;
-  DeviceBuffer<double> arena_, work_;
+  DeviceBuffer<double> arena_;
   DeviceBuffer<LsqProblem> problems_;
   DeviceBuffer<LsqState> states_;
   DeviceBuffer<int> info_, solve_info_;

@@ -56,7 +56,8 @@ struct Device {
 
 std::vector<VectorD> SolveOnDevice(const std::vector<Problem>& problems, std::vector<kernels::LsqOutcome>* outcomes) {
   Device dev;
-  kernels::DeviceBoundedLsq lsq(dev.blas, dev.solver, dev.stream);
+  kernels::DeviceBoundedLsq lsq(dev.blas, dev.stream, 3);  // fewer lanes than problems: lanes are reused
+  EXPECT_TRUE(lsq.Init().ok());
   std::vector<kernels::LsqBounds> bounds;
   for (const Problem& p : problems) bounds.push_back({p.rhs.size(), p.lo, p.hi});
   EXPECT_TRUE(lsq.Reset(bounds).ok());
