@@ -5,6 +5,7 @@
 set -uo pipefail
 bin=$(cd "${1:-build}" && pwd)
 out=${OUT:-/tmp}
+export LD_LIBRARY_PATH="$bin/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 here=$(cd "$(dirname "$0")" && pwd)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$bin/gpu_test" > "$out/gpu_test.log" 2>&1
