@@ -20,6 +20,7 @@ import numpy as np
 
 from kvcompact import Client
 from kvcompact.runtime import KVCache, LlamaModel
+from kvcompact.runtime import queries as rq
 from kvcompact.runtime.compaction import compact_cache
 
 SINK_TOKENS = 4  # the start of the chat template stays exact (attention sinks)
@@ -39,9 +40,28 @@ class Row:
 
 @dataclass
 class Prefix:
+    """A prefilled context and its reference-query pools, captured on first use per source."""
+    model: LlamaModel
     tokens: list[int]
     cache: KVCache
-    queries: list[np.ndarray]
+    queries_per_head: int
+    pools: dict = field(default_factory=dict)  # source -> per-layer [kv, m, d]
+
+    def queries(self, source: str) -> list[np.ndarray]:
+        """Queries from `source` ('context', 'repeat', 'self_study', or several joined by '+'),
+        subsampled to queries_per_head with a fixed seed (every method sees the same set)."""
+        parts = []
+        for name in source.split("+"):
+            if name not in self.pools:
+                span = self.tokens[SINK_TOKENS:]
+                if name == "repeat":
+                    self.pools[name] = rq.repeat_prefill(self.model, self.cache, span)
+                elif name == "self_study":
+                    self.pools[name] = rq.self_study(self.model, self.cache)
+                else:
+                    raise ValueError(f"unknown query source {name!r} (context, repeat, self_study)")
+            parts.append(self.pools[name])
+        return rq.subsample(rq.combine(*parts), self.queries_per_head, np.random.default_rng(0))
 
 
 def data_dir(arg: str | None) -> str:
@@ -72,15 +92,9 @@ def chat_suffix(model: LlamaModel, question: str) -> list[int]:
     return model.tokenizer.encode("\n\n" + question + "<|im_end|>\n<|im_start|>assistant\n")
 
 
-def prefill(model: LlamaModel, tokens: list[int], queries_per_head: int, rng: np.random.Generator) -> Prefix:
-    cache = model.new_cache()
-    _, queries = model.forward(tokens, cache, capture_queries=True)
-    picked = []
-    for q in queries:  # [kv_heads, n * group, d]: a random subset of the context-prefill queries
-        n = q.shape[1]
-        idx = np.sort(rng.choice(n, size=min(n, queries_per_head), replace=False))
-        picked.append(np.ascontiguousarray(q[:, idx]))
-    return Prefix(tokens, cache, picked)
+def prefill(model: LlamaModel, tokens: list[int], queries_per_head: int) -> Prefix:
+    cache, queries = rq.context_prefill(model, tokens)
+    return Prefix(model, tokens, cache, queries_per_head, {"context": queries})
 
 
 def answer_logprob(model: LlamaModel, cache: KVCache, suffix: list[int], answer: list[int]) -> float:
@@ -92,23 +106,25 @@ def answer_logprob(model: LlamaModel, cache: KVCache, suffix: list[int], answer:
 
 
 def method_options(label: str) -> dict:
-    """'am' or 'am:ridge=1e-3' -> client options. 'copy_values=1' is applied on this side: the
-    service's keys and beta are kept and the original values of the kept tokens put back (an
-    ablation that separates the mass fit from the value fit)."""
+    """'am' or 'am:ridge=1e-3' -> client options. Applied on this side: 'queries=repeat' (the
+    reference-query source, see Prefix.queries) and 'copy_values=1' (the service's keys and beta
+    are kept and the original values of the kept tokens put back: an ablation that separates the
+    mass fit from the value fit)."""
     name, _, rest = label.partition(":")
     options = {"method": name}
     for part in filter(None, rest.split(",")):
         key, _, value = part.partition("=")
-        options[key] = value if key == "score" else float(value)
+        options[key] = value if key in ("score", "queries") else float(value)
     return options
 
 
 def compacted(prefix: Prefix, client: Client, method: str, ratio: float) -> tuple[KVCache, float, float]:
     cache = prefix.cache.copy()
-    start = time.time()
     options = method_options(method)
     copy_values = bool(options.pop("copy_values", 0))
-    result = compact_cache(cache, client, prefix.queries, SINK_TOKENS, len(prefix.tokens), ratio=ratio, holdout=0.1,
+    queries = prefix.queries(options.pop("queries", "context"))  # capture stays out of the timing
+    start = time.time()
+    result = compact_cache(cache, client, queries, SINK_TOKENS, len(prefix.tokens), ratio=ratio, holdout=0.1,
                            return_indices=True, **options)
     if copy_values:
         for l, layer in result.layers.items():
@@ -123,8 +139,8 @@ def compacted(prefix: Prefix, client: Client, method: str, ratio: float) -> tupl
 def run_quality(model, client, args, rng, rows: list[Row], progress) -> None:
     articles = [json.loads(l) for l in open(os.path.join(data_dir(args.data), "leval", "quality.jsonl"))]
     for a_index, article in enumerate(articles[args.first_article: args.first_article + args.articles], args.first_article):
-        prefix = prefill(model, chat_prefix(model, article["input"], args.max_context), args.queries_per_head, rng)
-        empty = prefill(model, chat_prefix(model, "", args.max_context), args.queries_per_head, rng)
+        prefix = prefill(model, chat_prefix(model, article["input"], args.max_context), args.queries_per_head)
+        empty = prefill(model, chat_prefix(model, "", args.max_context), args.queries_per_head)
         questions = []
         for q in article["instructions"][: args.questions]:
             suffix = chat_suffix(model, q.strip())
@@ -165,7 +181,7 @@ def run_needles(model, client, args, rng, rows: list[Row], progress) -> None:
         for depth in args.needle_depths:
             key = int(rng.integers(10000, 99999))
             doc = haystack(os.path.join(data_dir(args.data), "niah_essays"), length, depth, key, model)
-            prefix = prefill(model, chat_prefix(model, doc, length + 64), args.queries_per_head, rng)
+            prefix = prefill(model, chat_prefix(model, doc, length + 64), args.queries_per_head)
             suffix = chat_suffix(model, QUESTION)
             item = f"needle len={len(prefix.tokens)} depth={depth}"
 
@@ -272,7 +288,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--queries-per-head", type=int, default=2048)
     ap.add_argument("--ratios", type=float, nargs="+", default=[5, 10, 20, 50, 100])
     ap.add_argument("--methods", nargs="+", default=["am", "h2o", "snapkv", "recent", "streaming_llm", "random"],
-                    help="service methods, optionally with options: am:ridge=1e-3")
+                    help="service methods, optionally with options: am:ridge=1e-3, am:queries=repeat "
+                         "(query sources: context, repeat, self_study, joined by +)")
     ap.add_argument("--needle-lengths", type=int, nargs="*", default=[1024, 2048])
     ap.add_argument("--needle-depths", type=float, nargs="*", default=[0.1, 0.5, 0.9])
     ap.add_argument("--seed", type=int, default=0)

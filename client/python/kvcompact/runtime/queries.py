@@ -1,0 +1,97 @@
+"""Reference-query capture: the queries the service fits a compacted block to.
+
+Every function returns, per layer, the post-RoPE queries pooled per KV head, shaped
+[kv_heads, m, head_dim] (the query heads of a GQA group stacked), ready for `Layer.queries`.
+
+- context-prefill: the context's own queries, captured during its prefill (free);
+- repeat-prefill: "Repeat the previous context verbatim." and the context teacher-forced after it:
+  queries of tokens that look back at the whole context (one extra prefill);
+- self-study: the model answers prompts about the context; the queries of its answers (slowest,
+  closest to what later questions ask of the cache).
+
+The cache passed in is never modified (work happens on copies). The instruction helpers assume a
+ChatML model whose cache ends inside an open user turn (the context), as the evaluation builds it.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from kvcompact.runtime.cache import KVCache
+
+REPEAT_PROMPT = "Repeat the previous context verbatim."
+SELF_STUDY_PROMPTS = (
+    "Summarize the text above in a few sentences.",
+    "List the key facts, names and numbers in the text above.",
+    "Ask a question about a detail of the text above, then answer it.",
+)
+
+
+def instruction_tokens(model, text: str) -> list[int]:
+    """An instruction appended to the open user turn, then the assistant's turn opened."""
+    return model.tokenizer.encode("\n\n" + text + "<|im_end|>\n<|im_start|>assistant\n")
+
+
+def _keep_last(queries: list[np.ndarray], n_total: int, keep: int, group: int) -> list[np.ndarray]:
+    """From forward()'s [kv, group * n, d] (query-head major), the last `keep` token positions."""
+    out = []
+    for q in queries:
+        kv, _, d = q.shape
+        q = q.reshape(kv, group, n_total, d)[:, :, n_total - keep:]
+        out.append(np.ascontiguousarray(q.reshape(kv, group * keep, d)))
+    return out
+
+
+def _group(model) -> int:
+    return model.config.num_heads // model.config.num_kv_heads
+
+
+def context_prefill(model, tokens: Sequence[int]) -> tuple[KVCache, list[np.ndarray]]:
+    """Prefills `tokens` into a new cache; returns it with the tokens' own queries."""
+    cache = model.new_cache()
+    _, queries = model.forward(list(tokens), cache, capture_queries=True)
+    return cache, queries
+
+
+def repeat_prefill(model, cache: KVCache, context: Sequence[int]) -> list[np.ndarray]:
+    """Queries of `context` teacher-forced again after the repeat instruction."""
+    prompt = instruction_tokens(model, REPEAT_PROMPT)
+    seq = prompt + list(context)
+    _, queries = model.forward(seq, cache.copy(), capture_queries=True)
+    return _keep_last(queries, len(seq), len(context), _group(model))
+
+
+def self_study(model, cache: KVCache, prompts: Sequence[str] = SELF_STUDY_PROMPTS, max_new_tokens: int = 64
+               ) -> list[np.ndarray]:
+    """Queries of the model's own greedy answers to `prompts` about the cached context."""
+    stop = {model.tokenizer.eos_id, model.tokenizer.token_id("<|im_end|>")}
+    per_layer: list[list[np.ndarray]] = [[] for _ in range(model.config.num_layers)]
+    for prompt in prompts:
+        c = cache.copy()
+        logits, _ = model.forward(instruction_tokens(model, prompt), c, capture_queries=True)
+        tok = int(np.argmax(logits[-1]))
+        for _ in range(max_new_tokens):
+            if tok in stop:
+                break
+            logits, queries = model.forward([tok], c, capture_queries=True)
+            for l, q in enumerate(queries):
+                per_layer[l].append(q)
+            tok = int(np.argmax(logits[-1]))
+    if not per_layer[0]:
+        raise ValueError("self-study produced no answer tokens")
+    return [np.concatenate(qs, axis=1) for qs in per_layer]
+
+
+def combine(*sources: list[np.ndarray]) -> list[np.ndarray]:
+    """Per layer, the union of several query sets."""
+    return [np.concatenate(parts, axis=1) for parts in zip(*sources)]
+
+
+def subsample(queries: list[np.ndarray], per_head: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """At most `per_head` queries per KV head, the same random rows for every layer."""
+    m = queries[0].shape[1]
+    if m <= per_head:
+        return queries
+    idx = np.sort(rng.choice(m, size=per_head, replace=False))
+    return [np.ascontiguousarray(q[:, idx]) for q in queries]

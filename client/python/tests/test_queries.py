@@ -1,0 +1,78 @@
+"""Reference-query capture on the real SmolLM2 weights: the right positions, the cache untouched,
+and answers that exist."""
+import numpy as np
+import pytest
+
+from kvcompact.runtime import LlamaModel
+from kvcompact.runtime import queries as rq
+
+
+@pytest.fixture(scope="module")
+def model():
+    return LlamaModel()
+
+
+@pytest.fixture(scope="module")
+def prefix(model):
+    tok = model.tokenizer
+    head = tok.encode(tok.apply_chat_template([{"role": "user", "content": "@@"}], add_generation_prompt=False).split("@@")[0])
+    doc = tok.encode("The harbour town of Ness had three bridges, a lighthouse painted green, and a baker named Ilsa "
+                     "who opened at five every morning except on the first Sunday of the month.")
+    return head, doc
+
+
+def test_context_prefill_shapes(model, prefix):
+    head, doc = prefix
+    cache, queries = rq.context_prefill(model, head + doc)
+    c = model.config
+    group = c.num_heads // c.num_kv_heads
+    assert len(queries) == c.num_layers
+    assert queries[0].shape == (c.num_kv_heads, group * len(head + doc), c.head_dim)
+    assert cache.position == len(head + doc)
+
+
+def test_repeat_prefill_takes_the_repeated_context_positions_and_leaves_the_cache(model, prefix):
+    head, doc = prefix
+    cache, _ = rq.context_prefill(model, head + doc)
+    entries, position = cache.entries(), cache.position
+    got = rq.repeat_prefill(model, cache, doc)
+    assert cache.entries() == entries and cache.position == position
+    # The same queries from one forward over the whole sequence, picked out by hand.
+    seq = head + doc + rq.instruction_tokens(model, rq.REPEAT_PROMPT) + doc
+    _, whole = model.forward(seq, model.new_cache(), capture_queries=True)
+    c = model.config
+    group = c.num_heads // c.num_kv_heads
+    for l in (0, c.num_layers - 1):
+        q = whole[l].reshape(c.num_kv_heads, group, len(seq), c.head_dim)[:, :, len(seq) - len(doc):]
+        want = q.reshape(c.num_kv_heads, group * len(doc), c.head_dim)
+        assert got[l].shape == want.shape
+        np.testing.assert_allclose(got[l], want, rtol=0, atol=2e-3)
+
+
+def test_self_study_captures_answer_queries(model, prefix):
+    head, doc = prefix
+    cache, _ = rq.context_prefill(model, head + doc)
+    entries = cache.entries()
+    got = rq.self_study(model, cache, prompts=rq.SELF_STUDY_PROMPTS[:1], max_new_tokens=8)
+    c = model.config
+    group = c.num_heads // c.num_kv_heads
+    assert cache.entries() == entries
+    assert len(got) == c.num_layers
+    m = got[0].shape[1]
+    assert 0 < m <= 8 * group and m % group == 0
+    assert all(q.shape == (c.num_kv_heads, m, c.head_dim) and np.isfinite(q).all() for q in got)
+
+
+def test_subsample_and_combine():
+    rng = np.random.default_rng(0)
+    a = [rng.normal(size=(3, 10, 4)).astype(np.float32) for _ in range(2)]
+    b = [rng.normal(size=(3, 5, 4)).astype(np.float32) for _ in range(2)]
+    both = rq.combine(a, b)
+    assert both[1].shape == (3, 15, 4)
+    np.testing.assert_array_equal(both[1][:, 10:], b[1])
+    picked = rq.subsample(both, 6, rng)
+    assert picked[0].shape == (3, 6, 4)
+    # The same rows in every layer: each picked row of layer 0 is a row of layer 0's input.
+    rows0 = {tuple(r) for r in both[0][0]}
+    assert all(tuple(r) in rows0 for r in picked[0][0])
+    assert rq.subsample(a, 50, rng) is a
