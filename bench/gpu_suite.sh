@@ -16,11 +16,14 @@ grep -E "^\[ +(FAILED) |Failure" "$out/e2e_test.log" | head -20
 "$bin/bench_lsq" > "$out/bench_lsq.log" 2>&1
 "$bin/bench_gpu_layer" > "$out/bench_a_fp32.log" 2>&1
 "$bin/bench_gpu_layer" --allow_tf32 > "$out/bench_a_tf32.log" 2>&1
+"$bin/bench_gpu_layer" --prefetch=false > "$out/bench_a_fp32_noprefetch.log" 2>&1
+"$here/run_bench_b.sh" "$bin" --layers=8 --streams=4 > "$out/bench_b_4_8layers.log" 2>&1
 "$here/run_bench_b.sh" "$bin" --layers=32 --streams=4 > "$out/bench_b_4.log" 2>&1
 KVCOMPACT_BENCH_SERVER_FLAGS=--allow_tf32 "$here/run_bench_b.sh" "$bin" --layers=32 --streams=4 > "$out/bench_b_4_tf32.log" 2>&1
 echo "== summary"
 grep -hE "^\[  (PASSED|FAILED)  \]" "$out/gpu_test.log" "$out/e2e_test.log"
 head -8 "$out/bench_lsq.log"
 grep -A14 "^quantity" "$out/bench_a_fp32.log"
-grep -A3 "without H2D" "$out/bench_a_tf32.log"
+grep -A3 "without H2D" "$out/bench_a_tf32.log" "$out/bench_a_fp32_noprefetch.log"
+grep -h "GPU memory held" "$out"/bench_b_*.log
 grep -h '^{' "$out"/bench_*.log

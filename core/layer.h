@@ -51,6 +51,9 @@ class Backend {
   virtual ~Backend() = default;
   virtual std::string_view name() const = 0;
   virtual absl::StatusOr<LayerResult> CompactLayer(const LayerJob& job) = 0;
+  // A hint from the caller, before it runs the current layer: `next` comes after it. A backend may
+  // start moving it to its device meanwhile (holding the pointer until then). Default: nothing.
+  virtual void Prefetch(std::shared_ptr<const LayerJob> next) { (void)next; }
   // Device memory held by the backend's buffers, now and at most so far; safe from any thread.
   virtual size_t device_bytes_reserved() const { return 0; }
   virtual size_t device_bytes_peak() const { return 0; }

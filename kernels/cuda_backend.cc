@@ -21,7 +21,7 @@
 #include "kernels/am_kernels.cuh"
 #include "kernels/device_buffer.h"
 #include "kernels/device_lsq.h"
-#include "kernels/pinned_uploader.h"
+#include "kernels/layer_inputs.h"
 #include "kernels/gemm.h"
 
 namespace kvcompact::kernels {
@@ -51,6 +51,8 @@ struct DeviceStats {
   DeviceBuffer<float> row_max, mass, outputs;
 };
 
+DeviceBytes EstimateDeviceBytesImpl(const LayerJob& job, size_t workspace_bytes);
+
 class CudaBackend final : public Backend {
  public:
   explicit CudaBackend(const CudaBackendOptions& options) : options_(options), limit_(options.memory_limit_bytes) {}
@@ -77,7 +79,7 @@ class CudaBackend final : public Backend {
     lsq_ = std::make_unique<DeviceBoundedLsq>(blas_, stream_);
     if (auto s = lsq_->Init(); !s.ok()) return s;
     const int copy_threads = static_cast<int>(std::clamp(std::thread::hardware_concurrency(), 1u, 16u));
-    if (auto s = uploader_.Init(stream_, size_t{32} << 20, copy_threads); !s.ok()) return s;
+    if (auto s = inputs_.Init(options_.device, copy_threads); !s.ok()) return s;
     return info_.Reserve(1);
   }
 
@@ -98,6 +100,12 @@ class CudaBackend final : public Backend {
     return result;
   }
   bool healthy() const override { return healthy_.load(); }
+  void Prefetch(std::shared_ptr<const LayerJob> job) override {
+    // Only layers compacted in one piece: a layer split into head groups uploads per group.
+    if (!healthy_ || static_cast<int64_t>(job->budgets.size()) != job->data.heads) return;
+    const DeviceBytes need = EstimateDeviceBytesImpl(*job, options_.workspace_bytes);
+    if (need.fixed + job->data.heads * need.per_head <= limit_) inputs_.Prefetch(std::move(job));
+  }
 
  private:
   absl::StatusOr<LayerResult> Run(const LayerJob& job);
@@ -115,11 +123,6 @@ class CudaBackend final : public Backend {
   // Values of head h (C_k in ck_, head->beta set) by the ridge solve on the device.
   absl::Status ValueFit(int64_t h, int64_t nf, int64_t t, double ridge, CompactedHead* head);
   absl::Status ReserveHeadBuffers(int64_t t, int64_t n_max);
-  // Layer inputs to the device through the pinned staging buffers.
-  absl::Status Stage(DeviceBuffer<float>& buf, const float* host, size_t count) {
-    if (auto s = buf.Reserve(std::max<size_t>(count, 1)); !s.ok()) return s;
-    return uploader_.Upload(buf.get(), host, count * sizeof(float));
-  }
   // Compacted outputs for n queries (device) against the head's device C_k, beta, C_v; returns errors.
   // `n` queries of head h; `stride` is the per-head query count of `truth`.
   absl::Status Evaluate(const float* queries, int64_t n, int64_t stride, const DeviceStats& truth, int64_t h, int64_t t,
@@ -135,14 +138,15 @@ class CudaBackend final : public Backend {
   int64_t H_ = 0, T_ = 0, d_ = 0, dv_ = 0;
   float scale_ = 0;
   bool has_bias_ = false;
-  DeviceBuffer<float> keys_, values_, bias_, q_fit_, q_eval_, logits_, scores_;
+  InputStager inputs_;
+  const LayerInputs* in_ = nullptr;  // this layer's inputs (a slot of inputs_)
+  DeviceBuffer<float> logits_, scores_;
   DeviceStats fit_, eval_;
   // Per-head fit buffers.
   DeviceBuffer<int32_t> idx_;
   DeviceBuffer<float> ck_, cv_, beta_, subset_, gram_, rhs_, cvec_, lambda_, yhat_, mhat_, work_;
   DeviceBuffer<int> info_;
   std::unique_ptr<DeviceBoundedLsq> lsq_;
-  PinnedUploader uploader_;
 };
 
 absl::Status CudaBackend::ReserveHeadBuffers(int64_t t, int64_t n_max) {
@@ -171,12 +175,12 @@ absl::Status CudaBackend::Stats(const float* queries, int64_t n, const std::opti
   for (int64_t r0 = 0; r0 < n; r0 += chunk) {
     const int64_t rows = std::min(chunk, n - r0);
     // L[h] = s Q[h][r0:r0+rows] K[h]^T          (rows x T per head)
-    if (auto s = Gemm(blas_, rows, T_, d_, scale_, {queries + r0 * d_, d_, n * d_, false}, {keys_.get(), d_, T_ * d_, true},
+    if (auto s = Gemm(blas_, rows, T_, d_, scale_, {queries + r0 * d_, d_, n * d_, false}, {in_->keys.get(), d_, T_ * d_, true},
                       0.f, logits_.get(), T_, rows * T_, H_);
         !s.ok()) {
       return s;
     }
-    RowSoftmaxStats(logits_.get(), H_, rows, T_, has_bias_ ? bias_.get() : nullptr, T_, out->row_max.get() + r0,
+    RowSoftmaxStats(logits_.get(), H_, rows, T_, has_bias_ ? in_->bias.get() : nullptr, T_, out->row_max.get() + r0,
                     out->mass.get() + r0, n, stream_);
     KVC_LAUNCHED("RowSoftmaxStats");
     if (reduce) {
@@ -184,7 +188,7 @@ absl::Status CudaBackend::Stats(const float* queries, int64_t n, const std::opti
       KVC_LAUNCHED("AccumulateScores");
     }
     // Y[h][r0:r0+rows] = A V[h]                  (rows x dv per head)
-    if (auto s = Gemm(blas_, rows, dv_, T_, 1.f, {logits_.get(), T_, rows * T_, false}, {values_.get(), dv_, T_ * dv_, false},
+    if (auto s = Gemm(blas_, rows, dv_, T_, 1.f, {logits_.get(), T_, rows * T_, false}, {in_->values.get(), dv_, T_ * dv_, false},
                       0.f, out->outputs.get() + r0 * dv_, dv_, n * dv_, H_);
         !s.ok()) {
       return s;
@@ -201,7 +205,7 @@ absl::Status CudaBackend::MassSystem(int64_t h, int64_t nf, int64_t t, const Vec
                                      double* rhs) {
   // Phi = exp(s Q K_S^T + b_S - M)   (nf x t);  G = Phi^T Phi;  c = Phi^T m  (fp32 products, as on
   // the CPU; the solver works in fp64).
-  if (auto s = Gemm(blas_, nf, t, d_, scale_, {q_fit_.get() + h * nf * d_, d_, 0, false}, {ck_.get(), d_, 0, true}, 0.f,
+  if (auto s = Gemm(blas_, nf, t, d_, scale_, {in_->q_fit.get() + h * nf * d_, d_, 0, false}, {ck_.get(), d_, 0, true}, 0.f,
                     subset_.get(), t, 0, 1);
       !s.ok()) {
     return s;
@@ -227,7 +231,7 @@ absl::Status CudaBackend::MassSystem(int64_t h, int64_t nf, int64_t t, const Vec
 absl::Status CudaBackend::ValueFit(int64_t h, int64_t nf, int64_t t, double ridge, CompactedHead* head) {
   // X = softmax(s Q K_S^T + beta);  (X^T X + lambda I) C_v = X^T Y  by Cholesky.
   if (auto s = ToDevice(beta_, head->beta.data(), t, stream_); !s.ok()) return s;
-  if (auto s = Gemm(blas_, nf, t, d_, scale_, {q_fit_.get() + h * nf * d_, d_, 0, false}, {ck_.get(), d_, 0, true}, 0.f,
+  if (auto s = Gemm(blas_, nf, t, d_, scale_, {in_->q_fit.get() + h * nf * d_, d_, 0, false}, {ck_.get(), d_, 0, true}, 0.f,
                     subset_.get(), t, 0, 1);
       !s.ok()) {
     return s;
@@ -307,9 +311,10 @@ DeviceBytes EstimateDeviceBytesImpl(const LayerJob& job, size_t workspace_bytes)
   for (int64_t b : job.budgets) t = std::max(t, std::min(b, T));
   const int64_t wide = std::max(d.head_dim, d.value_dim);
   DeviceBytes bytes;
-  // Per head: K, V, bias, scores; queries; row max, mass and outputs of both query sets; at least
-  // one logit row.
-  bytes.per_head = sizeof(float) * static_cast<size_t>(T * (d.head_dim + d.value_dim + 3) + n * (d.head_dim + 2 + d.value_dim));
+  // Per head: K, V, bias and queries in two input slots (the next layer uploads while this one
+  // computes); scores; row max, mass and outputs of both query sets; at least one logit row.
+  bytes.per_head = sizeof(float) * static_cast<size_t>(2 * T * (d.head_dim + d.value_dim + 1) + 2 * T + 2 * n * d.head_dim +
+                                                       n * (2 + d.value_dim));
   // Per layer: the logit workspace, one head's fit buffers, the NNLS batch (bounded by the
   // workspace but at least one head), the Cholesky workspace of the value fit.
   bytes.fixed = workspace_bytes +
@@ -344,7 +349,8 @@ absl::StatusOr<LayerResult> CudaBackend::RunWithinLimit(const LayerJob& job) {
 }
 
 void CudaBackend::ReleaseBuffers() {
-  for (auto* b : {&keys_, &values_, &bias_, &q_fit_, &q_eval_, &logits_, &scores_, &fit_.row_max, &fit_.mass,
+  inputs_.Release();
+  for (auto* b : {&logits_, &scores_, &fit_.row_max, &fit_.mass,
                   &fit_.outputs, &eval_.row_max, &eval_.mass, &eval_.outputs, &ck_, &cv_, &beta_, &subset_, &gram_,
                   &rhs_, &cvec_, &lambda_, &yhat_, &mhat_, &work_}) {
     b->Release();
@@ -379,7 +385,7 @@ absl::Status CudaBackend::FitMass(const std::vector<int64_t>& heads, int64_t nf,
       const int i = static_cast<int>(k - first);
       if (auto s = ReserveHeadBuffers(t, n_max); !s.ok()) return s;
       if (auto s = ToDevice(idx_, result->heads[h].indices.data(), t, stream_); !s.ok()) return s;
-      GatherRows(keys_.get() + h * T_ * d_, idx_.get(), t, d_, ck_.get(), stream_);
+      GatherRows(in_->keys.get() + h * T_ * d_, idx_.get(), t, d_, ck_.get(), stream_);
       KVC_LAUNCHED("GatherRows");
       if (auto s = MassSystem(h, nf, t, bias_s[h], lsq_->gram(i), lsq_->rhs(i)); !s.ok()) {
         return absl::Status(s.code(), absl::StrCat("head ", h, ": ", s.message()));
@@ -417,23 +423,10 @@ absl::StatusOr<LayerResult> CudaBackend::Run(const LayerJob& job) {
   result.heads.resize(H_);
   auto start = Clock::now();
 
-  // Split each head's queries exactly as the CPU backend does; all heads get the same counts.
-  std::vector<float> q_fit, q_eval;
-  int64_t nf = 0, ne = 0;
-  for (int64_t h = 0; h < H_ && has_queries; ++h) {
-    MatrixF fit, eval;
-    SplitQueries(data.HeadQueries(h), job.options.holdout_fraction, HeadOptionsFor(job, h).seed, &fit, &eval);
-    nf = fit.rows(), ne = eval.rows();
-    q_fit.insert(q_fit.end(), fit.data(), fit.data() + fit.size());
-    q_eval.insert(q_eval.end(), eval.data(), eval.data() + eval.size());
-  }
-  if (auto s = Stage(keys_, data.keys.data(), data.keys.size()); !s.ok()) return s;
-  if (auto s = Stage(values_, data.values.data(), data.values.size()); !s.ok()) return s;
-  if (has_bias_) {
-    if (auto s = Stage(bias_, data.bias.data(), data.bias.size()); !s.ok()) return s;
-  }
-  if (auto s = Stage(q_fit_, q_fit.data(), q_fit.size()); !s.ok()) return s;
-  if (auto s = Stage(q_eval_, q_eval.data(), q_eval.size()); !s.ok()) return s;
+  absl::StatusOr<const LayerInputs*> inputs = inputs_.Acquire(job);
+  if (!inputs.ok()) return inputs.status();
+  in_ = *inputs;
+  const int64_t nf = in_->nf, ne = in_->ne;
   KVC_CUDA(cudaStreamSynchronize(stream_));
   result.seconds.upload += Since(start);
 
@@ -442,7 +435,7 @@ absl::StatusOr<LayerResult> CudaBackend::Run(const LayerJob& job) {
   if (has_queries) {
     const std::optional<ScoreReduce> reduce =
         wants_scores ? std::optional(job.options.score.value_or(spec.default_score)) : std::nullopt;
-    if (auto s = Stats(q_fit_.get(), nf, reduce, &fit_); !s.ok()) return s;
+    if (auto s = Stats(in_->q_fit.get(), nf, reduce, &fit_); !s.ok()) return s;
     if (wants_scores) {
       scores.resize(H_ * T_);
       if (auto s = ToHost(scores.data(), scores_.get(), scores.size(), stream_); !s.ok()) return s;
@@ -452,7 +445,7 @@ absl::StatusOr<LayerResult> CudaBackend::Run(const LayerJob& job) {
   result.seconds.score += Since(start);
   if (ne > 0) {
     start = Clock::now();
-    if (auto s = Stats(q_eval_.get(), ne, std::nullopt, &eval_); !s.ok()) return s;
+    if (auto s = Stats(in_->q_eval.get(), ne, std::nullopt, &eval_); !s.ok()) return s;
     KVC_CUDA(cudaStreamSynchronize(stream_));
     result.seconds.evaluate += Since(start);
   }
@@ -509,7 +502,7 @@ absl::StatusOr<LayerResult> CudaBackend::Run(const LayerJob& job) {
     const int64_t t = static_cast<int64_t>(head.indices.size());
     if (auto s = ReserveHeadBuffers(t, n_max); !s.ok()) return s;
     if (auto s = ToDevice(idx_, head.indices.data(), t, stream_); !s.ok()) return s;
-    GatherRows(keys_.get() + h * T_ * d_, idx_.get(), t, d_, ck_.get(), stream_);
+    GatherRows(in_->keys.get() + h * T_ * d_, idx_.get(), t, d_, ck_.get(), stream_);
     KVC_LAUNCHED("GatherRows");
     if (fitted[h]) {
       start = Clock::now();
@@ -526,16 +519,16 @@ absl::StatusOr<LayerResult> CudaBackend::Run(const LayerJob& job) {
     q.has_quality = true;
     float unused;
     const int64_t nf_err = std::min<int64_t>(nf, kFitErrorQueries);
-    if (auto s = Evaluate(q_fit_.get() + h * nf * d_, nf_err, nf, fit_, h, t, &q.fit_output_rel_error, &unused); !s.ok()) {
+    if (auto s = Evaluate(in_->q_fit.get() + h * nf * d_, nf_err, nf, fit_, h, t, &q.fit_output_rel_error, &unused); !s.ok()) {
       return s;
     }
     if (ne > 0) {
-      if (auto s = Evaluate(q_eval_.get() + h * ne * d_, ne, ne, eval_, h, t, &q.output_rel_error, &q.mass_rel_error); !s.ok()) {
+      if (auto s = Evaluate(in_->q_eval.get() + h * ne * d_, ne, ne, eval_, h, t, &q.output_rel_error, &q.mass_rel_error); !s.ok()) {
         return s;
       }
       q.eval_queries = ne;
     } else {
-      if (auto s = Evaluate(q_fit_.get() + h * nf * d_, nf, nf, fit_, h, t, &q.output_rel_error, &q.mass_rel_error); !s.ok()) {
+      if (auto s = Evaluate(in_->q_fit.get() + h * nf * d_, nf, nf, fit_, h, t, &q.output_rel_error, &q.mass_rel_error); !s.ok()) {
         return s;
       }
       q.eval_queries = nf;

@@ -144,6 +144,7 @@ void CompactReactor::SubmitLocked(LayerJob job, double decode_seconds) {
   std::shared_ptr<Shared> shared = shared_;
   item.cancelled = [shared] { return shared->cancelled.load(); };
   auto owned_job = std::make_shared<LayerJob>(std::move(job));
+  item.job = owned_job;
   std::shared_ptr<const StreamPlan> plan = plan_;
   Metrics* metrics = context_->metrics;
   const uint64_t max_bytes = context_->limits.max_message_bytes;

@@ -63,12 +63,14 @@ void Worker::Loop() {
   for (;;) {
     WorkItem item;
     std::function<void()> waiter;
+    std::shared_ptr<const LayerJob> next;
     {
       std::unique_lock<std::mutex> lock(mu_);
       cv_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
       if (queue_.empty()) return;  // stopping
       item = std::move(queue_.front());
       queue_.pop_front();
+      if (!queue_.empty()) next = queue_.front().job;
       metrics_->queue_depth.Set(static_cast<double>(queue_.size()));
       if (!space_waiters_.empty()) {
         waiter = std::move(space_waiters_.front());
@@ -79,6 +81,8 @@ void Worker::Loop() {
     const auto start = std::chrono::steady_clock::now();
     const double queued = std::chrono::duration<double>(start - item.submitted).count();
     const bool dropped = unhealthy_ || (item.cancelled && item.cancelled());
+    if (next && !unhealthy_) backend_->Prefetch(std::move(next));  // overlaps the next upload with this layer
+    item.job.reset();  // `run` holds its own reference and frees the inputs as soon as it can
     item.run(dropped ? nullptr : backend_.get(), queued);
     if (!unhealthy_ && !backend_->healthy()) {
       unhealthy_ = true;

@@ -24,6 +24,9 @@ struct WorkItem {
   // submission to start.
   std::function<void(Backend* backend, double queue_seconds)> run;
   std::chrono::steady_clock::time_point submitted;
+  // The layer `run` will compact, when there is one: handed to Backend::Prefetch while the item
+  // before it runs.
+  std::shared_ptr<const LayerJob> job;
 };
 
 class Worker {

@@ -279,5 +279,42 @@ TEST(CudaBackend, MemoryLimitSplitsTheLayerIntoHeadGroups) {
   EXPECT_TRUE((*tiny)->healthy());
 }
 
+// The worker hands the next layer to Prefetch before running the current one; whatever the order
+// of hints (one never followed by its layer, a layer compacted twice), results do not change.
+TEST(CudaBackend, PrefetchedLayersGiveTheSameResults) {
+  SKIP_WITHOUT_GPU();
+  std::vector<std::shared_ptr<const LayerJob>> jobs;
+  for (uint64_t seed : {31, 32, 33}) {
+    jobs.push_back(std::make_shared<LayerJob>(MakeJob({1000, 64, 10, Method::kAmHighestAttention, DType::kFloat32, true, 0.1f}, seed)));
+  }
+  auto plain = kernels::MakeCudaBackend({});
+  auto hinted = kernels::MakeCudaBackend({});
+  ASSERT_TRUE(plain.ok() && hinted.ok());
+  std::vector<LayerResult> want;
+  for (const auto& job : jobs) {
+    auto r = (*plain)->CompactLayer(*job);
+    ASSERT_TRUE(r.ok()) << r.status();
+    want.push_back(*std::move(r));
+  }
+  auto expect_same = [&](const absl::StatusOr<LayerResult>& got, int j, const char* step) {
+    ASSERT_TRUE(got.ok()) << step << ": " << got.status();
+    for (size_t h = 0; h < want[j].heads.size(); ++h) {
+      EXPECT_EQ(got->heads[h].indices, want[j].heads[h].indices) << step << " head " << h;
+      EXPECT_LT((got->heads[h].beta - want[j].heads[h].beta).cwiseAbs().maxCoeff(), 1e-6f) << step << " head " << h;
+      EXPECT_LT(RelErr(got->heads[h].values.data(), want[j].heads[h].values.data(), want[j].heads[h].values.size()), 1e-6)
+          << step << " head " << h;
+    }
+  };
+  Backend& b = **hinted;
+  b.Prefetch(jobs[1]);
+  expect_same(b.CompactLayer(*jobs[0]), 0, "0 (uploaded directly while 1 is prefetched)");
+  b.Prefetch(jobs[2]);
+  expect_same(b.CompactLayer(*jobs[1]), 1, "1 (prefetched)");
+  b.Prefetch(jobs[0]);  // a hint never followed
+  expect_same(b.CompactLayer(*jobs[2]), 2, "2 (prefetched)");
+  expect_same(b.CompactLayer(*jobs[1]), 1, "1 again (stale hints around)");
+  expect_same(b.CompactLayer(*jobs[0]), 0, "0 (the old hint)");
+}
+
 }  // namespace
 }  // namespace kvcompact

@@ -3,7 +3,9 @@
 
 #include <atomic>
 #include <future>
+#include <string>
 #include <thread>
+#include <vector>
 
 #include <gtest/gtest.h>
 
@@ -14,8 +16,9 @@ namespace {
 class FakeBackend final : public Backend {
  public:
   std::string_view name() const override { return "fake"; }
-  absl::StatusOr<LayerResult> CompactLayer(const LayerJob&) override {
+  absl::StatusOr<LayerResult> CompactLayer(const LayerJob& job) override {
     std::unique_lock<std::mutex> lock(mu);
+    log.push_back("compact " + std::to_string(job.data.layer));
     ++entered;
     cv.wait(lock, [&] { return released > 0; });
     --released;
@@ -27,6 +30,10 @@ class FakeBackend final : public Backend {
     return LayerResult{};
   }
   bool healthy() const override { return healthy_; }
+  void Prefetch(std::shared_ptr<const LayerJob> next) override {
+    std::lock_guard<std::mutex> lock(mu);
+    log.push_back("prefetch " + std::to_string(next->data.layer));
+  }
   void Release(int n) {
     std::lock_guard<std::mutex> lock(mu);
     released += n;
@@ -37,20 +44,24 @@ class FakeBackend final : public Backend {
   int released = 0, calls = 0, fail_after = -1;
   std::atomic<int> entered{0};
   std::atomic<bool> healthy_{true};
+  std::vector<std::string> log;
 };
 
 struct Counter {
   std::atomic<int> ran{0}, dropped{0};
-  WorkItem Item(std::function<bool()> cancelled = {}) {
+  // An item that compacts a layer numbered `layer` (-1: the item carries no job for prefetching).
+  WorkItem Item(std::function<bool()> cancelled = {}, int32_t layer = -1) {
     WorkItem item;
     item.cancelled = std::move(cancelled);
-    item.run = [this](Backend* b, double) {
+    auto job = std::make_shared<LayerJob>();
+    job->data.layer = layer;
+    if (layer >= 0) item.job = job;
+    item.run = [this, job](Backend* b, double) {
       if (!b) {
         ++dropped;
         return;
       }
-      LayerJob job;
-      (void)b->CompactLayer(job);
+      (void)b->CompactLayer(*job);
       ++ran;
     };
     return item;
@@ -78,6 +89,24 @@ TEST(Worker, FullQueueRegistersAWakeUpThatFires) {
   fake->Release(10);
   worker.Stop();
   EXPECT_EQ(c.ran.load(), 2);
+}
+
+TEST(Worker, NextQueuedLayerIsHandedToPrefetchBeforeTheCurrentRuns) {
+  auto backend = std::make_unique<FakeBackend>();
+  FakeBackend* fake = backend.get();
+  Worker worker(std::move(backend), 4, &TestMetrics());
+  Counter c;
+  WorkItem blocker = c.Item(), a = c.Item({}, 1), b = c.Item({}, 2), d = c.Item({}, 3);
+  ASSERT_TRUE(worker.SubmitOrWait(blocker, [] {}));
+  while (fake->entered.load() == 0) std::this_thread::yield();  // the queue fills behind it
+  ASSERT_TRUE(worker.SubmitOrWait(a, [] {}));
+  ASSERT_TRUE(worker.SubmitOrWait(b, [] {}));
+  ASSERT_TRUE(worker.SubmitOrWait(d, [] {}));
+  fake->Release(10);
+  worker.Stop();
+  EXPECT_EQ(c.ran.load(), 4);
+  const std::vector<std::string> want = {"compact -1", "prefetch 2", "compact 1", "prefetch 3", "compact 2", "compact 3"};
+  EXPECT_EQ(fake->log, want);
 }
 
 TEST(Worker, CancelledItemsAreDroppedNotRun) {

@@ -1,0 +1,105 @@
+#include "kernels/layer_inputs.h"
+
+#include <algorithm>
+#include <vector>
+
+#include "core/compact_head.h"
+#include "kernels/cuda_check.h"
+
+namespace kvcompact::kernels {
+namespace {
+
+absl::Status Stage(PinnedUploader& uploader, DeviceBuffer<float>& buf, const float* host, size_t count) {
+  if (auto s = buf.Reserve(std::max<size_t>(count, 1)); !s.ok()) return s;
+  return uploader.Upload(buf.get(), host, count * sizeof(float));
+}
+
+}  // namespace
+
+InputStager::~InputStager() {
+  Release();
+  for (Slot& s : slots_) {
+    if (s.copy) cudaStreamDestroy(s.copy);
+  }
+}
+
+absl::Status InputStager::Init(int device, int copy_threads) {
+  device_ = device;
+  for (Slot& s : slots_) {
+    KVC_CUDA(cudaStreamCreateWithFlags(&s.copy, cudaStreamNonBlocking));
+    if (auto st = s.uploader.Init(s.copy, size_t{32} << 20, copy_threads); !st.ok()) return st;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status InputStager::Upload(const LayerJob& job, Slot& slot) {
+  const LayerData& data = job.data;
+  // Split each head's queries exactly as the CPU backend does; all heads get the same counts.
+  std::vector<float> q_fit, q_eval;
+  int64_t nf = 0, ne = 0;
+  for (int64_t h = 0; h < data.heads && data.queries > 0; ++h) {
+    MatrixF fit, eval;
+    SplitQueries(data.HeadQueries(h), job.options.holdout_fraction, HeadOptionsFor(job, h).seed, &fit, &eval);
+    nf = fit.rows(), ne = eval.rows();
+    q_fit.insert(q_fit.end(), fit.data(), fit.data() + fit.size());
+    q_eval.insert(q_eval.end(), eval.data(), eval.data() + eval.size());
+  }
+  LayerInputs& in = slot.inputs;
+  in.nf = nf, in.ne = ne;
+  if (auto s = Stage(slot.uploader, in.keys, data.keys.data(), data.keys.size()); !s.ok()) return s;
+  if (auto s = Stage(slot.uploader, in.values, data.values.data(), data.values.size()); !s.ok()) return s;
+  if (!data.bias.empty()) {
+    if (auto s = Stage(slot.uploader, in.bias, data.bias.data(), data.bias.size()); !s.ok()) return s;
+  }
+  if (auto s = Stage(slot.uploader, in.q_fit, q_fit.data(), q_fit.size()); !s.ok()) return s;
+  if (auto s = Stage(slot.uploader, in.q_eval, q_eval.data(), q_eval.size()); !s.ok()) return s;
+  KVC_CUDA(cudaStreamSynchronize(slot.copy));
+  return absl::OkStatus();
+}
+
+void InputStager::Prefetch(std::shared_ptr<const LayerJob> job) {
+  if (pending_.job) {
+    pending_.done.wait();
+    ready_ = std::move(pending_);
+    pending_ = Staging{};
+  }
+  const int slot = ready_.slot == 0 ? 1 : 0;
+  pending_.slot = slot;
+  pending_.job = std::move(job);
+  const LayerJob* raw = pending_.job.get();
+  pending_.done = std::async(std::launch::async, [this, raw, slot] {
+                    if (cudaError_t e = cudaSetDevice(device_); e != cudaSuccess) return CudaStatus(e, "cudaSetDevice", __FILE__, __LINE__);
+                    return Upload(*raw, slots_[slot]);
+                  }).share();
+}
+
+absl::StatusOr<const LayerInputs*> InputStager::Acquire(const LayerJob& job) {
+  Staging hit;
+  if (ready_.job.get() == &job) {
+    hit = std::move(ready_);
+    ready_ = Staging{};
+  } else if (pending_.job.get() == &job) {
+    hit = std::move(pending_);
+    pending_ = Staging{};
+  }
+  ready_ = Staging{};  // anything else ready is stale
+  if (hit.job) {
+    if (absl::Status s = hit.done.get(); !s.ok()) return s;
+    return &slots_[hit.slot].inputs;
+  }
+  // Not prefetched: upload now, into the slot no upload in flight is using.
+  const int slot = pending_.slot == 0 ? 1 : 0;
+  if (absl::Status s = Upload(job, slots_[slot]); !s.ok()) return s;
+  return &slots_[slot].inputs;
+}
+
+void InputStager::Release() {
+  if (pending_.job) pending_.done.wait();
+  pending_ = Staging{};
+  ready_ = Staging{};
+  for (Slot& s : slots_) {
+    for (auto* b : {&s.inputs.keys, &s.inputs.values, &s.inputs.bias, &s.inputs.q_fit, &s.inputs.q_eval}) b->Release();
+  }
+}
+
+}  // namespace kvcompact::kernels
