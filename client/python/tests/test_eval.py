@@ -12,13 +12,17 @@ def test_harness_writes_report_json_and_plots(server_address, tmp_path):
     data = os.environ.get("KVCOMPACT_DATA_DIR", os.path.join(here, "..", "..", "..", "..", "shared", "data"))
     quality.main(["--server", server_address, "--out", str(tmp_path), "--data", data, "--articles", "1",
                   "--questions", "1", "--max-context", "256", "--answer-tokens", "12", "--ratios", "4",
-                  "--methods", "am", "am:ridge=1e-3", "am:queries=repeat+self_study", "h2o", "--needle-lengths", "256", "--needle-depths", "0.5"])
+                  "--methods", "am", "am:ridge=1e-3,queries=context", "am:queries=repeat+self_study", "h2o", "--needle-lengths", "256", "--needle-depths", "0.5"])
     result = json.load(open(tmp_path / "results.json"))
     methods = {r["method"] for r in result["rows"]}
-    assert {"am", "am:ridge=1e-3", "am:queries=repeat+self_study", "h2o", "no_context", "full"} <= methods
+    assert {"am", "am:ridge=1e-3,queries=context", "am:queries=repeat+self_study", "h2o", "no_context", "full"} <= methods
     quality_rows = [r for r in result["rows"] if r["task"] == "quality" and r["method"] == "am"]
     assert quality_rows and all(np.isfinite(r["value"]) for r in quality_rows)
     assert all(0 < r["entries"] for r in quality_rows)
+    # AM fits self-study queries by default (captured on the client, timed); baselines use the prefill's.
+    assert all(r["capture_seconds"] > 0 for r in quality_rows)
+    assert all(r["capture_seconds"] == 0 for r in result["rows"] if r["method"] == "h2o")
     report = open(tmp_path / "report.md").read()
     assert "Change in log-perplexity" in report and "| am |" in report
+    assert "Reference-query capture" in report
     assert (tmp_path / "quality_logppl.png").stat().st_size > 1000
