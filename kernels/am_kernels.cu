@@ -1,5 +1,6 @@
 #include "kernels/am_kernels.cuh"
 
+#include <algorithm>
 #include <cfloat>
 
 namespace kvcompact::kernels {
@@ -143,6 +144,40 @@ __global__ void AddDiagonalKernel(float* a, int64_t batch, int64_t n, const floa
 
 unsigned Blocks(int64_t n) { return static_cast<unsigned>((n + kBlock - 1) / kBlock); }
 
+__global__ void AddRidgeToDiagonalKernel(float* a, int64_t n, float ridge) {
+  __shared__ float shared[32];
+  float trace = 0.f;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) trace += a[i * n + i];
+  trace = BlockReduceSum(trace, shared);
+  const float lambda = ridge * trace / static_cast<float>(n);
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) a[i * n + i] += lambda;
+}
+
+__device__ double WarpSum(double v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+  return v;
+}
+
+__global__ void ErrorSumsKernel(const float* yhat, const float* y, int64_t n, int64_t dv, const float* mhat,
+                                const float* m, double* sums) {
+  double diff = 0, ref = 0, mass = 0;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < n * dv; k += stride) {
+    const double e = double(yhat[k]) - double(y[k]);
+    diff += e * e;
+    ref += double(y[k]) * double(y[k]);
+  }
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += stride) {
+    mass += fabs(double(fmaxf(mhat[i], 1e-30f)) - double(m[i])) / double(m[i]);
+  }
+  diff = WarpSum(diff), ref = WarpSum(ref), mass = WarpSum(mass);
+  if ((threadIdx.x & 31) == 0) {
+    atomicAdd(sums, diff);
+    atomicAdd(sums + 1, ref);
+    atomicAdd(sums + 2, mass);
+  }
+}
+
 }  // namespace
 
 void RowSoftmaxStats(float* logits, int64_t heads, int64_t rows_per_head, int64_t cols, const float* bias,
@@ -193,6 +228,17 @@ void GatherRows(const float* in, const int32_t* index, int64_t count, int64_t co
 void AddDiagonal(float* a, int64_t batch, int64_t n, const float* value, cudaStream_t stream) {
   if (batch * n == 0) return;
   AddDiagonalKernel<<<Blocks(batch * n), kBlock, 0, stream>>>(a, batch, n, value);
+}
+
+void AddRidgeToDiagonal(float* a, int64_t n, float ridge, cudaStream_t stream) {
+  if (n == 0) return;
+  AddRidgeToDiagonalKernel<<<1, 1024, 0, stream>>>(a, n, ridge);
+}
+
+void ErrorSums(const float* yhat, const float* y, int64_t n, int64_t dv, const float* mhat, const float* m, double* sums,
+               cudaStream_t stream) {
+  const int64_t blocks = std::min<int64_t>(std::max<int64_t>(Blocks(n * dv), 1), 264);
+  ErrorSumsKernel<<<static_cast<unsigned>(blocks), kBlock, 0, stream>>>(yhat, y, n, dv, mhat, m, sums);
 }
 
 }  // namespace kvcompact::kernels

@@ -47,4 +47,14 @@ void GatherRows(const float* in, const int32_t* index, int64_t count, int64_t co
 // Adds `value` to the diagonal of each of `batch` n x n matrices (stride n*n).
 void AddDiagonal(float* a, int64_t batch, int64_t n, const float* value, cudaStream_t stream);
 
+// The ridge of the value fit on the device: a += (ridge * trace(a) / n) I for one n x n matrix
+// (core/fit.cc FitValues).
+void AddRidgeToDiagonal(float* a, int64_t n, float ridge, cudaStream_t stream);
+
+// Accumulates into sums[0..2]: sum (yhat - y)^2, sum y^2 over n x dv outputs, and
+// sum_i |max(mhat_i, 1e-30) - m_i| / m_i; from them the relative output error and the mean
+// relative mass error of core/compact_head.cc ErrorsFromOutputs.
+void ErrorSums(const float* yhat, const float* y, int64_t n, int64_t dv, const float* mhat, const float* m, double* sums,
+               cudaStream_t stream);
+
 }  // namespace kvcompact::kernels

@@ -57,6 +57,7 @@ class CudaBackend final : public Backend {
  public:
   explicit CudaBackend(const CudaBackendOptions& options) : options_(options), limit_(options.memory_limit_bytes) {}
   ~CudaBackend() override {
+    for (cudaEvent_t e : events_) cudaEventDestroy(e);
     if (solver_) cusolverDnDestroy(solver_);
     if (blas_) cublasDestroy(blas_);
     if (stream_) cudaStreamDestroy(stream_);
@@ -120,13 +121,16 @@ class CudaBackend final : public Backend {
   // batches whose solver memory fits the workspace; sets beta = log w + b on the host.
   absl::Status FitMass(const std::vector<int64_t>& heads, int64_t nf, int64_t n_max, const std::vector<HeadOptions>& options,
                        const std::vector<VectorF>& bias_s, LayerResult* result);
-  // Values of head h (C_k in ck_, head->beta set) by the ridge solve on the device.
-  absl::Status ValueFit(int64_t h, int64_t nf, int64_t t, double ridge, CompactedHead* head);
+  // Values of head h (C_k in ck_) by the ridge solve on the device, into `cv` (t x dv, device);
+  // cuSOLVER's two info codes into `info` (device).
+  absl::Status ValueFit(int64_t h, int64_t nf, int64_t t, double ridge, const VectorF& beta, float* cv, int* info);
   absl::Status ReserveHeadBuffers(int64_t t, int64_t n_max);
-  // Compacted outputs for n queries (device) against the head's device C_k, beta, C_v; returns errors.
-  // `n` queries of head h; `stride` is the per-head query count of `truth`.
+  // Compacted outputs for n queries (device; `stride` queries per head in `truth`) against head h's
+  // C_k (ck_), beta (beta_) and C_v (`cv`); the error sums of ErrorSums go to `sums` (device).
   absl::Status Evaluate(const float* queries, int64_t n, int64_t stride, const DeviceStats& truth, int64_t h, int64_t t,
-                        float* out_err, float* mass_err);
+                        const float* cv, double* sums);
+  // Both evaluations of head h: sums[0..2] on the fitting queries, sums[3..5] on the held-out ones.
+  absl::Status EvaluateHead(int64_t h, int64_t t, int64_t nf, int64_t ne, const float* cv, double* sums);
 
   CudaBackendOptions options_;
   size_t limit_ = 0;
@@ -146,6 +150,11 @@ class CudaBackend final : public Backend {
   DeviceBuffer<int32_t> idx_;
   DeviceBuffer<float> ck_, cv_, beta_, subset_, gram_, rhs_, cvec_, lambda_, yhat_, mhat_, work_;
   DeviceBuffer<int> info_;
+  // Per layer: every head's C_v, cuSOLVER info codes and error sums, read back once at the end.
+  DeviceBuffer<float> cv_all_;
+  DeviceBuffer<int> info_all_;
+  DeviceBuffer<double> err_all_;
+  std::vector<cudaEvent_t> events_;
   std::unique_ptr<DeviceBoundedLsq> lsq_;
 };
 
@@ -228,9 +237,11 @@ absl::Status CudaBackend::MassSystem(int64_t h, int64_t nf, int64_t t, const Vec
   return absl::OkStatus();
 }
 
-absl::Status CudaBackend::ValueFit(int64_t h, int64_t nf, int64_t t, double ridge, CompactedHead* head) {
-  // X = softmax(s Q K_S^T + beta);  (X^T X + lambda I) C_v = X^T Y  by Cholesky.
-  if (auto s = ToDevice(beta_, head->beta.data(), t, stream_); !s.ok()) return s;
+absl::Status CudaBackend::ValueFit(int64_t h, int64_t nf, int64_t t, double ridge, const VectorF& beta, float* cv,
+                                   int* info) {
+  // X = softmax(s Q K_S^T + beta);  (X^T X + lambda I) C_v = X^T Y  by Cholesky. No host
+  // synchronisation: cuSOLVER's info codes go to `info` (two ints) and are checked per layer.
+  if (auto s = ToDevice(beta_, beta.data(), t, stream_); !s.ok()) return s;
   if (auto s = Gemm(blas_, nf, t, d_, scale_, {in_->q_fit.get() + h * nf * d_, d_, 0, false}, {ck_.get(), d_, 0, true}, 0.f,
                     subset_.get(), t, 0, 1);
       !s.ok()) {
@@ -248,37 +259,35 @@ absl::Status CudaBackend::ValueFit(int64_t h, int64_t nf, int64_t t, double ridg
       !s.ok()) {
     return s;
   }
-  float trace = 0;
-  KVC_CUBLAS(cublasSasum(blas_, static_cast<int>(t), gram_.get(), static_cast<int>(t + 1), &trace));
-  const float lambda = static_cast<float>(ridge * trace / t);
-  if (auto s = ToDevice(lambda_, &lambda, 1, stream_); !s.ok()) return s;
-  AddDiagonal(gram_.get(), 1, t, lambda_.get(), stream_);
-  KVC_LAUNCHED("AddDiagonal");
+  AddRidgeToDiagonal(gram_.get(), t, static_cast<float>(ridge), stream_);
+  KVC_LAUNCHED("AddRidgeToDiagonal");
   int lwork = 0;
   KVC_CUSOLVER(cusolverDnSpotrf_bufferSize(solver_, CUBLAS_FILL_MODE_LOWER, static_cast<int>(t), gram_.get(),
                                            static_cast<int>(t), &lwork));
   if (auto s = work_.Reserve(std::max(lwork, 1)); !s.ok()) return s;
   KVC_CUSOLVER(cusolverDnSpotrf(solver_, CUBLAS_FILL_MODE_LOWER, static_cast<int>(t), gram_.get(), static_cast<int>(t),
-                                work_.get(), lwork, info_.get()));
-  int info = 0;
-  if (auto s = ToHost(&info, info_.get(), 1, stream_); !s.ok()) return s;
-  if (info != 0) {
-    return absl::InternalError(absl::StrCat("value fit: Cholesky of X^T X + lambda I failed (cuSOLVER info ", info,
-                                            "); raise options.ridge"));
-  }
+                                work_.get(), lwork, info));
   KVC_CUSOLVER(cusolverDnSpotrs(solver_, CUBLAS_FILL_MODE_LOWER, static_cast<int>(t), static_cast<int>(dv_), gram_.get(),
-                                static_cast<int>(t), rhs_.get(), static_cast<int>(t), info_.get()));
-  if (auto s = ToHost(&info, info_.get(), 1, stream_); !s.ok()) return s;
-  if (info != 0) return absl::InternalError(absl::StrCat("value fit: potrs info ", info));
-  MatrixF cv_t(dv_, t);  // C_v^T
-  if (auto s = ToHost(cv_t.data(), rhs_.get(), dv_ * t, stream_); !s.ok()) return s;
-  head->values = cv_t.transpose();
+                                static_cast<int>(t), rhs_.get(), static_cast<int>(t), info + 1));
+  // C_v (t x dv, row-major) = the transpose of the column-major solution.
+  const float one = 1.f, zero = 0.f;
+  KVC_CUBLAS(cublasSgeam(blas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(dv_), static_cast<int>(t), &one, rhs_.get(),
+                         static_cast<int>(t), &zero, cv, static_cast<int>(dv_), cv, static_cast<int>(dv_)));
   return absl::OkStatus();
 }
 
+absl::Status CudaBackend::EvaluateHead(int64_t h, int64_t t, int64_t nf, int64_t ne, const float* cv, double* sums) {
+  // The fit error on at most kFitErrorQueries fitting queries; the held-out error on the held-out
+  // queries (on all fitting queries when none are held out).
+  const int64_t nf_err = std::min<int64_t>(nf, kFitErrorQueries);
+  if (auto s = Evaluate(in_->q_fit.get() + h * nf * d_, nf_err, nf, fit_, h, t, cv, sums); !s.ok()) return s;
+  if (ne > 0) return Evaluate(in_->q_eval.get() + h * ne * d_, ne, ne, eval_, h, t, cv, sums + 3);
+  return Evaluate(in_->q_fit.get() + h * nf * d_, nf, nf, fit_, h, t, cv, sums + 3);
+}
+
 absl::Status CudaBackend::Evaluate(const float* queries, int64_t n, int64_t stride, const DeviceStats& truth, int64_t h,
-                                   int64_t t, float* out_err, float* mass_err) {
-  // P = exp(s Q C_k^T + beta - M);  m_hat = rowsum P;  Y_hat = P C_v / m_hat.
+                                   int64_t t, const float* cv, double* sums) {
+  // P = exp(s Q C_k^T + beta - M);  m_hat = rowsum P;  Y_hat = P C_v / m_hat; error sums on the device.
   if (auto s = Gemm(blas_, n, t, d_, scale_, {queries, d_, 0, false}, {ck_.get(), d_, 0, true}, 0.f, subset_.get(), t, 0, 1);
       !s.ok()) {
     return s;
@@ -287,20 +296,15 @@ absl::Status CudaBackend::Evaluate(const float* queries, int64_t n, int64_t stri
   KVC_LAUNCHED("ExpShifted(eval)");
   RowSums(subset_.get(), n, t, mhat_.get(), stream_);
   KVC_LAUNCHED("RowSums");
-  if (auto s = Gemm(blas_, n, dv_, t, 1.f, {subset_.get(), t, 0, false}, {cv_.get(), dv_, 0, false}, 0.f, yhat_.get(), dv_, 0, 1);
+  if (auto s = Gemm(blas_, n, dv_, t, 1.f, {subset_.get(), t, 0, false}, {cv, dv_, 0, false}, 0.f, yhat_.get(), dv_, 0, 1);
       !s.ok()) {
     return s;
   }
   DivideRows(yhat_.get(), n, dv_, mhat_.get(), 1e-30f, stream_);
   KVC_LAUNCHED("DivideRows");
-  MatrixF yhat(n, dv_), y(n, dv_);
-  VectorF mhat(n), m(n);
-  if (auto s = ToHost(yhat.data(), yhat_.get(), n * dv_, stream_); !s.ok()) return s;
-  if (auto s = ToHost(mhat.data(), mhat_.get(), n, stream_); !s.ok()) return s;
-  if (auto s = ToHost(y.data(), truth.outputs.get() + h * stride * dv_, n * dv_, stream_); !s.ok()) return s;
-  if (auto s = ToHost(m.data(), truth.mass.get() + h * stride, n, stream_); !s.ok()) return s;
-  mhat = mhat.cwiseMax(1e-30f);
-  ErrorsFromOutputs(yhat, mhat, y, m, out_err, mass_err);
+  ErrorSums(yhat_.get(), truth.outputs.get() + h * stride * dv_, n, dv_, mhat_.get(), truth.mass.get() + h * stride, sums,
+            stream_);
+  KVC_LAUNCHED("ErrorSums");
   return absl::OkStatus();
 }
 
@@ -496,44 +500,85 @@ absl::StatusOr<LayerResult> CudaBackend::Run(const LayerJob& job) {
   result.seconds.mass_fit += Since(start);
   for (int64_t h : to_fit) fitted[h] = 1;
 
-  // Phase 3, per head on the device: values by the ridge solve, then held-out evaluation.
+  // Phase 3, per head on the device: values by the ridge solve, then the errors on both query
+  // sets, with no host synchronisation until every head is queued.
+  std::vector<int64_t> offset(H_ + 1, 0);
+  int64_t t_max = 1;
+  for (int64_t h = 0; h < H_; ++h) {
+    const int64_t t = static_cast<int64_t>(result.heads[h].indices.size());
+    offset[h + 1] = offset[h] + t * dv_;
+    t_max = std::max(t_max, t);
+  }
+  // No reallocation (an implicit device synchronisation) while heads are queued.
+  if (auto s = ReserveHeadBuffers(t_max, n_max); !s.ok()) return s;
+  if (auto s = idx_.Reserve(t_max); !s.ok()) return s;
+  if (auto s = cv_all_.Reserve(std::max<int64_t>(offset[H_], 1)); !s.ok()) return s;
+  if (auto s = info_all_.Reserve(2 * H_); !s.ok()) return s;
+  if (auto s = err_all_.Reserve(6 * H_); !s.ok()) return s;
+  KVC_CUDA(cudaMemsetAsync(info_all_.get(), 0, 2 * H_ * sizeof(int), stream_));
+  KVC_CUDA(cudaMemsetAsync(err_all_.get(), 0, 6 * H_ * sizeof(double), stream_));
+  // Stage times from device events (start, values fitted, evaluated) per head: host clocks would
+  // only measure the queueing.
+  while (events_.size() < static_cast<size_t>(3 * H_)) {
+    cudaEvent_t e;
+    KVC_CUDA(cudaEventCreate(&e));
+    events_.push_back(e);
+  }
   for (int64_t h = 0; h < H_; ++h) {
     CompactedHead& head = result.heads[h];
     const int64_t t = static_cast<int64_t>(head.indices.size());
-    if (auto s = ReserveHeadBuffers(t, n_max); !s.ok()) return s;
+    float* cv = cv_all_.get() + offset[h];
     if (auto s = ToDevice(idx_, head.indices.data(), t, stream_); !s.ok()) return s;
     GatherRows(in_->keys.get() + h * T_ * d_, idx_.get(), t, d_, ck_.get(), stream_);
     KVC_LAUNCHED("GatherRows");
+    KVC_CUDA(cudaEventRecord(events_[3 * h], stream_));
     if (fitted[h]) {
-      start = Clock::now();
-      if (auto s = ValueFit(h, nf, t, head_options[h].ridge, &head); !s.ok()) {
+      if (auto s = ValueFit(h, nf, t, head_options[h].ridge, head.beta, cv, info_all_.get() + 2 * h); !s.ok()) {
         return absl::Status(s.code(), absl::StrCat("head ", h, ": ", s.message()));
       }
-      result.seconds.value_fit += Since(start);
+    } else if (has_queries) {
+      if (auto s = ToDevice(beta_, head.beta.data(), t, stream_); !s.ok()) return s;
+      KVC_CUDA(cudaMemcpyAsync(cv, head.values.data(), t * dv_ * sizeof(float), cudaMemcpyHostToDevice, stream_));
+    }
+    KVC_CUDA(cudaEventRecord(events_[3 * h + 1], stream_));
+    if (has_queries) {
+      if (auto s = EvaluateHead(h, t, nf, ne, cv, err_all_.get() + 6 * h); !s.ok()) return s;
+    }
+    KVC_CUDA(cudaEventRecord(events_[3 * h + 2], stream_));
+  }
+  std::vector<float> cv_host(offset[H_]);
+  std::vector<int> info(2 * H_);
+  std::vector<double> err(6 * H_);
+  if (auto s = ToHost(cv_host.data(), cv_all_.get(), cv_host.size(), stream_); !s.ok()) return s;
+  if (auto s = ToHost(info.data(), info_all_.get(), info.size(), stream_); !s.ok()) return s;
+  if (auto s = ToHost(err.data(), err_all_.get(), err.size(), stream_); !s.ok()) return s;
+  for (int64_t h = 0; h < H_; ++h) {
+    float fit_ms = 0, eval_ms = 0;
+    KVC_CUDA(cudaEventElapsedTime(&fit_ms, events_[3 * h], events_[3 * h + 1]));
+    KVC_CUDA(cudaEventElapsedTime(&eval_ms, events_[3 * h + 1], events_[3 * h + 2]));
+    result.seconds.value_fit += fit_ms / 1e3;
+    result.seconds.evaluate += eval_ms / 1e3;
+  }
+  for (int64_t h = 0; h < H_; ++h) {
+    CompactedHead& head = result.heads[h];
+    const int64_t t = static_cast<int64_t>(head.indices.size());
+    if (fitted[h]) {
+      if (info[2 * h] != 0) {
+        return absl::InternalError(absl::StrCat("head ", h, ": value fit: Cholesky of X^T X + lambda I failed (cuSOLVER info ",
+                                                info[2 * h], "); raise options.ridge"));
+      }
+      if (info[2 * h + 1] != 0) return absl::InternalError(absl::StrCat("head ", h, ": value fit: potrs info ", info[2 * h + 1]));
+      head.values = ConstMatrixMapF(cv_host.data() + offset[h], t, dv_);
     }
     if (!has_queries) continue;
-    start = Clock::now();
-    if (auto s = ToDevice(beta_, head.beta.data(), t, stream_); !s.ok()) return s;
-    if (auto s = ToDevice(cv_, head.values.data(), t * dv_, stream_); !s.ok()) return s;
     HeadQuality& q = head.quality;
+    const double* e = err.data() + 6 * h;
+    const int64_t n_eval = ne > 0 ? ne : nf;
     q.has_quality = true;
-    float unused;
-    const int64_t nf_err = std::min<int64_t>(nf, kFitErrorQueries);
-    if (auto s = Evaluate(in_->q_fit.get() + h * nf * d_, nf_err, nf, fit_, h, t, &q.fit_output_rel_error, &unused); !s.ok()) {
-      return s;
-    }
-    if (ne > 0) {
-      if (auto s = Evaluate(in_->q_eval.get() + h * ne * d_, ne, ne, eval_, h, t, &q.output_rel_error, &q.mass_rel_error); !s.ok()) {
-        return s;
-      }
-      q.eval_queries = ne;
-    } else {
-      if (auto s = Evaluate(in_->q_fit.get() + h * nf * d_, nf, nf, fit_, h, t, &q.output_rel_error, &q.mass_rel_error); !s.ok()) {
-        return s;
-      }
-      q.eval_queries = nf;
-    }
-    result.seconds.evaluate += Since(start);
+    q.fit_output_rel_error = static_cast<float>(std::sqrt(e[0]) / std::max(std::sqrt(e[1]), 1e-300));
+    q.output_rel_error = static_cast<float>(std::sqrt(e[3]) / std::max(std::sqrt(e[4]), 1e-300));
+    q.mass_rel_error = static_cast<float>(e[5] / std::max<int64_t>(n_eval, 1));
+    q.eval_queries = n_eval;
   }
   return result;
 }
