@@ -12,10 +12,10 @@ def test_harness_writes_report_json_and_plots(server_address, tmp_path):
     data = os.environ.get("KVCOMPACT_DATA_DIR", os.path.join(here, "..", "..", "..", "..", "shared", "data"))
     quality.main(["--server", server_address, "--out", str(tmp_path), "--data", data, "--articles", "1",
                   "--questions", "1", "--max-context", "256", "--answer-tokens", "12", "--ratios", "4",
-                  "--methods", "am", "am:ridge=1e-3,queries=context", "am:queries=repeat+self_study", "h2o", "--needle-lengths", "256", "--needle-depths", "0.5"])
+                  "--methods", "am", "am:ridge=1e-3,queries=context", "am:queries=repeat+self_study", "h2o", "summary", "--needle-lengths", "256", "--needle-depths", "0.5"])
     result = json.load(open(tmp_path / "results.json"))
     methods = {r["method"] for r in result["rows"]}
-    assert {"am", "am:ridge=1e-3,queries=context", "am:queries=repeat+self_study", "h2o", "no_context", "full"} <= methods
+    assert {"am", "am:ridge=1e-3,queries=context", "am:queries=repeat+self_study", "h2o", "summary", "no_context", "full"} <= methods
     quality_rows = [r for r in result["rows"] if r["task"] == "quality" and r["method"] == "am"]
     assert quality_rows and all(np.isfinite(r["value"]) for r in quality_rows)
     assert all(0 < r["entries"] for r in quality_rows)
@@ -25,4 +25,9 @@ def test_harness_writes_report_json_and_plots(server_address, tmp_path):
     report = open(tmp_path / "report.md").read()
     assert "Change in log-perplexity" in report and "| am |" in report
     assert "Reference-query capture" in report
+    # The summarization baseline replaces the context by a prefill of the model's own summary.
+    summary = [r for r in result["rows"] if r["task"] == "quality" and r["method"] == "summary"]
+    assert summary and all(np.isfinite(r["value"]) and r["compact_seconds"] > 0 for r in summary)
+    assert all(r["entries"] < quality_rows[0]["entries"] * 4 for r in summary)
+    assert "Summarization baseline" in report
     assert (tmp_path / "quality_logppl.png").stat().st_size > 1000

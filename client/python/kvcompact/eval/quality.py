@@ -129,7 +129,28 @@ def default_queries(method: str) -> str:
     return "self_study" if method == "am" else "context"
 
 
-def compacted(prefix: Prefix, client: Client, method: str, ratio: float) -> tuple[KVCache, float, float, float]:
+SUMMARY_PROMPT = "Summarize the text above in at most {words} words, keeping names, numbers and facts."
+
+
+def summarized(prefix: Prefix, ratio: float, max_context: int) -> tuple[KVCache, float]:
+    """The text-summarization baseline: the model summarises the context in about len/ratio tokens
+    (greedy), and a fresh prefill of the chat template around the summary replaces the context."""
+    model = prefix.model
+    start = time.time()
+    budget = max(8, int((len(prefix.tokens) - SINK_TOKENS) / ratio))
+    prompt = rq.instruction_tokens(model, SUMMARY_PROMPT.format(words=max(5, int(budget * 0.75))))
+    summary = model.tokenizer.decode(model.generate(prompt, prefix.cache.copy(), max_new_tokens=budget))
+    cache, _ = rq.context_prefill(model, chat_prefix(model, summary, max_context))
+    return cache, time.time() - start
+
+
+def compacted(prefix: Prefix, client: Client, method: str, ratio: float, max_context: int = 0
+              ) -> tuple[KVCache, float, float, float]:
+    """The cache with the context compacted by `method` at `ratio`; seconds the compaction took,
+    mean held-out attention error the service reported, seconds spent capturing queries."""
+    if method == "summary":
+        cache, seconds = summarized(prefix, ratio, max_context or len(prefix.tokens))
+        return cache, seconds, float("nan"), 0.0
     cache = prefix.cache.copy()
     options = method_options(method)
     copy_values = bool(options.pop("copy_values", 0))
@@ -166,7 +187,7 @@ def run_quality(model, client, args, rng, rows: list[Row], progress) -> None:
             rows.append(Row("quality", item, "no_context", 0, full - answer_logprob(model, empty.cache, suffix, answer)))
         for method in args.methods:
             for ratio in args.ratios:
-                cache, secs, err, capture = compacted(prefix, client, method, ratio)
+                cache, secs, err, capture = compacted(prefix, client, method, ratio, args.max_context)
                 for suffix, answer, full in questions:
                     rows.append(Row("quality", item, method, ratio, full - answer_logprob(model, cache, suffix, answer),
                                     err, secs, cache.entries(), capture))
@@ -205,7 +226,7 @@ def run_needles(model, client, args, rng, rows: list[Row], progress) -> None:
             rows.append(Row("needle", item, "full", 1, correct(prefix.cache), entries=prefix.cache.entries()))
             for method in args.methods:
                 for ratio in args.ratios:
-                    cache, secs, err, capture = compacted(prefix, client, method, ratio)
+                    cache, secs, err, capture = compacted(prefix, client, method, ratio, length + 64)
                     rows.append(Row("needle", item, method, ratio, correct(cache), err, secs, cache.entries(), capture))
                     progress(f"needle {length} {depth} {method} {ratio}x")
 
@@ -249,7 +270,8 @@ def write_report(rows: list[Row], args, out: str, wall: float) -> None:
             vals = [r.attn_error for r in rows if r.method == m and r.ratio == ratio and np.isfinite(r.attn_error)]
             cells.append(f"{np.mean(vals):.3f}" if vals else "-")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    times = [r.compact_seconds for r in rows if r.compact_seconds > 0]
+    times = [r.compact_seconds for r in rows if r.compact_seconds > 0 and r.method != "summary"]
+    summary_times = [r.compact_seconds for r in rows if r.method == "summary"]
     capture = {}
     for r in rows:
         if r.capture_seconds > 0:
@@ -258,7 +280,9 @@ def write_report(rows: list[Row], args, out: str, wall: float) -> None:
     lines.extend(["", f"Compaction time per context (all layers, through the service): median "
                       f"{np.median(times):.2f} s over {len(times)} compactions." if times else "",
                   f"Reference-query capture on the client (numpy runtime), median per context: {capture_line}. "
-                  "Context-prefill queries come free with the prefill." if capture_line else "", "",
+                  "Context-prefill queries come free with the prefill." if capture_line else "",
+                  f"Summarization baseline (generation of the summary and prefill of it, numpy runtime): median "
+                  f"{np.median(summary_times):.1f} s per context and ratio." if summary_times else "", "",
                   "Items: " + "; ".join(sorted({r.item for r in rows})), ""])
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write("\n".join(lines))
@@ -308,7 +332,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--queries-per-head", type=int, default=2048)
     ap.add_argument("--ratios", type=float, nargs="+", default=[5, 10, 20, 50, 100])
     ap.add_argument("--methods", nargs="+", default=["am", "h2o", "snapkv", "recent", "streaming_llm", "random"],
-                    help="service methods, optionally with options: am:ridge=1e-3, am:queries=repeat "
+                    help="service methods (and 'summary', the text-summarization baseline run on the client), "
+                         "optionally with options: am:ridge=1e-3, am:queries=repeat "
                          "(query sources: context, repeat, self_study, joined by +; default self_study for am, "
                          "context for the baselines)")
     ap.add_argument("--needle-lengths", type=int, nargs="*", default=[1024, 2048])
