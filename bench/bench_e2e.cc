@@ -92,7 +92,7 @@ int main(int argc, char** argv) {
     return 1;
   }
   std::vector<double> walls;
-  double err = 0, score = 0, mass = 0, value = 0, eval = 0, bytes_in = 0;
+  double err = 0, score = 0, mass = 0, value = 0, eval = 0, decode = 0, queue = 0, worker = 0, bytes_in = 0;
   for (int r = 0; r <= absl::GetFlag(FLAGS_repeats); ++r) {
     auto outcome = cl.Compact(header, layers);
     if (!outcome.ok() || !outcome->errors.empty()) {
@@ -103,6 +103,7 @@ int main(int argc, char** argv) {
     walls.push_back(outcome->wall_seconds);
     const v1::StageTimes& t = outcome->summary.times();
     score = t.score_seconds(), mass = t.mass_fit_seconds(), value = t.value_fit_seconds(), eval = t.evaluate_seconds();
+    decode = t.decode_seconds(), queue = t.queue_seconds(), worker = t.total_seconds();
     bytes_in = static_cast<double>(outcome->summary.bytes_in());
     err = 0;
     int heads = 0;
@@ -149,8 +150,10 @@ int main(int argc, char** argv) {
     printf("server GPU memory held by the backend: %.2f GiB now, %.2f GiB peak\n", after->device_bytes_reserved() / 1073741824.0,
            after->device_bytes_peak() / 1073741824.0);
   }
-  printf("server CPU seconds by stage (last run, summed over heads): score %.2f, mass fit %.2f, value fit %.2f, evaluate %.2f\n",
+  printf("server stage seconds (last run, summed over layers): score %.2f, mass fit %.2f, value fit %.2f, evaluate %.2f\n",
          score, mass, value, eval);
+  printf("server worker busy %.2f s; decode (wire to fp32, on the streams' threads) %.2f s; layers waiting in the queue %.2f s\n",
+         worker, decode, queue);
   printf("{\"bench\":\"%s\",\"median_wall_s\":%.4f,\"sink_median_wall_s\":%.4f,\"runs\":%zu,\"mean_output_rel_error\":%.5f,"
          "\"bytes_in\":%.0f,\"device_bytes_peak\":%llu}\n",
          name.c_str(), median, sink_median, walls.size(), err, bytes_in,
