@@ -31,3 +31,21 @@ def test_harness_writes_report_json_and_plots(server_address, tmp_path):
     assert all(r["entries"] < quality_rows[0]["entries"] * 4 for r in summary)
     assert "Summarization baseline" in report
     assert (tmp_path / "quality_logppl.png").stat().st_size > 1000
+
+
+def test_merge_writes_one_report_from_several_runs(tmp_path):
+    rows = [{"task": "quality", "item": "a", "method": m, "ratio": r, "value": v, "attn_error": 0.1,
+             "compact_seconds": 1.0, "entries": 10, "capture_seconds": 0.0}
+            for m, r, v in (("am", 10, 0.5), ("h2o", 10, 0.7))]
+    for name, part in (("one", rows[:1]), ("two", rows[1:])):
+        (tmp_path / name).mkdir()
+        json.dump({"args": {"methods": [part[0]["method"]], "ratios": [10], "argv": ["--methods", part[0]["method"]],
+                            "backend": "cpu"}, "wall_seconds": 60, "rows": part},
+                  open(tmp_path / name / "results.json", "w"))
+    out = tmp_path / "merged"
+    quality.main(["--merge", str(tmp_path / "one" / "results.json"), str(tmp_path / "two" / "results.json"),
+                  "--out", str(out)])
+    report = open(out / "report.md").read()
+    assert report.count("Command: `python -m kvcompact.eval.quality") == 2
+    assert "| am | +0.500 |" in report and "| h2o | +0.700 |" in report
+    assert len(json.load(open(out / "results.json"))["rows"]) == 2

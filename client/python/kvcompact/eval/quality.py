@@ -236,9 +236,10 @@ def write_report(rows: list[Row], args, out: str, wall: float) -> None:
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({"args": vars(args), "wall_seconds": wall, "rows": [asdict(r) for r in rows]}, f, indent=1)
     methods = [m for m in args.methods]
-    lines = [f"# Compaction quality: SmolLM2-135M-Instruct", "",
-             f"Command: `python -m kvcompact.eval.quality {' '.join(args.argv)}`  ",
-             f"Date: {time.strftime('%Y-%m-%d')}; wall time {wall / 60:.1f} min; server backend: {args.backend}.", ""]
+    commands = getattr(args, "commands", None) or [" ".join(args.argv)]
+    lines = [f"# Compaction quality: SmolLM2-135M-Instruct", ""]
+    lines += [f"Command: `python -m kvcompact.eval.quality {c}`  " for c in commands]
+    lines += [f"Date: {time.strftime('%Y-%m-%d')}; wall time {wall / 60:.1f} min; server backend: {args.backend}.", ""]
 
     def table(task: str, title: str, fmt: str, agg) -> None:
         sel = [r for r in rows if r.task == task]
@@ -319,6 +320,21 @@ def write_report(rows: list[Row], args, out: str, wall: float) -> None:
         pass
 
 
+def merge(files: list[str], out: str) -> None:
+    """One report from several runs' results.json (runs split by task or over machines)."""
+    rows: list[Row] = []
+    runs = [json.load(open(f)) for f in files]
+    for run in runs:
+        rows.extend(Row(**r) for r in run["rows"])
+    args = argparse.Namespace(**runs[0]["args"])
+    args.methods = list(dict.fromkeys(m for run in runs for m in run["args"]["methods"]))
+    args.ratios = sorted({r for run in runs for r in run["args"]["ratios"]})
+    args.commands = [" ".join(run["args"]["argv"]) for run in runs]
+    args.argv = ["--merge", *files, "--out", out]
+    write_report(rows, args, out, sum(run["wall_seconds"] for run in runs))
+    print(f"wrote {out}/report.md from {len(files)} runs")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--server", default="localhost:50051")
@@ -339,8 +355,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--needle-lengths", type=int, nargs="*", default=[1024, 2048])
     ap.add_argument("--needle-depths", type=float, nargs="*", default=[0.1, 0.5, 0.9])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--merge", nargs="+", default=None, metavar="RESULTS_JSON",
+                    help="write one report from earlier runs' results.json files instead of running")
     args = ap.parse_args(argv)
     args.argv = argv if argv is not None else __import__("sys").argv[1:]
+    if args.merge:
+        merge(args.merge, args.out)
+        return
     rng = np.random.default_rng(args.seed)
     model = LlamaModel()
     rows: list[Row] = []
