@@ -6,5 +6,5 @@ cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 scripts/build.sh
 ctest --test-dir build -LE gpu --output-on-failure -j"$(nproc)"
-scripts/python-env.sh
+scripts/python-env.sh --gemma
 KVCOMPACT_SERVER_BINARY="$PWD/build/server/kvcompact-server" build/pyenv/bin/python -m pytest -q client/python/tests
