@@ -103,6 +103,9 @@ TEST(Worker, NextQueuedLayerIsHandedToPrefetchBeforeTheCurrentRuns) {
   ASSERT_TRUE(worker.SubmitOrWait(b, [] {}));
   ASSERT_TRUE(worker.SubmitOrWait(d, [] {}));
   fake->Release(10);
+  // Stop() would drop what is still queued: wait until the worker has run everything.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (c.ran.load() < 4 && std::chrono::steady_clock::now() < deadline) std::this_thread::yield();
   worker.Stop();
   EXPECT_EQ(c.ran.load(), 4);
   const std::vector<std::string> want = {"compact -1", "prefetch 2", "compact 1", "prefetch 3", "compact 2", "compact 3"};
