@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from kvcompact.runtime.base import CausalLM
 from kvcompact.runtime.cache import HeadBlock, KVCache
 from kvcompact.runtime.llama import _read_gguf, biased_attention, rms_norm
 from kvcompact.runtime.spm_tokenizer import GGUFSentencePieceTokenizer
@@ -87,7 +88,7 @@ def windowed_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, scal
     return np.einsum("ngm,md->ngd", p, values)
 
 
-class GemmaModel:
+class GemmaModel(CausalLM):
     def __init__(self, path: Optional[str] = None):
         path = path or find_gemma_file()
         meta, w = _read_gguf(path)
@@ -171,29 +172,5 @@ class GemmaModel:
         logits = rms_norm(x, self.w["output_norm.weight"], c.eps) @ self.w["token_embd.weight"].T
         return (logits, captured) if capture_queries else logits
 
-    def log_probs(self, tokens: Sequence[int], cache: KVCache) -> np.ndarray:
-        """Teacher-forced log p(tokens[i] | cache, tokens[:i]) for i >= 1; appends to the cache."""
-        logits = self.forward(tokens, cache)[:-1].astype(np.float64)
-        logits -= logits.max(axis=-1, keepdims=True)
-        logp = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
-        return logp[np.arange(len(tokens) - 1), np.asarray(tokens[1:])]
-
-    def generate(self, prompt: Sequence[int], cache: KVCache, max_new_tokens: int = 32, temperature: float = 0.0,
-                 seed: int = 0) -> list[int]:
-        """Greedy (temperature 0) or sampled continuation; stops at <eos> or <end_of_turn>."""
-        rng = np.random.default_rng(seed)
-        stop = {self.tokenizer.eos_id, self.tokenizer.token_id(self.tokenizer.end_of_turn)}
-        logits = self.forward(prompt, cache)[-1]
-        out: list[int] = []
-        for _ in range(max_new_tokens):
-            if temperature > 0:
-                z = (logits - logits.max()) / temperature
-                p = np.exp(z) / np.exp(z).sum()
-                tok = int(rng.choice(len(p), p=p))
-            else:
-                tok = int(np.argmax(logits))
-            if tok in stop:
-                break
-            out.append(tok)
-            logits = self.forward([tok], cache)[-1]
-        return out
+    def stop_ids(self) -> set[int]:
+        return {self.tokenizer.eos_id, self.tokenizer.token_id(self.tokenizer.end_of_turn)}

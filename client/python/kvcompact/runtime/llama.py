@@ -10,6 +10,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from kvcompact.runtime.base import CausalLM
 from kvcompact.runtime.cache import KVCache
 from kvcompact.runtime.tokenizer import GGUFTokenizer
 
@@ -88,7 +89,7 @@ def biased_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, bias: 
     return np.einsum("ngm,md->ngd", p, values)
 
 
-class LlamaModel:
+class LlamaModel(CausalLM):
     def __init__(self, path: Optional[str] = None):
         path = path or find_model_file("smollm2")
         meta, w = _read_gguf(path)
@@ -151,28 +152,5 @@ class LlamaModel:
         logits = rms_norm(x, self.w["output_norm.weight"], c.eps) @ self.output.T
         return (logits, captured) if capture_queries else logits
 
-    def log_probs(self, tokens: Sequence[int], cache: KVCache) -> np.ndarray:
-        """Teacher-forced log p(tokens[i] | cache, tokens[:i]) for i >= 1; appends to the cache."""
-        logits = self.forward(tokens, cache)[:-1].astype(np.float64)
-        logits -= logits.max(axis=-1, keepdims=True)
-        logp = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
-        return logp[np.arange(len(tokens) - 1), np.asarray(tokens[1:])]
-
-    def generate(self, prompt: Sequence[int], cache: KVCache, max_new_tokens: int = 32, temperature: float = 0.0,
-                 seed: int = 0) -> list[int]:
-        """Greedy (temperature 0) or sampled continuation; stops at EOS."""
-        rng = np.random.default_rng(seed)
-        logits = self.forward(prompt, cache)[-1]
-        out: list[int] = []
-        for _ in range(max_new_tokens):
-            if temperature > 0:
-                z = (logits - logits.max()) / temperature
-                p = np.exp(z) / np.exp(z).sum()
-                tok = int(rng.choice(len(p), p=p))
-            else:
-                tok = int(np.argmax(logits))
-            if tok == self.tokenizer.eos_id or tok == self.tokenizer.token_id("<|im_end|>"):
-                break
-            out.append(tok)
-            logits = self.forward([tok], cache)[-1]
-        return out
+    def stop_ids(self) -> set[int]:
+        return {self.tokenizer.eos_id, self.tokenizer.token_id("<|im_end|>")}
