@@ -347,7 +347,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--answer-tokens", type=int, default=40)
     ap.add_argument("--queries-per-head", type=int, default=2048)
     ap.add_argument("--ratios", type=float, nargs="+", default=[5, 10, 20, 50, 100])
-    ap.add_argument("--methods", nargs="+", default=["am", "h2o", "snapkv", "recent", "streaming_llm", "random"],
+    ap.add_argument("--methods", nargs="+", default=["am", "h2o", "snapkv", "recent", "streaming_llm", "random", "summary"],
                     help="service methods (and 'summary', the text-summarization baseline run on the client), "
                          "optionally with options: am:ridge=1e-3, am:queries=repeat "
                          "(query sources: context, repeat, self_study, joined by +; default self_study for am, "
