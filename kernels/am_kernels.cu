@@ -135,13 +135,6 @@ __global__ void GatherRowsKernel(const float* in, const int32_t* index, int64_t 
   out[k] = in[int64_t(index[r]) * cols + c];
 }
 
-__global__ void AddDiagonalKernel(float* a, int64_t batch, int64_t n, const float* value) {
-  const int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (k >= batch * n) return;
-  const int64_t b = k / n, i = k % n;
-  a[b * n * n + i * n + i] += value[b];
-}
-
 unsigned Blocks(int64_t n) { return static_cast<unsigned>((n + kBlock - 1) / kBlock); }
 
 __global__ void AddRidgeToDiagonalKernel(float* a, int64_t n, float ridge) {
@@ -223,11 +216,6 @@ void DivideRows(float* x, int64_t rows, int64_t cols, const float* d, float floo
 void GatherRows(const float* in, const int32_t* index, int64_t count, int64_t cols, float* out, cudaStream_t stream) {
   if (count * cols == 0) return;
   GatherRowsKernel<<<Blocks(count * cols), kBlock, 0, stream>>>(in, index, count, cols, out);
-}
-
-void AddDiagonal(float* a, int64_t batch, int64_t n, const float* value, cudaStream_t stream) {
-  if (batch * n == 0) return;
-  AddDiagonalKernel<<<Blocks(batch * n), kBlock, 0, stream>>>(a, batch, n, value);
 }
 
 void AddRidgeToDiagonal(float* a, int64_t n, float ridge, cudaStream_t stream) {

@@ -44,9 +44,6 @@ void DivideRows(float* x, int64_t rows, int64_t cols, const float* d, float floo
 // out[r][:] = in[index[r]][:]  (gather of `count` rows of width `cols`).
 void GatherRows(const float* in, const int32_t* index, int64_t count, int64_t cols, float* out, cudaStream_t stream);
 
-// Adds `value` to the diagonal of each of `batch` n x n matrices (stride n*n).
-void AddDiagonal(float* a, int64_t batch, int64_t n, const float* value, cudaStream_t stream);
-
 // The ridge of the value fit on the device: a += (ridge * trace(a) / n) I for one n x n matrix
 // (core/fit.cc FitValues).
 void AddRidgeToDiagonal(float* a, int64_t n, float ridge, cudaStream_t stream);

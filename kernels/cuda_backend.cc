@@ -81,7 +81,7 @@ class CudaBackend final : public Backend {
     if (auto s = lsq_->Init(); !s.ok()) return s;
     const int copy_threads = static_cast<int>(std::clamp(std::thread::hardware_concurrency(), 1u, 16u));
     if (auto s = inputs_.Init(options_.device, copy_threads); !s.ok()) return s;
-    return info_.Reserve(1);
+    return absl::OkStatus();
   }
 
   std::string_view name() const override { return "cuda"; }
@@ -148,8 +148,7 @@ class CudaBackend final : public Backend {
   DeviceStats fit_, eval_;
   // Per-head fit buffers.
   DeviceBuffer<int32_t> idx_;
-  DeviceBuffer<float> ck_, cv_, beta_, subset_, gram_, rhs_, cvec_, lambda_, yhat_, mhat_, work_;
-  DeviceBuffer<int> info_;
+  DeviceBuffer<float> ck_, beta_, subset_, gram_, rhs_, cvec_, yhat_, mhat_, work_;
   // Per layer: every head's C_v, cuSOLVER info codes and error sums, read back once at the end.
   DeviceBuffer<float> cv_all_;
   DeviceBuffer<int> info_all_;
@@ -159,14 +158,13 @@ class CudaBackend final : public Backend {
 };
 
 absl::Status CudaBackend::ReserveHeadBuffers(int64_t t, int64_t n_max) {
-  for (auto* buf : {&ck_, &cv_, &beta_, &cvec_, &mhat_}) {
+  for (auto* buf : {&ck_, &beta_, &cvec_, &mhat_}) {
     if (auto s = buf->Reserve(std::max(t * std::max(d_, dv_), n_max)); !s.ok()) return s;
   }
   if (auto s = subset_.Reserve(n_max * t); !s.ok()) return s;
   if (auto s = gram_.Reserve(t * t); !s.ok()) return s;
   if (auto s = rhs_.Reserve(t * dv_); !s.ok()) return s;
-  if (auto s = yhat_.Reserve(n_max * dv_); !s.ok()) return s;
-  return lambda_.Reserve(1);
+  return yhat_.Reserve(n_max * dv_);
 }
 
 absl::Status CudaBackend::Stats(const float* queries, int64_t n, const std::optional<ScoreReduce>& reduce,
@@ -355,8 +353,8 @@ absl::StatusOr<LayerResult> CudaBackend::RunWithinLimit(const LayerJob& job) {
 void CudaBackend::ReleaseBuffers() {
   inputs_.Release();
   for (auto* b : {&logits_, &scores_, &fit_.row_max, &fit_.mass,
-                  &fit_.outputs, &eval_.row_max, &eval_.mass, &eval_.outputs, &ck_, &cv_, &beta_, &subset_, &gram_,
-                  &rhs_, &cvec_, &lambda_, &yhat_, &mhat_, &work_}) {
+                  &fit_.outputs, &eval_.row_max, &eval_.mass, &eval_.outputs, &ck_, &beta_, &subset_, &gram_,
+                  &rhs_, &cvec_, &yhat_, &mhat_, &work_}) {
     b->Release();
   }
   idx_.Release();

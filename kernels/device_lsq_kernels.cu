@@ -81,10 +81,7 @@ __global__ void AnalyzeKernel(const LsqProblem* problems, LsqState* states, doub
   pg = BlockReduce(pg, shared, Max(), 0.0);
   wmax = BlockReduce(wmax, shared, Max(), 0.0);
   if (pg <= tolerance * fmax(1.0, wmax)) {
-    if (threadIdx.x == 0) {
-      state->pg = pg;
-      state->status = kLsqConverged;
-    }
+    if (threadIdx.x == 0) state->status = kLsqConverged;
     return;
   }
   // Epsilon-binding set: at (or within eps of) a bound with the gradient pushing outward.
@@ -106,8 +103,6 @@ __global__ void AnalyzeKernel(const LsqProblem* problems, LsqState* states, doub
   nfree = BlockReduce(nfree, shared, Sum(), 0.0);
   f = BlockReduce(f, shared, Sum(), 0.0);
   if (threadIdx.x == 0) {
-    state->pg = pg;
-    state->wmax = wmax;
     state->nfree = static_cast<int>(nfree);
     state->jitter = 1e-13 * (trace / fmax(nfree, 1.0) + 1e-300);
     state->f0 = f;

@@ -22,7 +22,7 @@ struct LsqProblem {
 enum LsqStatus : int { kLsqActive = 0, kLsqConverged = 1 };
 
 struct LsqState {
-  double pg = 0, wmax = 0, jitter = 0, f0 = 0, alpha = 1, lipschitz = 1;
+  double jitter = 0, f0 = 0, alpha = 1, lipschitz = 1;
   int nfree = 0, status = kLsqActive, searching = 0, moved = 0;
 };
 

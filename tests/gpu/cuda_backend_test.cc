@@ -54,11 +54,6 @@ double RelErr(const float* a, const float* b, size_t n) {
   return std::sqrt(num / std::max(den, 1e-300));
 }
 
-bool AllFinite(const std::vector<float>& v) {
-  for (float x : v) if (!std::isfinite(x)) return false;
-  return true;
-}
-
 TEST(Kernels, RowSoftmaxStatsAndScoresMatchCpu) {
   SKIP_WITHOUT_GPU();
   std::mt19937 rng(1);

@@ -28,7 +28,8 @@ def test_harness_writes_report_json_and_plots(server_address, tmp_path):
     # The summarization baseline replaces the context by a prefill of the model's own summary.
     summary = [r for r in result["rows"] if r["task"] == "quality" and r["method"] == "summary"]
     assert summary and all(np.isfinite(r["value"]) and r["compact_seconds"] > 0 for r in summary)
-    assert all(r["entries"] < quality_rows[0]["entries"] * 4 for r in summary)
+    full_entries = int(summary[0]["item"].split("(")[1].split(" tokens")[0]) * 30 * 3  # context x layers x KV heads
+    assert all(0 < r["entries"] < full_entries for r in summary)
     assert "Summarization baseline" in report
     assert (tmp_path / "quality_logppl.png").stat().st_size > 1000
 

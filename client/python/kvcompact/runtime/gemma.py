@@ -21,7 +21,7 @@ import numpy as np
 
 from kvcompact.runtime.base import CausalLM
 from kvcompact.runtime.cache import HeadBlock, KVCache
-from kvcompact.runtime.llama import _read_gguf, biased_attention, rms_norm
+from kvcompact.runtime.llama import _read_gguf, biased_attention, masked_attention, rms_norm
 from kvcompact.runtime.spm_tokenizer import GGUFSentencePieceTokenizer
 
 LOCAL_ROPE_THETA = 10000.0  # not in the GGUF metadata; transformers' and llama.cpp's default
@@ -80,12 +80,7 @@ def windowed_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, scal
     key_pos = first_position + np.arange(m)
     q_pos = first_position + m - n_new + np.arange(n_new)
     allowed = (key_pos[None, :] <= q_pos[:, None]) & (q_pos[:, None] - key_pos[None, :] < window)
-    logits = scale * np.einsum("ngd,md->ngm", q, keys)
-    logits = np.where(allowed[:, None, :], logits, -np.inf)
-    logits -= logits.max(axis=-1, keepdims=True)
-    p = np.exp(logits)
-    p /= p.sum(axis=-1, keepdims=True)
-    return np.einsum("ngm,md->ngd", p, values)
+    return masked_attention(q, keys, values, None, scale, allowed)
 
 
 class GemmaModel(CausalLM):

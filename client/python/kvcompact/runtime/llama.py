@@ -71,22 +71,31 @@ def rope(x: np.ndarray, positions: np.ndarray, theta: float) -> np.ndarray:
     return out
 
 
-def biased_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, bias: np.ndarray, scale: float,
-                     causal_new: int) -> np.ndarray:
-    """Attention of q [n, g, d] (g query heads of one KV head) over entries keys/values [m, d] with
-    logit bias [m]; the last `causal_new` entries are the new tokens themselves (causal)."""
-    n = q.shape[0]
-    logits = scale * np.einsum("ngd,md->ngm", q, keys) + bias[None, None, :]
-    if causal_new:
-        m = keys.shape[0]
-        past = m - causal_new
-        allowed = np.arange(causal_new)[None, :] <= np.arange(n)[:, None]        # [n, causal_new]
-        mask = np.concatenate([np.ones((n, past), bool), allowed], axis=1)       # [n, m]
-        logits = np.where(mask[:, None, :], logits, -np.inf)
+def masked_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, bias: np.ndarray | None, scale: float,
+                     allowed: np.ndarray | None) -> np.ndarray:
+    """softmax(scale q K^T + bias) V for q [n, g, d] (g query heads of one KV head) over entries
+    keys/values [m, d]; `allowed` [n, m] masks entries out (None: all visible)."""
+    logits = scale * np.einsum("ngd,md->ngm", q, keys)
+    if bias is not None:
+        logits = logits + bias[None, None, :]
+    if allowed is not None:
+        logits = np.where(allowed[:, None, :], logits, -np.inf)
     logits -= logits.max(axis=-1, keepdims=True)
     p = np.exp(logits)
     p /= p.sum(axis=-1, keepdims=True)
     return np.einsum("ngm,md->ngd", p, values)
+
+
+def biased_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, bias: np.ndarray, scale: float,
+                     causal_new: int) -> np.ndarray:
+    """Attention of q [n, g, d] over entries with logit bias [m]; the last `causal_new` entries are
+    the new tokens themselves (causal)."""
+    n, m = q.shape[0], keys.shape[0]
+    allowed = None
+    if causal_new:
+        new = np.arange(causal_new)[None, :] <= np.arange(n)[:, None]                  # [n, causal_new]
+        allowed = np.concatenate([np.ones((n, m - causal_new), bool), new], axis=1)    # [n, m]
+    return masked_attention(q, keys, values, bias, scale, allowed)
 
 
 class LlamaModel(CausalLM):
