@@ -58,11 +58,16 @@ BoundedLsqResult SolveBoundedLsq(const MatrixD& gram, const VectorD& rhs, double
   // Convergence is judged on the diagonally scaled gradient, which has the units of w.
   const VectorD inv_diag = gram.diagonal().cwiseMax(1e-300).cwiseInverse();
 
-  // Start from the clamped unconstrained solution: often already optimal or close.
-  MatrixD jittered = gram;
-  jittered.diagonal().array() += 1e-12 * (gram.trace() / t + 1e-300);
-  Eigen::LLT<MatrixD> llt(jittered);
-  VectorD w = Clamp(llt.info() == Eigen::Success ? VectorD(llt.solve(rhs)) : VectorD(jittered.ldlt().solve(rhs)), lo, hi);
+  VectorD w;
+  if (options.warm_start != nullptr && options.warm_start->size() == t) {
+    w = Clamp(*options.warm_start, lo, hi);
+  } else {
+    // Start from the clamped unconstrained solution: often already optimal or close.
+    MatrixD jittered = gram;
+    jittered.diagonal().array() += 1e-12 * (gram.trace() / t + 1e-300);
+    Eigen::LLT<MatrixD> llt(jittered);
+    w = Clamp(llt.info() == Eigen::Success ? VectorD(llt.solve(rhs)) : VectorD(jittered.ldlt().solve(rhs)), lo, hi);
+  }
   if (!w.allFinite()) w = VectorD::Constant(t, std::clamp(1.0, lo, hi));
 
   for (int it = 0; it < options.max_iterations; ++it) {

@@ -12,6 +12,9 @@ namespace kvcompact {
 struct BoundedLsqOptions {
   int max_iterations = 200;
   double tolerance = 1e-10;  // on the diagonally scaled projected gradient, relative to max(1, max|w|)
+  // Start point (clamped to the bounds); null: the clamped unconstrained solution. OMP refits warm
+  // start from the previous step's weights, which are usually a Newton step or two from optimal.
+  const VectorD* warm_start = nullptr;
 };
 
 struct BoundedLsqResult {

@@ -5,9 +5,11 @@
 #include <cmath>
 #include <numeric>
 #include <random>
+#include <tuple>
 
 #include "absl/strings/str_cat.h"
 #include "core/fit.h"
+#include "core/omp.h"
 #include "core/selection.h"
 
 namespace kvcompact {
@@ -29,7 +31,49 @@ VectorF GatherBias(const BlockView& block, const std::vector<int32_t>& idx) {
   return out;
 }
 
+// OMP over a candidate pool: one pass over the fitting queries builds the pool's Gram system,
+// then the greedy loop runs in Gram space (core/omp.h).
+std::vector<int32_t> SelectByOmp(const BlockView& block, const MatrixF& fit_q, const AttentionStats& stats,
+                                 const HeadOptions& options, const MethodSpec& spec, int64_t t) {
+  const int64_t T = block.tokens();
+  const int64_t pool_size = OmpPoolSize(options.omp_pool, t, T);
+  std::vector<int32_t> pool;
+  if (pool_size >= T) {
+    pool.resize(T);
+    std::iota(pool.begin(), pool.end(), 0);
+  } else {
+    pool = TopK(stats.scores, pool_size);
+  }
+  const VectorF pool_bias = GatherBias(block, pool);
+  const MatrixF phi = (SubsetLogits(fit_q, GatherRows(block.keys, pool), pool_bias, block.scale).colwise() -
+                       stats.row_max).array().exp().matrix();
+  const MatrixD gram = (phi.transpose() * phi).cast<double>();
+  const VectorD rhs = (phi.transpose() * stats.mass).cast<double>();
+  OmpParams params;
+  params.budget = t;
+  params.keys_per_step = options.omp_keys_per_step > 0 ? options.omp_keys_per_step : spec.omp_keys_per_step;
+  params.refit_interval = options.omp_refit_interval > 0 ? options.omp_refit_interval : spec.omp_refit_interval;
+  params.progressive = options.omp_progressive;
+  std::tie(params.w_lo, params.w_hi) = WeightBounds(options, spec);
+  const OmpResult omp = SelectOmp(gram, rhs, params);
+  std::vector<int32_t> kept;
+  kept.reserve(omp.selected.size());
+  for (int32_t i : omp.selected) kept.push_back(pool[i]);
+  std::sort(kept.begin(), kept.end());
+  return kept;
+}
+
 }  // namespace
+
+std::pair<double, double> WeightBounds(const HeadOptions& options, const MethodSpec& spec) {
+  return {std::exp(options.beta_min.value_or(spec.default_beta_min)),
+          std::exp(options.beta_max.value_or(spec.default_beta_max))};
+}
+
+int64_t OmpPoolSize(int64_t pool_option, int64_t t, int64_t T) {
+  if (pool_option > 0) return std::clamp(pool_option, t, T);
+  return std::min(T, std::max<int64_t>(4 * t, 2048));
+}
 
 void SplitQueries(const MatrixF& q, double fraction, uint64_t seed, MatrixF* fit, MatrixF* eval) {
   const int64_t n = q.rows();
@@ -103,7 +147,8 @@ absl::StatusOr<CompactedHead> CompactHead(const BlockView& block, const MatrixF*
   AttentionStats fit_stats, eval_stats;
   if (has_queries) {
     SplitQueries(*queries, options.holdout_fraction, options.seed, &fit_q, &eval_q);
-    const bool scores = spec.selection == Selection::kHighestAttention && !unchanged;
+    const bool scores = (spec.selection == Selection::kHighestAttention || spec.selection == Selection::kOmp) &&
+                        !unchanged;
     fit_stats = ComputeAttentionStats(
         block, fit_q, scores ? std::optional(options.score.value_or(spec.default_score)) : std::nullopt,
         options.query_chunk);
@@ -114,7 +159,9 @@ absl::StatusOr<CompactedHead> CompactHead(const BlockView& block, const MatrixF*
   if (unchanged) {
     head = Unchanged(block);
   } else {
-    head.indices = SelectKeys(spec.selection, T, fit_stats.scores, SelectionParamsFor(options, spec, t));
+    head.indices = spec.selection == Selection::kOmp
+                       ? SelectByOmp(block, fit_q, fit_stats, options, spec, t)
+                       : SelectKeys(spec.selection, T, fit_stats.scores, SelectionParamsFor(options, spec, t));
     head.keys = GatherRows(block.keys, head.indices);
     const VectorF subset_bias = GatherBias(block, head.indices);
     seconds->score += Since(start);
@@ -122,8 +169,8 @@ absl::StatusOr<CompactedHead> CompactHead(const BlockView& block, const MatrixF*
     if (spec.fit == Fit::kAttentionMatching) {
       start = std::chrono::steady_clock::now();
       const MatrixF logits = SubsetLogits(fit_q, head.keys, subset_bias, block.scale);
-      MassFitResult mass = FitMass(logits, fit_stats.row_max, fit_stats.mass, subset_bias,
-                                   std::exp(options.beta_min), std::exp(options.beta_max));
+      const auto [w_lo, w_hi] = WeightBounds(options, spec);
+      MassFitResult mass = FitMass(logits, fit_stats.row_max, fit_stats.mass, subset_bias, w_lo, w_hi);
       head.beta = std::move(mass.beta);
       head.mass_fit_converged = mass.solver.converged;
       seconds->mass_fit += Since(start);

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -21,12 +22,23 @@ struct HeadOptions {
   int sink_tokens = 4;
   uint64_t seed = 0;
   double ridge = 1e-5;
-  double beta_min = -3.0;                   // bounds on log w in the mass fit
-  double beta_max = 3.0;
+  std::optional<double> beta_min, beta_max; // bounds on log w in the mass fit; default: the method's
+  // OMP selection (spec section 3); 0 = the method's preset (am_omp: k=1/interval 1, am_omp_fast: 4/2).
+  int omp_keys_per_step = 0;
+  int omp_refit_interval = 0;
+  double omp_progressive = 0;               // > 0: k grows to ceil(fraction * |S|) as S grows
+  // OMP candidates: the keys of highest RMS attention. 0 = min(T, max(4t, 2048)); >= T = every key.
+  int64_t omp_pool = 0;
   double holdout_fraction = 0.1;
   int query_chunk = 256;
   bool force_fit = false;                   // fit even when t >= T (tests of the fit itself)
 };
+
+// Bounds [lo, hi] on w = exp(log w) in the mass fit: the options' or the method's defaults.
+std::pair<double, double> WeightBounds(const HeadOptions& options, const MethodSpec& spec);
+
+// How many candidates OMP ranks for a budget t of T tokens.
+int64_t OmpPoolSize(int64_t pool_option, int64_t t, int64_t T);
 
 // The fit error is a diagnostic: measured on at most this many of the fitting queries.
 inline constexpr int64_t kFitErrorQueries = 1024;

@@ -1,6 +1,9 @@
 #include "core/method.h"
 
 namespace kvcompact {
+namespace {
+constexpr double kOmpLogWeightMin = -27.631021115928547;  // log(1e-12)
+}  // namespace
 
 const std::vector<MethodSpec>& AllMethods() {
   static const std::vector<MethodSpec> kMethods = {
@@ -14,6 +17,11 @@ const std::vector<MethodSpec>& AllMethods() {
       {Method::kSnapKV, "snapkv", Selection::kHighestAttention, Fit::kCopy, ScoreReduce::kMean, 7,
        true},
       {Method::kRandom, "random", Selection::kRandom, Fit::kCopy, ScoreReduce::kMean, 0, false},
+      // OMP ranks its candidate pool by RMS attention; the greedy loop itself uses the mass system.
+      {Method::kAmOmp, "am_omp", Selection::kOmp, Fit::kAttentionMatching, ScoreReduce::kRms, 0, true,
+       kOmpLogWeightMin, 7.0, 1, 1},
+      {Method::kAmOmpFast, "am_omp_fast", Selection::kOmp, Fit::kAttentionMatching, ScoreReduce::kRms, 0,
+       true, kOmpLogWeightMin, 7.0, 4, 2},
   };
   return kMethods;
 }

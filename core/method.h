@@ -15,11 +15,13 @@ enum class Method : int {
   kH2O = 4,
   kSnapKV = 5,
   kRandom = 6,
+  kAmOmp = 7,
+  kAmOmpFast = 8,
 };
 
 enum class ScoreReduce : int { kRms = 1, kMean = 2, kMax = 3 };
 
-enum class Selection : int { kHighestAttention, kRecent, kSinksAndRecent, kRandom };
+enum class Selection : int { kHighestAttention, kRecent, kSinksAndRecent, kRandom, kOmp };
 enum class Fit : int { kAttentionMatching, kCopy };
 
 struct MethodSpec {
@@ -30,6 +32,10 @@ struct MethodSpec {
   ScoreReduce default_score;   // highest-attention selection only
   int default_pool_kernel;     // 0/1 = no pooling
   bool needs_queries;          // selection or fit uses the reference queries
+  // Bounds on log w in the mass fit (spec: [-3, 3] for highest attention, [log 1e-12, 7] for OMP).
+  double default_beta_min = -3.0, default_beta_max = 3.0;
+  int omp_keys_per_step = 0;   // OMP selection only: k and the refit interval
+  int omp_refit_interval = 0;
 };
 
 const MethodSpec& GetMethodSpec(Method method);

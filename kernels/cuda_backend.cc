@@ -89,6 +89,11 @@ class CudaBackend final : public Backend {
   size_t device_bytes_peak() const override { return g_device_bytes_peak.load(); }
 
   absl::StatusOr<LayerResult> CompactLayer(const LayerJob& job) override {
+    if (GetMethodSpec(job.options.method).selection == Selection::kOmp) {
+      // OMP selection runs on the CPU reference until its batched GPU version exists.
+      if (!cpu_fallback_) cpu_fallback_ = MakeCpuBackend(0);
+      return cpu_fallback_->CompactLayer(job);
+    }
     absl::StatusOr<LayerResult> result = RunWithinLimit(job);
     if (!result.ok()) {
       // Leave no work in flight; a sticky error (the context is lost) makes the backend unhealthy.
@@ -112,6 +117,7 @@ class CudaBackend final : public Backend {
   absl::StatusOr<LayerResult> Run(const LayerJob& job);
   // Run on the whole layer, or on groups of heads when the layer does not fit memory_limit_bytes.
   absl::StatusOr<LayerResult> RunWithinLimit(const LayerJob& job);
+  std::unique_ptr<Backend> cpu_fallback_;
   void ReleaseBuffers();
   absl::Status Stats(const float* queries, int64_t n, const std::optional<ScoreReduce>& reduce, DeviceStats* out);
   // Mass system of head h on the device (C_k in ck_): G = Phi^T Phi and c = Phi^T m, into the
@@ -379,7 +385,8 @@ absl::Status CudaBackend::FitMass(const std::vector<int64_t>& heads, int64_t nf,
     std::vector<LsqBounds> bounds;
     for (size_t k = first; k < last; ++k) {
       const HeadOptions& o = options[heads[k]];
-      bounds.push_back({sizes[k - first], std::exp(o.beta_min), std::exp(o.beta_max)});
+      const auto [w_lo, w_hi] = WeightBounds(o, GetMethodSpec(o.method));
+      bounds.push_back({sizes[k - first], w_lo, w_hi});
     }
     if (auto s = lsq_->Reset(bounds); !s.ok()) return s;
     for (size_t k = first; k < last; ++k) {

@@ -65,6 +65,17 @@ absl::StatusOr<StreamPlan> MakeStreamPlan(const v1::StreamHeader& header) {
     plan.options.beta_min = o.beta_min();
     plan.options.beta_max = o.beta_max();
   }
+  const v1::OmpOptions& omp = o.omp();
+  if (omp.keys_per_step() > 4096 || omp.refit_interval() > 4096) {
+    return absl::InvalidArgumentError("options.omp.keys_per_step and refit_interval must be <= 4096");
+  }
+  if (!(omp.progressive() >= 0 && omp.progressive() <= 1)) {
+    return absl::InvalidArgumentError("options.omp.progressive must be in [0, 1]");
+  }
+  plan.options.omp_keys_per_step = static_cast<int>(omp.keys_per_step());
+  plan.options.omp_refit_interval = static_cast<int>(omp.refit_interval());
+  plan.options.omp_progressive = omp.progressive();
+  plan.options.omp_pool = static_cast<int64_t>(std::min<uint64_t>(omp.candidates(), uint64_t{1} << 40));
   plan.return_indices = o.return_indices();
   if (o.output_dtype() != v1::DTYPE_UNSPECIFIED) {
     auto dt = DTypeFromProto(o.output_dtype());

@@ -15,7 +15,7 @@
 ABSL_FLAG(std::string, server, "localhost:50051", "kvcompact-server address");
 ABSL_FLAG(std::string, input, "", "compact: input cache (.safetensors file or directory of .npy)");
 ABSL_FLAG(std::string, output, "", "compact/generate: output .safetensors file");
-ABSL_FLAG(std::string, method, "am", "am, h2o, snapkv, recent, streaming_llm, random");
+ABSL_FLAG(std::string, method, "am", "am, am_omp, am_omp_fast, h2o, snapkv, recent, streaming_llm, random");
 ABSL_FLAG(double, ratio, 20, "compaction ratio T/t (ignored when --budget is set)");
 ABSL_FLAG(uint32_t, budget, 0, "absolute t per head (overrides --ratio)");
 ABSL_FLAG(double, holdout, 0.1, "share of queries held out for the error figures");

@@ -18,6 +18,8 @@ METHODS = {
     "h2o": pb.METHOD_H2O,
     "snapkv": pb.METHOD_SNAPKV,
     "random": pb.METHOD_RANDOM,
+    "am_omp": pb.METHOD_AM_OMP,
+    "am_omp_fast": pb.METHOD_AM_OMP_FAST,
 }
 SCORES = {"": pb.SCORE_REDUCE_UNSPECIFIED, "rms": pb.SCORE_REDUCE_RMS, "mean": pb.SCORE_REDUCE_MEAN,
           "max": pb.SCORE_REDUCE_MAX}
@@ -114,7 +116,8 @@ class Client:
                output_dtype: str = "fp32", logit_scale: float = 0.0, num_layers: Optional[int] = None,
                query_heads_per_kv_head: int = 1, return_indices: bool = True, seed: int = 0,
                ridge: float = 0.0, beta_min: float = 0.0, beta_max: float = 0.0, score: str = "",
-               pool_kernel: int = 0, request_id: str = "") -> pb.StreamHeader:
+               pool_kernel: int = 0, omp_keys_per_step: int = 0, omp_refit_interval: int = 0,
+               omp_progressive: float = 0.0, omp_candidates: int = 0, request_id: str = "") -> pb.StreamHeader:
         """The StreamHeader for `layers` (geometry from the first layer's shapes)."""
         first = layers[0]
         k_shape, v_shape = tuple(first.keys.shape), tuple(first.values.shape)
@@ -127,9 +130,11 @@ class Client:
         o.method = METHODS[method]
         o.holdout_fraction, o.output_dtype, o.return_indices, o.seed = holdout, DTYPES[output_dtype], return_indices, seed
         o.ridge = ridge  # 0: the server's default
-        o.beta_min, o.beta_max = beta_min, beta_max  # both 0: the server's defaults [-3, 3]
+        o.beta_min, o.beta_max = beta_min, beta_max  # both 0: the method's defaults
         o.score = SCORES[score]  # "": the method's default
         o.pool_kernel = int(pool_kernel)
+        o.omp.keys_per_step, o.omp.refit_interval = int(omp_keys_per_step), int(omp_refit_interval)
+        o.omp.progressive, o.omp.candidates = float(omp_progressive), int(omp_candidates)
         if per_head is not None:
             o.budget.per_head.tokens.extend(per_head)
         elif tokens is not None:

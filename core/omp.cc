@@ -1,0 +1,122 @@
+#include "core/omp.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "core/bounded_lsq.h"
+
+namespace kvcompact {
+namespace {
+
+struct OmpState {
+  const MatrixD& gram;
+  const VectorD& rhs;
+  std::vector<int32_t> selected;
+  std::vector<uint8_t> taken;  // selected or dropped: no longer a candidate
+  VectorD w;
+  VectorD fitted;              // G[:, S] w: the part of c explained by the current fit
+};
+
+void Refit(OmpState& s, const OmpParams& p) {
+  const Eigen::Index k = static_cast<Eigen::Index>(s.selected.size());
+  MatrixD sub(k, k);
+  VectorD c(k);
+  for (Eigen::Index a = 0; a < k; ++a) {
+    c[a] = s.rhs[s.selected[a]];
+    for (Eigen::Index b = 0; b < k; ++b) sub(a, b) = s.gram(s.selected[a], s.selected[b]);
+  }
+  BoundedLsqOptions options;
+  options.warm_start = &s.w;
+  s.w = SolveBoundedLsq(sub, c, p.w_lo, p.w_hi, options).w;
+  s.fitted.setZero();
+  for (Eigen::Index a = 0; a < k; ++a) s.fitted += s.gram.col(s.selected[a]) * s.w[a];
+}
+
+// Adds up to `count` untaken candidates with the largest residual correlation; new weights start
+// at the lower bound until the next refit. Returns how many were added.
+int64_t AddBest(OmpState& s, int64_t count, const OmpParams& p) {
+  std::vector<int32_t> open;
+  for (int32_t j = 0; j < static_cast<int32_t>(s.taken.size()); ++j) {
+    if (!s.taken[j]) open.push_back(j);
+  }
+  count = std::min<int64_t>(count, static_cast<int64_t>(open.size()));
+  if (count == 0) return 0;
+  auto better = [&](int32_t a, int32_t b) {
+    const double sa = s.rhs[a] - s.fitted[a], sb = s.rhs[b] - s.fitted[b];
+    return sa != sb ? sa > sb : a < b;
+  };
+  std::partial_sort(open.begin(), open.begin() + count, open.end(), better);
+  const Eigen::Index old = s.w.size();
+  s.w.conservativeResize(old + count);
+  for (int64_t i = 0; i < count; ++i) {
+    s.selected.push_back(open[i]);
+    s.taken[open[i]] = 1;
+    s.w[old + i] = p.w_lo;
+    s.fitted += s.gram.col(open[i]) * p.w_lo;
+  }
+  return count;
+}
+
+// Drops selected keys whose weight is negligible, keeping at least enough candidates to refill:
+// the budget stays met exactly. Returns how many were dropped.
+int64_t DropNegligible(OmpState& s, const OmpParams& p, int64_t open_candidates) {
+  std::vector<Eigen::Index> weak;
+  for (Eigen::Index a = 0; a < s.w.size(); ++a) {
+    if (std::log(s.w[a]) < p.drop_log_weight) weak.push_back(a);
+  }
+  std::sort(weak.begin(), weak.end(), [&](Eigen::Index a, Eigen::Index b) { return s.w[a] < s.w[b]; });
+  if (static_cast<int64_t>(weak.size()) > open_candidates) weak.resize(open_candidates);
+  if (weak.empty()) return 0;
+  std::vector<uint8_t> drop(s.w.size(), 0);
+  for (Eigen::Index a : weak) drop[a] = 1;  // stays `taken`: excluded from later selection
+  std::vector<int32_t> kept;
+  VectorD w(s.w.size() - static_cast<Eigen::Index>(weak.size()));
+  for (Eigen::Index a = 0, b = 0; a < s.w.size(); ++a) {
+    if (drop[a]) continue;
+    kept.push_back(s.selected[a]);
+    w[b++] = s.w[a];
+  }
+  s.selected = std::move(kept);
+  s.w = std::move(w);
+  return static_cast<int64_t>(weak.size());
+}
+
+}  // namespace
+
+OmpResult SelectOmp(const MatrixD& gram, const VectorD& rhs, const OmpParams& params) {
+  const int64_t pool = rhs.size();
+  const int64_t t = std::min<int64_t>(params.budget, pool);
+  OmpState s{gram, rhs, {}, std::vector<uint8_t>(pool, 0), VectorD(0), VectorD::Zero(pool)};
+  OmpResult result;
+  const int interval = std::max(1, params.refit_interval);
+  for (int round = 0;; ++round) {
+    int since_refit = 0;
+    while (static_cast<int64_t>(s.selected.size()) < t) {
+      int64_t k = std::max(1, params.keys_per_step);
+      if (params.progressive > 0) {
+        k = std::max<int64_t>(k, static_cast<int64_t>(std::ceil(params.progressive * s.selected.size())));
+      }
+      k = std::min<int64_t>(k, t - static_cast<int64_t>(s.selected.size()));
+      if (AddBest(s, k, params) == 0) break;
+      ++result.steps;
+      if (++since_refit >= interval || static_cast<int64_t>(s.selected.size()) == t) {
+        Refit(s, params);
+        ++result.refits;
+        since_refit = 0;
+      }
+    }
+    if (round >= params.drop_rounds) break;
+    const int64_t open = pool - static_cast<int64_t>(std::count(s.taken.begin(), s.taken.end(), 1));
+    const int64_t dropped = DropNegligible(s, params, open);
+    if (dropped == 0) break;
+    result.dropped += static_cast<int>(dropped);
+    Refit(s, params);  // the residual without the dropped keys drives the next selection
+    ++result.refits;
+  }
+  result.selected = std::move(s.selected);
+  result.w = std::move(s.w);
+  return result;
+}
+
+}  // namespace kvcompact

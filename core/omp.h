@@ -1,0 +1,35 @@
+// Orthogonal matching pursuit on the mass system (spec section 3), in Gram form.
+//
+// With Phi_P the n x P mass features of a candidate pool P (Phi_ij = exp(L_ij - M_i)), the Gram
+// matrix G = Phi_P^T Phi_P and c = Phi_P^T m, the correlation of the residual r = m - Phi_S w with
+// candidate j is (Phi^T r)_j = c_j - G_jS w. After one pass over the queries the greedy loop never
+// touches the n queries again: a step costs O(P |S|), a refit is a bounded NNLS on G_SS.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "core/types.h"
+
+namespace kvcompact {
+
+struct OmpParams {
+  int64_t budget = 0;           // t: keys to select (at most the pool size)
+  int keys_per_step = 1;        // k: keys added per greedy step
+  int refit_interval = 1;       // refit w every this many steps (and always at the end)
+  double progressive = 0;       // > 0: k grows to max(k, ceil(progressive * |S|)) as S grows
+  double w_lo = 1e-12, w_hi = 1096.6331584284585;  // bounds on w: [1e-12, exp(7)]
+  double drop_log_weight = -7;  // after selection, keys with log w below this are dropped...
+  int drop_rounds = 3;          // ...and replaced by further selection, at most this many times
+};
+
+struct OmpResult {
+  std::vector<int32_t> selected;  // indices into the pool, in the order they were chosen
+  VectorD w;                      // weights of `selected` at the last refit
+  int steps = 0, refits = 0, dropped = 0;
+};
+
+// Greedy selection of params.budget of the gram.rows() candidates.
+OmpResult SelectOmp(const MatrixD& gram, const VectorD& rhs, const OmpParams& params);
+
+}  // namespace kvcompact
