@@ -106,7 +106,7 @@ void CompactReactor::HandleHeaderLocked() {
     MaybeFinishLocked();
     return;
   }
-  absl::StatusOr<StreamPlan> plan = MakeStreamPlan(request_.header());
+  absl::StatusOr<StreamPlan> plan = MakeStreamPlan(request_.header(), context_->profiles);
   if (!plan.ok()) {
     stream_error_ = ToGrpc(plan.status());
     context_->metrics->CountError(CodeName(plan.status().code()));
@@ -157,7 +157,10 @@ void CompactReactor::SubmitLocked(LayerJob job, double decode_seconds) {
     v1::StageTimes times;
     absl::StatusOr<LayerResult> result = absl::CancelledError("stream cancelled or server shutting down");
     const auto start = std::chrono::steady_clock::now();
-    if (backend) result = backend->CompactLayer(*owned_job);
+    if (backend) {
+      absl::Status allocated = AllocateLayer(*backend, owned_job.get(), plan->layer_rule);
+      result = allocated.ok() ? backend->CompactLayer(*owned_job) : absl::StatusOr<LayerResult>(allocated);
+    }
     owned_job.reset();  // free the layer's inputs before encoding its outputs
     const double run_seconds = SecondsSince(start);
     if (result.ok()) {

@@ -23,6 +23,8 @@ ABSL_FLAG(uint32_t, max_open_layers_per_stream, 4, "Layers one stream may have h
 ABSL_FLAG(uint32_t, queue_depth, 4, "Layers waiting for the worker before streams stop reading");
 ABSL_FLAG(double, shutdown_timeout_seconds, 10, "On SIGTERM: time in-flight streams get to finish");
 ABSL_FLAG(bool, warmup, true, "Run a self-test before reporting SERVING");
+ABSL_FLAG(std::string, profiles_dir, KVCOMPACT_DEFAULT_PROFILES_DIR,
+          "Budget profiles (*.json, BudgetProfile) for Allocation.profile; a missing directory loads none");
 ABSL_FLAG(std::string, log_level, "info", "spdlog level: trace, debug, info, warn, error");
 
 namespace kvcompact::server {
@@ -31,7 +33,7 @@ namespace {
 const char* const kFlagNames[] = {
     "listen", "metrics_listen", "backend", "cuda_device", "allow_tf32", "cuda_workspace_bytes", "cuda_memory_limit_bytes", "threads", "max_message_bytes", "max_tokens_per_block",
     "max_queries_per_layer", "max_concurrent_streams", "max_open_layers_per_stream", "queue_depth",
-    "shutdown_timeout_seconds", "warmup", "log_level"};
+    "shutdown_timeout_seconds", "warmup", "profiles_dir", "log_level"};
 
 std::string EnvName(const std::string& flag) {
   std::string env = "KVCOMPACT_";

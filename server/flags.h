@@ -23,6 +23,7 @@ ABSL_DECLARE_FLAG(uint32_t, max_open_layers_per_stream);
 ABSL_DECLARE_FLAG(uint32_t, queue_depth);
 ABSL_DECLARE_FLAG(double, shutdown_timeout_seconds);
 ABSL_DECLARE_FLAG(bool, warmup);
+ABSL_DECLARE_FLAG(std::string, profiles_dir);
 ABSL_DECLARE_FLAG(std::string, log_level);
 
 namespace kvcompact::server {

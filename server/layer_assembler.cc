@@ -208,11 +208,18 @@ absl::StatusOr<LayerJob> LayerAssembler::EndLayer(uint32_t layer) {
   if (p.data.queries > 0 && std::find(p.query_seen.begin(), p.query_seen.end(), 0) != p.query_seen.end()) {
     return InvalidArgumentError(StrCat("queries missing: ", FirstGap(p.query_seen, p.data.queries)));
   }
+  if (plan_->cross_layer()) {
+    if (first_tokens_ == 0) first_tokens_ = p.data.tokens;
+    if (p.data.tokens != first_tokens_) {
+      return InvalidArgumentError(StrCat("this budget allocation spans all layers and needs every layer to have the same T; ",
+                                         "this layer has ", p.data.tokens, ", an earlier one ", first_tokens_));
+    }
+  }
   LayerJob job;
   job.options = plan_->options;
-  for (uint32_t h = 0; h < plan_->num_kv_heads; ++h) {
-    job.budgets.push_back(plan_->Budget(layer, h, p.data.tokens));
-  }
+  absl::StatusOr<std::vector<int64_t>> budgets = plan_->LayerBudgets(layer, p.data.tokens);
+  if (!budgets.ok()) return budgets.status();
+  job.budgets = *std::move(budgets);
   job.data = std::move(p.data);
   open_.erase(it);
   closed_.insert(layer);

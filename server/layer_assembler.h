@@ -40,6 +40,7 @@ class LayerAssembler {
   absl::StatusOr<Pending*> OpenLayer(uint32_t layer);
 
   const StreamPlan* plan_;
+  int64_t first_tokens_ = 0;  // T of the first layer, for allocations across layers
   const Limits* limits_;
   std::map<uint32_t, Pending> open_;
   std::set<uint32_t> closed_;

@@ -142,6 +142,15 @@ int Run(int argc, char** argv) {
   context.limits.max_concurrent_streams = absl::GetFlag(FLAGS_max_concurrent_streams);
   context.limits.max_open_layers_per_stream = absl::GetFlag(FLAGS_max_open_layers_per_stream);
   context.limits.worker_queue_depth = std::max(1u, absl::GetFlag(FLAGS_queue_depth));
+  ProfileRegistry profiles;
+  if (absl::Status s = profiles.LoadDir(absl::GetFlag(FLAGS_profiles_dir)); absl::IsNotFound(s)) {
+    spdlog::warn("{}: no budget profiles loaded", std::string(s.message()));
+  } else if (!s.ok()) {
+    spdlog::critical("budget profiles: {}", std::string(s.message()));
+    return 2;
+  }
+  if (!profiles.names().empty()) spdlog::info("budget profiles: {}", absl::StrJoin(profiles.names(), ", "));
+  context.profiles = &profiles;
   context.version = kVersion;
   context.backends = BuiltInBackends();
   context.threads = threads;

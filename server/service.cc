@@ -30,6 +30,9 @@ grpc::ServerUnaryReactor* KVCompactService::GetServerInfo(grpc::CallbackServerCo
   response->set_backend(std::string(context_->worker->backend_name()));
   for (const std::string& b : context_->backends) response->add_backends(b);
   for (const MethodSpec& m : AllMethods()) response->add_methods(std::string(m.name));
+  if (context_->profiles) {
+    for (const std::string& name : context_->profiles->names()) response->add_profiles(name);
+  }
   v1::Limits* limits = response->mutable_limits();
   limits->set_max_message_bytes(context_->limits.max_message_bytes);
   limits->set_max_tokens_per_block(context_->limits.max_tokens_per_block);

@@ -8,6 +8,7 @@
 #include "kvcompact/v1/kvcompact.grpc.pb.h"
 #include "server/limits.h"
 #include "server/metrics.h"
+#include "server/profiles.h"
 #include "server/worker.h"
 
 namespace kvcompact::server {
@@ -19,6 +20,7 @@ struct ServiceContext {
   std::string version;
   std::vector<std::string> backends;  // built in
   int threads = 1;
+  const ProfileRegistry* profiles = nullptr;  // budget profiles (Allocation.profile)
   std::atomic<int> open_streams{0};
 };
 

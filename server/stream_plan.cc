@@ -7,17 +7,88 @@
 
 namespace kvcompact::server {
 
-int64_t StreamPlan::Budget(uint32_t layer, uint32_t head, int64_t tokens) const {
+absl::StatusOr<std::vector<int64_t>> StreamPlan::LayerBudgets(uint32_t layer, int64_t tokens) const {
+  const int64_t H = num_kv_heads;
+  auto nominal = [&](double ratio) { return std::max<int64_t>(1, std::llround(static_cast<double>(tokens) / ratio)); };
   switch (budget.kind_case()) {
-    case v1::Budget::kRatio:
-      return std::max<int64_t>(1, std::llround(static_cast<double>(tokens) / budget.ratio()));
-    case v1::Budget::kTokens: return budget.tokens();
-    case v1::Budget::kPerHead: return budget.per_head().tokens(layer * num_kv_heads + head);
-    default: return 0;
+    case v1::Budget::kRatio: return std::vector<int64_t>(H, nominal(budget.ratio()));
+    case v1::Budget::kTokens: return std::vector<int64_t>(H, budget.tokens());
+    case v1::Budget::kPerHead: {
+      const auto& list = budget.per_head().tokens();
+      return std::vector<int64_t>(list.begin() + layer * H, list.begin() + (layer + 1) * H);
+    }
+    case v1::Budget::kAllocation: {
+      const int64_t t = std::min(nominal(budget.allocation().ratio()), tokens);
+      if (!cross_layer()) return std::vector<int64_t>(H, t);  // per-layer rules split this later
+      const int64_t cap = std::max<int64_t>(1, static_cast<int64_t>(std::floor(head_cap * tokens)));
+      const int64_t heads = static_cast<int64_t>(request_shares.size());
+      if (t * heads > cap * heads) {
+        return absl::InvalidArgumentError(absl::StrCat("budget.allocation.ratio leaves more than head_cap x T per head"));
+      }
+      absl::StatusOr<std::vector<int64_t>> all = WaterFill(request_shares, std::vector<int64_t>(heads, cap), t * heads);
+      if (!all.ok()) return all.status();
+      return std::vector<int64_t>(all->begin() + layer * H, all->begin() + (layer + 1) * H);
+    }
+    default: return absl::InvalidArgumentError("options.budget is required");
   }
 }
 
-absl::StatusOr<StreamPlan> MakeStreamPlan(const v1::StreamHeader& header) {
+namespace {
+
+absl::Status PlanAllocation(const v1::Allocation& a, const ProfileRegistry* profiles, StreamPlan* plan) {
+  if (!(a.ratio() > 0) || !std::isfinite(a.ratio())) return absl::InvalidArgumentError("budget.allocation.ratio must be > 0");
+  if (!(a.head_cap() >= 0 && a.head_cap() <= 1)) return absl::InvalidArgumentError("budget.allocation.head_cap must be in (0, 1]");
+  if (a.head_cap() > 0) plan->head_cap = a.head_cap();
+  plan->layer_rule.head_cap = plan->head_cap;
+  if (a.probe_queries() > 0) plan->layer_rule.probe_queries = a.probe_queries();
+  const int64_t L = plan->num_layers, H = plan->num_kv_heads;
+  switch (a.rule()) {
+    case v1::Allocation::RULE_UNSPECIFIED:
+    case v1::Allocation::RULE_UNIFORM: return absl::OkStatus();
+    case v1::Allocation::RULE_PYRAMID: {
+      const double spread = a.pyramid_spread() > 0 ? a.pyramid_spread() : 4.0;
+      if (!(spread >= 1) || !std::isfinite(spread)) return absl::InvalidArgumentError("budget.allocation.pyramid_spread must be >= 1");
+      plan->request_shares = PyramidShares(L, H, spread);
+      return absl::OkStatus();
+    }
+    case v1::Allocation::RULE_PROFILE: {
+      std::vector<double> shares(a.shares().begin(), a.shares().end());
+      if (!a.profile().empty()) {
+        if (!shares.empty()) return absl::InvalidArgumentError("budget.allocation: give a profile name or shares, not both");
+        const v1::BudgetProfile* p = profiles ? profiles->Find(a.profile()) : nullptr;
+        if (p == nullptr) return absl::NotFoundError(absl::StrCat("no budget profile named '", a.profile(), "' (see ServerInfo.profiles)"));
+        if (p->num_layers() != L || p->num_kv_heads() != H) {
+          return absl::InvalidArgumentError(absl::StrCat("profile ", a.profile(), " is for ", p->num_layers(), " layers x ",
+                                                         p->num_kv_heads(), " KV heads; the stream has ", L, " x ", H));
+        }
+        shares.assign(p->shares().begin(), p->shares().end());
+      }
+      if (static_cast<int64_t>(shares.size()) != L * H) {
+        return absl::InvalidArgumentError(absl::StrCat("budget.allocation.shares needs num_layers x num_kv_heads = ", L * H,
+                                                       " entries, got ", shares.size()));
+      }
+      double sum = 0;
+      for (double s : shares) {
+        if (!(s >= 0) || !std::isfinite(s)) return absl::InvalidArgumentError("budget.allocation.shares must be finite and >= 0");
+        sum += s;
+      }
+      if (!(sum > 0)) return absl::InvalidArgumentError("budget.allocation.shares sum to 0");
+      plan->request_shares = std::move(shares);
+      return absl::OkStatus();
+    }
+    case v1::Allocation::RULE_GLOBAL_TOPK:
+      plan->layer_rule.kind = LayerAllocation::Kind::kGlobalTopK;
+      return absl::OkStatus();
+    case v1::Allocation::RULE_SENSITIVITY:
+      plan->layer_rule.kind = LayerAllocation::Kind::kSensitivity;
+      return absl::OkStatus();
+    default: return absl::InvalidArgumentError("budget.allocation.rule is unknown");
+  }
+}
+
+}  // namespace
+
+absl::StatusOr<StreamPlan> MakeStreamPlan(const v1::StreamHeader& header, const ProfileRegistry* profiles) {
   const v1::Geometry& g = header.geometry();
   const v1::Options& o = header.options();
   StreamPlan plan;
@@ -105,7 +176,10 @@ absl::StatusOr<StreamPlan> MakeStreamPlan(const v1::StreamHeader& header) {
       }
       break;
     }
-    default: return absl::InvalidArgumentError("options.budget is required (ratio, tokens or per_head)");
+    case v1::Budget::kAllocation:
+      if (auto s = PlanAllocation(o.budget().allocation(), profiles, &plan); !s.ok()) return s;
+      break;
+    default: return absl::InvalidArgumentError("options.budget is required (ratio, tokens, per_head or allocation)");
   }
   return plan;
 }

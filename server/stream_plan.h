@@ -4,11 +4,14 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
+#include "core/budget.h"
 #include "core/compact_head.h"
 #include "core/dtype.h"
 #include "kvcompact/v1/kvcompact.pb.h"
+#include "server/profiles.h"
 
 namespace kvcompact::server {
 
@@ -21,11 +24,18 @@ struct StreamPlan {
   bool return_indices = false;
   v1::Budget budget;
   std::string request_id;
+  // Allocation over the whole request (pyramid, profile): one share per (layer, head), else empty.
+  std::vector<double> request_shares;
+  double head_cap = 0.75;
+  // Allocation per layer from its inputs (global top-k, sensitivity), applied by the worker.
+  LayerAllocation layer_rule;
 
-  // t for (layer, head) of a block of T tokens; always >= 1.
-  int64_t Budget(uint32_t layer, uint32_t head, int64_t tokens) const;
+  bool cross_layer() const { return !request_shares.empty(); }
+  // t per head of `layer` for a block of T tokens (each >= 1). Cross-layer rules assume every
+  // layer has this T (the assembler checks it).
+  absl::StatusOr<std::vector<int64_t>> LayerBudgets(uint32_t layer, int64_t tokens) const;
 };
 
-absl::StatusOr<StreamPlan> MakeStreamPlan(const v1::StreamHeader& header);
+absl::StatusOr<StreamPlan> MakeStreamPlan(const v1::StreamHeader& header, const ProfileRegistry* profiles = nullptr);
 
 }  // namespace kvcompact::server
