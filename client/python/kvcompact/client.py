@@ -23,6 +23,13 @@ METHODS = {
 }
 SCORES = {"": pb.SCORE_REDUCE_UNSPECIFIED, "rms": pb.SCORE_REDUCE_RMS, "mean": pb.SCORE_REDUCE_MEAN,
           "max": pb.SCORE_REDUCE_MAX}
+ALLOCATIONS = {
+    "uniform": pb.Allocation.RULE_UNIFORM,
+    "pyramid": pb.Allocation.RULE_PYRAMID,
+    "profile": pb.Allocation.RULE_PROFILE,
+    "global_topk": pb.Allocation.RULE_GLOBAL_TOPK,
+    "sensitivity": pb.Allocation.RULE_SENSITIVITY,
+}
 DTYPES = {"fp32": pb.DTYPE_FP32, "fp16": pb.DTYPE_FP16, "bf16": pb.DTYPE_BF16}
 _OVERHEAD = 16 << 10
 
@@ -117,8 +124,14 @@ class Client:
                query_heads_per_kv_head: int = 1, return_indices: bool = True, seed: int = 0,
                ridge: float = 0.0, beta_min: float = 0.0, beta_max: float = 0.0, score: str = "",
                pool_kernel: int = 0, omp_keys_per_step: int = 0, omp_refit_interval: int = 0,
-               omp_progressive: float = 0.0, omp_candidates: int = 0, request_id: str = "") -> pb.StreamHeader:
-        """The StreamHeader for `layers` (geometry from the first layer's shapes)."""
+               omp_progressive: float = 0.0, omp_candidates: int = 0, allocation: Optional[str] = None,
+               profile: str = "", shares: Optional[Sequence[float]] = None, head_cap: float = 0.0,
+               pyramid_spread: float = 0.0, probe_queries: int = 0, request_id: str = "") -> pb.StreamHeader:
+        """The StreamHeader for `layers` (geometry from the first layer's shapes).
+
+        Budget: `per_head` (explicit t per layer-major head), `tokens` (the same t everywhere), or
+        `ratio` (default 20) -- with `allocation` (one of ALLOCATIONS) splitting the ratio's total
+        across heads: "profile" takes a server-side `profile` name or inline `shares`."""
         first = layers[0]
         k_shape, v_shape = tuple(first.keys.shape), tuple(first.values.shape)
         h = pb.StreamHeader(request_id=request_id)
@@ -135,7 +148,14 @@ class Client:
         o.pool_kernel = int(pool_kernel)
         o.omp.keys_per_step, o.omp.refit_interval = int(omp_keys_per_step), int(omp_refit_interval)
         o.omp.progressive, o.omp.candidates = float(omp_progressive), int(omp_candidates)
-        if per_head is not None:
+        if allocation is not None:
+            a = o.budget.allocation
+            a.rule = ALLOCATIONS[allocation]
+            a.ratio = ratio if ratio is not None else 20.0
+            a.profile, a.head_cap, a.pyramid_spread, a.probe_queries = profile, head_cap, pyramid_spread, probe_queries
+            if shares is not None:
+                a.shares.extend(float(x) for x in shares)
+        elif per_head is not None:
             o.budget.per_head.tokens.extend(per_head)
         elif tokens is not None:
             o.budget.tokens = tokens

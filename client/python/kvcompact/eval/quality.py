@@ -118,7 +118,7 @@ def method_options(label: str) -> dict:
     options = {"method": name}
     for part in filter(None, rest.split(",")):
         key, _, value = part.partition("=")
-        options[key] = value if key in ("score", "queries") else float(value)
+        options[key] = value if key in ("score", "queries", "allocation", "profile") else float(value)
     return options
 
 
@@ -126,7 +126,7 @@ def default_queries(method: str) -> str:
     """AM fits to self-study queries unless told otherwise (on QuALITY they beat the context's own
     queries by a wide margin, docs/QUALITY.md); the baselines keep the prefill attention that
     defines them."""
-    return "self_study" if method == "am" else "context"
+    return "self_study" if method.startswith("am") else "context"
 
 
 SUMMARY_PROMPT = "Summarize the text above in at most {words} words, keeping names, numbers and facts."
