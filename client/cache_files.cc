@@ -63,9 +63,48 @@ absl::StatusOr<CacheInput> LoadCache(const std::string& path) {
   return cache;
 }
 
+uint64_t CompactedPayloadBytes(const CompactOutcome& outcome) {
+  uint64_t bytes = 0;
+  for (const CompactedLayer& layer : outcome.layers) {
+    for (const CompactedHead& head : layer.heads) bytes += head.keys.size() + head.values.size() + 4 * head.beta.size();
+  }
+  return bytes;
+}
+
+namespace {
+
+// One layer's heads back to back with CSR offsets (the packed layout).
+void AddPackedLayer(const CompactedLayer& layer, const CompactedFileInfo& info, TensorFile* file) {
+  std::string keys, values;
+  std::vector<float> beta;
+  std::vector<int32_t> offsets = {0}, indices;
+  DType dtype = DType::kFloat32;
+  for (const CompactedHead& head : layer.heads) {
+    keys += head.keys;
+    values += head.values;
+    beta.insert(beta.end(), head.beta.begin(), head.beta.end());
+    indices.insert(indices.end(), head.indices.begin(), head.indices.end());
+    offsets.push_back(offsets.back() + static_cast<int32_t>(head.tokens));
+    dtype = head.dtype;
+  }
+  const int64_t rows = offsets.back();
+  const std::string prefix = absl::StrCat("layers.", layer.layer, ".");
+  file->tensors[prefix + "keys"] = HostTensor::FromBytes(std::move(keys), dtype, {rows, info.head_dim});
+  file->tensors[prefix + "values"] = HostTensor::FromBytes(std::move(values), dtype, {rows, info.value_dim});
+  file->tensors[prefix + "beta"] = HostTensor::FromFloats(std::move(beta), {rows});
+  file->int32_tensors[prefix + "offsets"] = std::move(offsets);
+  if (static_cast<int64_t>(indices.size()) == rows && rows > 0) file->int32_tensors[prefix + "indices"] = std::move(indices);
+}
+
+}  // namespace
+
 absl::Status SaveCompacted(const std::string& path, const CompactOutcome& outcome, const CompactedFileInfo& info) {
   TensorFile file;
   for (const CompactedLayer& layer : outcome.layers) {
+    if (info.packed) {
+      AddPackedLayer(layer, info, &file);
+      continue;
+    }
     for (size_t h = 0; h < layer.heads.size(); ++h) {
       const CompactedHead& head = layer.heads[h];
       const int64_t t = static_cast<int64_t>(head.tokens);
@@ -76,7 +115,7 @@ absl::Status SaveCompacted(const std::string& path, const CompactOutcome& outcom
       if (!head.indices.empty()) file.int32_tensors[prefix + "indices"] = std::vector<int32_t>(head.indices.begin(), head.indices.end());
     }
   }
-  file.metadata["format"] = "kvcompact.compacted.v1";
+  file.metadata["format"] = info.packed ? "kvcompact.compacted.packed.v1" : "kvcompact.compacted.v1";
   file.metadata["method"] = info.method;
   file.metadata["logit_scale"] = absl::StrCat(info.logit_scale);
   file.metadata["num_layers"] = absl::StrCat(info.num_layers);

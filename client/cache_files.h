@@ -13,6 +13,13 @@
 //   .indices [t_h] (I32, when requested)
 // metadata: format=kvcompact.compacted.v1, method, logit_scale, num_layers, num_kv_heads,
 //   layers.L.tokens_in (the original T: new tokens continue at this logical position).
+//
+// Packed output (--layout=packed, format=kvcompact.compacted.packed.v1): per layer L the heads'
+// rows back to back, with CSR offsets, as varlen attention kernels take them (each (layer, KV
+// head) is one "sequence", cu_seqlens = offsets):
+//   layers.L.keys [sum_h t_h, head_dim], .values [sum_h t_h, value_dim], .beta [sum_h t_h] (F32),
+//   .offsets [kv_heads + 1] (I32; head h is rows offsets[h] .. offsets[h+1]), .indices (I32, optional)
+// Nothing is padded in either layout: bytes follow sum_h t_h, not kv_heads x max_h t_h.
 #pragma once
 
 #include <string>
@@ -36,7 +43,12 @@ struct CompactedFileInfo {
   float logit_scale = 0;
   uint32_t num_layers = 0, num_kv_heads = 0, head_dim = 0, value_dim = 0;
   std::vector<uint64_t> tokens_in;  // per layer (0 where the layer was not compacted)
+  bool packed = false;              // the packed layout above
 };
+
+// Bytes of the compacted blocks themselves: sum over heads of t_h x (keys + values in their dtype
+// + 4 for beta). The nominal size of a budget; files add only their header (and indices).
+uint64_t CompactedPayloadBytes(const CompactOutcome& outcome);
 absl::Status SaveCompacted(const std::string& path, const CompactOutcome& outcome, const CompactedFileInfo& info);
 
 // Writes an input cache (used by `kvcompact generate` and the tests).

@@ -2,6 +2,8 @@
 
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
+#include <map>
 
 #include "absl/strings/str_cat.h"
 #include "client/cache_files.h"
@@ -75,8 +77,30 @@ int RunCompact(const Settings& s) {
   g->set_logit_scale(scale);
   v1::Options* o = header.mutable_options();
   o->set_method(static_cast<v1::Method>(*method));
-  if (s.budget > 0) o->mutable_budget()->set_tokens(s.budget);
-  else o->mutable_budget()->set_ratio(s.ratio);
+  if (s.layout != "per_head" && s.layout != "packed") {
+    fprintf(stderr, "unknown --layout (per_head, packed)\n");
+    return 2;
+  }
+  if (!s.allocation.empty()) {
+    static const std::map<std::string, v1::Allocation::Rule> kRules = {
+        {"uniform", v1::Allocation::RULE_UNIFORM}, {"pyramid", v1::Allocation::RULE_PYRAMID},
+        {"profile", v1::Allocation::RULE_PROFILE}, {"global_topk", v1::Allocation::RULE_GLOBAL_TOPK},
+        {"sensitivity", v1::Allocation::RULE_SENSITIVITY}};
+    auto rule = kRules.find(s.allocation);
+    if (rule == kRules.end()) {
+      fprintf(stderr, "unknown --allocation (uniform, pyramid, profile, global_topk, sensitivity)\n");
+      return 2;
+    }
+    v1::Allocation* a = o->mutable_budget()->mutable_allocation();
+    a->set_rule(rule->second);
+    a->set_ratio(s.ratio);
+    a->set_profile(s.profile);
+    a->set_head_cap(static_cast<float>(s.head_cap));
+  } else if (s.budget > 0) {
+    o->mutable_budget()->set_tokens(s.budget);
+  } else {
+    o->mutable_budget()->set_ratio(s.ratio);
+  }
   o->set_holdout_fraction(static_cast<float>(s.holdout));
   o->set_output_dtype(DTypeToProto(out_dtype));
   o->set_return_indices(s.return_indices);
@@ -106,6 +130,7 @@ int RunCompact(const Settings& s) {
   info.value_dim = cache->value_dim;
   info.tokens_in.assign(cache->num_layers, 0);
   for (const auto& l : cache->layers) info.tokens_in[l.layer] = static_cast<uint64_t>(l.keys.shape[1]);
+  info.packed = s.layout == "packed";
   if (absl::Status st = client::SaveCompacted(s.output, *outcome, info); !st.ok()) return Fail(st);
 
   printf("%-6s %-6s %-8s %-8s %-14s %-10s %-8s\n", "layer", "heads", "T", "t(avg)", "out_err(held)", "mass_err", "time_s");
@@ -135,6 +160,14 @@ int RunCompact(const Settings& s) {
          sum.layers_done(), sum.layers_failed(), sum.tokens_in(), sum.tokens_out(),
          sum.tokens_out() ? static_cast<double>(sum.tokens_in()) / sum.tokens_out() : 0.0, sum.bytes_in() / 1e6,
          sum.bytes_out() / 1e6, sum.wall_seconds(), outcome->wall_seconds, s.output.c_str());
+  // Honest memory: the file against the blocks' own bytes (sum over heads of t_h, nothing padded).
+  std::error_code ec;
+  const uint64_t file_bytes = std::filesystem::file_size(s.output, ec);
+  const uint64_t payload = client::CompactedPayloadBytes(*outcome);
+  if (!ec && payload > 0) {
+    printf("compacted blocks: %lu bytes; file %lu bytes (%.3fx, %s layout)\n", payload, file_bytes,
+           static_cast<double>(file_bytes) / payload, s.layout.c_str());
+  }
   return outcome->errors.empty() ? 0 : 3;
 }
 

@@ -9,6 +9,8 @@ namespace kvcompact::cli {
 
 struct Settings {
   std::string server, input, output, method, output_dtype, request_id, dtype;
+  std::string allocation, profile, layout = "per_head";
+  double head_cap = 0;
   double ratio = 20, holdout = 0.1, logit_scale = 0;
   uint32_t budget = 0, layers = 30, kv_heads = 3, head_dim = 64, context = 4096, queries = 2048;
   int streams = 1;

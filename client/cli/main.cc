@@ -18,6 +18,11 @@ ABSL_FLAG(std::string, output, "", "compact/generate: output .safetensors file")
 ABSL_FLAG(std::string, method, "am", "am, am_omp, am_omp_fast, h2o, snapkv, recent, streaming_llm, random");
 ABSL_FLAG(double, ratio, 20, "compaction ratio T/t (ignored when --budget is set)");
 ABSL_FLAG(uint32_t, budget, 0, "absolute t per head (overrides --ratio)");
+ABSL_FLAG(std::string, allocation, "",
+          "split the --ratio total across heads: uniform, pyramid, profile, global_topk, sensitivity");
+ABSL_FLAG(std::string, profile, "", "--allocation=profile: a budget profile the server loaded");
+ABSL_FLAG(double, head_cap, 0, "--allocation: largest t per head as a fraction of T (0: 0.75)");
+ABSL_FLAG(std::string, layout, "per_head", "output layout: per_head (a tensor per head) or packed (CSR offsets)");
 ABSL_FLAG(double, holdout, 0.1, "share of queries held out for the error figures");
 ABSL_FLAG(std::string, output_dtype, "f32", "dtype of returned keys/values: f32, f16, bf16");
 ABSL_FLAG(int, streams, 1, "parallel streams (layers spread round-robin)");
@@ -56,6 +61,10 @@ int main(int argc, char** argv) {
   s.ratio = absl::GetFlag(FLAGS_ratio);
   s.budget = absl::GetFlag(FLAGS_budget);
   s.holdout = absl::GetFlag(FLAGS_holdout);
+  s.allocation = absl::GetFlag(FLAGS_allocation);
+  s.profile = absl::GetFlag(FLAGS_profile);
+  s.head_cap = absl::GetFlag(FLAGS_head_cap);
+  s.layout = absl::GetFlag(FLAGS_layout);
   s.output_dtype = absl::GetFlag(FLAGS_output_dtype);
   s.streams = absl::GetFlag(FLAGS_streams);
   s.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);

@@ -1,4 +1,5 @@
 // End to end: budgets across heads (Allocation) and OMP through the real server.
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -6,6 +7,7 @@
 
 #include <gtest/gtest.h>
 
+#include "client/safetensors.h"
 #include "core/budget.h"
 #include "tests/e2e/helpers.h"
 #include "tests/e2e/server_process.h"
@@ -160,6 +162,47 @@ TEST_F(Allocation, OmpThroughTheServiceMeetsBudgetsAndBeatsHighestAttentionOnMas
   const double am = mass_error(v1::METHOD_AM_HIGHEST_ATTENTION);
   EXPECT_LT(mass_error(v1::METHOD_AM_OMP), am);
   EXPECT_LT(mass_error(v1::METHOD_AM_OMP_FAST), am);
+}
+
+// Ragged results end to end: a very uneven profile split, written by the CLI in both layouts. The
+// files hold sum_h t_h rows (no padding to the longest head): their bytes stay within 5% of the
+// blocks' own bytes.
+TEST_F(Allocation, RaggedFilesCostTheBudgetNotThePadding) {
+  const std::string in = ::testing::TempDir() + "/ragged_in.safetensors";
+  std::string log;
+  ASSERT_EQ(RunCommand({CliBinary(), "generate", "--output=" + in, "--layers=4", "--kv_heads=2", "--context=2048",
+                        "--queries=256", "--head_dim=64"}, &log), 0) << log;
+  for (const std::string layout : {"per_head", "packed"}) {
+    const std::string out = ::testing::TempDir() + "/ragged_" + layout + ".safetensors";
+    ASSERT_EQ(RunCommand({CliBinary(), "compact", "--server=" + server_->address(), "--input=" + in, "--output=" + out,
+                          "--ratio=8", "--allocation=profile", "--profile=toy", "--layout=" + layout,
+                          "--output_dtype=bf16", "--quiet"}, &log), 0) << log;
+    auto file = client::ReadSafetensors(out);
+    ASSERT_TRUE(file.ok()) << file.status();
+    // 2048 / 8 = 256 per head, 2048 in all, split 8:1:4:1:2:1:1:1 under a cap of 1536.
+    const std::vector<int64_t> want = *WaterFill({8, 1, 4, 1, 2, 1, 1, 1}, std::vector<int64_t>(8, 1536), 2048);
+    uint64_t rows = 0;
+    for (int l = 0; l < kLayers; ++l) {
+      if (layout == "packed") {
+        const std::vector<int32_t>& offsets = file->int32_tensors.at("layers." + std::to_string(l) + ".offsets");
+        ASSERT_EQ(offsets.size(), 3u);
+        for (int h = 0; h < kHeads; ++h) EXPECT_EQ(offsets[h + 1] - offsets[h], want[l * kHeads + h]);
+        EXPECT_EQ(file->tensors.at("layers." + std::to_string(l) + ".keys").shape[0], offsets[2]);
+      } else {
+        for (int h = 0; h < kHeads; ++h) {
+          EXPECT_EQ(file->tensors.at("layers." + std::to_string(l) + ".heads." + std::to_string(h) + ".keys").shape[0],
+                    want[l * kHeads + h]);
+        }
+      }
+      for (int h = 0; h < kHeads; ++h) rows += want[l * kHeads + h];
+    }
+    const double payload = rows * (64 * 2 * 2 + 4.0);  // bf16 keys and values, fp32 beta
+    const double padded = kLayers * kHeads * double(*std::max_element(want.begin(), want.end())) * (64 * 2 * 2 + 4.0);
+    const double bytes = static_cast<double>(std::filesystem::file_size(out));
+    EXPECT_LE(bytes / payload, 1.05) << layout;
+    EXPECT_LT(bytes, 0.5 * padded) << layout;  // what padding every head to the longest would cost
+    EXPECT_NE(log.find("compacted blocks: " + std::to_string(static_cast<uint64_t>(payload)) + " bytes"), std::string::npos) << log;
+  }
 }
 
 }  // namespace
