@@ -4,6 +4,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "core/chunked.h"
 #include "proto/wire.h"
 
 namespace kvcompact::server {
@@ -157,7 +158,9 @@ void CompactReactor::SubmitLocked(LayerJob job, double decode_seconds) {
     v1::StageTimes times;
     absl::StatusOr<LayerResult> result = absl::CancelledError("stream cancelled or server shutting down");
     const auto start = std::chrono::steady_clock::now();
-    if (backend) {
+    if (backend && plan->chunk_tokens > 0 && owned_job->data.tokens > plan->chunk_tokens) {
+      result = CompactLayerInChunks(*backend, *owned_job, plan->chunk_tokens, plan->layer_rule);
+    } else if (backend) {
       absl::Status allocated = AllocateLayer(*backend, owned_job.get(), plan->layer_rule);
       result = allocated.ok() ? backend->CompactLayer(*owned_job) : absl::StatusOr<LayerResult>(allocated);
     }

@@ -147,6 +147,8 @@ absl::StatusOr<StreamPlan> MakeStreamPlan(const v1::StreamHeader& header, const 
   plan.options.omp_refit_interval = static_cast<int>(omp.refit_interval());
   plan.options.omp_progressive = omp.progressive();
   plan.options.omp_pool = static_cast<int64_t>(std::min<uint64_t>(omp.candidates(), uint64_t{1} << 40));
+  if (o.chunk_tokens() > (uint64_t{1} << 40)) return absl::InvalidArgumentError("options.chunk_tokens is too large");
+  plan.chunk_tokens = static_cast<int64_t>(o.chunk_tokens());
   plan.return_indices = o.return_indices();
   if (o.output_dtype() != v1::DTYPE_UNSPECIFIED) {
     auto dt = DTypeFromProto(o.output_dtype());

@@ -29,6 +29,7 @@ struct StreamPlan {
   double head_cap = 0.75;
   // Allocation per layer from its inputs (global top-k, sensitivity), applied by the worker.
   LayerAllocation layer_rule;
+  int64_t chunk_tokens = 0;        // > 0: chunked compaction (core/chunked.h)
 
   bool cross_layer() const { return !request_shares.empty(); }
   // t per head of `layer` for a block of T tokens (each >= 1). Cross-layer rules assume every

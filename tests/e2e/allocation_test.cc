@@ -164,6 +164,35 @@ TEST_F(Allocation, OmpThroughTheServiceMeetsBudgetsAndBeatsHighestAttentionOnMas
   EXPECT_LT(mass_error(v1::METHOD_AM_OMP_FAST), am);
 }
 
+TEST_F(Allocation, ChunkedCompactionKeepsBudgetsAndIndexesTheWholeBlock) {
+  v1::StreamHeader h = Header(kLayers, kHeads, 64, v1::METHOD_AM_HIGHEST_ATTENTION, 10);
+  h.mutable_options()->set_chunk_tokens(150);  // 400 tokens: 3 chunks
+  auto outcome = client::Client(server_->address()).Compact(h, *inputs_);
+  ASSERT_TRUE(outcome.ok()) << outcome.status();
+  ASSERT_TRUE(outcome->errors.empty());
+  for (const auto& layer : outcome->layers) {
+    for (int i = 0; i < kHeads; ++i) {
+      const client::CompactedHead& head = layer.heads[i];
+      ASSERT_EQ(head.tokens, 40u);
+      int chunks_hit[3] = {0, 0, 0};
+      for (uint32_t idx : head.indices) {
+        ASSERT_LT(idx, static_cast<uint32_t>(kTokens));
+        ++chunks_hit[idx * 3 / kTokens];
+      }
+      EXPECT_EQ(chunks_hit[0] + chunks_hit[1] + chunks_hit[2], 40);
+      EXPECT_GE(chunks_hit[0], 13);
+      EXPECT_GE(chunks_hit[2], 13);
+      EXPECT_TRUE(layer.done.heads(i).has_quality());
+      EXPECT_LT(layer.done.heads(i).output_rel_error(), 0.6f);
+    }
+  }
+  h.mutable_options()->set_chunk_tokens(5);  // 80 chunks for a budget of 40: refused for the layer
+  outcome = client::Client(server_->address()).Compact(h, *inputs_);
+  ASSERT_TRUE(outcome.ok());
+  ASSERT_EQ(outcome->errors.size(), static_cast<size_t>(kLayers));
+  EXPECT_NE(outcome->errors[0].message().find("raise chunk_tokens"), std::string::npos) << outcome->errors[0].message();
+}
+
 // Ragged results end to end: a very uneven profile split, written by the CLI in both layouts. The
 // files hold sum_h t_h rows (no padding to the longest head): their bytes stay within 5% of the
 // blocks' own bytes.

@@ -126,7 +126,8 @@ class Client:
                pool_kernel: int = 0, omp_keys_per_step: int = 0, omp_refit_interval: int = 0,
                omp_progressive: float = 0.0, omp_candidates: int = 0, allocation: Optional[str] = None,
                profile: str = "", shares: Optional[Sequence[float]] = None, head_cap: float = 0.0,
-               pyramid_spread: float = 0.0, probe_queries: int = 0, request_id: str = "") -> pb.StreamHeader:
+               pyramid_spread: float = 0.0, probe_queries: int = 0, chunk_tokens: int = 0,
+               request_id: str = "") -> pb.StreamHeader:
         """The StreamHeader for `layers` (geometry from the first layer's shapes).
 
         Budget: `per_head` (explicit t per layer-major head), `tokens` (the same t everywhere), or
@@ -148,6 +149,7 @@ class Client:
         o.pool_kernel = int(pool_kernel)
         o.omp.keys_per_step, o.omp.refit_interval = int(omp_keys_per_step), int(omp_refit_interval)
         o.omp.progressive, o.omp.candidates = float(omp_progressive), int(omp_candidates)
+        o.chunk_tokens = int(chunk_tokens)  # > 0: compacted in contiguous chunks of at most this many tokens
         if allocation is not None:
             a = o.budget.allocation
             a.rule = ALLOCATIONS[allocation]
