@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
           ", ".join(f"{k} {e:.3f} ({s:.1f} s)" for k, (_, e, s) in caches.items() if k != "full"))
     deltas = {k: [] for k in caches if k != "full"}
     for question in QUESTIONS:
-        suffix = tok.encode("\n\n" + question + "<|im_end|>\n<|im_start|>assistant\n")
+        suffix = tok.encode("\n\n" + question + model.reply_prefix)
         answer = model.generate(suffix, cache.copy(), max_new_tokens=args.answer_tokens)
         full_lp = float(model.log_probs(suffix + answer, cache.copy())[len(suffix) - 1:].mean())
         print(f"\nQ: {question}\n  full      : {tok.decode(answer).strip()}")

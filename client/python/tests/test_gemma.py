@@ -54,3 +54,32 @@ def test_query_capture_shapes(model):
     c = model.config
     assert len(queries) == c.num_layers
     assert queries[0].shape == (c.num_kv_heads, c.num_heads // c.num_kv_heads * len(ids), c.head_dim)
+
+
+def test_only_global_layers_are_compacted_through_the_service(model, server_address):
+    """Sliding-window layers are left alone by the client and never reach the service; the global
+    layers are compacted and the model still answers close to the full cache."""
+    from kvcompact.client import Client
+    from kvcompact.runtime.compaction import compact_cache
+
+    tok = model.tokenizer
+    text = " ".join(f"Item {i} is a {['red', 'blue', 'green'][i % 3]} box." for i in range(90))
+    tokens = tok.encode(tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=False))
+    cache, queries = rq.context_prefill(model, tokens)
+    before = [[len(h) for h in layer] for layer in cache.heads]
+    compacted = cache.copy()
+    with Client(server_address) as client:
+        result = compact_cache(compacted, client, queries, 4, len(tokens), layers=model.compactable_layers(),
+                               ratio=4, holdout=0.1)
+    assert sorted(result.layers) == list(range(len(model.compactable_layers())))
+    for l, layer in enumerate(compacted.heads):
+        for g, h in enumerate(layer):
+            if l in model.compactable_layers():
+                assert len(h) == 4 + int((len(tokens) - 4) / 4 + 0.5)  # the server rounds half up
+                assert np.any(h.bias != 0)
+            else:
+                assert len(h) == before[l][g] and not np.any(h.bias)
+    suffix = tok.encode("\n\nWhat color is item 7?" + model.reply_prefix)
+    full = model.log_probs(suffix, cache.copy())
+    small = model.log_probs(suffix, compacted.copy())
+    assert abs(float(full.mean() - small.mean())) < 0.3

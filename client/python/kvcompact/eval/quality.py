@@ -1,4 +1,5 @@
-"""Quality of compacted caches inside SmolLM2-135M-Instruct, one command:
+"""Quality of compacted caches inside a real model (SmolLM2-135M-Instruct, or Gemma-3-270M with
+--model gemma3: only its global layers are compacted), one command:
 
     python -m kvcompact.eval.quality --server localhost:50051 --out docs/quality
 
@@ -19,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from kvcompact import Client
-from kvcompact.runtime import KVCache, LlamaModel
+from kvcompact.runtime import GemmaModel, KVCache, LlamaModel
 from kvcompact.runtime import queries as rq
 from kvcompact.runtime.compaction import compact_cache
 
@@ -93,7 +94,7 @@ def chat_prefix(model: LlamaModel, document: str, max_tokens: int) -> list[int]:
 
 
 def chat_suffix(model: LlamaModel, question: str) -> list[int]:
-    return model.tokenizer.encode("\n\n" + question + "<|im_end|>\n<|im_start|>assistant\n")
+    return model.tokenizer.encode("\n\n" + question + model.reply_prefix)
 
 
 def prefill(model: LlamaModel, tokens: list[int], queries_per_head: int) -> Prefix:
@@ -158,10 +159,12 @@ def compacted(prefix: Prefix, client: Client, method: str, ratio: float, max_con
     queries = prefix.queries(source)  # capture stays out of the compaction timing
     capture = sum(prefix.capture_seconds.get(name, 0.0) for name in source.split("+"))
     start = time.time()
-    result = compact_cache(cache, client, queries, SINK_TOKENS, len(prefix.tokens), ratio=ratio, holdout=0.1,
-                           return_indices=True, **options)
+    layers = prefix.model.compactable_layers()
+    result = compact_cache(cache, client, queries, SINK_TOKENS, len(prefix.tokens), layers=layers, ratio=ratio,
+                           holdout=0.1, return_indices=True, **options)
     if copy_values:
-        for l, layer in result.layers.items():
+        for i, layer in result.layers.items():
+            l = layers[i]
             for g, head in enumerate(layer.heads):
                 original = prefix.cache.heads[l][g].values[SINK_TOKENS:len(prefix.tokens)]
                 block = cache.heads[l][g]
@@ -237,7 +240,7 @@ def write_report(rows: list[Row], args, out: str, wall: float) -> None:
         json.dump({"args": vars(args), "wall_seconds": wall, "rows": [asdict(r) for r in rows]}, f, indent=1)
     methods = [m for m in args.methods]
     commands = getattr(args, "commands", None) or [" ".join(args.argv)]
-    lines = [f"# Compaction quality: SmolLM2-135M-Instruct", ""]
+    lines = [f"# Compaction quality: {getattr(args, 'model_name', 'SmolLM2-135M-Instruct')}", ""]
     lines += [f"Command: `python -m kvcompact.eval.quality {c}`  " for c in commands]
     lines += [f"Date: {time.strftime('%Y-%m-%d')}; wall time {wall / 60:.1f} min; server backend: {args.backend}.", ""]
 
@@ -310,7 +313,7 @@ def write_report(rows: list[Row], args, out: str, wall: float) -> None:
             plt.xscale("log")
             plt.xlabel("compaction ratio")
             plt.ylabel(ylabel)
-            plt.title(f"SmolLM2-135M-Instruct: {task}")
+            plt.title(f"{getattr(args, 'model_name', 'SmolLM2-135M-Instruct')}: {task}")
             plt.legend(fontsize=8)
             plt.grid(alpha=0.3)
             plt.tight_layout()
@@ -338,6 +341,7 @@ def merge(files: list[str], out: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--server", default="localhost:50051")
+    ap.add_argument("--model", choices=["smollm2", "gemma3"], default="smollm2")
     ap.add_argument("--out", default="quality-report")
     ap.add_argument("--data", default=None, help="the shared data folder (default: beside the checkout)")
     ap.add_argument("--articles", type=int, default=10)
@@ -363,7 +367,8 @@ def main(argv: list[str] | None = None) -> None:
         merge(args.merge, args.out)
         return
     rng = np.random.default_rng(args.seed)
-    model = LlamaModel()
+    model = GemmaModel() if args.model == "gemma3" else LlamaModel()
+    args.model_name = model.name
     rows: list[Row] = []
     total = args.articles * len(args.methods) * len(args.ratios) + \
         len(args.needle_lengths) * len(args.needle_depths) * len(args.methods) * len(args.ratios)

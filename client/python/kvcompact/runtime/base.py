@@ -12,8 +12,15 @@ from kvcompact.runtime.cache import KVCache
 class CausalLM:
     """Subclasses provide forward(tokens, cache) -> logits [n, vocab] and stop_ids()."""
 
+    # Closes the user's turn and opens the model's (the chat template's), after an instruction.
+    reply_prefix = ""
+
     def stop_ids(self) -> set[int]:
         raise NotImplementedError
+
+    def compactable_layers(self) -> list[int]:
+        """Layers whose cache holds the whole context (all, unless the model has sliding windows)."""
+        return list(range(self.config.num_layers))
 
     def log_probs(self, tokens: Sequence[int], cache: KVCache) -> np.ndarray:
         """Teacher-forced log p(tokens[i] | cache, tokens[:i]) for i >= 1; appends to the cache."""

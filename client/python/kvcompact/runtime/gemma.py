@@ -84,6 +84,9 @@ def windowed_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, scal
 
 
 class GemmaModel(CausalLM):
+    name = "Gemma-3-270M"
+    reply_prefix = "<end_of_turn>\n<start_of_turn>model\n"
+
     def __init__(self, path: Optional[str] = None):
         path = path or find_gemma_file()
         meta, w = _read_gguf(path)

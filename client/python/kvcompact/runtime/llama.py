@@ -99,6 +99,9 @@ def biased_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, bias: 
 
 
 class LlamaModel(CausalLM):
+    name = "SmolLM2-135M-Instruct"
+    reply_prefix = "<|im_end|>\n<|im_start|>assistant\n"
+
     def __init__(self, path: Optional[str] = None):
         path = path or find_model_file("smollm2")
         meta, w = _read_gguf(path)

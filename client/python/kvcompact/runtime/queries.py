@@ -30,7 +30,7 @@ SELF_STUDY_PROMPTS = (
 
 def instruction_tokens(model, text: str) -> list[int]:
     """An instruction appended to the open user turn, then the assistant's turn opened."""
-    return model.tokenizer.encode("\n\n" + text + "<|im_end|>\n<|im_start|>assistant\n")
+    return model.tokenizer.encode("\n\n" + text + model.reply_prefix)
 
 
 def _keep_last(queries: list[np.ndarray], n_total: int, keep: int, group: int) -> list[np.ndarray]:
@@ -65,7 +65,7 @@ def repeat_prefill(model, cache: KVCache, context: Sequence[int]) -> list[np.nda
 def self_study(model, cache: KVCache, prompts: Sequence[str] = SELF_STUDY_PROMPTS, max_new_tokens: int = 64
                ) -> list[np.ndarray]:
     """Queries of the model's own greedy answers to `prompts` about the cached context."""
-    stop = {model.tokenizer.eos_id, model.tokenizer.token_id("<|im_end|>")}
+    stop = model.stop_ids()
     per_layer: list[list[np.ndarray]] = [[] for _ in range(model.config.num_layers)]
     for prompt in prompts:
         c = cache.copy()
