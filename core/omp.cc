@@ -4,6 +4,8 @@
 #include <cmath>
 #include <numeric>
 
+#include <Eigen/Cholesky>
+
 #include "core/bounded_lsq.h"
 
 namespace kvcompact {
@@ -16,19 +18,62 @@ struct OmpState {
   std::vector<uint8_t> taken;  // selected or dropped: no longer a candidate
   VectorD w;
   VectorD fitted;              // G[:, S] w: the part of c explained by the current fit
+  // Cholesky factor of G_SS + jitter for the first `factored` selected keys, extended as keys are
+  // added (O(|S|^2) per key instead of a new O(|S|^3) factorisation per refit).
+  MatrixD chol;
+  Eigen::Index factored = 0;
+  double jitter = 0;
+  int unconstrained_refits = 0;
 };
+
+// Extends the factor to every selected key; false if the new block is not positive definite.
+bool ExtendFactor(OmpState& s) {
+  const Eigen::Index k = static_cast<Eigen::Index>(s.selected.size()), m = s.factored, r = k - m;
+  if (r == 0) return true;
+  MatrixD b(m, r), c(r, r);
+  for (Eigen::Index j = 0; j < r; ++j) {
+    for (Eigen::Index a = 0; a < m; ++a) b(a, j) = s.gram(s.selected[a], s.selected[m + j]);
+    for (Eigen::Index a = 0; a < r; ++a) c(a, j) = s.gram(s.selected[m + a], s.selected[m + j]);
+    c(j, j) += s.jitter;
+  }
+  MatrixD x = s.chol.topLeftCorner(m, m).triangularView<Eigen::Lower>().solve(b);  // L11^{-1} B
+  Eigen::LLT<MatrixD> l22(c - x.transpose() * x);
+  if (l22.info() != Eigen::Success) return false;
+  MatrixD grown = MatrixD::Zero(k, k);
+  grown.topLeftCorner(m, m) = s.chol.topLeftCorner(m, m);
+  grown.bottomLeftCorner(r, m) = x.transpose();
+  grown.bottomRightCorner(r, r) = l22.matrixL();
+  s.chol = std::move(grown);
+  s.factored = k;
+  return true;
+}
 
 void Refit(OmpState& s, const OmpParams& p) {
   const Eigen::Index k = static_cast<Eigen::Index>(s.selected.size());
-  MatrixD sub(k, k);
   VectorD c(k);
-  for (Eigen::Index a = 0; a < k; ++a) {
-    c[a] = s.rhs[s.selected[a]];
-    for (Eigen::Index b = 0; b < k; ++b) sub(a, b) = s.gram(s.selected[a], s.selected[b]);
+  for (Eigen::Index a = 0; a < k; ++a) c[a] = s.rhs[s.selected[a]];
+  // The unconstrained least-squares solution is the bounded one whenever it lies inside the box.
+  bool solved = false;
+  if (ExtendFactor(s)) {
+    const VectorD y = s.chol.triangularView<Eigen::Lower>().solve(c);
+    const VectorD w = s.chol.transpose().triangularView<Eigen::Upper>().solve(y);
+    if (w.allFinite() && w.minCoeff() >= p.w_lo && w.maxCoeff() <= p.w_hi) {
+      s.w = w;
+      solved = true;
+      ++s.unconstrained_refits;
+    }
+  } else {
+    s.factored = 0;  // refactor from scratch next time
   }
-  BoundedLsqOptions options;
-  options.warm_start = &s.w;
-  s.w = SolveBoundedLsq(sub, c, p.w_lo, p.w_hi, options).w;
+  if (!solved) {
+    MatrixD sub(k, k);
+    for (Eigen::Index a = 0; a < k; ++a) {
+      for (Eigen::Index b = 0; b < k; ++b) sub(a, b) = s.gram(s.selected[a], s.selected[b]);
+    }
+    BoundedLsqOptions options;
+    options.warm_start = &s.w;
+    s.w = SolveBoundedLsq(sub, c, p.w_lo, p.w_hi, options).w;
+  }
   s.fitted.setZero();
   for (Eigen::Index a = 0; a < k; ++a) s.fitted += s.gram.col(s.selected[a]) * s.w[a];
 }
@@ -79,6 +124,7 @@ int64_t DropNegligible(OmpState& s, const OmpParams& p, int64_t open_candidates)
   }
   s.selected = std::move(kept);
   s.w = std::move(w);
+  s.factored = 0;  // the kept keys' order changed: refactor
   return static_cast<int64_t>(weak.size());
 }
 
@@ -88,6 +134,7 @@ OmpResult SelectOmp(const MatrixD& gram, const VectorD& rhs, const OmpParams& pa
   const int64_t pool = rhs.size();
   const int64_t t = std::min<int64_t>(params.budget, pool);
   OmpState s{gram, rhs, {}, std::vector<uint8_t>(pool, 0), VectorD(0), VectorD::Zero(pool)};
+  s.jitter = 1e-12 * (pool > 0 ? gram.diagonal().mean() : 0.0);
   OmpResult result;
   const int interval = std::max(1, params.refit_interval);
   for (int round = 0;; ++round) {
@@ -116,6 +163,7 @@ OmpResult SelectOmp(const MatrixD& gram, const VectorD& rhs, const OmpParams& pa
   }
   result.selected = std::move(s.selected);
   result.w = std::move(s.w);
+  result.unconstrained_refits = s.unconstrained_refits;
   return result;
 }
 

@@ -27,6 +27,7 @@ struct OmpResult {
   std::vector<int32_t> selected;  // indices into the pool, in the order they were chosen
   VectorD w;                      // weights of `selected` at the last refit
   int steps = 0, refits = 0, dropped = 0;
+  int unconstrained_refits = 0;   // refits solved by the incremental Cholesky factor alone
 };
 
 // Greedy selection of params.budget of the gram.rows() candidates.
