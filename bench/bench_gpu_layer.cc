@@ -23,6 +23,8 @@ ABSL_FLAG(uint32_t, tokens, 60000, "T per layer");
 ABSL_FLAG(uint32_t, queries, 8192, "reference queries per KV head");
 ABSL_FLAG(double, ratio, 50, "compaction ratio");
 ABSL_FLAG(std::string, method, "am", "method name");
+ABSL_FLAG(uint32_t, omp_keys_per_step, 0, "OMP methods: k (0: the method's)");
+ABSL_FLAG(double, omp_progressive, 0, "OMP methods: progressive schedule fraction (0: off)");
 ABSL_FLAG(bool, allow_tf32, false, "TF32 tensor-op math in cuBLAS");
 ABSL_FLAG(uint32_t, distinct, 2, "distinct generated layers, reused round-robin");
 ABSL_FLAG(double, holdout, 0.1, "held-out share of queries");
@@ -53,6 +55,8 @@ int main(int argc, char** argv) {
     jobs[i]->data = MakeSyntheticLayer(shape, 1, static_cast<int32_t>(i));
     jobs[i]->options.method = *MethodFromName(absl::GetFlag(FLAGS_method));
     jobs[i]->options.holdout_fraction = absl::GetFlag(FLAGS_holdout);
+    jobs[i]->options.omp_keys_per_step = static_cast<int>(absl::GetFlag(FLAGS_omp_keys_per_step));
+    jobs[i]->options.omp_progressive = absl::GetFlag(FLAGS_omp_progressive);
     jobs[i]->budgets.assign(shape.heads, std::llround(shape.tokens / absl::GetFlag(FLAGS_ratio)));
   }
   const double gen_s = std::chrono::duration<double>(Clock::now() - gen_start).count();

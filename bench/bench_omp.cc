@@ -24,6 +24,9 @@ ABSL_FLAG(double, ratio, 50, "T / t");
 ABSL_FLAG(std::string, variants, "am,omp,omp_fast,omp_progressive", "what to run");
 ABSL_FLAG(std::string, backend, "cpu", "cpu or cuda");
 ABSL_FLAG(int, threads, 0, "CPU backend threads (0 = all cores)");
+ABSL_FLAG(double, beta_min, 0, "bounds on log w (both 0: the method's)");
+ABSL_FLAG(double, beta_max, 0, "");
+ABSL_FLAG(int64_t, omp_candidates, 0, "OMP pool (0: default)");
 
 int main(int argc, char** argv) {
   absl::ParseCommandLine(argc, argv);
@@ -38,6 +41,11 @@ int main(int argc, char** argv) {
   const int64_t t = std::max<int64_t>(1, std::llround(shape.tokens / absl::GetFlag(FLAGS_ratio)));
   job.budgets.assign(shape.heads, t);
   job.options.holdout_fraction = 0.1;
+  if (absl::GetFlag(FLAGS_beta_min) != 0 || absl::GetFlag(FLAGS_beta_max) != 0) {
+    job.options.beta_min = absl::GetFlag(FLAGS_beta_min);
+    job.options.beta_max = absl::GetFlag(FLAGS_beta_max);
+  }
+  job.options.omp_pool = absl::GetFlag(FLAGS_omp_candidates);
 
   std::unique_ptr<Backend> backend;
   if (absl::GetFlag(FLAGS_backend) == "cuda") {

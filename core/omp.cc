@@ -23,44 +23,50 @@ struct OmpState {
   MatrixD chol;
   Eigen::Index factored = 0;
   double jitter = 0;
-  int unconstrained_refits = 0;
+  int unconstrained_refits = 0, clamped_refits = 0;
 };
 
 // Extends the factor to every selected key; false if the new block is not positive definite.
 bool ExtendFactor(OmpState& s) {
   const Eigen::Index k = static_cast<Eigen::Index>(s.selected.size()), m = s.factored, r = k - m;
   if (r == 0) return true;
+  if (s.chol.rows() < k) {  // grown geometrically: refits write into it in place
+    MatrixD bigger = MatrixD::Zero(std::max<Eigen::Index>(2 * s.chol.rows(), k), std::max<Eigen::Index>(2 * s.chol.rows(), k));
+    bigger.topLeftCorner(m, m) = s.chol.topLeftCorner(m, m);
+    s.chol = std::move(bigger);
+  }
   MatrixD b(m, r), c(r, r);
   for (Eigen::Index j = 0; j < r; ++j) {
     for (Eigen::Index a = 0; a < m; ++a) b(a, j) = s.gram(s.selected[a], s.selected[m + j]);
     for (Eigen::Index a = 0; a < r; ++a) c(a, j) = s.gram(s.selected[m + a], s.selected[m + j]);
     c(j, j) += s.jitter;
   }
-  MatrixD x = s.chol.topLeftCorner(m, m).triangularView<Eigen::Lower>().solve(b);  // L11^{-1} B
-  Eigen::LLT<MatrixD> l22(c - x.transpose() * x);
+  if (m > 0) s.chol.topLeftCorner(m, m).triangularView<Eigen::Lower>().solveInPlace(b);  // L11^{-1} B
+  Eigen::LLT<MatrixD> l22(c - b.transpose() * b);
   if (l22.info() != Eigen::Success) return false;
-  MatrixD grown = MatrixD::Zero(k, k);
-  grown.topLeftCorner(m, m) = s.chol.topLeftCorner(m, m);
-  grown.bottomLeftCorner(r, m) = x.transpose();
-  grown.bottomRightCorner(r, r) = l22.matrixL();
-  s.chol = std::move(grown);
+  s.chol.block(m, 0, r, m) = b.transpose();
+  s.chol.block(m, m, r, r) = l22.matrixL();
   s.factored = k;
   return true;
 }
 
-void Refit(OmpState& s, const OmpParams& p) {
+// New weights for the selected keys. The unconstrained least-squares solution (from the factor)
+// is the bounded optimum whenever it lies inside the box. Otherwise intermediate refits take it
+// clamped (it only steers the next selection) and `exact` ones solve the bounded problem.
+void Refit(OmpState& s, const OmpParams& p, bool exact) {
   const Eigen::Index k = static_cast<Eigen::Index>(s.selected.size());
   VectorD c(k);
   for (Eigen::Index a = 0; a < k; ++a) c[a] = s.rhs[s.selected[a]];
-  // The unconstrained least-squares solution is the bounded one whenever it lies inside the box.
   bool solved = false;
   if (ExtendFactor(s)) {
-    const VectorD y = s.chol.triangularView<Eigen::Lower>().solve(c);
-    const VectorD w = s.chol.transpose().triangularView<Eigen::Upper>().solve(y);
-    if (w.allFinite() && w.minCoeff() >= p.w_lo && w.maxCoeff() <= p.w_hi) {
-      s.w = w;
+    const auto lower = s.chol.topLeftCorner(k, k).triangularView<Eigen::Lower>();
+    VectorD w = lower.solve(c);
+    lower.transpose().solveInPlace(w);
+    const bool inside = w.allFinite() && w.minCoeff() >= p.w_lo && w.maxCoeff() <= p.w_hi;
+    if (inside || (!exact && w.allFinite())) {
+      s.w = w.cwiseMax(p.w_lo).cwiseMin(p.w_hi);
       solved = true;
-      ++s.unconstrained_refits;
+      ++(inside ? s.unconstrained_refits : s.clamped_refits);
     }
   } else {
     s.factored = 0;  // refactor from scratch next time
@@ -74,7 +80,7 @@ void Refit(OmpState& s, const OmpParams& p) {
     options.warm_start = &s.w;
     s.w = SolveBoundedLsq(sub, c, p.w_lo, p.w_hi, options).w;
   }
-  s.fitted.setZero();
+  s.fitted.noalias() = VectorD::Zero(s.fitted.size());
   for (Eigen::Index a = 0; a < k; ++a) s.fitted += s.gram.col(s.selected[a]) * s.w[a];
 }
 
@@ -147,8 +153,9 @@ OmpResult SelectOmp(const MatrixD& gram, const VectorD& rhs, const OmpParams& pa
       k = std::min<int64_t>(k, t - static_cast<int64_t>(s.selected.size()));
       if (AddBest(s, k, params) == 0) break;
       ++result.steps;
-      if (++since_refit >= interval || static_cast<int64_t>(s.selected.size()) == t) {
-        Refit(s, params);
+      const bool full = static_cast<int64_t>(s.selected.size()) == t;
+      if (++since_refit >= interval || full) {
+        Refit(s, params, full || params.exact_refits);
         ++result.refits;
         since_refit = 0;
       }
@@ -158,12 +165,13 @@ OmpResult SelectOmp(const MatrixD& gram, const VectorD& rhs, const OmpParams& pa
     const int64_t dropped = DropNegligible(s, params, open);
     if (dropped == 0) break;
     result.dropped += static_cast<int>(dropped);
-    Refit(s, params);  // the residual without the dropped keys drives the next selection
+    Refit(s, params, params.exact_refits);  // the residual without the dropped keys drives the next selection
     ++result.refits;
   }
   result.selected = std::move(s.selected);
   result.w = std::move(s.w);
   result.unconstrained_refits = s.unconstrained_refits;
+  result.clamped_refits = s.clamped_refits;
   return result;
 }
 

@@ -10,6 +10,8 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <future>
+#include <memory>
 #include <numeric>
 #include <optional>
 #include <thread>
@@ -17,6 +19,7 @@
 #include <vector>
 
 #include "core/fit.h"
+#include "core/omp.h"
 #include "core/selection.h"
 #include "kernels/am_kernels.cuh"
 #include "kernels/device_buffer.h"
@@ -89,11 +92,6 @@ class CudaBackend final : public Backend {
   size_t device_bytes_peak() const override { return g_device_bytes_peak.load(); }
 
   absl::StatusOr<LayerResult> CompactLayer(const LayerJob& job) override {
-    if (GetMethodSpec(job.options.method).selection == Selection::kOmp) {
-      // OMP selection runs on the CPU reference until its batched GPU version exists.
-      if (!cpu_fallback_) cpu_fallback_ = MakeCpuBackend(0);
-      return cpu_fallback_->CompactLayer(job);
-    }
     absl::StatusOr<LayerResult> result = RunWithinLimit(job);
     if (!result.ok()) {
       // Leave no work in flight; a sticky error (the context is lost) makes the backend unhealthy.
@@ -117,12 +115,18 @@ class CudaBackend final : public Backend {
   absl::StatusOr<LayerResult> Run(const LayerJob& job);
   // Run on the whole layer, or on groups of heads when the layer does not fit memory_limit_bytes.
   absl::StatusOr<LayerResult> RunWithinLimit(const LayerJob& job);
-  std::unique_ptr<Backend> cpu_fallback_;
   void ReleaseBuffers();
   absl::Status Stats(const float* queries, int64_t n, const std::optional<ScoreReduce>& reduce, DeviceStats* out);
   // Mass system of head h on the device (C_k in ck_): G = Phi^T Phi and c = Phi^T m, into the
   // solver's fp64 slots.
   absl::Status MassSystem(int64_t h, int64_t nf, int64_t t, const VectorF& bias_s, double* gram, double* rhs);
+  // The same system in fp32 into gram_ (t x t) and cvec_ (t), for the keys in ck_.
+  absl::Status MassSystemF32(int64_t h, int64_t nf, int64_t t, const VectorF& bias_s);
+  // OMP key selection of `heads` (core/omp.h): each head's candidate-pool Gram system is built on
+  // the device (the part that reads the queries) and copied back; the greedy loop then runs in
+  // Gram space on a host thread per head, overlapping the device's work on the next head.
+  absl::Status SelectByOmp(const LayerJob& job, const std::vector<int64_t>& heads, int64_t nf,
+                           const std::vector<float>& scores, LayerResult* result);
   // Bounded NNLS for the mass weights of `heads` (indices selected, C_k gathered per head) in
   // batches whose solver memory fits the workspace; sets beta = log w + b on the host.
   absl::Status FitMass(const std::vector<int64_t>& heads, int64_t nf, int64_t n_max, const std::vector<HeadOptions>& options,
@@ -216,8 +220,16 @@ absl::Status CudaBackend::Stats(const float* queries, int64_t n, const std::opti
 
 absl::Status CudaBackend::MassSystem(int64_t h, int64_t nf, int64_t t, const VectorF& bias_s, double* gram,
                                      double* rhs) {
+  if (auto s = MassSystemF32(h, nf, t, bias_s); !s.ok()) return s;
+  CastToDouble(gram_.get(), t * t, gram, stream_);
+  CastToDouble(cvec_.get(), t, rhs, stream_);
+  KVC_LAUNCHED("CastToDouble");
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::MassSystemF32(int64_t h, int64_t nf, int64_t t, const VectorF& bias_s) {
   // Phi = exp(s Q K_S^T + b_S - M)   (nf x t);  G = Phi^T Phi;  c = Phi^T m  (fp32 products, as on
-  // the CPU; the solver works in fp64).
+  // the CPU; the solvers work in fp64).
   if (auto s = Gemm(blas_, nf, t, d_, scale_, {in_->q_fit.get() + h * nf * d_, d_, 0, false}, {ck_.get(), d_, 0, true}, 0.f,
                     subset_.get(), t, 0, 1);
       !s.ok()) {
@@ -235,9 +247,54 @@ absl::Status CudaBackend::MassSystem(int64_t h, int64_t nf, int64_t t, const Vec
       !s.ok()) {
     return s;
   }
-  CastToDouble(gram_.get(), t * t, gram, stream_);
-  CastToDouble(cvec_.get(), t, rhs, stream_);
-  KVC_LAUNCHED("CastToDouble");
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::SelectByOmp(const LayerJob& job, const std::vector<int64_t>& heads, int64_t nf,
+                                      const std::vector<float>& scores, LayerResult* result) {
+  const LayerData& data = job.data;
+  const MethodSpec& spec = GetMethodSpec(job.options.method);
+  std::vector<std::future<std::vector<int32_t>>> loops;
+  for (int64_t h : heads) {
+    const HeadOptions o = HeadOptionsFor(job, h);
+    const int64_t t = std::min<int64_t>(o.budget, T_);
+    const int64_t P = OmpPoolSize(o.omp_pool, t, T_);
+    std::vector<int32_t> pool;
+    if (P >= T_) {
+      pool.resize(T_);
+      std::iota(pool.begin(), pool.end(), 0);
+    } else {
+      pool = TopK(VectorF(ConstVectorMapF(scores.data() + h * T_, T_)), P);
+    }
+    const BlockView block = data.HeadBlock(h);
+    VectorF bias_p(P);
+    for (int64_t j = 0; j < P; ++j) bias_p[j] = block.bias ? block.bias[pool[j]] : 0.f;
+    if (auto s = ReserveHeadBuffers(P, nf); !s.ok()) return s;
+    if (auto s = ToDevice(idx_, pool.data(), P, stream_); !s.ok()) return s;
+    GatherRows(in_->keys.get() + h * T_ * d_, idx_.get(), P, d_, ck_.get(), stream_);
+    KVC_LAUNCHED("GatherRows(pool)");
+    if (auto s = MassSystemF32(h, nf, P, bias_p); !s.ok()) return s;
+    auto gram = std::make_shared<std::vector<float>>(P * P);
+    auto rhs = std::make_shared<std::vector<float>>(P);
+    if (auto s = ToHost(gram->data(), gram_.get(), gram->size(), stream_); !s.ok()) return s;
+    if (auto s = ToHost(rhs->data(), cvec_.get(), rhs->size(), stream_); !s.ok()) return s;
+    OmpParams params;
+    params.budget = t;
+    params.keys_per_step = o.omp_keys_per_step > 0 ? o.omp_keys_per_step : spec.omp_keys_per_step;
+    params.refit_interval = o.omp_refit_interval > 0 ? o.omp_refit_interval : spec.omp_refit_interval;
+    params.progressive = o.omp_progressive;
+    std::tie(params.w_lo, params.w_hi) = WeightBounds(o, spec);
+    loops.push_back(std::async(std::launch::async, [gram, rhs, params, P, pool = std::move(pool)] {
+      const MatrixD g = Eigen::Map<const MatrixF>(gram->data(), P, P).cast<double>();
+      const VectorD c = Eigen::Map<const VectorF>(rhs->data(), P).cast<double>();
+      const OmpResult omp = SelectOmp(g, c, params);
+      std::vector<int32_t> kept;
+      for (int32_t i : omp.selected) kept.push_back(pool[i]);
+      std::sort(kept.begin(), kept.end());
+      return kept;
+    }));
+  }
+  for (size_t k = 0; k < heads.size(); ++k) result->heads[heads[k]].indices = loops[k].get();
   return absl::OkStatus();
 }
 
@@ -318,6 +375,10 @@ DeviceBytes EstimateDeviceBytesImpl(const LayerJob& job, size_t workspace_bytes)
   int64_t t = 1;
   for (int64_t b : job.budgets) t = std::max(t, std::min(b, T));
   const int64_t wide = std::max(d.head_dim, d.value_dim);
+  if (GetMethodSpec(job.options.method).selection == Selection::kOmp) {
+    // OMP builds each head's candidate-pool system in the same per-head buffers, pool-sized.
+    for (int64_t b : job.budgets) t = std::max(t, OmpPoolSize(job.options.omp_pool, std::min(b, T), T));
+  }
   DeviceBytes bytes;
   // Per head: K, V, bias and queries in two input slots (the next layer uploads while this one
   // computes); scores; row max, mass and outputs of both query sets; at least one logit row.
@@ -439,7 +500,7 @@ absl::StatusOr<LayerResult> CudaBackend::Run(const LayerJob& job) {
   KVC_CUDA(cudaStreamSynchronize(stream_));
   result.seconds.upload += Since(start);
 
-  const bool wants_scores = spec.selection == Selection::kHighestAttention;
+  const bool wants_scores = spec.selection == Selection::kHighestAttention || spec.selection == Selection::kOmp;
   std::vector<float> scores;
   if (has_queries) {
     const std::optional<ScoreReduce> reduce =
@@ -466,6 +527,16 @@ absl::StatusOr<LayerResult> CudaBackend::Run(const LayerJob& job) {
   std::vector<int64_t> to_fit;
   std::vector<uint8_t> fitted(H_, 0);
 
+  if (spec.selection == Selection::kOmp) {
+    start = Clock::now();
+    std::vector<int64_t> omp_heads;
+    for (int64_t h = 0; h < H_; ++h) {
+      const HeadOptions o = HeadOptionsFor(job, h);
+      if (o.budget > 0 && (o.budget < T_ || o.force_fit)) omp_heads.push_back(h);
+    }
+    if (auto s = SelectByOmp(job, omp_heads, nf, scores, &result); !s.ok()) return s;
+    result.seconds.score += Since(start);
+  }
   // Phase 1, per head on the host: select S (from the device's scores), gather C_k and b_S.
   for (int64_t h = 0; h < H_; ++h) {
     head_options[h] = HeadOptionsFor(job, h);
@@ -478,7 +549,7 @@ absl::StatusOr<LayerResult> CudaBackend::Run(const LayerJob& job) {
     if (unchanged) {
       head.indices.resize(T_);
       std::iota(head.indices.begin(), head.indices.end(), 0);
-    } else {
+    } else if (spec.selection != Selection::kOmp) {
       VectorF head_scores = wants_scores ? VectorF(ConstVectorMapF(scores.data() + h * T_, T_)) : VectorF();
       head.indices = SelectKeys(spec.selection, T_, head_scores, SelectionParamsFor(o, spec, t));
     }

@@ -83,6 +83,7 @@ TEST(Omp, MatchesFloat64BruteForceOneKeyPerStep) {
     const MassSystem sys = RandomMassSystem(seed, 48, 80, 8);
     OmpParams p;
     p.budget = 6;
+    p.exact_refits = true;
     p.w_lo = std::exp(-3.0);
     p.w_hi = std::exp(3.0);
     p.drop_rounds = 0;
@@ -102,6 +103,7 @@ TEST(Omp, MatchesFloat64BruteForceSeveralKeysPerStepWithRefitInterval) {
     const MassSystem sys = RandomMassSystem(seed, 60, 90, 8);
     OmpParams p;
     p.budget = 7;  // steps of 2, 2, 2, 1: refits after steps 2 and 4 (the last)
+    p.exact_refits = true;
     p.keys_per_step = 2;
     p.refit_interval = 2;
     p.w_lo = 1e-6;
@@ -140,6 +142,31 @@ TEST(Omp, DropsNegligibleKeysAndStillMeetsTheBudget) {
   for (size_t j = 0; j < got.selected.size(); ++j) a.col(j) = sys.phi.col(got.selected[j]);
   const Vd w_ref = testing::BruteBoundedLsq(a, sys.mass, p.w_lo, p.w_hi);
   EXPECT_LT((got.w - w_ref).cwiseAbs().maxCoeff(), 1e-6 * std::max(1.0, w_ref.cwiseAbs().maxCoeff()));
+}
+
+// Intermediate refits that clamp the unconstrained solution (the default) select sets whose exact
+// mass objective stays within a few per cent of textbook OMP's (exact bounded refits every step);
+// the final weights are exact either way.
+TEST(Omp, ClampedIntermediateRefitsStayCloseToExactOnes) {
+  for (uint64_t seed : {31, 32, 33}) {
+    const MassSystem sys = RandomMassSystem(seed, 300, 200, 16);
+    OmpParams p;
+    p.budget = 20;
+    p.w_lo = std::exp(-3.0);
+    p.w_hi = std::exp(3.0);  // tight bounds: the unconstrained solution often leaves the box
+    const OmpResult fast = GramOmp(sys, p);
+    p.exact_refits = true;
+    const OmpResult exact = GramOmp(sys, p);
+    auto objective = [&](const OmpResult& r) {
+      Md a(sys.phi.rows(), r.selected.size());
+      for (size_t j = 0; j < r.selected.size(); ++j) a.col(j) = sys.phi.col(r.selected[j]);
+      const Vd w_ref = SolveBoundedLsq(a.transpose() * a, a.transpose() * sys.mass, p.w_lo, p.w_hi).w;
+      EXPECT_LT((r.w - w_ref).cwiseAbs().maxCoeff(), 1e-6 * std::max(1.0, w_ref.cwiseAbs().maxCoeff()));
+      return (a * r.w - sys.mass).squaredNorm();
+    };
+    EXPECT_LE(objective(fast), 1.05 * objective(exact)) << "seed " << seed;
+    EXPECT_EQ(fast.selected.size(), 20u);
+  }
 }
 
 TEST(Omp, ProgressiveScheduleTakesFewerStepsAndKeepsTheBudget) {
