@@ -2,6 +2,9 @@
 // AM and the OMP variants on a generated head (or a backend's whole layer with --backend=cuda in
 // a build with CUDA). Prints a table; the last line is JSON.
 #include <chrono>
+#include <cmath>
+#include <random>
+#include <tuple>
 #include <cstdio>
 #include <string>
 #include <vector>
@@ -11,6 +14,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "core/layer.h"
+#include "core/omp.h"
 #include "core/synthetic.h"
 #ifdef KVCOMPACT_WITH_CUDA
 #include "kernels/cuda_backend.h"
@@ -27,10 +31,41 @@ ABSL_FLAG(int, threads, 0, "CPU backend threads (0 = all cores)");
 ABSL_FLAG(double, beta_min, 0, "bounds on log w (both 0: the method's)");
 ABSL_FLAG(double, beta_max, 0, "");
 ABSL_FLAG(int64_t, omp_candidates, 0, "OMP pool (0: default)");
+ABSL_FLAG(int64_t, loop_pool, 0, "> 0: time only the greedy loop (core/omp.h) on a generated Gram system of this pool size");
+
+namespace {
+
+// The greedy loop alone, as the CUDA backend runs it on a host thread per head: a Gram system from
+// 512 generated mass rows of a pool of `pool` keys, t = pool / 4.
+int LoopOnly(int64_t pool) {
+  using namespace kvcompact;
+  std::mt19937_64 rng(1);
+  std::exponential_distribution<double> e(1.0);
+  MatrixD phi(512, pool);
+  for (Eigen::Index i = 0; i < phi.size(); ++i) phi.data()[i] = std::pow(e(rng), 3.0) * 1e-2;
+  const MatrixD gram = phi.transpose() * phi;
+  const VectorD rhs = phi.transpose() * VectorD(phi.rowwise().sum() * 0.9);
+  printf("%-16s %-8s %-8s %-8s %-8s\n", "variant", "steps", "refits", "inside", "time_s");
+  for (auto [name, k, interval, progressive] : {std::tuple{"omp", 1, 1, 0.0}, {"omp_fast", 4, 2, 0.0}, {"omp_progressive", 4, 1, 0.1}}) {
+    OmpParams p;
+    p.budget = pool / 4;
+    p.keys_per_step = k;
+    p.refit_interval = interval;
+    p.progressive = progressive;
+    const auto start = std::chrono::steady_clock::now();
+    const OmpResult r = SelectOmp(gram, rhs, p);
+    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    printf("%-16s %-8d %-8d %-8d %-8.3f\n", name, r.steps, r.refits, r.unconstrained_refits, secs);
+  }
+  return 0;
+}
+
+}  // namespace
 
 int main(int argc, char** argv) {
   absl::ParseCommandLine(argc, argv);
   using namespace kvcompact;
+  if (absl::GetFlag(FLAGS_loop_pool) > 0) return LoopOnly(absl::GetFlag(FLAGS_loop_pool));
   SyntheticShape shape;
   shape.heads = absl::GetFlag(FLAGS_heads);
   shape.tokens = absl::GetFlag(FLAGS_tokens);

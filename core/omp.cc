@@ -51,8 +51,9 @@ bool ExtendFactor(OmpState& s) {
 }
 
 // New weights for the selected keys. The unconstrained least-squares solution (from the factor)
-// is the bounded optimum whenever it lies inside the box. Otherwise intermediate refits take it
-// clamped (it only steers the next selection) and `exact` ones solve the bounded problem.
+// is the bounded optimum whenever it lies inside the box. Otherwise it is taken clamped (it
+// steers the next selection and the drop rule; the mass fit after selection is exact), unless
+// `exact` asks for the bounded solve.
 void Refit(OmpState& s, const OmpParams& p, bool exact) {
   const Eigen::Index k = static_cast<Eigen::Index>(s.selected.size());
   VectorD c(k);
@@ -80,8 +81,9 @@ void Refit(OmpState& s, const OmpParams& p, bool exact) {
     options.warm_start = &s.w;
     s.w = SolveBoundedLsq(sub, c, p.w_lo, p.w_hi, options).w;
   }
-  s.fitted.noalias() = VectorD::Zero(s.fitted.size());
-  for (Eigen::Index a = 0; a < k; ++a) s.fitted += s.gram.col(s.selected[a]) * s.w[a];
+  // G is symmetric: rows (contiguous in the row-major matrix) stand for its columns.
+  s.fitted.setZero();
+  for (Eigen::Index a = 0; a < k; ++a) s.fitted += s.gram.row(s.selected[a]).transpose() * s.w[a];
 }
 
 // Adds up to `count` untaken candidates with the largest residual correlation; new weights start
@@ -104,7 +106,7 @@ int64_t AddBest(OmpState& s, int64_t count, const OmpParams& p) {
     s.selected.push_back(open[i]);
     s.taken[open[i]] = 1;
     s.w[old + i] = p.w_lo;
-    s.fitted += s.gram.col(open[i]) * p.w_lo;
+    s.fitted += s.gram.row(open[i]).transpose() * p.w_lo;
   }
   return count;
 }
@@ -155,7 +157,7 @@ OmpResult SelectOmp(const MatrixD& gram, const VectorD& rhs, const OmpParams& pa
       ++result.steps;
       const bool full = static_cast<int64_t>(s.selected.size()) == t;
       if (++since_refit >= interval || full) {
-        Refit(s, params, full || params.exact_refits);
+        Refit(s, params, params.exact_refits);
         ++result.refits;
         since_refit = 0;
       }

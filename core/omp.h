@@ -21,15 +21,16 @@ struct OmpParams {
   double w_lo = 1e-12, w_hi = 1096.6331584284585;  // bounds on w: [1e-12, exp(7)]
   double drop_log_weight = -7;  // after selection, keys with log w below this are dropped...
   int drop_rounds = 3;          // ...and replaced by further selection, at most this many times
-  // Intermediate refits take the unconstrained solution clamped to the bounds when it leaves them
-  // (it only steers the next selection; the last refit of every round is exact). True: every
-  // refit solves the bounded problem (the textbook algorithm; O(|S|^3) per refit).
+  // Refits take the unconstrained solution (incremental Cholesky) clamped to the bounds when it
+  // leaves them: it steers the selection and the drop rule, and the mass fit that follows the
+  // selection solves the bounded problem exactly anyway. True: every refit solves the bounded
+  // problem (the textbook algorithm; O(|S|^3) per refit).
   bool exact_refits = false;
 };
 
 struct OmpResult {
   std::vector<int32_t> selected;  // indices into the pool, in the order they were chosen
-  VectorD w;                      // weights of `selected` at the last refit
+  VectorD w;                      // weights of `selected` at the last refit (exact with exact_refits)
   int steps = 0, refits = 0, dropped = 0;
   int unconstrained_refits = 0;   // refits solved by the incremental Cholesky factor alone
   int clamped_refits = 0;         // intermediate refits that took the clamped unconstrained solution
