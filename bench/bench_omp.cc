@@ -45,17 +45,21 @@ int LoopOnly(int64_t pool) {
   for (Eigen::Index i = 0; i < phi.size(); ++i) phi.data()[i] = std::pow(e(rng), 3.0) * 1e-2;
   const MatrixD gram = phi.transpose() * phi;
   const VectorD rhs = phi.transpose() * VectorD(phi.rowwise().sum() * 0.9);
-  printf("%-16s %-8s %-8s %-8s %-8s\n", "variant", "steps", "refits", "inside", "time_s");
+  const MatrixF gram_f32 = gram.cast<float>();
+  printf("%-20s %-8s %-8s %-8s %-8s\n", "variant", "steps", "refits", "inside", "time_s");
   for (auto [name, k, interval, progressive] : {std::tuple{"omp", 1, 1, 0.0}, {"omp_fast", 4, 2, 0.0}, {"omp_progressive", 4, 1, 0.1}}) {
     OmpParams p;
     p.budget = pool / 4;
     p.keys_per_step = k;
     p.refit_interval = interval;
     p.progressive = progressive;
-    const auto start = std::chrono::steady_clock::now();
-    const OmpResult r = SelectOmp(gram, rhs, p);
-    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    printf("%-16s %-8d %-8d %-8d %-8.3f\n", name, r.steps, r.refits, r.unconstrained_refits, secs);
+    for (bool f32 : {false, true}) {  // the CPU backend's float64 Gram, the CUDA backend's fp32 one
+      const auto start = std::chrono::steady_clock::now();
+      const OmpResult r = f32 ? SelectOmp(ConstMatrixMapF(gram_f32.data(), pool, pool), rhs, p) : SelectOmp(gram, rhs, p);
+      const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      printf("%-20s %-8d %-8d %-8d %-8.3f\n", (std::string(name) + (f32 ? " f32" : " f64")).c_str(), r.steps, r.refits,
+             r.unconstrained_refits, secs);
+    }
   }
   return 0;
 }

@@ -11,8 +11,11 @@
 namespace kvcompact {
 namespace {
 
+// `Gram` is MatrixD, or a map of an fp32 matrix (as the CUDA backend copies it back): entries are
+// read as float64, so weights, residuals and the factor are float64 either way.
+template <typename Gram>
 struct OmpState {
-  const MatrixD& gram;
+  const Gram& gram;
   const VectorD& rhs;
   std::vector<int32_t> selected;
   std::vector<uint8_t> taken;  // selected or dropped: no longer a candidate
@@ -22,12 +25,13 @@ struct OmpState {
   // added (O(|S|^2) per key instead of a new O(|S|^3) factorisation per refit).
   MatrixD chol;
   Eigen::Index factored = 0;
-  double jitter = 0;
+  double jitter = 0, mean_diagonal = 0;
   int unconstrained_refits = 0, clamped_refits = 0;
 };
 
 // Extends the factor to every selected key; false if the new block is not positive definite.
-bool ExtendFactor(OmpState& s) {
+template <typename Gram>
+bool ExtendFactor(OmpState<Gram>& s) {
   const Eigen::Index k = static_cast<Eigen::Index>(s.selected.size()), m = s.factored, r = k - m;
   if (r == 0) return true;
   if (s.chol.rows() < k) {  // grown geometrically: refits write into it in place
@@ -41,8 +45,16 @@ bool ExtendFactor(OmpState& s) {
     for (Eigen::Index a = 0; a < r; ++a) c(a, j) = s.gram(s.selected[m + a], s.selected[m + j]);
     c(j, j) += s.jitter;
   }
-  if (m > 0) s.chol.topLeftCorner(m, m).triangularView<Eigen::Lower>().solveInPlace(b);  // L11^{-1} B
-  Eigen::LLT<MatrixD> l22(c - b.transpose() * b);
+  if (m > 0) s.chol.topLeftCorner(m, m).template triangularView<Eigen::Lower>().solveInPlace(b);  // L11^{-1} B
+  MatrixD schur = c - b.transpose() * b;
+  Eigen::LLT<MatrixD> l22(schur);
+  // A new key (numerically) in the span of the selected ones leaves a Schur complement that fp32
+  // rounding of G can push below zero: a little more ridge on the new diagonal only.
+  for (double extra : {1e-4, 1e-2}) {
+    if (l22.info() == Eigen::Success) break;
+    schur.diagonal().array() += extra * s.mean_diagonal;
+    l22.compute(schur);
+  }
   if (l22.info() != Eigen::Success) return false;
   s.chol.block(m, 0, r, m) = b.transpose();
   s.chol.block(m, m, r, r) = l22.matrixL();
@@ -54,13 +66,14 @@ bool ExtendFactor(OmpState& s) {
 // is the bounded optimum whenever it lies inside the box. Otherwise it is taken clamped (it
 // steers the next selection and the drop rule; the mass fit after selection is exact), unless
 // `exact` asks for the bounded solve.
-void Refit(OmpState& s, const OmpParams& p, bool exact) {
+template <typename Gram>
+void Refit(OmpState<Gram>& s, const OmpParams& p, bool exact) {
   const Eigen::Index k = static_cast<Eigen::Index>(s.selected.size());
   VectorD c(k);
   for (Eigen::Index a = 0; a < k; ++a) c[a] = s.rhs[s.selected[a]];
   bool solved = false;
   if (ExtendFactor(s)) {
-    const auto lower = s.chol.topLeftCorner(k, k).triangularView<Eigen::Lower>();
+    const auto lower = s.chol.topLeftCorner(k, k).template triangularView<Eigen::Lower>();
     VectorD w = lower.solve(c);
     lower.transpose().solveInPlace(w);
     const bool inside = w.allFinite() && w.minCoeff() >= p.w_lo && w.maxCoeff() <= p.w_hi;
@@ -83,12 +96,13 @@ void Refit(OmpState& s, const OmpParams& p, bool exact) {
   }
   // G is symmetric: rows (contiguous in the row-major matrix) stand for its columns.
   s.fitted.setZero();
-  for (Eigen::Index a = 0; a < k; ++a) s.fitted += s.gram.row(s.selected[a]).transpose() * s.w[a];
+  for (Eigen::Index a = 0; a < k; ++a) s.fitted += s.gram.row(s.selected[a]).transpose().template cast<double>() * s.w[a];
 }
 
 // Adds up to `count` untaken candidates with the largest residual correlation; new weights start
 // at the lower bound until the next refit. Returns how many were added.
-int64_t AddBest(OmpState& s, int64_t count, const OmpParams& p) {
+template <typename Gram>
+int64_t AddBest(OmpState<Gram>& s, int64_t count, const OmpParams& p) {
   std::vector<int32_t> open;
   for (int32_t j = 0; j < static_cast<int32_t>(s.taken.size()); ++j) {
     if (!s.taken[j]) open.push_back(j);
@@ -106,14 +120,15 @@ int64_t AddBest(OmpState& s, int64_t count, const OmpParams& p) {
     s.selected.push_back(open[i]);
     s.taken[open[i]] = 1;
     s.w[old + i] = p.w_lo;
-    s.fitted += s.gram.row(open[i]).transpose() * p.w_lo;
+    s.fitted += s.gram.row(open[i]).transpose().template cast<double>() * p.w_lo;
   }
   return count;
 }
 
 // Drops selected keys whose weight is negligible, keeping at least enough candidates to refill:
 // the budget stays met exactly. Returns how many were dropped.
-int64_t DropNegligible(OmpState& s, const OmpParams& p, int64_t open_candidates) {
+template <typename Gram>
+int64_t DropNegligible(OmpState<Gram>& s, const OmpParams& p, int64_t open_candidates) {
   std::vector<Eigen::Index> weak;
   for (Eigen::Index a = 0; a < s.w.size(); ++a) {
     if (std::log(s.w[a]) < p.drop_log_weight) weak.push_back(a);
@@ -138,11 +153,13 @@ int64_t DropNegligible(OmpState& s, const OmpParams& p, int64_t open_candidates)
 
 }  // namespace
 
-OmpResult SelectOmp(const MatrixD& gram, const VectorD& rhs, const OmpParams& params) {
+template <typename Gram>
+OmpResult SelectOmpImpl(const Gram& gram, const VectorD& rhs, const OmpParams& params) {
   const int64_t pool = rhs.size();
   const int64_t t = std::min<int64_t>(params.budget, pool);
-  OmpState s{gram, rhs, {}, std::vector<uint8_t>(pool, 0), VectorD(0), VectorD::Zero(pool)};
-  s.jitter = 1e-12 * (pool > 0 ? gram.diagonal().mean() : 0.0);
+  OmpState<Gram> s{gram, rhs, {}, std::vector<uint8_t>(pool, 0), VectorD(0), VectorD::Zero(pool)};
+  s.mean_diagonal = pool > 0 ? static_cast<double>(gram.diagonal().template cast<double>().mean()) : 0.0;
+  s.jitter = 1e-7 * s.mean_diagonal;  // above the rounding of an fp32-accumulated Gram matrix
   OmpResult result;
   const int interval = std::max(1, params.refit_interval);
   for (int round = 0;; ++round) {
@@ -175,6 +192,14 @@ OmpResult SelectOmp(const MatrixD& gram, const VectorD& rhs, const OmpParams& pa
   result.unconstrained_refits = s.unconstrained_refits;
   result.clamped_refits = s.clamped_refits;
   return result;
+}
+
+OmpResult SelectOmp(const MatrixD& gram, const VectorD& rhs, const OmpParams& params) {
+  return SelectOmpImpl(gram, rhs, params);
+}
+
+OmpResult SelectOmp(const ConstMatrixMapF& gram, const VectorD& rhs, const OmpParams& params) {
+  return SelectOmpImpl(gram, rhs, params);
 }
 
 }  // namespace kvcompact

@@ -38,5 +38,8 @@ struct OmpResult {
 
 // Greedy selection of params.budget of the gram.rows() candidates.
 OmpResult SelectOmp(const MatrixD& gram, const VectorD& rhs, const OmpParams& params);
+// The same on an fp32 Gram matrix (as the CUDA backend builds it): half the memory traffic of the
+// loop; weights, residuals and the factor stay float64.
+OmpResult SelectOmp(const ConstMatrixMapF& gram, const VectorD& rhs, const OmpParams& params);
 
 }  // namespace kvcompact

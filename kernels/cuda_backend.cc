@@ -165,6 +165,7 @@ class CudaBackend final : public Backend {
   DeviceBuffer<double> err_all_;
   std::vector<cudaEvent_t> events_;
   std::unique_ptr<DeviceBoundedLsq> lsq_;
+  std::vector<std::unique_ptr<PinnedBuffer<float>>> omp_host_;  // per head of a layer: its OMP Gram system
 };
 
 absl::Status CudaBackend::ReserveHeadBuffers(int64_t t, int64_t n_max) {
@@ -254,8 +255,11 @@ absl::Status CudaBackend::SelectByOmp(const LayerJob& job, const std::vector<int
                                       const std::vector<float>& scores, LayerResult* result) {
   const LayerData& data = job.data;
   const MethodSpec& spec = GetMethodSpec(job.options.method);
+  while (omp_host_.size() < heads.size()) omp_host_.push_back(std::make_unique<PinnedBuffer<float>>());
   std::vector<std::future<std::vector<int32_t>>> loops;
-  for (int64_t h : heads) {
+  absl::Status status;
+  for (size_t k = 0; k < heads.size() && status.ok(); ++k) {
+    const int64_t h = heads[k];
     const HeadOptions o = HeadOptionsFor(job, h);
     const int64_t t = std::min<int64_t>(o.budget, T_);
     const int64_t P = OmpPoolSize(o.omp_pool, t, T_);
@@ -269,33 +273,41 @@ absl::Status CudaBackend::SelectByOmp(const LayerJob& job, const std::vector<int
     const BlockView block = data.HeadBlock(h);
     VectorF bias_p(P);
     for (int64_t j = 0; j < P; ++j) bias_p[j] = block.bias ? block.bias[pool[j]] : 0.f;
-    if (auto s = ReserveHeadBuffers(P, nf); !s.ok()) return s;
-    if (auto s = ToDevice(idx_, pool.data(), P, stream_); !s.ok()) return s;
+    // Head k's Gram matrix and right-hand side go to its own pinned buffer: [G (P x P) | c (P)].
+    PinnedBuffer<float>& host = *omp_host_[k];
+    status = ReserveHeadBuffers(P, nf);
+    if (status.ok()) status = host.Reserve(P * P + P);
+    if (status.ok()) status = ToDevice(idx_, pool.data(), P, stream_);
+    if (!status.ok()) break;
     GatherRows(in_->keys.get() + h * T_ * d_, idx_.get(), P, d_, ck_.get(), stream_);
-    KVC_LAUNCHED("GatherRows(pool)");
-    if (auto s = MassSystemF32(h, nf, P, bias_p); !s.ok()) return s;
-    auto gram = std::make_shared<std::vector<float>>(P * P);
-    auto rhs = std::make_shared<std::vector<float>>(P);
-    if (auto s = ToHost(gram->data(), gram_.get(), gram->size(), stream_); !s.ok()) return s;
-    if (auto s = ToHost(rhs->data(), cvec_.get(), rhs->size(), stream_); !s.ok()) return s;
+    if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) {
+      status = absl::InternalError(absl::StrCat("GatherRows(pool): ", cudaGetErrorString(e)));
+      break;
+    }
+    status = MassSystemF32(h, nf, P, bias_p);
+    if (status.ok()) status = ToHost(host.get(), gram_.get(), P * P, stream_);
+    if (status.ok()) status = ToHost(host.get() + P * P, cvec_.get(), P, stream_);
+    if (!status.ok()) break;
     OmpParams params;
     params.budget = t;
     params.keys_per_step = o.omp_keys_per_step > 0 ? o.omp_keys_per_step : spec.omp_keys_per_step;
     params.refit_interval = o.omp_refit_interval > 0 ? o.omp_refit_interval : spec.omp_refit_interval;
     params.progressive = o.omp_progressive;
     std::tie(params.w_lo, params.w_hi) = WeightBounds(o, spec);
-    loops.push_back(std::async(std::launch::async, [gram, rhs, params, P, pool = std::move(pool)] {
-      const MatrixD g = Eigen::Map<const MatrixF>(gram->data(), P, P).cast<double>();
-      const VectorD c = Eigen::Map<const VectorF>(rhs->data(), P).cast<double>();
-      const OmpResult omp = SelectOmp(g, c, params);
+    const float* g = host.get();
+    loops.push_back(std::async(std::launch::async, [g, params, P, pool = std::move(pool)] {
+      const VectorD c = ConstVectorMapF(g + P * P, P).cast<double>();
+      const OmpResult omp = SelectOmp(ConstMatrixMapF(g, P, P), c, params);
       std::vector<int32_t> kept;
+      kept.reserve(omp.selected.size());
       for (int32_t i : omp.selected) kept.push_back(pool[i]);
       std::sort(kept.begin(), kept.end());
       return kept;
     }));
   }
-  for (size_t k = 0; k < heads.size(); ++k) result->heads[heads[k]].indices = loops[k].get();
-  return absl::OkStatus();
+  // Every started loop is joined (they read the pinned buffers) before returning, even on errors.
+  for (size_t k = 0; k < loops.size(); ++k) result->heads[heads[k]].indices = loops[k].get();
+  return status;
 }
 
 absl::Status CudaBackend::ValueFit(int64_t h, int64_t nf, int64_t t, double ridge, const VectorF& beta, float* cv,

@@ -49,4 +49,31 @@ class DeviceBuffer {
   size_t capacity_ = 0;
 };
 
+// A grow-only pinned host allocation (fast device-to-host copies), reused across layers.
+template <typename T>
+class PinnedBuffer {
+ public:
+  PinnedBuffer() = default;
+  PinnedBuffer(const PinnedBuffer&) = delete;
+  PinnedBuffer& operator=(const PinnedBuffer&) = delete;
+  ~PinnedBuffer() { Release(); }
+  absl::Status Reserve(size_t count) {
+    if (count <= capacity_) return absl::OkStatus();
+    Release();
+    KVC_CUDA(cudaHostAlloc(reinterpret_cast<void**>(&ptr_), count * sizeof(T), cudaHostAllocDefault));
+    capacity_ = count;
+    return absl::OkStatus();
+  }
+  T* get() const { return ptr_; }
+  void Release() {
+    if (ptr_) cudaFreeHost(ptr_);
+    ptr_ = nullptr;
+    capacity_ = 0;
+  }
+
+ private:
+  T* ptr_ = nullptr;
+  size_t capacity_ = 0;
+};
+
 }  // namespace kvcompact::kernels
