@@ -234,6 +234,29 @@ def run_needles(model, client, args, rng, rows: list[Row], progress) -> None:
                     progress(f"needle {length} {depth} {method} {ratio}x")
 
 
+def needle_by_length(rows: list[Row], methods: list[str], lines: list[str]) -> None:
+    """Pass-key accuracy per haystack length (items are named 'needle len=N ...'; N rounded down
+    to a power of two, the requested length), every ratio pooled."""
+    sel = [r for r in rows if r.task == "needle"]
+    if not sel:
+        return
+    def bucket(item: str) -> int:
+        n = int(item.split("len=")[1].split()[0])
+        return 1 << (n.bit_length() - 1)
+    lengths = sorted({bucket(r.item) for r in sel})
+    lines.extend(["### By haystack length (tokens; every ratio pooled)", "",
+                  "| method | " + " | ".join(str(n) for n in lengths) + " |",
+                  "| --- | " + " | ".join("---" for _ in lengths) + " |"])
+    for m in ["full", *methods]:
+        cells = []
+        for n in lengths:
+            vals = [r.value for r in sel if r.method == m and bucket(r.item) == n]
+            cells.append(f"{np.mean(vals):.0%} ({len(vals)})" if vals else "-")
+        if any(c != "-" for c in cells):
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines.append("")
+
+
 def write_report(rows: list[Row], args, out: str, wall: float) -> None:
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "results.json"), "w") as f:
@@ -265,6 +288,7 @@ def write_report(rows: list[Row], args, out: str, wall: float) -> None:
     table("quality", "Change in log-perplexity of the full-context answers (nats per token, lower is better)",
           "{:+.3f}", lambda v: float(np.mean(v)))
     table("needle", "Pass-key retrieval accuracy", "{:.0%}", lambda v: float(np.mean(v)))
+    needle_by_length(rows, methods, lines)
     lines.extend(["## Held-out attention-output error reported by the service (mean over heads and items)", "",
                   "| method | " + " | ".join(f"{r:g}x" for r in args.ratios) + " |",
                   "| --- | " + " | ".join("---" for _ in args.ratios) + " |"])
@@ -332,7 +356,8 @@ def merge(files: list[str], out: str) -> None:
     args = argparse.Namespace(**runs[0]["args"])
     args.methods = list(dict.fromkeys(m for run in runs for m in run["args"]["methods"]))
     args.ratios = sorted({r for run in runs for r in run["args"]["ratios"]})
-    args.commands = [" ".join(run["args"]["argv"]) for run in runs]
+    # A merged report can be merged again: its runs' commands carry over.
+    args.commands = [c for run in runs for c in (run["args"].get("commands") or [" ".join(run["args"]["argv"])])]
     args.argv = ["--merge", *files, "--out", out]
     write_report(rows, args, out, sum(run["wall_seconds"] for run in runs))
     print(f"wrote {out}/report.md from {len(files)} runs")
