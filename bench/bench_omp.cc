@@ -1,6 +1,7 @@
 // OMP key selection on one head, CPU reference (core/): held-out error and time of highest-attention
 // AM and the OMP variants on a generated head (or a backend's whole layer with --backend=cuda in
 // a build with CUDA). Prints a table; the last line is JSON.
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <random>
@@ -47,7 +48,9 @@ int LoopOnly(int64_t pool) {
   const VectorD rhs = phi.transpose() * VectorD(phi.rowwise().sum() * 0.9);
   const MatrixF gram_f32 = gram.cast<float>();
   printf("%-20s %-8s %-8s %-8s %-8s\n", "variant", "steps", "refits", "inside", "time_s");
+  const std::vector<std::string> wanted = absl::StrSplit(absl::GetFlag(FLAGS_variants), ',');
   for (auto [name, k, interval, progressive] : {std::tuple{"omp", 1, 1, 0.0}, {"omp_fast", 4, 2, 0.0}, {"omp_progressive", 4, 1, 0.1}}) {
+    if (std::find(wanted.begin(), wanted.end(), name) == wanted.end()) continue;
     OmpParams p;
     p.budget = pool / 4;
     p.keys_per_step = k;

@@ -39,12 +39,13 @@ bool ExtendFactor(OmpState<Gram>& s) {
     bigger.topLeftCorner(m, m) = s.chol.topLeftCorner(m, m);
     s.chol = std::move(bigger);
   }
+  // G_{S_old, S_new} and G_{S_new, S_new}, read row by row (G is row-major and symmetric).
   MatrixD b(m, r), c(r, r);
-  for (Eigen::Index j = 0; j < r; ++j) {
-    for (Eigen::Index a = 0; a < m; ++a) b(a, j) = s.gram(s.selected[a], s.selected[m + j]);
-    for (Eigen::Index a = 0; a < r; ++a) c(a, j) = s.gram(s.selected[m + a], s.selected[m + j]);
-    c(j, j) += s.jitter;
+  for (Eigen::Index a = 0; a < k; ++a) {
+    const auto row = s.gram.row(s.selected[a]);
+    for (Eigen::Index j = 0; j < r; ++j) (a < m ? b(a, j) : c(a - m, j)) = row[s.selected[m + j]];
   }
+  c.diagonal().array() += s.jitter;
   if (m > 0) s.chol.topLeftCorner(m, m).template triangularView<Eigen::Lower>().solveInPlace(b);  // L11^{-1} B
   MatrixD schur = c - b.transpose() * b;
   Eigen::LLT<MatrixD> l22(schur);

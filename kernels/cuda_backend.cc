@@ -61,6 +61,7 @@ class CudaBackend final : public Backend {
   explicit CudaBackend(const CudaBackendOptions& options) : options_(options), limit_(options.memory_limit_bytes) {}
   ~CudaBackend() override {
     for (cudaEvent_t e : events_) cudaEventDestroy(e);
+    for (cudaEvent_t e : omp_copied_) cudaEventDestroy(e);
     if (solver_) cusolverDnDestroy(solver_);
     if (blas_) cublasDestroy(blas_);
     if (stream_) cudaStreamDestroy(stream_);
@@ -166,6 +167,7 @@ class CudaBackend final : public Backend {
   std::vector<cudaEvent_t> events_;
   std::unique_ptr<DeviceBoundedLsq> lsq_;
   std::vector<std::unique_ptr<PinnedBuffer<float>>> omp_host_;  // per head of a layer: its OMP Gram system
+  std::vector<cudaEvent_t> omp_copied_;                          // ...and the event of its copy
 };
 
 absl::Status CudaBackend::ReserveHeadBuffers(int64_t t, int64_t n_max) {
@@ -255,29 +257,48 @@ absl::Status CudaBackend::SelectByOmp(const LayerJob& job, const std::vector<int
                                       const std::vector<float>& scores, LayerResult* result) {
   const LayerData& data = job.data;
   const MethodSpec& spec = GetMethodSpec(job.options.method);
-  while (omp_host_.size() < heads.size()) omp_host_.push_back(std::make_unique<PinnedBuffer<float>>());
+  while (omp_host_.size() < heads.size()) {
+    omp_host_.push_back(std::make_unique<PinnedBuffer<float>>());
+    cudaEvent_t e;
+    KVC_CUDA(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+    omp_copied_.push_back(e);
+  }
+  // Host side first: each head's candidate pool (top RMS attention) and loop parameters.
+  std::vector<std::vector<int32_t>> pools(heads.size());
+  std::vector<OmpParams> params(heads.size());
+  int64_t p_max = 1;
+  for (size_t k = 0; k < heads.size(); ++k) {
+    const HeadOptions o = HeadOptionsFor(job, heads[k]);
+    const int64_t t = std::min<int64_t>(o.budget, T_);
+    const int64_t P = OmpPoolSize(o.omp_pool, t, T_);
+    if (P >= T_) {
+      pools[k].resize(T_);
+      std::iota(pools[k].begin(), pools[k].end(), 0);
+    } else {
+      pools[k] = TopK(VectorF(ConstVectorMapF(scores.data() + heads[k] * T_, T_)), P);
+    }
+    params[k].budget = t;
+    params[k].keys_per_step = o.omp_keys_per_step > 0 ? o.omp_keys_per_step : spec.omp_keys_per_step;
+    params[k].refit_interval = o.omp_refit_interval > 0 ? o.omp_refit_interval : spec.omp_refit_interval;
+    params[k].progressive = o.omp_progressive;
+    std::tie(params[k].w_lo, params[k].w_hi) = WeightBounds(o, spec);
+    p_max = std::max(p_max, P);
+  }
+  if (auto s = ReserveHeadBuffers(p_max, nf); !s.ok()) return s;  // no reallocation while queued
+  if (auto s = idx_.Reserve(p_max); !s.ok()) return s;
+  // Device side, queued back to back: head k's pool system, then its copy into head k's pinned
+  // buffer [G (P x P) | c (P)] and an event; stream order keeps the shared device buffers safe.
+  // A host thread per head waits for its event and runs the greedy loop.
   std::vector<std::future<std::vector<int32_t>>> loops;
   absl::Status status;
   for (size_t k = 0; k < heads.size() && status.ok(); ++k) {
-    const int64_t h = heads[k];
-    const HeadOptions o = HeadOptionsFor(job, h);
-    const int64_t t = std::min<int64_t>(o.budget, T_);
-    const int64_t P = OmpPoolSize(o.omp_pool, t, T_);
-    std::vector<int32_t> pool;
-    if (P >= T_) {
-      pool.resize(T_);
-      std::iota(pool.begin(), pool.end(), 0);
-    } else {
-      pool = TopK(VectorF(ConstVectorMapF(scores.data() + h * T_, T_)), P);
-    }
+    const int64_t h = heads[k], P = static_cast<int64_t>(pools[k].size());
     const BlockView block = data.HeadBlock(h);
     VectorF bias_p(P);
-    for (int64_t j = 0; j < P; ++j) bias_p[j] = block.bias ? block.bias[pool[j]] : 0.f;
-    // Head k's Gram matrix and right-hand side go to its own pinned buffer: [G (P x P) | c (P)].
+    for (int64_t j = 0; j < P; ++j) bias_p[j] = block.bias ? block.bias[pools[k][j]] : 0.f;
     PinnedBuffer<float>& host = *omp_host_[k];
-    status = ReserveHeadBuffers(P, nf);
-    if (status.ok()) status = host.Reserve(P * P + P);
-    if (status.ok()) status = ToDevice(idx_, pool.data(), P, stream_);
+    status = host.Reserve(P * P + P);
+    if (status.ok()) status = ToDevice(idx_, pools[k].data(), P, stream_);
     if (!status.ok()) break;
     GatherRows(in_->keys.get() + h * T_ * d_, idx_.get(), P, d_, ck_.get(), stream_);
     if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) {
@@ -285,17 +306,21 @@ absl::Status CudaBackend::SelectByOmp(const LayerJob& job, const std::vector<int
       break;
     }
     status = MassSystemF32(h, nf, P, bias_p);
-    if (status.ok()) status = ToHost(host.get(), gram_.get(), P * P, stream_);
-    if (status.ok()) status = ToHost(host.get() + P * P, cvec_.get(), P, stream_);
     if (!status.ok()) break;
-    OmpParams params;
-    params.budget = t;
-    params.keys_per_step = o.omp_keys_per_step > 0 ? o.omp_keys_per_step : spec.omp_keys_per_step;
-    params.refit_interval = o.omp_refit_interval > 0 ? o.omp_refit_interval : spec.omp_refit_interval;
-    params.progressive = o.omp_progressive;
-    std::tie(params.w_lo, params.w_hi) = WeightBounds(o, spec);
-    const float* g = host.get();
-    loops.push_back(std::async(std::launch::async, [g, params, P, pool = std::move(pool)] {
+    if (cudaError_t e = cudaMemcpyAsync(host.get(), gram_.get(), P * P * sizeof(float), cudaMemcpyDeviceToHost, stream_);
+        e != cudaSuccess) {
+      status = absl::InternalError(absl::StrCat("copy of the OMP Gram matrix: ", cudaGetErrorString(e)));
+      break;
+    }
+    if (cudaError_t e = cudaMemcpyAsync(host.get() + P * P, cvec_.get(), P * sizeof(float), cudaMemcpyDeviceToHost, stream_);
+        e != cudaSuccess) {
+      status = absl::InternalError(absl::StrCat("copy of the OMP right-hand side: ", cudaGetErrorString(e)));
+      break;
+    }
+    KVC_CUDA(cudaEventRecord(omp_copied_[k], stream_));
+    loops.push_back(std::async(std::launch::async, [g = host.get(), copied = omp_copied_[k], params = params[k], P,
+                                                    pool = std::move(pools[k])]() -> std::vector<int32_t> {
+      if (cudaEventSynchronize(copied) != cudaSuccess) return {};
       const VectorD c = ConstVectorMapF(g + P * P, P).cast<double>();
       const OmpResult omp = SelectOmp(ConstMatrixMapF(g, P, P), c, params);
       std::vector<int32_t> kept;
@@ -306,7 +331,12 @@ absl::Status CudaBackend::SelectByOmp(const LayerJob& job, const std::vector<int
     }));
   }
   // Every started loop is joined (they read the pinned buffers) before returning, even on errors.
-  for (size_t k = 0; k < loops.size(); ++k) result->heads[heads[k]].indices = loops[k].get();
+  for (size_t k = 0; k < loops.size(); ++k) {
+    result->heads[heads[k]].indices = loops[k].get();
+    if (status.ok() && result->heads[heads[k]].indices.size() != static_cast<size_t>(params[k].budget)) {
+      status = absl::InternalError(absl::StrCat("head ", heads[k], ": OMP selection did not complete (device error)"));
+    }
+  }
   return status;
 }
 
