@@ -234,6 +234,33 @@ def run_needles(model, client, args, rng, rows: list[Row], progress) -> None:
                     progress(f"needle {length} {depth} {method} {ratio}x")
 
 
+def paired_against_first(rows: list[Row], methods: list[str], ratios, lines: list[str]) -> None:
+    """Change in log-ppl of each method minus the first method's, question by question (paired:
+    the same answers), mean +- standard error; only where both ran on the same questions."""
+    sel = [r for r in rows if r.task == "quality"]
+    if len(methods) < 2 or not sel:
+        return
+    base = methods[0]
+    key = lambda r: (r.item, r.ratio)  # noqa: E731
+    lines.extend([f"### Paired against {base} (mean +- s.e. over questions; negative = better than {base})", "",
+                  "| method | " + " | ".join(f"{r:g}x" for r in ratios) + " |",
+                  "| --- | " + " | ".join("---" for _ in ratios) + " |"])
+    for m in methods[1:]:
+        cells = []
+        for ratio in ratios:
+            a = [r.value for r in sel if r.method == base and r.ratio == ratio]
+            b = [r.value for r in sel if r.method == m and r.ratio == ratio]
+            same = [key(r) for r in sel if r.method == base and r.ratio == ratio] == \
+                   [key(r) for r in sel if r.method == m and r.ratio == ratio]
+            if len(a) >= 2 and len(a) == len(b) and same:
+                d = np.array(b) - np.array(a)
+                cells.append(f"{d.mean():+.3f} +- {d.std(ddof=1) / np.sqrt(len(d)):.3f}")
+            else:
+                cells.append("-")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines.append("")
+
+
 def needle_by_length(rows: list[Row], methods: list[str], lines: list[str]) -> None:
     """Pass-key accuracy per haystack length (items are named 'needle len=N ...'; N rounded down
     to a power of two, the requested length), every ratio pooled."""
@@ -288,6 +315,7 @@ def write_report(rows: list[Row], args, out: str, wall: float) -> None:
     table("quality", "Change in log-perplexity of the full-context answers (nats per token, lower is better)",
           "{:+.3f}", lambda v: float(np.mean(v)))
     table("needle", "Pass-key retrieval accuracy", "{:.0%}", lambda v: float(np.mean(v)))
+    paired_against_first(rows, methods, args.ratios, lines)
     needle_by_length(rows, methods, lines)
     lines.extend(["## Held-out attention-output error reported by the service (mean over heads and items)", "",
                   "| method | " + " | ".join(f"{r:g}x" for r in args.ratios) + " |",
