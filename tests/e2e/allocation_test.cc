@@ -138,6 +138,22 @@ TEST_F(Allocation, BadAllocationsAreRefusedWithAReason) {
   }
 }
 
+TEST_F(Allocation, RequestWideRulesNeedTheSameTInEveryLayer) {
+  std::vector<client::LayerInput> inputs = *inputs_;
+  const auto shorter = MakeLayers(kLayers, kHeads, kTokens / 2, kQueries, 18);
+  inputs[2] = ToInput(shorter[2]);  // layer 2 has T = 200, the others 400
+  auto outcome = client::Client(server_->address()).Compact(AllocationHeader(v1::Allocation::RULE_PYRAMID), inputs);
+  ASSERT_TRUE(outcome.ok()) << outcome.status();
+  ASSERT_EQ(outcome->errors.size(), 1u);
+  EXPECT_EQ(outcome->errors[0].layer(), 2u);
+  EXPECT_NE(outcome->errors[0].message().find("the same T"), std::string::npos) << outcome->errors[0].message();
+  EXPECT_EQ(outcome->layers.size(), static_cast<size_t>(kLayers - 1));
+  // Per-layer rules take each layer's own T.
+  outcome = client::Client(server_->address()).Compact(AllocationHeader(v1::Allocation::RULE_SENSITIVITY), inputs);
+  ASSERT_TRUE(outcome.ok());
+  EXPECT_TRUE(outcome->errors.empty());
+}
+
 TEST_F(Allocation, ServerInfoListsLoadedProfiles) {
   auto info = client::Client(server_->address()).GetServerInfo();
   ASSERT_TRUE(info.ok());
