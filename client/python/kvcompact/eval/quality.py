@@ -16,6 +16,7 @@ import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Optional
 
 import numpy as np
 
@@ -49,10 +50,13 @@ class Prefix:
     queries_per_head: int
     pools: dict = field(default_factory=dict)  # source -> per-layer [kv, m, d]
     capture_seconds: dict = field(default_factory=dict)  # source -> seconds it took to capture
+    question: Optional[list[int]] = None  # the one question asked of this context (needles), if known
 
     def queries(self, source: str) -> list[np.ndarray]:
-        """Queries from `source` ('context', 'repeat', 'self_study', or several joined by '+'),
-        subsampled to queries_per_head with a fixed seed (every method sees the same set)."""
+        """Queries from `source` ('context', 'repeat', 'self_study', 'question', or several joined
+        by '+'), subsampled to queries_per_head with a fixed seed (every method sees the same set).
+        'question' is query-aware compaction: the queries of the question itself, read after the
+        context (known only where one question is asked of a context: the needle task)."""
         parts = []
         for name in source.split("+"):
             if name not in self.pools:
@@ -62,8 +66,13 @@ class Prefix:
                     self.pools[name] = rq.repeat_prefill(self.model, self.cache, span)
                 elif name == "self_study":
                     self.pools[name] = rq.self_study(self.model, self.cache)
+                elif name == "question":
+                    if not self.question:
+                        raise ValueError("'question' queries exist only where the question is known before compaction "
+                                         "(the needle task)")
+                    _, self.pools[name] = self.model.forward(self.question, self.cache.copy(), capture_queries=True)
                 else:
-                    raise ValueError(f"unknown query source {name!r} (context, repeat, self_study)")
+                    raise ValueError(f"unknown query source {name!r} (context, repeat, self_study, question)")
                 self.capture_seconds[name] = time.time() - start
             parts.append(self.pools[name])
         return rq.subsample(rq.combine(*parts), self.queries_per_head, np.random.default_rng(0))
@@ -220,6 +229,7 @@ def run_needles(model, client, args, rng, rows: list[Row], progress) -> None:
             doc = haystack(os.path.join(data_dir(args.data), "niah_essays"), length, depth, key, model)
             prefix = prefill(model, chat_prefix(model, doc, length + 64), args.queries_per_head)
             suffix = chat_suffix(model, QUESTION)
+            prefix.question = suffix
             item = f"needle len={len(prefix.tokens)} depth={depth}"
 
             def correct(cache: KVCache) -> float:
