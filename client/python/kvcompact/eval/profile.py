@@ -62,6 +62,27 @@ def shares_from_losses(losses: np.ndarray, floor: float) -> np.ndarray:
     return shares / shares.sum()
 
 
+def write_profile(args, shares: np.ndarray, layers: list[int], kv_heads: int, model_name: str, how: str) -> None:
+    profile = {"name": PROFILE_NAMES[args.model], "model": model_name, "numLayers": len(layers),
+               "numKvHeads": kv_heads, "shares": [round(float(x), 6) for x in shares.ravel()], "method": how}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    json.dump(profile, open(args.out, "w"), indent=1)
+    print(f"wrote {args.out}: {shares.size} heads, most/least demanding share {shares.max() / shares.min():.1f}x")
+
+
+def rebuild(args, argv_text: str) -> None:
+    """A profile from a saved sweep (no model run): e.g. the same losses with another floor."""
+    sweep = json.load(open(args.from_sweep))
+    losses = np.mean([np.array(v) for v in sweep["loss_per_ratio"].values()], axis=0)
+    names = {"smollm2": "SmolLM2-135M-Instruct", "gemma3": "Gemma-3-270M"}
+    write_profile(args, shares_from_losses(losses, args.floor), sweep["layers"], losses.shape[1], names[args.model],
+                  f"python -m kvcompact.eval.profile {argv_text} ({time.strftime('%Y-%m-%d')}) from the sweep of "
+                  f"`python -m kvcompact.eval.profile {sweep['argv']}`: mean change in log-ppl of the model's own "
+                  f"answers when one head alone is AM-compacted at {sweep['args']['ratios']}x, QuALITY articles "
+                  f"{sweep['args']['first_article']}-{sweep['args']['first_article'] + sweep['args']['articles'] - 1}; "
+                  f"layers are the model's compactable layers {sweep['layers']} in order")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--server", default="localhost:50051")
@@ -77,9 +98,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--answer-tokens", type=int, default=40)
     ap.add_argument("--queries-per-head", type=int, default=2048)
     ap.add_argument("--ratios", type=float, nargs="+", default=[10, 50])
-    ap.add_argument("--floor", type=float, default=0.1)
+    ap.add_argument("--floor", type=float, default=0.5,
+                    help="every head's share gets this times the mean loss (single-head losses are noisy)")
+    ap.add_argument("--from-sweep", default=None, metavar="SWEEP_JSON",
+                    help="rebuild the profile from an earlier --sweep-out (e.g. with another --floor); no model run")
     args = ap.parse_args(argv)
     argv_text = " ".join(sys.argv[1:] if argv is None else argv)
+    if args.from_sweep:
+        rebuild(args, argv_text)
+        return
     model = GemmaModel() if args.model == "gemma3" else LlamaModel()
     articles = [json.loads(l) for l in open(os.path.join(data_dir(args.data), "leval", "quality.jsonl"))]
     chosen = articles[args.first_article: args.first_article + args.articles]
@@ -93,27 +120,17 @@ def main(argv: list[str] | None = None) -> None:
     losses = np.mean([mean[r] for r in args.ratios], axis=0)
     shares = shares_from_losses(losses, args.floor)
     layers = model.compactable_layers()
-    profile = {
-        "name": PROFILE_NAMES[args.model],
-        "model": model.name,
-        "numLayers": len(layers),
-        "numKvHeads": model.config.num_kv_heads,
-        "shares": [round(float(x), 6) for x in shares.ravel()],
-        "method": (f"python -m kvcompact.eval.profile {argv_text} ({time.strftime('%Y-%m-%d')}): mean change in "
-                   f"log-ppl of the model's own answers when one head alone is AM-compacted at {args.ratios}x, "
-                   f"QuALITY articles {args.first_article}-{args.first_article + len(chosen) - 1}; "
-                   f"layers are the model's compactable layers {layers} in order"),
-    }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    json.dump(profile, open(args.out, "w"), indent=1)
+    write_profile(args, shares, layers, model.config.num_kv_heads, model.name,
+                  f"python -m kvcompact.eval.profile {argv_text} ({time.strftime('%Y-%m-%d')}): mean change in "
+                  f"log-ppl of the model's own answers when one head alone is AM-compacted at {args.ratios}x, "
+                  f"QuALITY articles {args.first_article}-{args.first_article + len(chosen) - 1}; "
+                  f"layers are the model's compactable layers {layers} in order")
     if args.sweep_out:
         os.makedirs(os.path.dirname(os.path.abspath(args.sweep_out)), exist_ok=True)
         json.dump({"args": vars(args), "argv": argv_text, "layers": layers, "wall_seconds": time.time() - start,
                    "loss_per_ratio": {str(r): mean[r].tolist() for r in args.ratios},
                    "per_article": [{str(r): a[r].tolist() for r in args.ratios} for a in per_article]},
                   open(args.sweep_out, "w"), indent=1)
-    spread = shares.max() / shares.min()
-    print(f"wrote {args.out}: {shares.size} heads, most/least demanding share {spread:.1f}x")
 
 
 if __name__ == "__main__":
