@@ -324,8 +324,8 @@ def write_report(rows: list[Row], args, out: str, wall: float) -> None:
 
     table("quality", "Change in log-perplexity of the full-context answers (nats per token, lower is better)",
           "{:+.3f}", lambda v: float(np.mean(v)))
-    table("needle", "Pass-key retrieval accuracy", "{:.0%}", lambda v: float(np.mean(v)))
     paired_against_first(rows, methods, args.ratios, lines)
+    table("needle", "Pass-key retrieval accuracy", "{:.0%}", lambda v: float(np.mean(v)))
     needle_by_length(rows, methods, lines)
     lines.extend(["## Held-out attention-output error reported by the service (mean over heads and items)", "",
                   "| method | " + " | ".join(f"{r:g}x" for r in args.ratios) + " |",
