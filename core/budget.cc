@@ -58,6 +58,18 @@ std::vector<int64_t> RoundToTotal(const std::vector<double>& x, const std::vecto
   return t;
 }
 
+// Adds `left` entries one head at a time, round robin, where a head is below its cap (callers
+// have checked the caps hold the total).
+void FillUnderCaps(const std::vector<int64_t>& caps, int64_t left, std::vector<int64_t>* t) {
+  while (left > 0) {
+    bool moved = false;
+    for (size_t h = 0; h < t->size() && left > 0; ++h) {
+      if ((*t)[h] < caps[h]) ++(*t)[h], --left, moved = true;
+    }
+    if (!moved) return;
+  }
+}
+
 }  // namespace
 
 absl::StatusOr<std::vector<int64_t>> WaterFill(const std::vector<double>& shares,
@@ -117,13 +129,7 @@ absl::StatusOr<std::vector<int64_t>> TopKAcrossHeads(const std::vector<VectorF>&
     }
     if (t[h] < caps[h]) ++t[h], --left;
   }
-  if (left > 0) {  // heads shorter than their caps ran out of keys: fill what room is left
-    for (size_t h = 0; h < t.size() && left > 0; ++h) {
-      const int64_t add = std::min(left, caps[h] - t[h]);
-      t[h] += add;
-      left -= add;
-    }
-  }
+  FillUnderCaps(caps, left, &t);  // heads with fewer keys than their caps ran out of keys
   return t;
 }
 
@@ -170,17 +176,7 @@ absl::StatusOr<std::vector<int64_t>> AllocateByMarginalGain(const std::vector<Er
     t[s.head] += take;
     left -= take;
   }
-  if (left > 0) {  // past every curve's end: spread the rest under the caps
-    std::vector<int64_t> room(t.size());
-    for (size_t h = 0; h < t.size(); ++h) room[h] = caps[h] - t[h];
-    while (left > 0) {
-      bool moved = false;
-      for (size_t h = 0; h < t.size() && left > 0; ++h) {
-        if (room[h] > 0) ++t[h], --room[h], --left, moved = true;
-      }
-      if (!moved) break;
-    }
-  }
+  FillUnderCaps(caps, left, &t);  // past every curve's end
   return t;
 }
 

@@ -9,7 +9,6 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/fit.h"
-#include "core/omp.h"
 #include "core/selection.h"
 
 namespace kvcompact {
@@ -35,32 +34,12 @@ VectorF GatherBias(const BlockView& block, const std::vector<int32_t>& idx) {
 // then the greedy loop runs in Gram space (core/omp.h).
 std::vector<int32_t> SelectByOmp(const BlockView& block, const MatrixF& fit_q, const AttentionStats& stats,
                                  const HeadOptions& options, const MethodSpec& spec, int64_t t) {
-  const int64_t T = block.tokens();
-  const int64_t pool_size = OmpPoolSize(options.omp_pool, t, T);
-  std::vector<int32_t> pool;
-  if (pool_size >= T) {
-    pool.resize(T);
-    std::iota(pool.begin(), pool.end(), 0);
-  } else {
-    pool = TopK(stats.scores, pool_size);
-  }
-  const VectorF pool_bias = GatherBias(block, pool);
-  const MatrixF phi = (SubsetLogits(fit_q, GatherRows(block.keys, pool), pool_bias, block.scale).colwise() -
+  const std::vector<int32_t> pool = OmpCandidates(stats.scores, block.tokens(), t, options.omp_pool);
+  const MatrixF phi = (SubsetLogits(fit_q, GatherRows(block.keys, pool), GatherBias(block, pool), block.scale).colwise() -
                        stats.row_max).array().exp().matrix();
   const MatrixD gram = (phi.transpose() * phi).cast<double>();
   const VectorD rhs = (phi.transpose() * stats.mass).cast<double>();
-  OmpParams params;
-  params.budget = t;
-  params.keys_per_step = options.omp_keys_per_step > 0 ? options.omp_keys_per_step : spec.omp_keys_per_step;
-  params.refit_interval = options.omp_refit_interval > 0 ? options.omp_refit_interval : spec.omp_refit_interval;
-  params.progressive = options.omp_progressive;
-  std::tie(params.w_lo, params.w_hi) = WeightBounds(options, spec);
-  const OmpResult omp = SelectOmp(gram, rhs, params);
-  std::vector<int32_t> kept;
-  kept.reserve(omp.selected.size());
-  for (int32_t i : omp.selected) kept.push_back(pool[i]);
-  std::sort(kept.begin(), kept.end());
-  return kept;
+  return SelectedPositions(SelectOmp(gram, rhs, OmpParamsFor(options, spec, t)), pool);
 }
 
 }  // namespace
@@ -73,6 +52,24 @@ std::pair<double, double> WeightBounds(const HeadOptions& options, const MethodS
 int64_t OmpPoolSize(int64_t pool_option, int64_t t, int64_t T) {
   if (pool_option > 0) return std::clamp(pool_option, t, T);
   return std::min(T, std::max<int64_t>(4 * t, 2048));
+}
+
+std::vector<int32_t> OmpCandidates(const VectorF& scores, int64_t tokens, int64_t t, int64_t pool_option) {
+  const int64_t size = OmpPoolSize(pool_option, t, tokens);
+  if (size < tokens) return TopK(scores, size);
+  std::vector<int32_t> all(tokens);
+  std::iota(all.begin(), all.end(), 0);
+  return all;
+}
+
+OmpParams OmpParamsFor(const HeadOptions& options, const MethodSpec& spec, int64_t t) {
+  OmpParams params;
+  params.budget = t;
+  params.keys_per_step = options.omp_keys_per_step > 0 ? options.omp_keys_per_step : spec.omp_keys_per_step;
+  params.refit_interval = options.omp_refit_interval > 0 ? options.omp_refit_interval : spec.omp_refit_interval;
+  params.progressive = options.omp_progressive;
+  std::tie(params.w_lo, params.w_hi) = WeightBounds(options, spec);
+  return params;
 }
 
 void SplitQueries(const MatrixF& q, double fraction, uint64_t seed, MatrixF* fit, MatrixF* eval) {
@@ -139,7 +136,7 @@ absl::StatusOr<CompactedHead> CompactHead(const BlockView& block, const MatrixF*
     return absl::InvalidArgumentError(
         absl::StrCat("method ", std::string(spec.name), " needs reference queries and none were given"));
   }
-  const bool unchanged = options.budget >= T && !options.force_fit;
+  const bool unchanged = KeepsBlockUnchanged(options, T);
   const int64_t t = std::min(options.budget, T);
 
   auto start = std::chrono::steady_clock::now();
@@ -147,8 +144,7 @@ absl::StatusOr<CompactedHead> CompactHead(const BlockView& block, const MatrixF*
   AttentionStats fit_stats, eval_stats;
   if (has_queries) {
     SplitQueries(*queries, options.holdout_fraction, options.seed, &fit_q, &eval_q);
-    const bool scores = (spec.selection == Selection::kHighestAttention || spec.selection == Selection::kOmp) &&
-                        !unchanged;
+    const bool scores = UsesKeyScores(spec) && !unchanged;
     fit_stats = ComputeAttentionStats(
         block, fit_q, scores ? std::optional(options.score.value_or(spec.default_score)) : std::nullopt,
         options.query_chunk);

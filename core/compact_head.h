@@ -10,6 +10,7 @@
 #include "absl/status/statusor.h"
 #include "core/attention.h"
 #include "core/method.h"
+#include "core/omp.h"
 #include "core/types.h"
 
 namespace kvcompact {
@@ -37,8 +38,18 @@ struct HeadOptions {
 // Bounds [lo, hi] on w = exp(log w) in the mass fit: the options' or the method's defaults.
 std::pair<double, double> WeightBounds(const HeadOptions& options, const MethodSpec& spec);
 
+// A budget of at least T returns the block as it is (unless the fit itself is being tested).
+inline bool KeepsBlockUnchanged(const HeadOptions& options, int64_t tokens) {
+  return options.budget >= tokens && !options.force_fit;
+}
+
 // How many candidates OMP ranks for a budget t of T tokens.
 int64_t OmpPoolSize(int64_t pool_option, int64_t t, int64_t T);
+// OMP's candidate pool for budget t: the OmpPoolSize keys of highest score (all T when it covers
+// them), ascending. Both backends choose it this way.
+std::vector<int32_t> OmpCandidates(const VectorF& scores, int64_t tokens, int64_t t, int64_t pool_option);
+// The greedy loop's parameters for a head: its options over the method's preset.
+OmpParams OmpParamsFor(const HeadOptions& options, const MethodSpec& spec, int64_t t);
 
 // The fit error is a diagnostic: measured on at most this many of the fitting queries.
 inline constexpr int64_t kFitErrorQueries = 1024;

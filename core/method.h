@@ -39,6 +39,11 @@ struct MethodSpec {
 };
 
 const MethodSpec& GetMethodSpec(Method method);
+// Whether the selection needs per-key attention scores (highest attention; OMP ranks its
+// candidate pool by them).
+inline bool UsesKeyScores(const MethodSpec& spec) {
+  return spec.selection == Selection::kHighestAttention || spec.selection == Selection::kOmp;
+}
 std::optional<Method> MethodFromName(std::string_view name);
 const std::vector<MethodSpec>& AllMethods();
 

@@ -15,6 +15,7 @@ namespace {
 // read as float64, so weights, residuals and the factor are float64 either way.
 template <typename Gram>
 struct OmpState {
+  OmpState(const Gram& g, const VectorD& c) : gram(g), rhs(c), taken(c.size(), 0), fitted(VectorD::Zero(c.size())) {}
   const Gram& gram;
   const VectorD& rhs;
   std::vector<int32_t> selected;
@@ -152,13 +153,11 @@ int64_t DropNegligible(OmpState<Gram>& s, const OmpParams& p, int64_t open_candi
   return static_cast<int64_t>(weak.size());
 }
 
-}  // namespace
-
 template <typename Gram>
 OmpResult SelectOmpImpl(const Gram& gram, const VectorD& rhs, const OmpParams& params) {
   const int64_t pool = rhs.size();
   const int64_t t = std::min<int64_t>(params.budget, pool);
-  OmpState<Gram> s{gram, rhs, {}, std::vector<uint8_t>(pool, 0), VectorD(0), VectorD::Zero(pool)};
+  OmpState<Gram> s(gram, rhs);
   s.mean_diagonal = pool > 0 ? static_cast<double>(gram.diagonal().template cast<double>().mean()) : 0.0;
   s.jitter = 1e-7 * s.mean_diagonal;  // above the rounding of an fp32-accumulated Gram matrix
   OmpResult result;
@@ -193,6 +192,16 @@ OmpResult SelectOmpImpl(const Gram& gram, const VectorD& rhs, const OmpParams& p
   result.unconstrained_refits = s.unconstrained_refits;
   result.clamped_refits = s.clamped_refits;
   return result;
+}
+
+}  // namespace
+
+std::vector<int32_t> SelectedPositions(const OmpResult& result, const std::vector<int32_t>& pool) {
+  std::vector<int32_t> kept;
+  kept.reserve(result.selected.size());
+  for (int32_t i : result.selected) kept.push_back(pool[i]);
+  std::sort(kept.begin(), kept.end());
+  return kept;
 }
 
 OmpResult SelectOmp(const MatrixD& gram, const VectorD& rhs, const OmpParams& params) {

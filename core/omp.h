@@ -36,6 +36,9 @@ struct OmpResult {
   int clamped_refits = 0;         // intermediate refits that took the clamped unconstrained solution
 };
 
+// The token positions of a selection over `pool` (pool[i] = token of candidate i), ascending.
+std::vector<int32_t> SelectedPositions(const OmpResult& result, const std::vector<int32_t>& pool);
+
 // Greedy selection of params.budget of the gram.rows() candidates.
 OmpResult SelectOmp(const MatrixD& gram, const VectorD& rhs, const OmpParams& params);
 // The same on an fp32 Gram matrix (as the CUDA backend builds it): half the memory traffic of the

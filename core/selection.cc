@@ -48,6 +48,7 @@ std::vector<int32_t> SelectKeys(Selection rule, int64_t tokens, const VectorF& s
   std::vector<int32_t> kept;
   kept.reserve(t);
   switch (rule) {
+    case Selection::kOmp:  // OMP selects in compact_head.cc / the CUDA backend; its pool is ranked so
     case Selection::kHighestAttention:
       return TopK(MaxPool1d(scores, params.pool_kernel), t);
     case Selection::kRecent:

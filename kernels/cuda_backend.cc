@@ -19,7 +19,6 @@
 #include <vector>
 
 #include "core/fit.h"
-#include "core/omp.h"
 #include "core/selection.h"
 #include "kernels/am_kernels.cuh"
 #include "kernels/device_buffer.h"
@@ -270,19 +269,9 @@ absl::Status CudaBackend::SelectByOmp(const LayerJob& job, const std::vector<int
   for (size_t k = 0; k < heads.size(); ++k) {
     const HeadOptions o = HeadOptionsFor(job, heads[k]);
     const int64_t t = std::min<int64_t>(o.budget, T_);
-    const int64_t P = OmpPoolSize(o.omp_pool, t, T_);
-    if (P >= T_) {
-      pools[k].resize(T_);
-      std::iota(pools[k].begin(), pools[k].end(), 0);
-    } else {
-      pools[k] = TopK(VectorF(ConstVectorMapF(scores.data() + heads[k] * T_, T_)), P);
-    }
-    params[k].budget = t;
-    params[k].keys_per_step = o.omp_keys_per_step > 0 ? o.omp_keys_per_step : spec.omp_keys_per_step;
-    params[k].refit_interval = o.omp_refit_interval > 0 ? o.omp_refit_interval : spec.omp_refit_interval;
-    params[k].progressive = o.omp_progressive;
-    std::tie(params[k].w_lo, params[k].w_hi) = WeightBounds(o, spec);
-    p_max = std::max(p_max, P);
+    pools[k] = OmpCandidates(VectorF(ConstVectorMapF(scores.data() + heads[k] * T_, T_)), T_, t, o.omp_pool);
+    params[k] = OmpParamsFor(o, spec, t);
+    p_max = std::max<int64_t>(p_max, static_cast<int64_t>(pools[k].size()));
   }
   if (auto s = ReserveHeadBuffers(p_max, nf); !s.ok()) return s;  // no reallocation while queued
   if (auto s = idx_.Reserve(p_max); !s.ok()) return s;
@@ -322,12 +311,7 @@ absl::Status CudaBackend::SelectByOmp(const LayerJob& job, const std::vector<int
                                                     pool = std::move(pools[k])]() -> std::vector<int32_t> {
       if (cudaEventSynchronize(copied) != cudaSuccess) return {};
       const VectorD c = ConstVectorMapF(g + P * P, P).cast<double>();
-      const OmpResult omp = SelectOmp(ConstMatrixMapF(g, P, P), c, params);
-      std::vector<int32_t> kept;
-      kept.reserve(omp.selected.size());
-      for (int32_t i : omp.selected) kept.push_back(pool[i]);
-      std::sort(kept.begin(), kept.end());
-      return kept;
+      return SelectedPositions(SelectOmp(ConstMatrixMapF(g, P, P), c, params), pool);
     }));
   }
   // Every started loop is joined (they read the pinned buffers) before returning, even on errors.
@@ -542,7 +526,7 @@ absl::StatusOr<LayerResult> CudaBackend::Run(const LayerJob& job) {
   KVC_CUDA(cudaStreamSynchronize(stream_));
   result.seconds.upload += Since(start);
 
-  const bool wants_scores = spec.selection == Selection::kHighestAttention || spec.selection == Selection::kOmp;
+  const bool wants_scores = UsesKeyScores(spec);
   std::vector<float> scores;
   if (has_queries) {
     const std::optional<ScoreReduce> reduce =
@@ -574,7 +558,7 @@ absl::StatusOr<LayerResult> CudaBackend::Run(const LayerJob& job) {
     std::vector<int64_t> omp_heads;
     for (int64_t h = 0; h < H_; ++h) {
       const HeadOptions o = HeadOptionsFor(job, h);
-      if (o.budget > 0 && (o.budget < T_ || o.force_fit)) omp_heads.push_back(h);
+      if (o.budget > 0 && !KeepsBlockUnchanged(o, T_)) omp_heads.push_back(h);
     }
     if (auto s = SelectByOmp(job, omp_heads, nf, scores, &result); !s.ok()) return s;
     result.seconds.score += Since(start);
@@ -584,7 +568,7 @@ absl::StatusOr<LayerResult> CudaBackend::Run(const LayerJob& job) {
     head_options[h] = HeadOptionsFor(job, h);
     const HeadOptions& o = head_options[h];
     if (o.budget <= 0) return absl::InvalidArgumentError(absl::StrCat("head ", h, ": budget must be > 0"));
-    const bool unchanged = o.budget >= T_ && !o.force_fit;
+    const bool unchanged = KeepsBlockUnchanged(o, T_);
     const int64_t t = std::min<int64_t>(o.budget, T_);
     CompactedHead& head = result.heads[h];
     start = Clock::now();

@@ -22,9 +22,7 @@ absl::StatusOr<std::vector<int64_t>> StreamPlan::LayerBudgets(uint32_t layer, in
       if (!cross_layer()) return std::vector<int64_t>(H, t);  // per-layer rules split this later
       const int64_t cap = std::max<int64_t>(1, static_cast<int64_t>(std::floor(head_cap * tokens)));
       const int64_t heads = static_cast<int64_t>(request_shares.size());
-      if (t * heads > cap * heads) {
-        return absl::InvalidArgumentError(absl::StrCat("budget.allocation.ratio leaves more than head_cap x T per head"));
-      }
+      if (t > cap) return absl::InvalidArgumentError("budget.allocation.ratio leaves more than head_cap x T per head");
       absl::StatusOr<std::vector<int64_t>> all = WaterFill(request_shares, std::vector<int64_t>(heads, cap), t * heads);
       if (!all.ok()) return all.status();
       return std::vector<int64_t>(all->begin() + layer * H, all->begin() + (layer + 1) * H);

@@ -7,7 +7,7 @@
 
 #include <gtest/gtest.h>
 
-#include "core/synthetic.h"
+#include "tests/core/synthetic_job.h"
 
 namespace kvcompact {
 namespace {
@@ -54,7 +54,9 @@ TEST(WaterFill, RandomCasesMeetTotalsCapsAndOrder) {
       EXPECT_LE((*t)[a], caps[a]);
       for (int b = 0; b < n; ++b) {
         // A larger share never gets fewer entries, unless its cap stops it (rounding: one entry).
-        if (shares[a] > shares[b] && (*t)[a] < caps[a]) EXPECT_GE((*t)[a] + 1, (*t)[b]);
+        if (shares[a] > shares[b] && (*t)[a] < caps[a]) {
+          EXPECT_GE((*t)[a] + 1, (*t)[b]);
+        }
       }
     }
   }
@@ -135,19 +137,13 @@ TEST(AllocateByMarginalGain, NonConvexAndFlatCurvesStillMeetTheTotal) {
 // The per-request sensitivity split on a layer whose heads differ in how concentrated their
 // attention is: the total is kept, and the error summed over heads is no worse than uniform's.
 TEST(AllocateLayer, SensitivityKeepsTheTotalAndDoesNoWorseThanUniform) {
-  SyntheticShape shape;
-  shape.heads = 4;
-  shape.tokens = 600;
-  shape.queries = 400;
-  LayerJob job;
-  job.data = MakeSyntheticLayer(shape, 31);
+  LayerJob job = testing::SyntheticJob(4, 600, 400, 30, 31);
   const float temps[4] = {3.0f, 1.0f, 0.5f, 0.2f};  // sharp to flat attention
-  for (int64_t h = 0; h < shape.heads; ++h) {
-    float* q = job.data.query_data.data() + h * shape.queries * shape.head_dim;
-    for (int64_t i = 0; i < shape.queries * shape.head_dim; ++i) q[i] *= temps[h];
+  const int64_t per_head = job.data.queries * job.data.head_dim;
+  for (int64_t h = 0; h < 4; ++h) {
+    for (int64_t i = 0; i < per_head; ++i) job.data.query_data[h * per_head + i] *= temps[h];
   }
   job.options.holdout_fraction = 0.25;
-  job.budgets.assign(shape.heads, 30);
   auto cpu = MakeCpuBackend(2);
   auto uniform = cpu->CompactLayer(job);
   ASSERT_TRUE(uniform.ok());
@@ -160,7 +156,7 @@ TEST(AllocateLayer, SensitivityKeepsTheTotalAndDoesNoWorseThanUniform) {
   auto split = cpu->CompactLayer(job);
   ASSERT_TRUE(split.ok());
   double e_uniform = 0, e_split = 0;
-  for (int64_t h = 0; h < shape.heads; ++h) {
+  for (int64_t h = 0; h < 4; ++h) {
     e_uniform += uniform->heads[h].quality.output_rel_error;
     e_split += split->heads[h].quality.output_rel_error;
     EXPECT_EQ(split->heads[h].indices.size(), static_cast<size_t>(job.budgets[h]));
@@ -169,13 +165,7 @@ TEST(AllocateLayer, SensitivityKeepsTheTotalAndDoesNoWorseThanUniform) {
 }
 
 TEST(AllocateLayer, GlobalTopKKeepsTheTotalWithinCaps) {
-  SyntheticShape shape;
-  shape.heads = 3;
-  shape.tokens = 400;
-  shape.queries = 128;
-  LayerJob job;
-  job.data = MakeSyntheticLayer(shape, 32);
-  job.budgets.assign(3, 100);
+  LayerJob job = testing::SyntheticJob(3, 400, 128, 100, 32);
   auto cpu = MakeCpuBackend(1);
   LayerAllocation rule;
   rule.kind = LayerAllocation::Kind::kGlobalTopK;

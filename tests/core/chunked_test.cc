@@ -7,19 +7,13 @@
 
 #include <gtest/gtest.h>
 
-#include "core/synthetic.h"
+#include "tests/core/synthetic_job.h"
 
 namespace kvcompact {
 namespace {
 
 LayerJob SyntheticJob(int64_t heads, int64_t tokens, int64_t queries, int64_t budget, uint64_t seed) {
-  SyntheticShape shape;
-  shape.heads = heads;
-  shape.tokens = tokens;
-  shape.queries = queries;
-  LayerJob job;
-  job.data = MakeSyntheticLayer(shape, seed);
-  job.budgets.assign(heads, budget);
+  LayerJob job = testing::SyntheticJob(heads, tokens, queries, budget, seed);
   job.options.holdout_fraction = 0.2;
   return job;
 }

@@ -72,6 +72,14 @@ std::vector<int32_t> BruteOmp(const MassSystem& sys, int t, int k, int interval,
   return S;
 }
 
+// ||Phi_S w - m||^2 at the exact bounded optimum w for the selected keys S.
+double ExactObjective(const MassSystem& sys, const std::vector<int32_t>& selected, double lo, double hi) {
+  Md a(sys.phi.rows(), selected.size());
+  for (size_t j = 0; j < selected.size(); ++j) a.col(j) = sys.phi.col(selected[j]);
+  const Vd w = SolveBoundedLsq(a.transpose() * a, a.transpose() * sys.mass, lo, hi).w;
+  return (a * w - sys.mass).squaredNorm();
+}
+
 OmpResult GramOmp(const MassSystem& sys, OmpParams p) {
   const MatrixD gram = sys.phi.transpose() * sys.phi;
   const VectorD rhs = sys.phi.transpose() * sys.mass;
@@ -158,13 +166,8 @@ TEST(Omp, ClampedIntermediateRefitsStayCloseToExactOnes) {
     const OmpResult fast = GramOmp(sys, p);
     p.exact_refits = true;
     const OmpResult exact = GramOmp(sys, p);
-    auto objective = [&](const OmpResult& r) {  // of the exact bounded fit on the selected set
-      Md a(sys.phi.rows(), r.selected.size());
-      for (size_t j = 0; j < r.selected.size(); ++j) a.col(j) = sys.phi.col(r.selected[j]);
-      const Vd w = SolveBoundedLsq(a.transpose() * a, a.transpose() * sys.mass, p.w_lo, p.w_hi).w;
-      return (a * w - sys.mass).squaredNorm();
-    };
-    EXPECT_LE(objective(fast), 1.05 * objective(exact)) << "seed " << seed;
+    EXPECT_LE(ExactObjective(sys, fast.selected, p.w_lo, p.w_hi), 1.05 * ExactObjective(sys, exact.selected, p.w_lo, p.w_hi))
+        << "seed " << seed;
     EXPECT_EQ(fast.selected.size(), 20u);
   }
 }
@@ -191,9 +194,9 @@ TEST(Omp, BudgetLargerThanPoolSelectsEveryCandidate) {
   EXPECT_EQ(got.selected.size(), 12u);
 }
 
-// Through the whole pipeline: OMP's held-out output and mass errors beat highest-attention AM's at
-// the same budget on synthetic heads (OMP optimises the mass fit over the choice of keys).
-TEST(Omp, CompactHeadOmpBeatsHighestAttentionOnSyntheticHeads) {
+// Through the whole pipeline: OMP's held-out mass error beats highest-attention AM's at the same
+// budget on synthetic heads (OMP optimises the mass fit over the choice of keys).
+TEST(Omp, CompactHeadOmpHasLowerMassErrorThanHighestAttention) {
   SyntheticShape shape;
   shape.heads = 3;
   shape.tokens = 512;
@@ -238,15 +241,8 @@ TEST(Omp, MassObjectiveBelowTopAttentionSelection) {
     std::iota(top.begin(), top.end(), 0);
     std::partial_sort(top.begin(), top.begin() + 15, top.end(), [&](int a, int b) { return share[a] > share[b]; });
     top.resize(15);
-    auto objective = [&](const std::vector<int32_t>& S) {
-      Md a(sys.phi.rows(), S.size());
-      for (size_t j = 0; j < S.size(); ++j) a.col(j) = sys.phi.col(S[j]);
-      const MatrixD g = a.transpose() * a;
-      const VectorD c = a.transpose() * sys.mass;
-      const VectorD w = SolveBoundedLsq(g, c, p.w_lo, p.w_hi).w;
-      return (a * w - sys.mass).squaredNorm();
-    };
-    EXPECT_LT(objective(omp.selected), 0.9 * objective(top)) << "seed " << seed;
+    EXPECT_LT(ExactObjective(sys, omp.selected, p.w_lo, p.w_hi), 0.9 * ExactObjective(sys, top, p.w_lo, p.w_hi))
+        << "seed " << seed;
   }
 }
 
@@ -256,6 +252,13 @@ TEST(Omp, PoolSizeDefaultsAndClamps) {
   EXPECT_EQ(OmpPoolSize(0, 100, 1000), 1000);
   EXPECT_EQ(OmpPoolSize(50, 100, 1000), 100);      // never below t
   EXPECT_EQ(OmpPoolSize(5000, 100, 1000), 1000);   // never above T
+  VectorF scores(10);
+  scores << 0, 9, 1, 8, 2, 7, 3, 6, 4, 5;
+  EXPECT_EQ(OmpCandidates(scores, 10, 2, 4), (std::vector<int32_t>{1, 3, 5, 7}));  // top 4, ascending
+  EXPECT_EQ(OmpCandidates(scores, 10, 2, 0).size(), 10u);                            // the default covers T
+  OmpResult r;
+  r.selected = {3, 0, 2};
+  EXPECT_EQ(SelectedPositions(r, {1, 3, 5, 7}), (std::vector<int32_t>{1, 5, 7}));
 }
 
 }  // namespace

@@ -258,12 +258,10 @@ def paired_against_first(rows: list[Row], methods: list[str], ratios, lines: lis
     for m in methods[1:]:
         cells = []
         for ratio in ratios:
-            a = [r.value for r in sel if r.method == base and r.ratio == ratio]
-            b = [r.value for r in sel if r.method == m and r.ratio == ratio]
-            same = [key(r) for r in sel if r.method == base and r.ratio == ratio] == \
-                   [key(r) for r in sel if r.method == m and r.ratio == ratio]
-            if len(a) >= 2 and len(a) == len(b) and same:
-                d = np.array(b) - np.array(a)
+            a = [r for r in sel if r.method == base and r.ratio == ratio]
+            b = [r for r in sel if r.method == m and r.ratio == ratio]
+            if len(a) >= 2 and [key(r) for r in a] == [key(r) for r in b]:
+                d = np.array([r.value for r in b]) - np.array([r.value for r in a])
                 cells.append(f"{d.mean():+.3f} +- {d.std(ddof=1) / np.sqrt(len(d)):.3f}")
             else:
                 cells.append("-")
