@@ -160,13 +160,24 @@ std::shared_ptr<grpc::Channel> Client::MakeChannel(int index) const {
   args.SetMaxSendMessageSize(-1);
   // Distinct arguments give each stream its own TCP connection (and HTTP/2 flow-control window).
   args.SetInt("kvcompact.channel_index", index);
-  return grpc::CreateCustomChannel(target_, grpc::InsecureChannelCredentials(), args);
+  if (!options_.security.server_name.empty()) {
+    args.SetSslTargetNameOverride(options_.security.server_name);
+  }
+  return grpc::CreateCustomChannel(target_, MakeChannelCredentials(options_.security), args);
+}
+
+void Client::Prepare(grpc::ClientContext* context, double timeout_seconds) const {
+  if (timeout_seconds > 0) {
+    context->set_deadline(std::chrono::system_clock::now() +
+                          std::chrono::milliseconds(static_cast<int64_t>(timeout_seconds * 1000)));
+  }
+  AddPlaintextToken(options_.security, context);
 }
 
 absl::StatusOr<v1::ServerInfo> Client::GetServerInfo(double timeout_seconds) {
   auto stub = v1::KVCompact::NewStub(MakeChannel(0));
   grpc::ClientContext ctx;
-  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(static_cast<int64_t>(timeout_seconds * 1000)));
+  Prepare(&ctx, timeout_seconds);
   v1::ServerInfo info;
   grpc::Status s = stub->GetServerInfo(&ctx, v1::ServerInfoRequest(), &info);
   if (!s.ok()) return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
@@ -176,7 +187,7 @@ absl::StatusOr<v1::ServerInfo> Client::GetServerInfo(double timeout_seconds) {
 absl::StatusOr<bool> Client::IsServing(const std::string& service, double timeout_seconds) {
   auto stub = grpc::health::v1::Health::NewStub(MakeChannel(0));
   grpc::ClientContext ctx;
-  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(static_cast<int64_t>(timeout_seconds * 1000)));
+  Prepare(&ctx, timeout_seconds);
   grpc::health::v1::HealthCheckRequest request;
   request.set_service(service);
   grpc::health::v1::HealthCheckResponse response;
@@ -188,7 +199,7 @@ absl::StatusOr<bool> Client::IsServing(const std::string& service, double timeou
 absl::StatusOr<v1::SelfTestResponse> Client::SelfTest(const v1::SelfTestRequest& request, double timeout_seconds) {
   auto stub = v1::KVCompact::NewStub(MakeChannel(0));
   grpc::ClientContext ctx;
-  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(static_cast<int64_t>(timeout_seconds * 1000)));
+  Prepare(&ctx, timeout_seconds);
   v1::SelfTestResponse response;
   grpc::Status s = stub->SelfTest(&ctx, request, &response);
   if (!s.ok()) return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
@@ -202,6 +213,7 @@ absl::StatusOr<v1::SinkSummary> Client::Sink(const v1::StreamHeader& header, con
   auto run_stream = [&](int s) {
     auto stub = v1::KVCompact::NewStub(MakeChannel(s));
     grpc::ClientContext ctx;
+    Prepare(&ctx, options_.stream_timeout_seconds);
     auto stream = stub->Sink(&ctx, &summaries[s]);
     WriteStream(stream.get(), header, layers, s, streams, options_.max_message_bytes);
     statuses[s] = stream->Finish();
@@ -234,6 +246,7 @@ absl::StatusOr<CompactOutcome> Client::Compact(const v1::StreamHeader& header, c
   auto run_stream = [&](int s) {
     auto stub = v1::KVCompact::NewStub(MakeChannel(s));
     grpc::ClientContext ctx;
+    Prepare(&ctx, options_.stream_timeout_seconds);
     if (canceller) canceller->Register(&ctx);
     auto stream = stub->Compact(&ctx);
     std::thread writer([&] { WriteStream(stream.get(), header, layers, s, streams, options_.max_message_bytes); });

@@ -14,6 +14,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include "absl/status/statusor.h"
+#include "client/channel_security.h"
 #include "client/host_tensor.h"
 #include "core/layer.h"
 #include "kvcompact/v1/kvcompact.grpc.pb.h"
@@ -53,6 +54,8 @@ struct CompactOutcome {
 struct ClientOptions {
   uint64_t max_message_bytes = 4u << 20;  // chunk size bound; keep <= the server's limit
   int streams = 1;                        // parallel streams, layers spread round-robin
+  ChannelSecurity security;               // TLS, client certificate, bearer token
+  double stream_timeout_seconds = 0;      // deadline of each Compact/Sink stream; 0: none
 };
 
 // Cancels the calls of a Compact in progress, from any thread.
@@ -89,6 +92,8 @@ class Client {
 
  private:
   std::shared_ptr<grpc::Channel> MakeChannel(int index) const;
+  // Deadline (0: none) and, over plaintext, the token.
+  void Prepare(grpc::ClientContext* context, double timeout_seconds = 0) const;
 
   std::string target_;
   ClientOptions options_;

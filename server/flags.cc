@@ -8,6 +8,22 @@
 
 ABSL_FLAG(std::string, listen, "0.0.0.0:50051", "gRPC listen address");
 ABSL_FLAG(std::string, metrics_listen, "0.0.0.0:9464", "Prometheus /metrics address; empty disables");
+ABSL_FLAG(std::string, health_listen, "",
+          "Extra plaintext address serving only grpc.health.v1 (for probes when --listen uses TLS); empty: none");
+ABSL_FLAG(std::string, tls_cert_file, "", "Server certificate chain (PEM); set with --tls_key_file to serve TLS");
+ABSL_FLAG(std::string, tls_key_file, "", "Private key of --tls_cert_file (PEM)");
+ABSL_FLAG(std::string, tls_client_ca_file, "", "CA (PEM) that signs client certificates; set: mutual TLS is required");
+ABSL_FLAG(std::string, auth_token_file, "",
+          "Bearer tokens, one per line, required on kvcompact.v1 calls (health stays open). Without it the "
+          "environment variable KVCOMPACT_AUTH_TOKEN is read the same way; neither set: no token needed");
+ABSL_FLAG(double, keepalive_time_seconds, 60, "Server pings an idle connection after this long");
+ABSL_FLAG(double, keepalive_timeout_seconds, 20, "A ping unanswered this long closes the connection");
+ABSL_FLAG(double, keepalive_min_client_interval_seconds, 10,
+          "Clients may ping this often (more often gets GOAWAY too_many_pings)");
+ABSL_FLAG(double, max_connection_idle_seconds, 0, "Close connections idle this long; 0: never");
+ABSL_FLAG(double, max_connection_age_seconds, 0,
+          "Ask clients to reconnect after this long (rebalances over replicas); 0: never");
+ABSL_FLAG(double, max_connection_age_grace_seconds, 300, "Time streams get to finish after max_connection_age");
 ABSL_FLAG(std::string, backend, "auto", "Compute backend: auto (cuda when built in and a device is usable, else cpu), cpu, cuda");
 ABSL_FLAG(int, cuda_device, 0, "CUDA device ordinal");
 ABSL_FLAG(bool, allow_tf32, false, "Let cuBLAS use TF32 tensor cores for the large fp32 products (faster, less exact)");
@@ -21,7 +37,9 @@ ABSL_FLAG(uint64_t, max_queries_per_layer, 1u << 18, "Largest reference-query co
 ABSL_FLAG(uint32_t, max_concurrent_streams, 64, "Compact streams served at once; more get RESOURCE_EXHAUSTED");
 ABSL_FLAG(uint32_t, max_open_layers_per_stream, 4, "Layers one stream may have half-sent at once");
 ABSL_FLAG(uint32_t, queue_depth, 4, "Layers waiting for the worker before streams stop reading");
-ABSL_FLAG(double, shutdown_timeout_seconds, 10, "On SIGTERM: time in-flight streams get to finish");
+ABSL_FLAG(double, drain_delay_seconds, 0,
+          "On SIGTERM: keep serving (health NOT_SERVING) this long so load balancers stop routing here first");
+ABSL_FLAG(double, shutdown_timeout_seconds, 10, "After the drain delay: time in-flight streams get to finish");
 ABSL_FLAG(bool, warmup, true, "Run a self-test before reporting SERVING");
 ABSL_FLAG(std::string, profiles_dir, KVCOMPACT_DEFAULT_PROFILES_DIR,
           "Budget profiles (*.json, BudgetProfile) for Allocation.profile; a missing directory loads none");
@@ -31,9 +49,11 @@ namespace kvcompact::server {
 namespace {
 
 const char* const kFlagNames[] = {
-    "listen", "metrics_listen", "backend", "cuda_device", "allow_tf32", "cuda_workspace_bytes", "cuda_memory_limit_bytes", "threads", "max_message_bytes", "max_tokens_per_block",
+    "listen", "metrics_listen", "health_listen", "tls_cert_file", "tls_key_file", "tls_client_ca_file",
+    "auth_token_file", "keepalive_time_seconds", "keepalive_timeout_seconds", "keepalive_min_client_interval_seconds",
+    "max_connection_idle_seconds", "max_connection_age_seconds", "max_connection_age_grace_seconds", "backend", "cuda_device", "allow_tf32", "cuda_workspace_bytes", "cuda_memory_limit_bytes", "threads", "max_message_bytes", "max_tokens_per_block",
     "max_queries_per_layer", "max_concurrent_streams", "max_open_layers_per_stream", "queue_depth",
-    "shutdown_timeout_seconds", "warmup", "profiles_dir", "log_level"};
+    "drain_delay_seconds", "shutdown_timeout_seconds", "warmup", "profiles_dir", "log_level"};
 
 std::string EnvName(const std::string& flag) {
   std::string env = "KVCOMPACT_";

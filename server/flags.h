@@ -9,6 +9,17 @@
 
 ABSL_DECLARE_FLAG(std::string, listen);
 ABSL_DECLARE_FLAG(std::string, metrics_listen);
+ABSL_DECLARE_FLAG(std::string, health_listen);
+ABSL_DECLARE_FLAG(std::string, tls_cert_file);
+ABSL_DECLARE_FLAG(std::string, tls_key_file);
+ABSL_DECLARE_FLAG(std::string, tls_client_ca_file);
+ABSL_DECLARE_FLAG(std::string, auth_token_file);
+ABSL_DECLARE_FLAG(double, keepalive_time_seconds);
+ABSL_DECLARE_FLAG(double, keepalive_timeout_seconds);
+ABSL_DECLARE_FLAG(double, keepalive_min_client_interval_seconds);
+ABSL_DECLARE_FLAG(double, max_connection_idle_seconds);
+ABSL_DECLARE_FLAG(double, max_connection_age_seconds);
+ABSL_DECLARE_FLAG(double, max_connection_age_grace_seconds);
 ABSL_DECLARE_FLAG(std::string, backend);
 ABSL_DECLARE_FLAG(int, cuda_device);
 ABSL_DECLARE_FLAG(bool, allow_tf32);
@@ -21,6 +32,7 @@ ABSL_DECLARE_FLAG(uint64_t, max_queries_per_layer);
 ABSL_DECLARE_FLAG(uint32_t, max_concurrent_streams);
 ABSL_DECLARE_FLAG(uint32_t, max_open_layers_per_stream);
 ABSL_DECLARE_FLAG(uint32_t, queue_depth);
+ABSL_DECLARE_FLAG(double, drain_delay_seconds);
 ABSL_DECLARE_FLAG(double, shutdown_timeout_seconds);
 ABSL_DECLARE_FLAG(bool, warmup);
 ABSL_DECLARE_FLAG(std::string, profiles_dir);

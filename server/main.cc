@@ -18,6 +18,7 @@
 #include "core/layer.h"
 #include "server/flags.h"
 #include "server/metrics_http.h"
+#include "server/security.h"
 #include "server/self_test.h"
 #include "server/service.h"
 #include "server/version.h"
@@ -71,6 +72,26 @@ int WaitForSignal(const sigset_t& set) {
   int sig = 0;
   sigwait(&set, &sig);
   return sig;
+}
+
+int Millis(double seconds) { return static_cast<int>(std::min(seconds * 1000.0, 2e9)); }
+
+// Keepalive and connection-age settings of the listening port(s).
+void ApplyConnectionFlags(grpc::ServerBuilder& builder) {
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS, Millis(absl::GetFlag(FLAGS_keepalive_time_seconds)));
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, Millis(absl::GetFlag(FLAGS_keepalive_timeout_seconds)));
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS,
+                             Millis(absl::GetFlag(FLAGS_keepalive_min_client_interval_seconds)));
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
+  if (absl::GetFlag(FLAGS_max_connection_idle_seconds) > 0) {
+    builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_IDLE_MS, Millis(absl::GetFlag(FLAGS_max_connection_idle_seconds)));
+  }
+  if (absl::GetFlag(FLAGS_max_connection_age_seconds) > 0) {
+    builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_MS, Millis(absl::GetFlag(FLAGS_max_connection_age_seconds)));
+    builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_GRACE_MS,
+                               Millis(absl::GetFlag(FLAGS_max_connection_age_grace_seconds)));
+  }
 }
 
 bool WarmUp(Worker& worker) {
@@ -151,6 +172,24 @@ int Run(int argc, char** argv) {
   }
   if (!profiles.names().empty()) spdlog::info("budget profiles: {}", absl::StrJoin(profiles.names(), ", "));
   context.profiles = &profiles;
+  auto credentials = MakeServerCredentials({absl::GetFlag(FLAGS_tls_cert_file), absl::GetFlag(FLAGS_tls_key_file),
+                                            absl::GetFlag(FLAGS_tls_client_ca_file)});
+  if (!credentials.ok()) {
+    spdlog::critical("TLS: {}", std::string(credentials.status().message()));
+    return 2;
+  }
+  const char* env_tokens = std::getenv("KVCOMPACT_AUTH_TOKEN");
+  auto auth = TokenAuthenticator::Load(absl::GetFlag(FLAGS_auth_token_file), env_tokens ? env_tokens : "");
+  if (!auth.ok()) {
+    spdlog::critical("auth: {}", std::string(auth.status().message()));
+    return 2;
+  }
+  context.auth = &*auth;
+  spdlog::info("transport {}; {}",
+               absl::GetFlag(FLAGS_tls_cert_file).empty() ? "plaintext"
+               : absl::GetFlag(FLAGS_tls_client_ca_file).empty() ? "TLS" : "mutual TLS",
+               auth->enabled() ? absl::StrCat("bearer tokens required (", auth->token_count(), " accepted)")
+                               : std::string("no token required"));
   context.version = kVersion;
   context.backends = BuiltInBackends();
   context.threads = threads;
@@ -170,7 +209,8 @@ int Run(int argc, char** argv) {
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   int port = 0;
-  builder.AddListeningPort(absl::GetFlag(FLAGS_listen), grpc::InsecureServerCredentials(), &port);
+  builder.AddListeningPort(absl::GetFlag(FLAGS_listen), *credentials, &port);
+  ApplyConnectionFlags(builder);
   builder.SetMaxReceiveMessageSize(static_cast<int>(context.limits.max_message_bytes));
   builder.SetMaxSendMessageSize(static_cast<int>(context.limits.max_message_bytes));
   builder.RegisterService(&service);
@@ -179,9 +219,27 @@ int Run(int argc, char** argv) {
     spdlog::critical("cannot listen on {}", absl::GetFlag(FLAGS_listen));
     return 2;
   }
-  grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
-  health->SetServingStatus(false);  // not ready until the warm-up passed
-  health->SetServingStatus(kServiceName, false);
+  // Probes reach health without TLS or token on --health_listen: a server with only that service.
+  std::unique_ptr<grpc::Server> health_server;
+  if (!absl::GetFlag(FLAGS_health_listen).empty()) {
+    grpc::ServerBuilder health_builder;
+    int health_port = 0;
+    health_builder.AddListeningPort(absl::GetFlag(FLAGS_health_listen), grpc::InsecureServerCredentials(), &health_port);
+    health_server = health_builder.BuildAndStart();
+    if (!health_server || health_port == 0) {
+      spdlog::critical("cannot listen on {}", absl::GetFlag(FLAGS_health_listen));
+      return 2;
+    }
+    spdlog::info("health on {} (port {})", absl::GetFlag(FLAGS_health_listen), health_port);
+  }
+  auto set_serving = [&](bool serving) {
+    for (grpc::Server* s : {server.get(), health_server.get()}) {
+      if (s == nullptr) continue;
+      s->GetHealthCheckService()->SetServingStatus(serving);
+      s->GetHealthCheckService()->SetServingStatus(kServiceName, serving);
+    }
+  };
+  set_serving(false);  // not ready until the warm-up passed
   spdlog::info("listening on {} (port {}), backend {}, {} threads", absl::GetFlag(FLAGS_listen), port,
                backend_name, threads);
 
@@ -190,25 +248,28 @@ int Run(int argc, char** argv) {
     server->Shutdown();
     return 1;
   }
-  health->SetServingStatus(true);
-  health->SetServingStatus(kServiceName, true);
+  set_serving(true);
   spdlog::info("SERVING");
 
   const int sig = WaitForSignal(signals);
-  spdlog::info("signal {}: draining (NOT_SERVING, {} s for in-flight streams)", sig,
-               absl::GetFlag(FLAGS_shutdown_timeout_seconds));
-  health->SetServingStatus(false);
-  health->SetServingStatus(kServiceName, false);
+  const double drain_delay = absl::GetFlag(FLAGS_drain_delay_seconds);
+  spdlog::info("signal {}: draining (NOT_SERVING; {} s drain delay, then {} s for in-flight streams)", sig,
+               drain_delay, absl::GetFlag(FLAGS_shutdown_timeout_seconds));
+  set_serving(false);
   // A second signal during the drain exits at once.
   std::thread([signals] {
     WaitForSignal(signals);
     spdlog::warn("second signal: exiting now");
     std::_Exit(1);
   }).detach();
+  // Load balancers see NOT_SERVING (or the endpoint removed) within this delay; new calls are
+  // still served meanwhile, so none is refused in the gap.
+  if (drain_delay > 0) std::this_thread::sleep_for(std::chrono::milliseconds(Millis(drain_delay)));
   const auto deadline = std::chrono::system_clock::now() +
                         std::chrono::milliseconds(static_cast<int64_t>(1000 * absl::GetFlag(FLAGS_shutdown_timeout_seconds)));
   server->Shutdown(deadline);
   server->Wait();
+  if (health_server) health_server->Shutdown(std::chrono::system_clock::now());
   worker.Stop();
   if (backend_failed) {
     spdlog::critical("stopped after a backend failure");

@@ -1,5 +1,7 @@
 #include "server/service.h"
 
+#include <spdlog/spdlog.h>
+
 #include "absl/strings/str_cat.h"
 #include "core/method.h"
 #include "server/compact_reactor.h"
@@ -11,11 +13,22 @@ grpc::Status ToGrpc(const absl::Status& status) {
   return grpc::Status(static_cast<grpc::StatusCode>(status.code()), std::string(status.message()));
 }
 
+grpc::Status KVCompactService::Authenticate(const grpc::CallbackServerContext& context) const {
+  if (context_->auth == nullptr) return grpc::Status::OK;
+  grpc::Status status = context_->auth->Check(context);
+  if (!status.ok()) {
+    spdlog::warn("unauthenticated call from {}: {}", context.peer(), status.error_message());
+  }
+  return status;
+}
+
 grpc::ServerBidiReactor<v1::CompactRequest, v1::CompactResponse>* KVCompactService::Compact(
-    grpc::CallbackServerContext* /*context*/) {
+    grpc::CallbackServerContext* context) {
   const int open = ++context_->open_streams;
   absl::Status reject;
-  if (open > static_cast<int>(context_->limits.max_concurrent_streams)) {
+  if (grpc::Status auth = Authenticate(*context); !auth.ok()) {
+    reject = absl::UnauthenticatedError(auth.error_message());
+  } else if (open > static_cast<int>(context_->limits.max_concurrent_streams)) {
     reject = absl::ResourceExhaustedError(absl::StrCat(
         "too many concurrent Compact streams (max_concurrent_streams = ",
         context_->limits.max_concurrent_streams, "); retry later"));
@@ -26,6 +39,12 @@ grpc::ServerBidiReactor<v1::CompactRequest, v1::CompactResponse>* KVCompactServi
 grpc::ServerUnaryReactor* KVCompactService::GetServerInfo(grpc::CallbackServerContext* context,
                                                           const v1::ServerInfoRequest*,
                                                           v1::ServerInfo* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  if (grpc::Status auth = Authenticate(*context); !auth.ok()) {
+    context_->metrics->CountError("UNAUTHENTICATED");
+    reactor->Finish(auth);
+    return reactor;
+  }
   response->set_version(context_->version);
   response->set_backend(std::string(context_->worker->backend_name()));
   for (const std::string& b : context_->backends) response->add_backends(b);
@@ -42,7 +61,6 @@ grpc::ServerUnaryReactor* KVCompactService::GetServerInfo(grpc::CallbackServerCo
   response->set_threads(context_->threads);
   response->set_device_bytes_reserved(context_->worker->backend().device_bytes_reserved());
   response->set_device_bytes_peak(context_->worker->backend().device_bytes_peak());
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   reactor->Finish(grpc::Status::OK);
   return reactor;
 }
@@ -52,7 +70,13 @@ namespace {
 // Counts and drops every message of a Sink stream.
 class SinkReactor final : public grpc::ServerReadReactor<v1::CompactRequest> {
  public:
-  explicit SinkReactor(v1::SinkSummary* summary) : summary_(summary) { StartRead(&request_); }
+  SinkReactor(v1::SinkSummary* summary, const grpc::Status& auth) : summary_(summary) {
+    if (!auth.ok()) {
+      Finish(auth);
+      return;
+    }
+    StartRead(&request_);
+  }
   void OnReadDone(bool ok) override {
     if (!ok) {
       Finish(grpc::Status::OK);
@@ -71,15 +95,22 @@ class SinkReactor final : public grpc::ServerReadReactor<v1::CompactRequest> {
 
 }  // namespace
 
-grpc::ServerReadReactor<v1::CompactRequest>* KVCompactService::Sink(grpc::CallbackServerContext*,
+grpc::ServerReadReactor<v1::CompactRequest>* KVCompactService::Sink(grpc::CallbackServerContext* context,
                                                                     v1::SinkSummary* response) {
-  return new SinkReactor(response);
+  grpc::Status auth = Authenticate(*context);
+  if (!auth.ok()) context_->metrics->CountError("UNAUTHENTICATED");
+  return new SinkReactor(response, auth);
 }
 
 grpc::ServerUnaryReactor* KVCompactService::SelfTest(grpc::CallbackServerContext* context,
                                                      const v1::SelfTestRequest* request,
                                                      v1::SelfTestResponse* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  if (grpc::Status auth = Authenticate(*context); !auth.ok()) {
+    context_->metrics->CountError("UNAUTHENTICATED");
+    reactor->Finish(auth);
+    return reactor;
+  }
   absl::StatusOr<v1::SelfTestRequest> normalized = NormalizeSelfTest(*request);
   if (!normalized.ok()) {
     reactor->Finish(ToGrpc(normalized.status()));

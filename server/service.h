@@ -9,6 +9,7 @@
 #include "server/limits.h"
 #include "server/metrics.h"
 #include "server/profiles.h"
+#include "server/security.h"
 #include "server/worker.h"
 
 namespace kvcompact::server {
@@ -21,6 +22,7 @@ struct ServiceContext {
   std::vector<std::string> backends;  // built in
   int threads = 1;
   const ProfileRegistry* profiles = nullptr;  // budget profiles (Allocation.profile)
+  const TokenAuthenticator* auth = nullptr;   // null or disabled: no token needed
   std::atomic<int> open_streams{0};
 };
 
@@ -40,6 +42,9 @@ class KVCompactService final : public v1::KVCompact::CallbackService {
                                      v1::SelfTestResponse* response) override;
 
  private:
+  // OK, or the UNAUTHENTICATED status to finish with (logged with the peer, never the token).
+  grpc::Status Authenticate(const grpc::CallbackServerContext& context) const;
+
   ServiceContext* context_;
 };
 

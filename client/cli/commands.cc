@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <map>
 
@@ -48,6 +49,21 @@ LayerRow Summarise(const CompactedLayer& layer) {
   }
   return row;
 }
+
+absl::StatusOr<ClientOptions> ConnectionOptions(const Settings& s) {
+  auto security = client::LoadChannelSecurity(s.tls_ca, s.tls_cert, s.tls_key, s.token_file);
+  if (!security.ok()) return security.status();
+  ClientOptions options;
+  options.security = *std::move(security);
+  options.security.server_name = s.tls_server_name;
+  if (const char* env = std::getenv("KVCOMPACT_TOKEN"); s.token_file.empty() && env != nullptr) {
+    options.security.token = env;
+  }
+  options.stream_timeout_seconds = s.timeout;
+  return options;
+}
+
+double Timeout(const Settings& s, double fallback) { return s.timeout > 0 ? s.timeout : fallback; }
 
 }  // namespace
 
@@ -106,10 +122,11 @@ int RunCompact(const Settings& s) {
   o->set_return_indices(s.return_indices);
   o->set_seed(s.seed);
 
-  ClientOptions options;
-  options.streams = s.streams;
-  options.max_message_bytes = s.max_message_bytes;
-  Client client(s.server, options);
+  auto options = ConnectionOptions(s);
+  if (!options.ok()) return Fail(options.status());
+  options->streams = s.streams;
+  options->max_message_bytes = s.max_message_bytes;
+  Client client(s.server, *options);
   size_t done = 0;
   const size_t total = cache->layers.size();
   auto outcome = client.Compact(header, cache->layers, [&](const CompactedLayer& layer) {
@@ -195,23 +212,29 @@ int RunGenerate(const Settings& s) {
 }
 
 int RunInfo(const Settings& s) {
-  auto info = Client(s.server).GetServerInfo();
+  auto options = ConnectionOptions(s);
+  if (!options.ok()) return Fail(options.status());
+  auto info = Client(s.server, *options).GetServerInfo(Timeout(s, 10));
   if (!info.ok()) return Fail(info.status());
   printf("%s\n", info->DebugString().c_str());
   return 0;
 }
 
 int RunHealth(const Settings& s) {
-  auto serving = Client(s.server).IsServing();
+  auto options = ConnectionOptions(s);
+  if (!options.ok()) return Fail(options.status());
+  auto serving = Client(s.server, *options).IsServing("", Timeout(s, 5));
   if (!serving.ok()) return Fail(serving.status());
   printf("%s\n", *serving ? "SERVING" : "NOT_SERVING");
   return *serving ? 0 : 1;
 }
 
 int RunSelfTest(const Settings& s) {
+  auto options = ConnectionOptions(s);
+  if (!options.ok()) return Fail(options.status());
   v1::SelfTestRequest request;
   request.set_seed(s.seed);
-  auto result = Client(s.server).SelfTest(request);
+  auto result = Client(s.server, *options).SelfTest(request, Timeout(s, 120));
   if (!result.ok()) return Fail(result.status());
   printf("backend %s\n%-14s %-14s %-10s %-8s\n", result->backend().c_str(), "method", "out_err(held)", "mass_err", "time_s");
   for (const v1::SelfTestResult& r : result->results()) {

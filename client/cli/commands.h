@@ -10,6 +10,8 @@ namespace kvcompact::cli {
 struct Settings {
   std::string server, input, output, method, output_dtype, request_id, dtype;
   std::string allocation, profile, layout = "per_head";
+  std::string tls_ca, tls_cert, tls_key, tls_server_name, token_file;  // connection security
+  double timeout = 0;  // seconds per call / stream; 0: none
   double head_cap = 0;
   double ratio = 20, holdout = 0.1, logit_scale = 0;
   uint32_t budget = 0, layers = 30, kv_heads = 3, head_dim = 64, context = 4096, queries = 2048;

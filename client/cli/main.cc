@@ -13,6 +13,12 @@
 #include "client/cli/commands.h"
 
 ABSL_FLAG(std::string, server, "localhost:50051", "kvcompact-server address");
+ABSL_FLAG(std::string, tls_ca, "", "CA (PEM) to verify the server with; set: connect over TLS");
+ABSL_FLAG(std::string, tls_cert, "", "client certificate (PEM) for mutual TLS");
+ABSL_FLAG(std::string, tls_key, "", "private key (PEM) of --tls_cert");
+ABSL_FLAG(std::string, tls_server_name, "", "name to verify in the server certificate (default: the host of --server)");
+ABSL_FLAG(std::string, token_file, "", "file whose first line is the bearer token (else $KVCOMPACT_TOKEN)");
+ABSL_FLAG(double, timeout, 0, "deadline in seconds of each call or stream; 0: none for streams");
 ABSL_FLAG(std::string, input, "", "compact: input cache (.safetensors file or directory of .npy)");
 ABSL_FLAG(std::string, output, "", "compact/generate: output .safetensors file");
 ABSL_FLAG(std::string, method, "am", "am, am_omp, am_omp_fast, h2o, snapkv, recent, streaming_llm, random");
@@ -55,6 +61,12 @@ int main(int argc, char** argv) {
   const std::string command = args[1];
   kvcompact::cli::Settings s;
   s.server = absl::GetFlag(FLAGS_server);
+  s.tls_ca = absl::GetFlag(FLAGS_tls_ca);
+  s.tls_cert = absl::GetFlag(FLAGS_tls_cert);
+  s.tls_key = absl::GetFlag(FLAGS_tls_key);
+  s.tls_server_name = absl::GetFlag(FLAGS_tls_server_name);
+  s.token_file = absl::GetFlag(FLAGS_token_file);
+  s.timeout = absl::GetFlag(FLAGS_timeout);
   s.input = absl::GetFlag(FLAGS_input);
   s.output = absl::GetFlag(FLAGS_output);
   s.method = absl::GetFlag(FLAGS_method);

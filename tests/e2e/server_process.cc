@@ -58,18 +58,21 @@ ServerProcess::ServerProcess(std::vector<std::string> extra_args) {
   const int fd = mkstemp(tmpl);
   close(fd);
   log_path_ = tmpl;
-  std::vector<std::string> argv = {ServerBinary(), "--listen=127.0.0.1:0", "--metrics_listen=127.0.0.1:0", "--threads=2"};
+  std::vector<std::string> argv = {ServerBinary(), "--listen=127.0.0.1:0", "--metrics_listen=127.0.0.1:0",
+                                   "--health_listen=127.0.0.1:0", "--threads=2"};
   argv.insert(argv.end(), extra_args.begin(), extra_args.end());
   pid_ = Spawn(argv, log_path_);
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
-  const std::regex grpc_port(R"(listening on \S+ \(port (\d+)\))"), metrics_port(R"(metrics on \S+ \(port (\d+)\))");
+  const std::regex grpc_port(R"(listening on \S+ \(port (\d+)\))"), metrics_port(R"(metrics on \S+ \(port (\d+)\))"),
+      health_port(R"(health on \S+ \(port (\d+)\))");
   while (std::chrono::steady_clock::now() < deadline) {
     const std::string log = ReadFile(log_path_);
     std::smatch m;
     if (port_ == 0 && std::regex_search(log, m, grpc_port)) port_ = std::stoi(m[1]);
     if (metrics_port_ == 0 && std::regex_search(log, m, metrics_port)) metrics_port_ = std::stoi(m[1]);
-    if (port_ > 0) {
-      auto serving = client::Client(address()).IsServing("", 1);
+    if (health_port_ == 0 && std::regex_search(log, m, health_port)) health_port_ = std::stoi(m[1]);
+    if (port_ > 0 && health_port_ > 0) {
+      auto serving = client::Client(health_address()).IsServing("", 1);
       if (serving.ok() && *serving) return;
     }
     int status = 0;

@@ -1,5 +1,5 @@
 // Starts the real kvcompact-server binary on loopback for end-to-end tests: ephemeral ports read
-// back from its log, ready once grpc.health.v1 says SERVING.
+// back from its log, ready once grpc.health.v1 on the health-only port says SERVING.
 #pragma once
 
 #include <sys/types.h>
@@ -17,6 +17,8 @@ class ServerProcess {
   bool ok() const { return pid_ > 0 && port_ > 0; }
   std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
   int metrics_port() const { return metrics_port_; }
+  // The plaintext health-only port (--health_listen), which the readiness wait uses.
+  std::string health_address() const { return "127.0.0.1:" + std::to_string(health_port_); }
   pid_t pid() const { return pid_; }
   std::string Log() const;
 
@@ -28,6 +30,7 @@ class ServerProcess {
   pid_t pid_ = -1;
   int port_ = 0;
   int metrics_port_ = 0;
+  int health_port_ = 0;
   std::string log_path_;
 };
 

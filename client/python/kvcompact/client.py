@@ -89,18 +89,38 @@ def _chunks(layer: Layer, max_bytes: int) -> Iterator[pb.CompactRequest]:
 
 class Client:
     """A connection to kvcompact-server. `streams` > 1 spreads layers over parallel streams,
-    each on its own channel (its own TCP connection)."""
+    each on its own channel (its own TCP connection).
 
-    def __init__(self, target: str = "localhost:50051", streams: int = 1, max_message_bytes: int = 4 << 20):
+    Security: `root_certificates` (PEM bytes) connects over TLS; `certificate_chain` and
+    `private_key` add a client certificate (mutual TLS); `token` is sent as a bearer token (as call
+    credentials over TLS, as metadata over plaintext); `server_name` overrides the TLS name."""
+
+    def __init__(self, target: str = "localhost:50051", streams: int = 1, max_message_bytes: int = 4 << 20, *,
+                 root_certificates: Optional[bytes] = None, certificate_chain: Optional[bytes] = None,
+                 private_key: Optional[bytes] = None, token: Optional[str] = None, server_name: Optional[str] = None):
         self.target = target
         self.streams = max(1, streams)
         self.max_message_bytes = max_message_bytes
+        self._credentials = None
+        self._metadata: tuple = ()
+        if root_certificates is not None:
+            creds = grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
+            if token:
+                creds = grpc.composite_channel_credentials(creds, grpc.access_token_call_credentials(token))
+            self._credentials = creds
+        elif token:
+            self._metadata = (("authorization", f"Bearer {token}"),)
+        self._server_name = server_name
         self._channels = [self._channel(i) for i in range(self.streams)]
 
     def _channel(self, index: int) -> grpc.Channel:
-        return grpc.insecure_channel(self.target, options=[
-            ("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1),
-            ("kvcompact.channel_index", index)])
+        options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1),
+                   ("kvcompact.channel_index", index)]
+        if self._credentials is None:
+            return grpc.insecure_channel(self.target, options=options)
+        if self._server_name:
+            options.append(("grpc.ssl_target_name_override", self._server_name))
+        return grpc.secure_channel(self.target, self._credentials, options=options)
 
     def close(self) -> None:
         for c in self._channels:
@@ -113,10 +133,12 @@ class Client:
         self.close()
 
     def info(self, timeout: float = 10) -> pb.ServerInfo:
-        return pb_grpc.KVCompactStub(self._channels[0]).GetServerInfo(pb.ServerInfoRequest(), timeout=timeout)
+        return pb_grpc.KVCompactStub(self._channels[0]).GetServerInfo(pb.ServerInfoRequest(), timeout=timeout,
+                                                                      metadata=self._metadata)
 
     def self_test(self, timeout: float = 120, **fields) -> pb.SelfTestResponse:
-        return pb_grpc.KVCompactStub(self._channels[0]).SelfTest(pb.SelfTestRequest(**fields), timeout=timeout)
+        return pb_grpc.KVCompactStub(self._channels[0]).SelfTest(pb.SelfTestRequest(**fields), timeout=timeout,
+                                                                 metadata=self._metadata)
 
     def header(self, layers: Sequence[Layer], *, ratio: Optional[float] = None, tokens: Optional[int] = None,
                per_head: Optional[Sequence[int]] = None, method: str = "am", holdout: float = 0.1,
@@ -188,7 +210,8 @@ class Client:
 
             partial: dict[int, dict[int, dict]] = {}
             try:
-                for resp in pb_grpc.KVCompactStub(self._channels[s]).Compact(requests(), timeout=timeout):
+                for resp in pb_grpc.KVCompactStub(self._channels[s]).Compact(requests(), timeout=timeout,
+                                                                        metadata=self._metadata):
                     kind = resp.WhichOneof("msg")
                     if kind == "head":
                         hr = resp.head

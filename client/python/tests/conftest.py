@@ -12,14 +12,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_BINARY = os.path.normpath(os.path.join(HERE, "..", "..", "..", "build", "server", "kvcompact-server"))
 
 
-@pytest.fixture(scope="session")
-def server_address():
+def start_server(extra_args=(), env=None):
+    """Starts the server; returns (process, address, log path). Readiness is read from its log."""
     binary = os.environ.get("KVCOMPACT_SERVER_BINARY", DEFAULT_BINARY)
     if not os.path.exists(binary):
         pytest.fail(f"server binary not found at {binary}; build the repository or set KVCOMPACT_SERVER_BINARY")
     log = tempfile.NamedTemporaryFile(prefix="kvcompact-py-", suffix=".log", delete=False)
-    proc = subprocess.Popen([binary, "--listen=127.0.0.1:0", "--metrics_listen=", "--threads=2"],
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([binary, "--listen=127.0.0.1:0", "--metrics_listen=", "--threads=2", *extra_args],
+                            stdout=log, stderr=subprocess.STDOUT, env=env)
     address = None
     deadline = time.time() + 30
     while time.time() < deadline and proc.poll() is None:
@@ -32,8 +32,18 @@ def server_address():
     if address is None:
         proc.kill()
         pytest.fail("server did not start:\n" + open(log.name).read())
-    grpc.channel_ready_future(grpc.insecure_channel(address)).result(timeout=10)
-    yield address
+    return proc, address, log.name
+
+
+def stop_server(proc, log_path):
     proc.terminate()
     proc.wait(timeout=20)
-    os.unlink(log.name)
+    os.unlink(log_path)
+
+
+@pytest.fixture(scope="session")
+def server_address():
+    proc, address, log_path = start_server()
+    grpc.channel_ready_future(grpc.insecure_channel(address)).result(timeout=10)
+    yield address
+    stop_server(proc, log_path)
