@@ -57,6 +57,9 @@ class Backend {
   // Device memory held by the backend's buffers, now and at most so far; safe from any thread.
   virtual size_t device_bytes_reserved() const { return 0; }
   virtual size_t device_bytes_peak() const { return 0; }
+  // OK when the backend can compact `job` within its memory bounds (checked before the layer is
+  // queued, so an impossible layer is refused at once); safe from any thread.
+  virtual absl::Status CheckFits(const LayerJob& job) const { (void)job; return absl::OkStatus(); }
   // False once the backend can no longer work (e.g. a sticky CUDA error): the process must restart.
   virtual bool healthy() const { return true; }
 };

@@ -104,6 +104,14 @@ class CudaBackend final : public Backend {
     return result;
   }
   bool healthy() const override { return healthy_.load(); }
+  absl::Status CheckFits(const LayerJob& job) const override {
+    const DeviceBytes need = EstimateDeviceBytesImpl(job, options_.workspace_bytes);
+    if (HeadsThatFit(need) >= 1) return absl::OkStatus();
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "layer ", job.data.layer, ": one KV head of ", job.data.tokens, " tokens needs about ",
+        (need.fixed + need.per_head) >> 20, " MiB of GPU memory, over the bound of ", limit_ >> 20,
+        " MiB; raise --cuda_memory_limit_bytes, lower --cuda_workspace_bytes, or send fewer tokens or queries per layer"));
+  }
   void Prefetch(std::shared_ptr<const LayerJob> job) override {
     // Only layers compacted in one piece: a layer split into head groups uploads per group.
     if (!healthy_ || static_cast<int64_t>(job->budgets.size()) != job->data.heads) return;
@@ -115,6 +123,9 @@ class CudaBackend final : public Backend {
   absl::StatusOr<LayerResult> Run(const LayerJob& job);
   // Run on the whole layer, or on groups of heads when the layer does not fit memory_limit_bytes.
   absl::StatusOr<LayerResult> RunWithinLimit(const LayerJob& job);
+  int64_t HeadsThatFit(const DeviceBytes& need) const {
+    return limit_ > need.fixed ? static_cast<int64_t>((limit_ - need.fixed) / std::max<size_t>(need.per_head, 1)) : 0;
+  }
   void ReleaseBuffers();
   absl::Status Stats(const float* queries, int64_t n, const std::optional<ScoreReduce>& reduce, DeviceStats* out);
   // Mass system of head h on the device (C_k in ck_): G = Phi^T Phi and c = Phi^T m, into the
@@ -422,13 +433,8 @@ absl::StatusOr<LayerResult> CudaBackend::RunWithinLimit(const LayerJob& job) {
   if (static_cast<int64_t>(job.budgets.size()) != job.data.heads) return absl::InvalidArgumentError("one budget per head is required");
   const DeviceBytes need = EstimateDeviceBytesImpl(job, options_.workspace_bytes);
   const int64_t H = job.data.heads;
-  const int64_t fit = limit_ > need.fixed ? static_cast<int64_t>((limit_ - need.fixed) / std::max<size_t>(need.per_head, 1)) : 0;
-  if (fit < 1) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "layer ", job.data.layer, ": one KV head of ", job.data.tokens, " tokens needs about ",
-        (need.fixed + need.per_head) >> 20, " MiB of GPU memory, over the bound of ", limit_ >> 20,
-        " MiB; raise --cuda_memory_limit_bytes, lower --cuda_workspace_bytes, or send fewer tokens or queries per layer"));
-  }
+  const int64_t fit = HeadsThatFit(need);
+  if (fit < 1) return CheckFits(job);
   const int64_t group = std::min(H, fit);
   // Grow-only buffers shaped by earlier layers may not leave room for this one: start afresh.
   if (g_device_bytes.load() + need.fixed + group * need.per_head > limit_) ReleaseBuffers();

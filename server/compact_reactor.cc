@@ -74,14 +74,21 @@ void CompactReactor::HandleRequestLocked() {
     case v1::CompactRequest::kLayerEnd: {
       layer = request_.layer_end().layer();
       if (assembler_->IsClosed(layer)) return;
-      absl::StatusOr<LayerJob> job = assembler_->EndLayer(layer);
+      MemoryReservation memory;
+      absl::StatusOr<LayerJob> job = assembler_->EndLayer(layer, &memory);
       if (!job.ok()) {
         ReportLayerErrorLocked(layer, job.status());
         return;
       }
+      if (absl::Status fits = context_->worker->backend().CheckFits(*job); !fits.ok()) {
+        ReportLayerErrorLocked(layer, fits);
+        return;
+      }
       const double decode = decode_seconds_[layer];
       decode_seconds_.erase(layer);
-      SubmitLocked(*std::move(job), decode);
+      context_->metrics->layer_input_bytes.Observe(static_cast<double>(layer_bytes_[layer]));
+      layer_bytes_.erase(layer);
+      SubmitLocked(*std::move(job), std::move(memory), decode);
       return;
     }
     default:
@@ -94,6 +101,7 @@ void CompactReactor::HandleRequestLocked() {
     return;
   }
   decode_seconds_[layer] += SecondsSince(start);
+  layer_bytes_[layer] += *bytes;
   summary_.set_bytes_in(summary_.bytes_in() + *bytes);
   context_->metrics->request_bytes.Increment(static_cast<double>(*bytes));
   context_->metrics->chunk_bytes.Observe(static_cast<double>(*bytes));
@@ -115,7 +123,7 @@ void CompactReactor::HandleHeaderLocked() {
     return;
   }
   plan_ = std::make_shared<const StreamPlan>(*std::move(plan));
-  assembler_ = std::make_unique<LayerAssembler>(plan_.get(), &context_->limits);
+  assembler_ = std::make_unique<LayerAssembler>(plan_.get(), &context_->limits, context_->memory, context_->threads);
   summary_.set_request_id(plan_->request_id);
   summary_.set_backend(std::string(context_->worker->backend_name()));
   started_ = std::chrono::steady_clock::now();
@@ -126,6 +134,7 @@ void CompactReactor::HandleHeaderLocked() {
 void CompactReactor::ReportLayerErrorLocked(uint32_t layer, const absl::Status& status) {
   assembler_->Close(layer);  // later chunks of this layer (known or not) are dropped silently
   decode_seconds_.erase(layer);
+  layer_bytes_.erase(layer);
   v1::CompactResponse msg;
   v1::LayerError* err = msg.mutable_layer_error();
   err->set_layer(layer);
@@ -138,7 +147,7 @@ void CompactReactor::ReportLayerErrorLocked(uint32_t layer, const absl::Status& 
   QueueWriteLocked(std::move(msg));
 }
 
-void CompactReactor::SubmitLocked(LayerJob job, double decode_seconds) {
+void CompactReactor::SubmitLocked(LayerJob job, MemoryReservation memory, double decode_seconds) {
   const int32_t layer = job.data.layer;
   const uint64_t tokens_in = static_cast<uint64_t>(job.data.tokens * job.data.heads);
   WorkItem item;
@@ -149,7 +158,8 @@ void CompactReactor::SubmitLocked(LayerJob job, double decode_seconds) {
   std::shared_ptr<const StreamPlan> plan = plan_;
   Metrics* metrics = context_->metrics;
   const uint64_t max_bytes = context_->limits.max_message_bytes;
-  item.run = [shared, owned_job, plan, metrics, max_bytes, layer, tokens_in, decode_seconds](
+  auto held = std::make_shared<MemoryReservation>(std::move(memory));
+  item.run = [shared, owned_job, held, plan, metrics, max_bytes, layer, tokens_in, decode_seconds](
                  Backend* backend, double queue_seconds) mutable {
     // Compute and encode outside the stream lock; only the hand-over takes it.
     std::vector<v1::CompactResponse> messages;
@@ -165,6 +175,7 @@ void CompactReactor::SubmitLocked(LayerJob job, double decode_seconds) {
       result = allocated.ok() ? backend->CompactLayer(*owned_job) : absl::StatusOr<LayerResult>(allocated);
     }
     owned_job.reset();  // free the layer's inputs before encoding its outputs
+    held->Release();
     const double run_seconds = SecondsSince(start);
     if (result.ok()) {
       LayerTimes lt{decode_seconds, queue_seconds, run_seconds};
@@ -173,6 +184,10 @@ void CompactReactor::SubmitLocked(LayerJob job, double decode_seconds) {
       for (const CompactedHead& h : result->heads) tokens_out += h.indices.size();
       ok = true;
       metrics->layer_seconds.Observe(run_seconds);
+      metrics->layer_tokens.Observe(static_cast<double>(tokens_in / plan->num_kv_heads));
+      for (const CompactedHead& h : result->heads) {
+        if (h.quality.has_quality) metrics->output_error.Observe(h.quality.output_rel_error);
+      }
       metrics->ObserveStage("decode", decode_seconds);
       metrics->ObserveStage("queue", queue_seconds);
       metrics->ObserveStage("score", result->seconds.score);
@@ -290,6 +305,7 @@ void CompactReactor::MaybeFinishLocked() {
 
 void CompactReactor::FinishLocked(const grpc::Status& status) {
   finished_ = true;
+  context_->metrics->StreamFinished(CodeName(static_cast<absl::StatusCode>(status.error_code())), SecondsSince(started_));
   // Free the stream slot before the client can see the status, so a client that opens its next
   // stream right after this one ends is not refused for a slot that is about to be free.
   context_->open_streams.fetch_sub(1);

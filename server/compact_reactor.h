@@ -37,7 +37,7 @@ class CompactReactor final : public grpc::ServerBidiReactor<v1::CompactRequest, 
   void HandleRequestLocked();
   void HandleHeaderLocked();
   void ReportLayerErrorLocked(uint32_t layer, const absl::Status& status);
-  void SubmitLocked(LayerJob job, double decode_seconds);
+  void SubmitLocked(LayerJob job, MemoryReservation memory, double decode_seconds);
   void TrySubmitPendingLocked();
   void OnLayerResultLocked(std::vector<v1::CompactResponse> messages, bool ok, uint64_t tokens_in,
                            uint64_t tokens_out, uint64_t bytes_out, const v1::StageTimes& times);
@@ -52,6 +52,7 @@ class CompactReactor final : public grpc::ServerBidiReactor<v1::CompactRequest, 
   std::shared_ptr<const StreamPlan> plan_;
   std::unique_ptr<LayerAssembler> assembler_;
   std::map<uint32_t, double> decode_seconds_;  // per open layer
+  std::map<uint32_t, uint64_t> layer_bytes_;   // payload received, per open layer
   std::optional<WorkItem> pending_;            // waiting for room in the worker queue
   std::deque<v1::CompactResponse> writes_;
   bool accepted_ = false;

@@ -34,6 +34,9 @@ ABSL_FLAG(int, threads, 0, "CPU threads for the CPU backend; 0 = all cores");
 ABSL_FLAG(uint64_t, max_message_bytes, 16u << 20, "Largest gRPC message accepted and sent");
 ABSL_FLAG(uint64_t, max_tokens_per_block, 1u << 20, "Largest T of one layer's block");
 ABSL_FLAG(uint64_t, max_queries_per_layer, 1u << 18, "Largest reference-query count per KV head");
+ABSL_FLAG(uint64_t, max_host_memory_bytes, 0,
+          "Host memory admitted to layers in flight (estimate per layer); over it a layer gets RESOURCE_EXHAUSTED. "
+          "0 = 70% of the container's memory limit (or of RAM)");
 ABSL_FLAG(uint32_t, max_concurrent_streams, 64, "Compact streams served at once; more get RESOURCE_EXHAUSTED");
 ABSL_FLAG(uint32_t, max_open_layers_per_stream, 4, "Layers one stream may have half-sent at once");
 ABSL_FLAG(uint32_t, queue_depth, 4, "Layers waiting for the worker before streams stop reading");
@@ -52,7 +55,7 @@ const char* const kFlagNames[] = {
     "listen", "metrics_listen", "health_listen", "tls_cert_file", "tls_key_file", "tls_client_ca_file",
     "auth_token_file", "keepalive_time_seconds", "keepalive_timeout_seconds", "keepalive_min_client_interval_seconds",
     "max_connection_idle_seconds", "max_connection_age_seconds", "max_connection_age_grace_seconds", "backend", "cuda_device", "allow_tf32", "cuda_workspace_bytes", "cuda_memory_limit_bytes", "threads", "max_message_bytes", "max_tokens_per_block",
-    "max_queries_per_layer", "max_concurrent_streams", "max_open_layers_per_stream", "queue_depth",
+    "max_queries_per_layer", "max_host_memory_bytes", "max_concurrent_streams", "max_open_layers_per_stream", "queue_depth",
     "drain_delay_seconds", "shutdown_timeout_seconds", "warmup", "profiles_dir", "log_level"};
 
 std::string EnvName(const std::string& flag) {

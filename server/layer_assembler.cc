@@ -80,6 +80,14 @@ void LayerAssembler::Close(uint32_t layer) {
   closed_.insert(layer);
 }
 
+absl::Status LayerAssembler::Reserve(Pending& p, uint64_t bytes, absl::string_view what) {
+  if (memory_ == nullptr) return absl::OkStatus();
+  absl::StatusOr<MemoryReservation> r = memory_->Reserve(bytes, StrCat("layer ", p.data.layer, " (", what, ")"));
+  if (!r.ok()) return r.status();
+  p.memory.Merge(*std::move(r));
+  return absl::OkStatus();
+}
+
 absl::StatusOr<LayerAssembler::Pending*> LayerAssembler::OpenLayer(uint32_t layer) {
   if (layer >= plan_->num_layers) {
     return InvalidArgumentError(StrCat("layer ", layer, " is not within [0, ", plan_->num_layers, ")"));
@@ -110,7 +118,11 @@ absl::StatusOr<uint64_t> LayerAssembler::AddKV(const v1::KVChunk& c) {
                                        limits_->max_tokens_per_block, "] (max_tokens_per_block)"));
   }
   if (d.tokens == 0) {
-    d.tokens = static_cast<int64_t>(c.layer_tokens());
+    const int64_t T = static_cast<int64_t>(c.layer_tokens());
+    uint64_t need = LayerKeyValueBytes(d.heads, T, d.head_dim, d.value_dim);
+    if (d.queries > 0) need += LayerQueryBytes(d.heads, T, d.queries, d.head_dim, d.value_dim, threads_);
+    if (absl::Status s = Reserve(p, need, StrCat(T, " tokens")); !s.ok()) return s;
+    d.tokens = T;
     d.keys.assign(d.heads * d.tokens * d.head_dim, 0.f);
     d.values.assign(d.heads * d.tokens * d.value_dim, 0.f);
     p.kv_seen.assign(d.heads * d.tokens, 0);
@@ -159,7 +171,12 @@ absl::StatusOr<uint64_t> LayerAssembler::AddQueries(const v1::QueryChunk& c) {
                                        limits_->max_queries_per_layer, "] (max_queries_per_layer)"));
   }
   if (d.queries == 0) {
-    d.queries = static_cast<int64_t>(c.layer_queries());
+    const int64_t n = static_cast<int64_t>(c.layer_queries());
+    // Before T is known only the query buffers; the working set follows with the first K/V chunk.
+    const uint64_t need = d.tokens > 0 ? LayerQueryBytes(d.heads, d.tokens, n, d.head_dim, d.value_dim, threads_)
+                                       : static_cast<uint64_t>(d.heads * n) * (4 * d.head_dim + 1);
+    if (absl::Status s = Reserve(p, need, StrCat(n, " queries")); !s.ok()) return s;
+    d.queries = n;
     d.query_data.assign(d.heads * d.queries * d.head_dim, 0.f);
     p.query_seen.assign(d.heads * d.queries, 0);
   } else if (d.queries != static_cast<int64_t>(c.layer_queries())) {
@@ -189,7 +206,7 @@ absl::StatusOr<uint64_t> LayerAssembler::AddQueries(const v1::QueryChunk& c) {
   return c.queries().data().size();
 }
 
-absl::StatusOr<LayerJob> LayerAssembler::EndLayer(uint32_t layer) {
+absl::StatusOr<LayerJob> LayerAssembler::EndLayer(uint32_t layer, MemoryReservation* memory) {
   if (layer >= plan_->num_layers) {
     return InvalidArgumentError(StrCat("layer ", layer, " is not within [0, ", plan_->num_layers, ")"));
   }
@@ -221,6 +238,7 @@ absl::StatusOr<LayerJob> LayerAssembler::EndLayer(uint32_t layer) {
   if (!budgets.ok()) return budgets.status();
   job.budgets = *std::move(budgets);
   job.data = std::move(p.data);
+  if (memory != nullptr) *memory = std::move(p.memory);
   open_.erase(it);
   closed_.insert(layer);
   return job;

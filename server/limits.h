@@ -12,6 +12,7 @@ struct Limits {
   uint32_t max_concurrent_streams = 64;
   uint32_t max_open_layers_per_stream = 4;  // layers being received but not yet ended
   uint32_t worker_queue_depth = 4;
+  uint64_t max_host_memory_bytes = 0;       // admission bound of layers in flight (0: none)
 };
 
 }  // namespace kvcompact::server

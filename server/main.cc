@@ -17,6 +17,7 @@
 #include "absl/strings/str_join.h"
 #include "core/layer.h"
 #include "server/flags.h"
+#include "server/memory_budget.h"
 #include "server/metrics_http.h"
 #include "server/security.h"
 #include "server/self_test.h"
@@ -147,7 +148,8 @@ int Run(int argc, char** argv) {
   Metrics metrics(kVersion, backend_name);
   std::unique_ptr<MetricsHttpServer> metrics_http;
   if (!absl::GetFlag(FLAGS_metrics_listen).empty()) {
-    auto started = MetricsHttpServer::Start(absl::GetFlag(FLAGS_metrics_listen), metrics.registry());
+    auto started = MetricsHttpServer::Start(absl::GetFlag(FLAGS_metrics_listen), metrics.registry(),
+                                            [&metrics] { metrics.UpdateProcess(); });
     if (!started.ok()) {
       spdlog::critical("cannot serve metrics: {}", started.status().ToString());
       return 2;
@@ -163,6 +165,12 @@ int Run(int argc, char** argv) {
   context.limits.max_concurrent_streams = absl::GetFlag(FLAGS_max_concurrent_streams);
   context.limits.max_open_layers_per_stream = absl::GetFlag(FLAGS_max_open_layers_per_stream);
   context.limits.worker_queue_depth = std::max(1u, absl::GetFlag(FLAGS_queue_depth));
+  const uint64_t host_memory = absl::GetFlag(FLAGS_max_host_memory_bytes) > 0 ? absl::GetFlag(FLAGS_max_host_memory_bytes)
+                                                                             : DefaultHostMemoryLimit();
+  MemoryBudget memory(host_memory, [&metrics](uint64_t bytes) { metrics.host_memory_reserved.Set(static_cast<double>(bytes)); });
+  metrics.host_memory_limit.Set(static_cast<double>(host_memory));
+  context.memory = &memory;
+  context.limits.max_host_memory_bytes = host_memory;
   ProfileRegistry profiles;
   if (absl::Status s = profiles.LoadDir(absl::GetFlag(FLAGS_profiles_dir)); absl::IsNotFound(s)) {
     spdlog::warn("{}: no budget profiles loaded", std::string(s.message()));
@@ -238,6 +246,7 @@ int Run(int argc, char** argv) {
       s->GetHealthCheckService()->SetServingStatus(serving);
       s->GetHealthCheckService()->SetServingStatus(kServiceName, serving);
     }
+    metrics.serving.Set(serving ? 1 : 0);
   };
   set_serving(false);  // not ready until the warm-up passed
   spdlog::info("listening on {} (port {}), backend {}, {} threads", absl::GetFlag(FLAGS_listen), port,

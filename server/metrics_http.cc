@@ -27,7 +27,7 @@ bool SendAll(int fd, const std::string& data) {
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<MetricsHttpServer>> MetricsHttpServer::Start(
-    const std::string& address, std::shared_ptr<prometheus::Registry> registry) {
+    const std::string& address, std::shared_ptr<prometheus::Registry> registry, std::function<void()> before_scrape) {
   const size_t colon = address.rfind(':');
   if (colon == std::string::npos) return absl::InvalidArgumentError(absl::StrCat("metrics address '", address, "' is not host:port"));
   std::string host = address.substr(0, colon);
@@ -60,11 +60,13 @@ absl::StatusOr<std::unique_ptr<MetricsHttpServer>> MetricsHttpServer::Start(
   getsockname(fd, reinterpret_cast<sockaddr*>(&bound), &len);
   const int bound_port = bound.ss_family == AF_INET6 ? ntohs(reinterpret_cast<sockaddr_in6*>(&bound)->sin6_port)
                                                      : ntohs(reinterpret_cast<sockaddr_in*>(&bound)->sin_port);
-  return std::unique_ptr<MetricsHttpServer>(new MetricsHttpServer(fd, bound_port, std::move(registry)));
+  return std::unique_ptr<MetricsHttpServer>(new MetricsHttpServer(fd, bound_port, std::move(registry), std::move(before_scrape)));
 }
 
-MetricsHttpServer::MetricsHttpServer(int fd, int port, std::shared_ptr<prometheus::Registry> registry)
-    : fd_(fd), port_(port), registry_(std::move(registry)), thread_([this] { Loop(); }) {}
+MetricsHttpServer::MetricsHttpServer(int fd, int port, std::shared_ptr<prometheus::Registry> registry,
+                                     std::function<void()> before_scrape)
+    : fd_(fd), port_(port), registry_(std::move(registry)), before_scrape_(std::move(before_scrape)),
+      thread_([this] { Loop(); }) {}
 
 MetricsHttpServer::~MetricsHttpServer() {
   stop_ = true;
@@ -97,6 +99,7 @@ void MetricsHttpServer::Serve(int client) {
   const bool metrics = request.rfind("GET /metrics ", 0) == 0 || request.rfind("GET /metrics?", 0) == 0;
   std::string body, status = "200 OK", type = "text/plain; version=0.0.4; charset=utf-8";
   if (metrics) {
+    if (before_scrape_) before_scrape_();
     body = prometheus::TextSerializer().Serialize(registry_->Collect());
   } else {
     status = "404 Not Found";

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <atomic>
+#include <functional>
 #include <memory>
 #include <string>
 #include <thread>
@@ -18,19 +19,22 @@ namespace kvcompact::server {
 class MetricsHttpServer {
  public:
   // `address` is host:port (port 0 picks a free one); binds and listens before returning.
+  // `before_scrape` (optional) runs before each collection, to refresh sampled gauges.
   static absl::StatusOr<std::unique_ptr<MetricsHttpServer>> Start(const std::string& address,
-                                                                  std::shared_ptr<prometheus::Registry> registry);
+                                                                  std::shared_ptr<prometheus::Registry> registry,
+                                                                  std::function<void()> before_scrape = {});
   ~MetricsHttpServer();
   int port() const { return port_; }
 
  private:
-  MetricsHttpServer(int fd, int port, std::shared_ptr<prometheus::Registry> registry);
+  MetricsHttpServer(int fd, int port, std::shared_ptr<prometheus::Registry> registry, std::function<void()> before_scrape);
   void Loop();
   void Serve(int client);
 
   int fd_;
   int port_;
   std::shared_ptr<prometheus::Registry> registry_;
+  std::function<void()> before_scrape_;
   std::atomic<bool> stop_{false};
   std::thread thread_;
 };

@@ -58,6 +58,8 @@ grpc::ServerUnaryReactor* KVCompactService::GetServerInfo(grpc::CallbackServerCo
   limits->set_max_queries_per_layer(context_->limits.max_queries_per_layer);
   limits->set_max_concurrent_streams(context_->limits.max_concurrent_streams);
   limits->set_worker_queue_depth(context_->limits.worker_queue_depth);
+  limits->set_max_host_memory_bytes(context_->limits.max_host_memory_bytes);
+  limits->set_max_open_layers_per_stream(context_->limits.max_open_layers_per_stream);
   response->set_threads(context_->threads);
   response->set_device_bytes_reserved(context_->worker->backend().device_bytes_reserved());
   response->set_device_bytes_peak(context_->worker->backend().device_bytes_peak());

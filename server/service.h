@@ -7,6 +7,7 @@
 
 #include "kvcompact/v1/kvcompact.grpc.pb.h"
 #include "server/limits.h"
+#include "server/memory_budget.h"
 #include "server/metrics.h"
 #include "server/profiles.h"
 #include "server/security.h"
@@ -23,6 +24,7 @@ struct ServiceContext {
   int threads = 1;
   const ProfileRegistry* profiles = nullptr;  // budget profiles (Allocation.profile)
   const TokenAuthenticator* auth = nullptr;   // null or disabled: no token needed
+  MemoryBudget* memory = nullptr;             // null: no host-memory admission control
   std::atomic<int> open_streams{0};
 };
 

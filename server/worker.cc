@@ -84,6 +84,8 @@ void Worker::Loop() {
     if (next && !unhealthy_) backend_->Prefetch(std::move(next));  // overlaps the next upload with this layer
     item.job.reset();  // `run` holds its own reference and frees the inputs as soon as it can
     item.run(dropped ? nullptr : backend_.get(), queued);
+    metrics_->gpu_memory_reserved.Set(static_cast<double>(backend_->device_bytes_reserved()));
+    metrics_->gpu_memory_peak.Set(static_cast<double>(backend_->device_bytes_peak()));
     if (!unhealthy_ && !backend_->healthy()) {
       unhealthy_ = true;
       if (on_unhealthy_) on_unhealthy_();
