@@ -5,7 +5,7 @@ set -euo pipefail
 SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO=sudo; fi
 PACKAGES=(
-  build-essential cmake pkg-config git ca-certificates curl openssl
+  build-essential cmake pkg-config git ca-certificates curl openssl prometheus
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler grpc-proto
   libabsl-dev libspdlog-dev prometheus-cpp-dev libeigen3-dev nlohmann-json3-dev
   libgtest-dev libgmock-dev
