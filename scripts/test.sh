@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Installs dependencies, builds, and runs every test that needs no GPU: the C++ suites (CTest
-# labels cpu and e2e), then the Python client's tests against the real server binary.
+# labels cpu and e2e), then the Python client's tests against the real server binary and the
+# offline checks of deploy/ (Kubernetes schemas, alert rules, dashboard).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 scripts/build.sh
 ctest --test-dir build -LE gpu --output-on-failure -j"$(nproc)"
 scripts/python-env.sh --gemma
-KVCOMPACT_SERVER_BINARY="$PWD/build/server/kvcompact-server" build/pyenv/bin/python -m pytest -q client/python/tests
+KVCOMPACT_SERVER_BINARY="$PWD/build/server/kvcompact-server" build/pyenv/bin/python -m pytest -q client/python/tests deploy/tests
