@@ -27,13 +27,21 @@ absl::StatusOr<TensorFile> ReadNpyDirectory(const std::string& dir) {
 absl::StatusOr<CacheInput> LoadCache(const std::string& path) {
   absl::StatusOr<TensorFile> file = std::filesystem::is_directory(path) ? ReadNpyDirectory(path) : ReadSafetensors(path);
   if (!file.ok()) return file.status();
+  return CacheFromTensors(*std::move(file), path);
+}
+
+absl::StatusOr<CacheInput> CacheFromTensors(TensorFile file_in, const std::string& path) {
+  TensorFile* file = &file_in;
   CacheInput cache;
   std::map<uint32_t, LayerInput> layers;
   const std::regex name_re(R"(layers\.(\d+)\.(keys|values|queries|bias))");
   for (auto& [name, tensor] : file->tensors) {
     std::smatch m;
+    uint32_t layer = 0;
     if (!std::regex_match(name, m, name_re)) continue;
-    const uint32_t layer = static_cast<uint32_t>(std::stoul(m[1]));
+    if (!absl::SimpleAtoi(std::string(m[1]), &layer) || layer >= (1u << 20)) {
+      return absl::InvalidArgumentError(absl::StrCat(path, ": layer number of '", name, "' is out of range"));
+    }
     LayerInput& in = layers[layer];
     in.layer = layer;
     if (m[2] == "keys") in.keys = tensor;

@@ -27,6 +27,7 @@
 
 #include "absl/status/statusor.h"
 #include "client/client.h"
+#include "client/safetensors.h"
 
 namespace kvcompact::client {
 
@@ -37,6 +38,8 @@ struct CacheInput {
 };
 
 absl::StatusOr<CacheInput> LoadCache(const std::string& path);
+// The layers of an already read file (`path` is for messages); LoadCache's second half.
+absl::StatusOr<CacheInput> CacheFromTensors(TensorFile file, const std::string& path);
 
 struct CompactedFileInfo {
   std::string method;

@@ -95,6 +95,11 @@ absl::Status ValidateLayerInput(const LayerInput& l) {
     return absl::InvalidArgumentError(where + "values must be [kv_heads, T, value_dim] matching keys " +
                                       l.keys.ShapeString() + ", got " + l.values.ShapeString());
   }
+  for (const HostTensor* t : {&l.keys, &l.values}) {
+    for (int64_t dim : t->shape) {
+      if (dim <= 0) return absl::InvalidArgumentError(where + "keys and values need positive dimensions, got " + t->ShapeString());
+    }
+  }
   if (l.queries && (l.queries->shape.size() != 3 || l.queries->shape[0] != l.keys.shape[0] ||
                     l.queries->shape[2] != l.keys.shape[2])) {
     return absl::InvalidArgumentError(where + "queries must be [kv_heads, n, head_dim] matching keys " +

@@ -42,13 +42,20 @@ HostTensor HostTensor::FromBytes(std::string bytes, DType dtype, std::vector<int
 std::vector<float> HostTensor::ToFloats() const {
   const size_t n = static_cast<size_t>(elements());
   std::vector<float> out(n);
+  if (n == 0) return out;
+  // Views into files need not be aligned for their dtype: read the 16-bit types bytewise.
+  auto half_bits = [this](size_t i) {
+    uint16_t bits;
+    std::memcpy(&bits, data + 2 * i, 2);
+    return bits;
+  };
   switch (dtype) {
     case DType::kFloat32: std::memcpy(out.data(), data, n * 4); break;
     case DType::kFloat16:
-      for (size_t i = 0; i < n; ++i) out[i] = static_cast<float>(reinterpret_cast<const Eigen::half*>(data)[i]);
+      for (size_t i = 0; i < n; ++i) out[i] = static_cast<float>(Eigen::numext::bit_cast<Eigen::half>(half_bits(i)));
       break;
     case DType::kBFloat16:
-      for (size_t i = 0; i < n; ++i) out[i] = static_cast<float>(reinterpret_cast<const Eigen::bfloat16*>(data)[i]);
+      for (size_t i = 0; i < n; ++i) out[i] = static_cast<float>(Eigen::numext::bit_cast<Eigen::bfloat16>(half_bits(i)));
       break;
   }
   return out;

@@ -16,6 +16,10 @@ absl::StatusOr<HostTensor> ReadNpy(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) return absl::NotFoundError(absl::StrCat(path, ": cannot open"));
   std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  return ParseNpy(bytes, path);
+}
+
+absl::StatusOr<HostTensor> ParseNpy(const std::string& bytes, const std::string& path) {
   if (bytes.size() < 10 || bytes.compare(0, 6, "\x93NUMPY") != 0) {
     return absl::InvalidArgumentError(absl::StrCat(path, ": not a .npy file"));
   }
@@ -49,15 +53,19 @@ absl::StatusOr<HostTensor> ReadNpy(const std::string& path) {
   if (!std::regex_search(header, m, std::regex("'shape':\\s*\\(([^)]*)\\)"))) {
     return absl::InvalidArgumentError(absl::StrCat(path, ": header has no shape"));
   }
+  const size_t data_at = offset + header_len;
+  const uint64_t data_size = bytes.size() - data_at;
+  uint64_t elements = 1;  // capped above the data size: no overflow
   for (absl::string_view part : absl::StrSplit(std::string(m[1]), ',', absl::SkipWhitespace())) {
     int64_t dim = 0;
-    if (!absl::SimpleAtoi(absl::StripAsciiWhitespace(part), &dim) || dim < 0) {
+    if (!absl::SimpleAtoi(absl::StripAsciiWhitespace(part), &dim) || dim < 0 ||
+        static_cast<uint64_t>(dim) > data_size) {
       return absl::InvalidArgumentError(absl::StrCat(path, ": bad shape"));
     }
+    elements = dim == 0 ? 0 : (elements > data_size / dim ? data_size + 1 : elements * dim);
     t.shape.push_back(dim);
   }
-  const size_t data_at = offset + header_len;
-  const size_t want = static_cast<size_t>(t.elements()) * DTypeSize(t.dtype);
+  const uint64_t want = elements * DTypeSize(t.dtype);
   if (bytes.size() - data_at != want) {
     return absl::InvalidArgumentError(absl::StrCat(path, ": ", bytes.size() - data_at, " data bytes, shape ",
                                                    t.ShapeString(), " needs ", want));

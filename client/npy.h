@@ -10,6 +10,8 @@
 namespace kvcompact::client {
 
 absl::StatusOr<HostTensor> ReadNpy(const std::string& path);
+// The same from the file's bytes (`name` is for messages).
+absl::StatusOr<HostTensor> ParseNpy(const std::string& bytes, const std::string& name);
 absl::Status WriteNpy(const std::string& path, const HostTensor& tensor);
 
 }  // namespace kvcompact::client

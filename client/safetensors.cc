@@ -42,10 +42,15 @@ absl::StatusOr<TensorFile> ReadSafetensors(const std::string& path) {
     map->addr = nullptr;
     return absl::InternalError(absl::StrCat(path, ": mmap failed"));
   }
-  const auto* base = static_cast<const uint8_t*>(map->addr);
+  return ParseSafetensors(static_cast<const uint8_t*>(map->addr), map->size, map, path);
+}
+
+absl::StatusOr<TensorFile> ParseSafetensors(const uint8_t* base, size_t size, std::shared_ptr<const void> owner,
+                                            const std::string& path) {
+  if (size < 8) return absl::InvalidArgumentError(absl::StrCat(path, ": too short for a safetensors file"));
   uint64_t header_len = 0;
   std::memcpy(&header_len, base, 8);
-  if (header_len > map->size - 8 || header_len > (100u << 20)) {
+  if (header_len > size - 8 || header_len > (100u << 20)) {
     return absl::InvalidArgumentError(absl::StrCat(path, ": header length ", header_len, " exceeds the file"));
   }
   const nlohmann::json header = nlohmann::json::parse(base + 8, base + 8 + header_len, nullptr, false);
@@ -53,7 +58,7 @@ absl::StatusOr<TensorFile> ReadSafetensors(const std::string& path) {
     return absl::InvalidArgumentError(absl::StrCat(path, ": header is not a JSON object"));
   }
   const uint8_t* data = base + 8 + header_len;
-  const size_t data_size = map->size - 8 - header_len;
+  const size_t data_size = size - 8 - header_len;
   TensorFile file;
   for (auto it = header.begin(); it != header.end(); ++it) {
     if (it.key() == "__metadata__") {
@@ -67,17 +72,28 @@ absl::StatusOr<TensorFile> ReadSafetensors(const std::string& path) {
     const std::string where = absl::StrCat(path, ": tensor '", it.key(), "'");
     if (!e.is_object() || !e.contains("dtype") || !e.contains("shape") || !e.contains("data_offsets") ||
         !e["dtype"].is_string() || !e["shape"].is_array() || !e["data_offsets"].is_array() ||
-        e["data_offsets"].size() != 2) {
+        e["data_offsets"].size() != 2 || !e["data_offsets"][0].is_number_unsigned() ||
+        !e["data_offsets"][1].is_number_unsigned()) {
       return absl::InvalidArgumentError(absl::StrCat(where, " has a malformed entry"));
     }
-    if (e["dtype"] == "I32" && e["shape"].size() == 1 && e["data_offsets"][0].is_number_unsigned() &&
-        e["data_offsets"][1].is_number_unsigned()) {
-      const uint64_t b = e["data_offsets"][0], en = e["data_offsets"][1], n = e["shape"][0].get<uint64_t>();
-      if (b > en || en > data_size || en - b != n * 4) {
+    // Dimensions: unsigned and with a product that fits the file (no overflow on the way).
+    std::vector<int64_t> shape;
+    uint64_t elements = 1;
+    for (const auto& d : e["shape"]) {
+      if (!d.is_number_unsigned() || d.get<uint64_t>() > data_size) {
+        return absl::InvalidArgumentError(absl::StrCat(where, ": bad shape"));
+      }
+      const uint64_t dim = d.get<uint64_t>();
+      elements = dim == 0 ? 0 : (elements > data_size / dim ? data_size + 1 : elements * dim);
+      shape.push_back(static_cast<int64_t>(dim));
+    }
+    const uint64_t begin = e["data_offsets"][0].get<uint64_t>(), end = e["data_offsets"][1].get<uint64_t>();
+    if (e["dtype"] == "I32" && shape.size() == 1) {
+      if (begin > end || end > data_size || end - begin != elements * 4) {
         return absl::InvalidArgumentError(absl::StrCat(where, ": data_offsets do not match its shape"));
       }
-      std::vector<int32_t> v(n);
-      std::memcpy(v.data(), data + b, n * 4);
+      std::vector<int32_t> v(elements);
+      if (elements > 0) std::memcpy(v.data(), data + begin, elements * 4);
       file.int32_tensors.emplace(it.key(), std::move(v));
       continue;
     }
@@ -86,21 +102,14 @@ absl::StatusOr<TensorFile> ReadSafetensors(const std::string& path) {
       return absl::InvalidArgumentError(absl::StrCat(where, ": dtype ", e["dtype"].get<std::string>(),
                                                      " is not F32, F16 or BF16"));
     }
-    for (const auto& s : e["shape"]) {
-      if (!s.is_number_unsigned()) return absl::InvalidArgumentError(absl::StrCat(where, ": bad shape"));
-      t.shape.push_back(s.get<int64_t>());
-    }
-    if (!e["data_offsets"][0].is_number_unsigned() || !e["data_offsets"][1].is_number_unsigned()) {
-      return absl::InvalidArgumentError(absl::StrCat(where, ": bad data_offsets"));
-    }
-    const uint64_t begin = e["data_offsets"][0].get<uint64_t>(), end = e["data_offsets"][1].get<uint64_t>();
-    if (begin > end || end > data_size || end - begin != static_cast<uint64_t>(t.elements()) * DTypeSize(t.dtype)) {
+    t.shape = std::move(shape);
+    if (begin > end || end > data_size || elements > data_size || end - begin != elements * DTypeSize(t.dtype)) {
       return absl::InvalidArgumentError(absl::StrCat(where, ": data_offsets [", begin, ", ", end,
                                                      ") do not match shape ", t.ShapeString(), " within the file"));
     }
     t.data = data + begin;
     t.bytes = end - begin;
-    t.owner = map;
+    t.owner = owner;
     file.tensors.emplace(it.key(), std::move(t));
   }
   return file;

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -19,6 +20,10 @@ struct TensorFile {
 };
 
 absl::StatusOr<TensorFile> ReadSafetensors(const std::string& path);
+// The same from bytes in memory (`owner` keeps them alive for the tensors' views; `name` is for
+// messages). Never trusts a length or shape: every offset is checked against `size`.
+absl::StatusOr<TensorFile> ParseSafetensors(const uint8_t* base, size_t size, std::shared_ptr<const void> owner,
+                                            const std::string& name);
 absl::Status WriteSafetensors(const std::string& path, const TensorFile& file);
 
 }  // namespace kvcompact::client

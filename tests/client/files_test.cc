@@ -1,4 +1,5 @@
 // safetensors and .npy readers/writers, and the cache layout the CLI reads.
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 
@@ -168,6 +169,46 @@ TEST(ChunkLayer, EveryMessageStaysUnderTheLimitAndCoversTheLayer) {
   EXPECT_EQ(kv_rows, 3 * 1000);
   EXPECT_EQ(q_rows, 3 * 700);
   EXPECT_TRUE(chunks.back().has_layer_end());
+}
+
+}  // namespace
+}  // namespace kvcompact::client
+
+namespace kvcompact::client {
+namespace {
+
+// Inputs the fuzz targets found: an empty tensor has no data pointer; a view into a file may be
+// misaligned for its 16-bit dtype; shapes whose product overflows must not pass the size check.
+TEST(FuzzRegressions, EmptyAndMisalignedTensorsAndOverflowingShapes) {
+  HostTensor empty;
+  empty.shape = {0, 4};
+  EXPECT_TRUE(empty.ToFloats().empty());
+
+  auto bytes = std::make_shared<std::string>("\x00\x00\x3c\x00\x40", 5);  // f16 1.0, 2.0 at offset 1
+  HostTensor misaligned;
+  misaligned.dtype = DType::kFloat16;
+  misaligned.shape = {2};
+  misaligned.data = reinterpret_cast<const uint8_t*>(bytes->data()) + 1;
+  misaligned.bytes = 4;
+  misaligned.owner = bytes;
+  EXPECT_EQ(misaligned.ToFloats(), (std::vector<float>{1.0f, 2.0f}));
+
+  const std::string header = R"({"t":{"dtype":"F32","shape":[4611686018427387904,4],"data_offsets":[0,0]}})";
+  std::string file(8, '\0');
+  const uint64_t len = header.size();
+  std::memcpy(file.data(), &len, 8);
+  file += header;
+  auto owned = std::make_shared<std::string>(file);
+  auto parsed = ParseSafetensors(reinterpret_cast<const uint8_t*>(owned->data()), owned->size(), owned, "t");
+  EXPECT_FALSE(parsed.ok());
+  std::string npy = std::string("\x93NUMPY\x01\x00", 8);
+  const std::string npy_header = "{'descr': '<f4', 'fortran_order': False, 'shape': (4611686018427387904, 4), }";
+  npy += static_cast<char>(npy_header.size()) + std::string(1, '\0') + npy_header;
+  EXPECT_FALSE(ParseNpy(npy, "t").ok());
+
+  TensorFile huge_layer;
+  huge_layer.tensors["layers.99999999999999999999.keys"] = HostTensor::FromFloats({1, 2}, {1, 1, 2});
+  EXPECT_FALSE(CacheFromTensors(huge_layer, "t").ok());
 }
 
 }  // namespace
