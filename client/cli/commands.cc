@@ -50,6 +50,8 @@ LayerRow Summarise(const CompactedLayer& layer) {
   return row;
 }
 
+}  // namespace
+
 absl::StatusOr<ClientOptions> ConnectionOptions(const Settings& s) {
   auto security = client::LoadChannelSecurity(s.tls_ca, s.tls_cert, s.tls_key, s.token_file);
   if (!security.ok()) return security.status();
@@ -63,40 +65,27 @@ absl::StatusOr<ClientOptions> ConnectionOptions(const Settings& s) {
   return options;
 }
 
+namespace {
+
 double Timeout(const Settings& s, double fallback) { return s.timeout > 0 ? s.timeout : fallback; }
 
 }  // namespace
 
-int RunCompact(const Settings& s) {
-  if (s.input.empty() || s.output.empty()) {
-    fprintf(stderr, "compact needs --input and --output\n");
-    return 2;
-  }
+absl::StatusOr<v1::StreamHeader> HeaderFor(const Settings& s, const CacheInput& cache) {
   const auto method = MethodFromName(s.method);
   DType out_dtype;
-  if (!method || !ParseDType(s.output_dtype, &out_dtype)) {
-    fprintf(stderr, "unknown --method or --output_dtype\n");
-    return 2;
-  }
-  absl::StatusOr<CacheInput> cache = client::LoadCache(s.input);
-  if (!cache.ok()) return Fail(cache.status());
-
+  if (!method || !ParseDType(s.output_dtype, &out_dtype)) return absl::InvalidArgumentError("unknown --method or --output_dtype");
   v1::StreamHeader header;
   header.set_request_id(s.request_id.empty() ? s.input : s.request_id);
   v1::Geometry* g = header.mutable_geometry();
-  g->set_num_layers(cache->num_layers);
-  g->set_num_kv_heads(cache->num_kv_heads);
-  g->set_query_heads_per_kv_head(cache->query_heads_per_kv_head);
-  g->set_head_dim(cache->head_dim);
-  g->set_value_dim(cache->value_dim);
-  const float scale = s.logit_scale > 0 ? static_cast<float>(s.logit_scale) : cache->logit_scale;
-  g->set_logit_scale(scale);
+  g->set_num_layers(cache.num_layers);
+  g->set_num_kv_heads(cache.num_kv_heads);
+  g->set_query_heads_per_kv_head(cache.query_heads_per_kv_head);
+  g->set_head_dim(cache.head_dim);
+  g->set_value_dim(cache.value_dim);
+  g->set_logit_scale(s.logit_scale > 0 ? static_cast<float>(s.logit_scale) : cache.logit_scale);
   v1::Options* o = header.mutable_options();
   o->set_method(static_cast<v1::Method>(*method));
-  if (s.layout != "per_head" && s.layout != "packed") {
-    fprintf(stderr, "unknown --layout (per_head, packed)\n");
-    return 2;
-  }
   if (!s.allocation.empty()) {
     static const std::map<std::string, v1::Allocation::Rule> kRules = {
         {"uniform", v1::Allocation::RULE_UNIFORM}, {"pyramid", v1::Allocation::RULE_PYRAMID},
@@ -104,8 +93,7 @@ int RunCompact(const Settings& s) {
         {"sensitivity", v1::Allocation::RULE_SENSITIVITY}};
     auto rule = kRules.find(s.allocation);
     if (rule == kRules.end()) {
-      fprintf(stderr, "unknown --allocation (uniform, pyramid, profile, global_topk, sensitivity)\n");
-      return 2;
+      return absl::InvalidArgumentError("unknown --allocation (uniform, pyramid, profile, global_topk, sensitivity)");
     }
     v1::Allocation* a = o->mutable_budget()->mutable_allocation();
     a->set_rule(rule->second);
@@ -121,7 +109,47 @@ int RunCompact(const Settings& s) {
   o->set_output_dtype(DTypeToProto(out_dtype));
   o->set_return_indices(s.return_indices);
   o->set_seed(s.seed);
+  return header;
+}
 
+absl::StatusOr<CacheInput> GeneratedCache(const Settings& s) {
+  DType dtype;
+  if (!ParseDType(s.dtype, &dtype)) return absl::InvalidArgumentError("unknown --dtype (f32, f16, bf16)");
+  CacheInput cache;
+  cache.query_heads_per_kv_head = 1;
+  cache.num_layers = s.layers;
+  cache.num_kv_heads = s.kv_heads;
+  cache.head_dim = cache.value_dim = s.head_dim;
+  SyntheticShape shape;
+  shape.heads = s.kv_heads;
+  shape.tokens = s.context;
+  shape.queries = s.queries;
+  shape.head_dim = shape.value_dim = s.head_dim;
+  for (uint32_t l = 0; l < s.layers; ++l) {
+    cache.layers.push_back(client::ToLayerInput(MakeSyntheticLayer(shape, s.seed, static_cast<int32_t>(l)), dtype));
+  }
+  return cache;
+}
+
+int RunCompact(const Settings& s) {
+  if (s.input.empty() || s.output.empty()) {
+    fprintf(stderr, "compact needs --input and --output\n");
+    return 2;
+  }
+  absl::StatusOr<CacheInput> cache = client::LoadCache(s.input);
+  if (!cache.ok()) return Fail(cache.status());
+
+  if (s.layout != "per_head" && s.layout != "packed") {
+    fprintf(stderr, "unknown --layout (per_head, packed)\n");
+    return 2;
+  }
+  absl::StatusOr<v1::StreamHeader> made = HeaderFor(s, *cache);
+  if (!made.ok()) {
+    fprintf(stderr, "%s\n", std::string(made.status().message()).c_str());
+    return 2;
+  }
+  const v1::StreamHeader& header = *made;
+  const float scale = header.geometry().logit_scale();
   auto options = ConnectionOptions(s);
   if (!options.ok()) return Fail(options.status());
   options->streams = s.streams;
@@ -189,22 +217,13 @@ int RunCompact(const Settings& s) {
 }
 
 int RunGenerate(const Settings& s) {
-  DType dtype;
-  if (s.output.empty() || !ParseDType(s.dtype, &dtype)) {
-    fprintf(stderr, "generate needs --output and a valid --dtype\n");
+  if (s.output.empty()) {
+    fprintf(stderr, "generate needs --output\n");
     return 2;
   }
-  CacheInput cache;
-  cache.query_heads_per_kv_head = 1;
-  SyntheticShape shape;
-  shape.heads = s.kv_heads;
-  shape.tokens = s.context;
-  shape.queries = s.queries;
-  shape.head_dim = shape.value_dim = s.head_dim;
-  for (uint32_t l = 0; l < s.layers; ++l) {
-    const LayerData d = MakeSyntheticLayer(shape, s.seed, static_cast<int32_t>(l));
-    cache.layers.push_back(client::ToLayerInput(d, dtype));
-  }
+  absl::StatusOr<CacheInput> generated = GeneratedCache(s);
+  if (!generated.ok()) return Fail(generated.status());
+  const CacheInput& cache = *generated;
   if (absl::Status st = client::SaveCache(s.output, cache); !st.ok()) return Fail(st);
   printf("wrote %s: %u layers x %u KV heads x %u tokens x d=%u, %u queries per KV head (%s)\n", s.output.c_str(),
          s.layers, s.kv_heads, s.context, s.head_dim, s.queries, s.dtype.c_str());

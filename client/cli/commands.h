@@ -5,6 +5,10 @@
 #include <cstdint>
 #include <string>
 
+#include "absl/status/statusor.h"
+#include "client/cache_files.h"
+#include "client/client.h"
+
 namespace kvcompact::cli {
 
 struct Settings {
@@ -12,6 +16,10 @@ struct Settings {
   std::string allocation, profile, layout = "per_head";
   std::string tls_ca, tls_cert, tls_key, tls_server_name, token_file;  // connection security
   double timeout = 0;  // seconds per call / stream; 0: none
+  // load: concurrent calls, how long, progress interval, and the server's /metrics (host:port).
+  int concurrency = 8;
+  double duration = 60, report_every = 10, faults = 0;
+  std::string metrics;
   double head_cap = 0;
   double ratio = 20, holdout = 0.1, logit_scale = 0;
   uint32_t budget = 0, layers = 30, kv_heads = 3, head_dim = 64, context = 4096, queries = 2048;
@@ -20,7 +28,14 @@ struct Settings {
   bool return_indices = true, quiet = false;
 };
 
+// Shared by the commands: connection security and deadlines, the stream header of a cache, and
+// a generated cache of the --layers/--kv_heads/--context/--queries/--head_dim/--dtype geometry.
+absl::StatusOr<client::ClientOptions> ConnectionOptions(const Settings& s);
+absl::StatusOr<v1::StreamHeader> HeaderFor(const Settings& s, const client::CacheInput& cache);
+absl::StatusOr<client::CacheInput> GeneratedCache(const Settings& s);
+
 int RunCompact(const Settings& s);
+int RunLoad(const Settings& s);
 int RunGenerate(const Settings& s);
 int RunInfo(const Settings& s);
 int RunSelfTest(const Settings& s);

@@ -44,15 +44,22 @@ ABSL_FLAG(uint32_t, context, 4096, "generate: tokens T per layer");
 ABSL_FLAG(uint32_t, queries, 2048, "generate: reference queries per KV head");
 ABSL_FLAG(std::string, dtype, "f32", "generate: f32, f16, bf16");
 ABSL_FLAG(uint64_t, seed, 0, "generate / random method seed");
+ABSL_FLAG(int, concurrency, 8, "load: concurrent Compact calls");
+ABSL_FLAG(double, duration, 60, "load: seconds to run");
+ABSL_FLAG(double, report_every, 10, "load: seconds between progress lines");
+ABSL_FLAG(double, faults, 0, "load: share of calls replaced by faults (cancel, deadline, malformed, oversize)");
+ABSL_FLAG(std::string, metrics, "", "load: the server's metrics address host:port, to follow its resident memory");
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
-      "kvcompact <compact|generate|info|selftest|health> [flags]\n"
+      "kvcompact <compact|generate|info|selftest|health|load> [flags]\n"
       "  compact   stream a cache file to the server, write the compacted cache\n"
       "  generate  write a random cache of a given geometry (for demos and benchmarks)\n"
       "  info      print the server's version, backend and limits\n"
       "  selftest  ask the server to compact a generated problem\n"
-      "  health    grpc.health.v1 check; exit 0 when SERVING");
+      "  health    grpc.health.v1 check; exit 0 when SERVING\n"
+      "  load      N concurrent compactions of a generated cache (--concurrency, --duration, geometry\n"
+      "            as for generate); throughput, latency percentiles, failures by status");
   std::vector<char*> args = absl::ParseCommandLine(argc, argv);
   if (args.size() != 2) {
     fprintf(stderr, "%s\n", absl::ProgramUsageMessage().data());
@@ -91,11 +98,17 @@ int main(int argc, char** argv) {
   s.queries = absl::GetFlag(FLAGS_queries);
   s.dtype = absl::GetFlag(FLAGS_dtype);
   s.seed = absl::GetFlag(FLAGS_seed);
+  s.concurrency = absl::GetFlag(FLAGS_concurrency);
+  s.duration = absl::GetFlag(FLAGS_duration);
+  s.report_every = absl::GetFlag(FLAGS_report_every);
+  s.metrics = absl::GetFlag(FLAGS_metrics);
+  s.faults = absl::GetFlag(FLAGS_faults);
   if (command == "compact") return kvcompact::cli::RunCompact(s);
   if (command == "generate") return kvcompact::cli::RunGenerate(s);
   if (command == "info") return kvcompact::cli::RunInfo(s);
   if (command == "selftest") return kvcompact::cli::RunSelfTest(s);
   if (command == "health") return kvcompact::cli::RunHealth(s);
+  if (command == "load") return kvcompact::cli::RunLoad(s);
   fprintf(stderr, "unknown command '%s'\n%s\n", command.c_str(), absl::ProgramUsageMessage().data());
   return 2;
 }

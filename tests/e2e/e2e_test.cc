@@ -2,6 +2,7 @@
 #include <signal.h>
 
 #include <cstring>
+#include <regex>
 #include <thread>
 
 #include <gtest/gtest.h>
@@ -239,6 +240,45 @@ TEST(E2EConfig, BadEnvironmentValueExitsWithAClearMessage) {
   unsetenv("KVCOMPACT_THREADS");
   EXPECT_EQ(code, 2);
   EXPECT_NE(log.find("KVCOMPACT_THREADS"), std::string::npos) << log;
+}
+
+}  // namespace
+}  // namespace kvcompact::testing
+
+namespace kvcompact::testing {
+namespace {
+
+TEST(LoadTool, ConcurrentCallsWithFaultsAllEndAsTheyMust) {
+  ServerProcess server;
+  ASSERT_TRUE(server.ok()) << server.Log();
+  std::string out;
+  const int code = RunCommand({CliBinary(), "load", "--server=" + server.address(), "--concurrency=4", "--duration=3",
+                               "--report_every=1", "--layers=2", "--kv_heads=2", "--context=256", "--queries=64",
+                               "--ratio=8", "--faults=0.3", "--metrics=127.0.0.1:" + std::to_string(server.metrics_port())},
+                              &out);
+  EXPECT_EQ(code, 0) << out;
+  EXPECT_NE(out.find(" 0 failed, 0 layer errors"), std::string::npos) << out;
+  EXPECT_NE(out.find("call latency (s): p50"), std::string::npos) << out;
+  EXPECT_NE(out.find("server health after the run: SERVING"), std::string::npos) << out;
+  EXPECT_NE(out.find("server RSS (MB)"), std::string::npos) << out;
+  for (const char* fault : {"fault cancel mid-stream", "fault layer half-sent past a 50 ms deadline", "fault truncated K/V block", "fault message over"}) {
+    EXPECT_NE(out.find(fault), std::string::npos) << fault << "\n" << out;
+  }
+  EXPECT_EQ(std::regex_search(out, std::regex(R"(as expected, [1-9][0-9]* not)")), false) << out;
+}
+
+TEST(LoadTool, FailedCallsAreCountedByStatusAndFailTheRun) {
+  setenv("KVCOMPACT_AUTH_TOKEN", "load-test-token-0123456789", 1);
+  ServerProcess server;
+  unsetenv("KVCOMPACT_AUTH_TOKEN");
+  ASSERT_TRUE(server.ok()) << server.Log();
+  std::string out;
+  const int code = RunCommand({CliBinary(), "load", "--server=" + server.address(), "--concurrency=2", "--duration=1",
+                               "--report_every=1", "--layers=1", "--kv_heads=1", "--context=128", "--queries=32"},
+                              &out);
+  EXPECT_EQ(code, 1) << out;
+  EXPECT_NE(out.find("failed calls UNAUTHENTICATED: "), std::string::npos) << out;
+  EXPECT_NE(out.find("0 calls ok"), std::string::npos) << out;
 }
 
 }  // namespace
