@@ -135,6 +135,7 @@ struct Tally {
   std::mutex mu;
   std::vector<double> latencies;            // seconds per successful call
   std::map<std::string, uint64_t> failures;  // by status code name
+  std::map<std::string, std::string> first_message;  // by status code name
   uint64_t calls_ok = 0, layers = 0, layer_errors = 0;
   std::map<Fault, std::pair<uint64_t, uint64_t>> faults;  // kind -> (as expected, not as expected)
   double bytes_in = 0, bytes_out = 0;
@@ -199,7 +200,8 @@ int RunLoad(const Settings& s) {
       const double seconds = std::chrono::duration<double>(Clock::now() - t0).count();
       std::lock_guard<std::mutex> lock(tally.mu);
       if (!outcome.ok()) {
-        ++tally.failures[absl::StatusCodeToString(outcome.status().code())];
+        const std::string code = absl::StatusCodeToString(outcome.status().code());
+        if (tally.failures[code]++ == 0) tally.first_message[code] = std::string(outcome.status().message());
         continue;
       }
       ++tally.calls_ok;
@@ -246,7 +248,9 @@ int RunLoad(const Settings& s) {
          tally.layers / elapsed, tally.bytes_in / elapsed / 1e6, tally.bytes_out / elapsed / 1e6);
   printf("  call latency (s): p50 %.3f  p90 %.3f  p99 %.3f  max %.3f\n", Percentile(tally.latencies, 0.5),
          Percentile(tally.latencies, 0.9), Percentile(tally.latencies, 0.99), Percentile(tally.latencies, 1.0));
-  for (const auto& [code, n] : tally.failures) printf("  failed calls %s: %lu\n", code.c_str(), n);
+  for (const auto& [code, n] : tally.failures) {
+    printf("  failed calls %s: %lu (first: %s)\n", code.c_str(), n, tally.first_message[code].c_str());
+  }
   uint64_t unexpected = 0;
   for (const auto& [fault, counts] : tally.faults) {
     printf("  fault %-72s %6lu as expected, %lu not\n", FaultName(fault), counts.first, counts.second);
