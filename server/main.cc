@@ -1,5 +1,4 @@
 // kvcompact-server: the gRPC KV-cache compaction service.
-#include <malloc.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -121,10 +120,6 @@ bool WarmUp(Worker& worker) {
 }
 
 int Run(int argc, char** argv) {
-  // Tensors and messages are megabytes and come and go with every layer: serve them from mmap so
-  // that freeing returns them to the system at once, instead of fragmenting glibc's per-thread
-  // arenas (resident memory would creep up under many concurrent streams).
-  mallopt(M_MMAP_THRESHOLD, 256 << 10);
   absl::SetProgramUsageMessage("kvcompact-server: KV-cache compaction by Attention Matching over gRPC");
   if (std::string err = ApplyEnvironmentToFlags(); !err.empty()) {
     fprintf(stderr, "bad environment: %s\n", err.c_str());

@@ -30,14 +30,18 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-// process_resident_memory_bytes from the server's /metrics (host:port), or -1.
-double ServerResidentBytes(const std::string& address) {
+struct ServerMemory {
+  double resident = -1, reserved = -1;  // process RSS; admitted to layers in flight
+};
+
+// Resident memory and admission reservations from the server's /metrics (host:port); -1 if unknown.
+ServerMemory ServerMemoryNow(const std::string& address) {
   std::vector<std::string> parts = absl::StrSplit(address, ':');
-  if (parts.size() != 2) return -1;
+  if (parts.size() != 2) return {};
   addrinfo hints{}, *res = nullptr;
   hints.ai_family = AF_INET;
   hints.ai_socktype = SOCK_STREAM;
-  if (getaddrinfo(parts[0].c_str(), parts[1].c_str(), &hints, &res) != 0) return -1;
+  if (getaddrinfo(parts[0].c_str(), parts[1].c_str(), &hints, &res) != 0) return {};
   const int fd = socket(AF_INET, SOCK_STREAM, 0);
   std::string response;
   if (connect(fd, res->ai_addr, res->ai_addrlen) == 0) {
@@ -49,11 +53,14 @@ double ServerResidentBytes(const std::string& address) {
   }
   close(fd);
   freeaddrinfo(res);
-  std::smatch m;
-  static const std::regex re(R"(\nprocess_resident_memory_bytes ([0-9.e+]+))");
-  double value = -1;
-  if (std::regex_search(response, m, re) && !absl::SimpleAtod(std::string(m[1]), &value)) value = -1;
-  return value;
+  ServerMemory memory;
+  for (auto [name, value] : {std::pair{"process_resident_memory_bytes", &memory.resident},
+                             std::pair{"kvcompact_host_memory_reserved_bytes", &memory.reserved}}) {
+    std::smatch m;
+    const std::regex re("\n" + std::string(name) + " ([0-9.e+]+)");
+    if (!std::regex_search(response, m, re) || !absl::SimpleAtod(std::string(m[1]), value)) *value = -1;
+  }
+  return memory;
 }
 
 double Percentile(std::vector<double> v, double p) {
@@ -176,7 +183,7 @@ int RunLoad(const Settings& s) {
     printf("faults: %.0f%% of calls are one of: cancel mid-stream, stall past a deadline, truncated block, oversize message\n",
            100 * s.faults);
   }
-  const double rss_start = s.metrics.empty() ? -1 : ServerResidentBytes(s.metrics);
+  const double rss_start = s.metrics.empty() ? -1 : ServerMemoryNow(s.metrics).resident;
   Tally tally;
   std::atomic<bool> stop{false};
   const auto start = Clock::now();
@@ -215,24 +222,28 @@ int RunLoad(const Settings& s) {
   std::vector<std::thread> threads;
   for (int i = 0; i < s.concurrency; ++i) threads.emplace_back(worker, i);
 
-  double rss_max = rss_start, rss_last = rss_start;
+  double rss_max = rss_start, rss_last = rss_start, reserved_last = -1;
   std::vector<std::pair<double, double>> rss_samples;  // (elapsed, bytes)
   if (rss_start > 0) rss_samples.emplace_back(0, rss_start);
-  printf("%8s %10s %8s %10s %10s %9s %9s %12s\n", "elapsed", "calls_ok", "failed", "layers/s", "MB/s in", "p50_s", "p99_s", "server_rss_MB");
+  printf("%8s %10s %8s %10s %10s %9s %9s %13s %13s\n", "elapsed", "calls_ok", "failed", "layers/s", "MB/s in", "p50_s",
+         "p99_s", "server_rss_MB", "in_flight_MB");
   for (double next = s.report_every;; next += s.report_every) {
     const double until = std::min(next, s.duration);
     std::this_thread::sleep_until(start + std::chrono::milliseconds(static_cast<int64_t>(until * 1000)));
     const double elapsed = std::chrono::duration<double>(Clock::now() - start).count();
     if (!s.metrics.empty()) {
-      rss_last = ServerResidentBytes(s.metrics);
+      const ServerMemory memory = ServerMemoryNow(s.metrics);
+      rss_last = memory.resident;
+      reserved_last = memory.reserved;
       rss_max = std::max(rss_max, rss_last);
       rss_samples.emplace_back(elapsed, rss_last);
     }
     std::lock_guard<std::mutex> lock(tally.mu);
     uint64_t failed = 0;
     for (const auto& [code, n] : tally.failures) failed += n;
-    printf("%8.0f %10lu %8lu %10.1f %10.1f %9.3f %9.3f %12.1f\n", elapsed, tally.calls_ok, failed, tally.layers / elapsed,
-           tally.bytes_in / elapsed / 1e6, Percentile(tally.latencies, 0.5), Percentile(tally.latencies, 0.99), rss_last / 1e6);
+    printf("%8.0f %10lu %8lu %10.1f %10.1f %9.3f %9.3f %13.1f %13.1f\n", elapsed, tally.calls_ok, failed,
+           tally.layers / elapsed, tally.bytes_in / elapsed / 1e6, Percentile(tally.latencies, 0.5),
+           Percentile(tally.latencies, 0.99), rss_last / 1e6, reserved_last / 1e6);
     fflush(stdout);
     if (until >= s.duration) break;
   }
