@@ -22,6 +22,9 @@ class ThreadPool {
   int size() const { return static_cast<int>(workers_.size()); }
   // Runs fn(i) for i in [0, n) and returns when all calls have returned.
   void ParallelFor(int64_t n, const std::function<void(int64_t)>& fn);
+  // Queues `task` and returns at once; it runs on a pool thread (long-lived threads instead of a
+  // thread per task: no per-thread set-up, e.g. of the CUDA runtime, on every call).
+  void Submit(std::function<void()> task);
 
  private:
   void Loop();

@@ -177,6 +177,8 @@ class CudaBackend final : public Backend {
   std::vector<cudaEvent_t> events_;
   std::unique_ptr<DeviceBoundedLsq> lsq_;
   std::vector<std::unique_ptr<PinnedBuffer<float>>> omp_host_;  // per head of a layer: its OMP Gram system
+  // Long-lived threads for the OMP greedy loops (one per core), instead of a thread per head and layer.
+  std::unique_ptr<ThreadPool> omp_pool_;
   std::vector<cudaEvent_t> omp_copied_;                          // ...and the event of its copy
 };
 
@@ -267,6 +269,7 @@ absl::Status CudaBackend::SelectByOmp(const LayerJob& job, const std::vector<int
                                       const std::vector<float>& scores, LayerResult* result) {
   const LayerData& data = job.data;
   const MethodSpec& spec = GetMethodSpec(job.options.method);
+  if (!omp_pool_) omp_pool_ = std::make_unique<ThreadPool>(std::max(1u, std::thread::hardware_concurrency()));
   while (omp_host_.size() < heads.size()) {
     omp_host_.push_back(std::make_unique<PinnedBuffer<float>>());
     cudaEvent_t e;
@@ -288,7 +291,7 @@ absl::Status CudaBackend::SelectByOmp(const LayerJob& job, const std::vector<int
   if (auto s = idx_.Reserve(p_max); !s.ok()) return s;
   // Device side, queued back to back: head k's pool system, then its copy into head k's pinned
   // buffer [G (P x P) | c (P)] and an event; stream order keeps the shared device buffers safe.
-  // A host thread per head waits for its event and runs the greedy loop.
+  // A pool thread per head waits for its event and runs the greedy loop.
   std::vector<std::future<std::vector<int32_t>>> loops;
   absl::Status status;
   for (size_t k = 0; k < heads.size() && status.ok(); ++k) {
@@ -318,12 +321,16 @@ absl::Status CudaBackend::SelectByOmp(const LayerJob& job, const std::vector<int
       break;
     }
     KVC_CUDA(cudaEventRecord(omp_copied_[k], stream_));
-    loops.push_back(std::async(std::launch::async, [g = host.get(), copied = omp_copied_[k], params = params[k], P,
-                                                    pool = std::move(pools[k])]() -> std::vector<int32_t> {
-      if (cudaEventSynchronize(copied) != cudaSuccess) return {};
+    auto selected = std::make_shared<std::promise<std::vector<int32_t>>>();
+    loops.push_back(selected->get_future());
+    omp_pool_->Submit([selected, g = host.get(), copied = omp_copied_[k], params = params[k], P, pool = std::move(pools[k])] {
+      if (cudaEventSynchronize(copied) != cudaSuccess) {
+        selected->set_value({});
+        return;
+      }
       const VectorD c = ConstVectorMapF(g + P * P, P).cast<double>();
-      return SelectedPositions(SelectOmp(ConstMatrixMapF(g, P, P), c, params), pool);
-    }));
+      selected->set_value(SelectedPositions(SelectOmp(ConstMatrixMapF(g, P, P), c, params), pool));
+    });
   }
   // Every started loop is joined (they read the pinned buffers) before returning, even on errors.
   for (size_t k = 0; k < loops.size(); ++k) {

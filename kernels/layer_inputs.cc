@@ -1,6 +1,8 @@
 #include "kernels/layer_inputs.h"
 
 #include <algorithm>
+#include <future>
+#include <memory>
 #include <vector>
 
 #include "core/compact_head.h"
@@ -25,6 +27,7 @@ InputStager::~InputStager() {
 
 absl::Status InputStager::Init(int device, int copy_threads) {
   device_ = device;
+  upload_thread_ = std::make_unique<ThreadPool>(1);
   for (Slot& s : slots_) {
     KVC_CUDA(cudaStreamCreateWithFlags(&s.copy, cudaStreamNonBlocking));
     if (auto st = s.uploader.Init(s.copy, size_t{32} << 20, copy_threads); !st.ok()) return st;
@@ -67,10 +70,15 @@ void InputStager::Prefetch(std::shared_ptr<const LayerJob> job) {
   pending_.slot = slot;
   pending_.job = std::move(job);
   const LayerJob* raw = pending_.job.get();
-  pending_.done = std::async(std::launch::async, [this, raw, slot] {
-                    if (cudaError_t e = cudaSetDevice(device_); e != cudaSuccess) return CudaStatus(e, "cudaSetDevice", __FILE__, __LINE__);
-                    return Upload(*raw, slots_[slot]);
-                  }).share();
+  auto done = std::make_shared<std::promise<absl::Status>>();
+  pending_.done = done->get_future().share();
+  upload_thread_->Submit([this, raw, slot, done] {
+    if (cudaError_t e = cudaSetDevice(device_); e != cudaSuccess) {
+      done->set_value(CudaStatus(e, "cudaSetDevice", __FILE__, __LINE__));
+      return;
+    }
+    done->set_value(Upload(*raw, slots_[slot]));
+  });
 }
 
 absl::StatusOr<const LayerInputs*> InputStager::Acquire(const LayerJob& job) {

@@ -10,6 +10,7 @@
 
 #include "absl/status/statusor.h"
 #include "core/layer.h"
+#include "core/thread_pool.h"
 #include "kernels/device_buffer.h"
 #include "kernels/pinned_uploader.h"
 
@@ -28,7 +29,7 @@ class InputStager {
   InputStager& operator=(const InputStager&) = delete;
 
   absl::Status Init(int device, int copy_threads);
-  // Starts uploading `job` into a free slot on a thread of its own; returns at once. The stager
+  // Starts uploading `job` into a free slot on the stager's upload thread; returns at once. The stager
   // keeps the job alive until it is acquired or superseded.
   void Prefetch(std::shared_ptr<const LayerJob> job);
   // The device inputs of `job`, complete on the device: the prefetched slot when it holds this
@@ -52,6 +53,7 @@ class InputStager {
 
   int device_ = 0;
   Slot slots_[2];
+  std::unique_ptr<ThreadPool> upload_thread_;  // one long-lived thread runs the prefetches
   Staging ready_, pending_;  // a finished upload not yet acquired; one in flight
 };
 
