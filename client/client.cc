@@ -165,6 +165,9 @@ std::shared_ptr<grpc::Channel> Client::MakeChannel(int index) const {
   args.SetMaxSendMessageSize(-1);
   // Distinct arguments give each stream its own TCP connection (and HTTP/2 flow-control window).
   args.SetInt("kvcompact.channel_index", index);
+  // A target that resolves to several servers (a headless Service: dns:///kvcompact.NS.svc:50051)
+  // spreads calls over all of them instead of pinning the first address.
+  args.SetLoadBalancingPolicyName("round_robin");
   if (!options_.security.server_name.empty()) {
     args.SetSslTargetNameOverride(options_.security.server_name);
   }

@@ -209,6 +209,9 @@ int RunLoad(const Settings& s) {
       if (!outcome.ok()) {
         const std::string code = absl::StatusCodeToString(outcome.status().code());
         if (tally.failures[code]++ == 0) tally.first_message[code] = std::string(outcome.status().message());
+        tally.mu.unlock();
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));  // back off as a real client would
+        tally.mu.lock();
         continue;
       }
       ++tally.calls_ok;

@@ -283,3 +283,28 @@ TEST(LoadTool, FailedCallsAreCountedByStatusAndFailTheRun) {
 
 }  // namespace
 }  // namespace kvcompact::testing
+
+namespace kvcompact::testing {
+namespace {
+
+// A target with several addresses (as a headless Service resolves) gets its streams spread over
+// all of them.
+TEST(Balancing, StreamsSpreadOverEveryAddressOfTheTarget) {
+  ServerProcess a, b;
+  ASSERT_TRUE(a.ok() && b.ok()) << a.Log() << b.Log();
+  client::ClientOptions options;
+  options.streams = 8;
+  const std::string target = "ipv4:" + a.address() + "," + b.address();
+  auto outcome = client::Client(target, options).Compact(Header(16, 2, 64, v1::METHOD_H2O, 4), ToInputs(MakeLayers(16, 2, 128, 64)));
+  ASSERT_TRUE(outcome.ok()) << outcome.status();
+  EXPECT_EQ(outcome->layers.size(), 16u);
+  for (ServerProcess* server : {&a, &b}) {
+    const std::string metrics = HttpGet(server->metrics_port(), "/metrics");
+    std::smatch m;
+    ASSERT_TRUE(std::regex_search(metrics, m, std::regex(R"(\nkvcompact_streams_total ([0-9.e+]+))"))) << metrics;
+    EXPECT_GE(std::stod(m[1]), 1) << "every server got streams";
+  }
+}
+
+}  // namespace
+}  // namespace kvcompact::testing

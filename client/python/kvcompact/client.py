@@ -115,7 +115,7 @@ class Client:
 
     def _channel(self, index: int) -> grpc.Channel:
         options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1),
-                   ("kvcompact.channel_index", index)]
+                   ("kvcompact.channel_index", index), ("grpc.lb_policy_name", "round_robin")]
         if self._credentials is None:
             return grpc.insecure_channel(self.target, options=options)
         if self._server_name:
