@@ -17,13 +17,15 @@ SECONDS_PER_TARGET="${1:-20}"
 JOBS="${2:-1}"
 export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 found_failure() { find build-fuzz -maxdepth 1 \( -name 'crash-*' -o -name 'leak-*' -o -name 'timeout-*' -o -name 'oom-*' \) | grep -q .; }
-for target in fuzz_compact_stream fuzz_safetensors fuzz_npy; do
+for target in fuzz_compact_stream fuzz_stream_decode fuzz_safetensors fuzz_npy; do
   work="build-fuzz/corpus/$target"
+  seeds="tests/fuzz/corpus/$target"
+  [ "$target" = fuzz_stream_decode ] && seeds="tests/fuzz/corpus/fuzz_compact_stream"
   mkdir -p "$work"
   echo "== $target: ${SECONDS_PER_TARGET} s, $JOBS job(s)"
   parallel=()
   if [ "$JOBS" -gt 1 ]; then parallel=(-fork="$JOBS"); fi
-  build-fuzz/tests/fuzz/$target "$work" "tests/fuzz/corpus/$target" -max_total_time="$SECONDS_PER_TARGET" \
+  build-fuzz/tests/fuzz/$target "$work" "$seeds" -max_total_time="$SECONDS_PER_TARGET" \
     -max_len=65536 -rss_limit_mb=4096 -timeout=30 "${parallel[@]}" -print_final_stats=1 \
     -artifact_prefix=build-fuzz/ > "build-fuzz/$target.log" 2>&1 || true
   grep -E "^(stat::number_of_executed_units|stat::peak_rss|SUMMARY|INFO: fuzzed for|#[0-9]+ +(DONE|pulse))" "build-fuzz/$target.log" | tail -4

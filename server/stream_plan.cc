@@ -91,8 +91,15 @@ absl::StatusOr<StreamPlan> MakeStreamPlan(const v1::StreamHeader& header, const 
   const v1::Options& o = header.options();
   StreamPlan plan;
   plan.request_id = header.request_id();
-  if (g.num_layers() == 0) return absl::InvalidArgumentError("geometry.num_layers must be > 0");
-  if (g.num_kv_heads() == 0) return absl::InvalidArgumentError("geometry.num_kv_heads must be > 0");
+  // Bounded so that per-request tables (budgets, shares: layers x heads) stay small whatever a
+  // client declares; real models have tens to a few hundred layers and at most a few hundred heads.
+  constexpr uint32_t kMaxLayers = 4096, kMaxKvHeads = 1024;
+  if (g.num_layers() == 0 || g.num_layers() > kMaxLayers) {
+    return absl::InvalidArgumentError(absl::StrCat("geometry.num_layers must be in [1, ", kMaxLayers, "]"));
+  }
+  if (g.num_kv_heads() == 0 || g.num_kv_heads() > kMaxKvHeads) {
+    return absl::InvalidArgumentError(absl::StrCat("geometry.num_kv_heads must be in [1, ", kMaxKvHeads, "]"));
+  }
   if (g.head_dim() == 0 || g.head_dim() > 1024) {
     return absl::InvalidArgumentError("geometry.head_dim must be in [1, 1024]");
   }

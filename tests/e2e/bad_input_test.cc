@@ -93,6 +93,20 @@ TEST_F(BadInput, BadGeometry) {
   const RawResult r = RawCompact(server_->address(), s);
   EXPECT_EQ(r.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_NE(r.status.error_message().find("head_dim"), std::string::npos);
+  // Declared sizes that would make per-request tables huge (layers x heads) are refused up front.
+  for (auto [layers, heads, what] : {std::tuple{4097u, 2u, "num_layers"}, std::tuple{2u, 1025u, "num_kv_heads"},
+                                     std::tuple{4294967295u, 1024u, "num_layers"}}) {
+    auto big = ValidStream();
+    big[0].mutable_header()->mutable_geometry()->set_num_layers(layers);
+    big[0].mutable_header()->mutable_geometry()->set_num_kv_heads(heads);
+    big[0].mutable_header()->mutable_options()->mutable_budget()->mutable_allocation()->set_rule(v1::Allocation::RULE_PYRAMID);
+    big[0].mutable_header()->mutable_options()->mutable_budget()->mutable_allocation()->set_ratio(4);
+    const RawResult refused = RawCompact(server_->address(), big);
+    EXPECT_EQ(refused.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << what;
+    EXPECT_NE(refused.status.error_message().find(what), std::string::npos) << refused.status.error_message();
+  }
+  auto serving = client::Client(server_->address()).IsServing();
+  EXPECT_TRUE(serving.ok() && *serving);
 }
 
 TEST_F(BadInput, WrongShapeFailsOnlyThatLayer) {
