@@ -90,10 +90,13 @@ class Client {
                                          const std::function<void(const CompactedLayer&)>& on_layer = {},
                                          Canceller* canceller = nullptr);
 
- private:
+  // For raw calls (tools, tests): a channel with this client's security and limits (stream index
+  // `index` gets its own connection), and a context with a deadline (0: none) and, over plaintext,
+  // the token.
   std::shared_ptr<grpc::Channel> MakeChannel(int index) const;
-  // Deadline (0: none) and, over plaintext, the token.
   void Prepare(grpc::ClientContext* context, double timeout_seconds = 0) const;
+
+ private:
 
   std::string target_;
   ClientOptions options_;

@@ -84,11 +84,10 @@ void CompactReactor::HandleRequestLocked() {
         ReportLayerErrorLocked(layer, fits);
         return;
       }
-      const double decode = decode_seconds_[layer];
-      decode_seconds_.erase(layer);
-      context_->metrics->layer_input_bytes.Observe(static_cast<double>(layer_bytes_[layer]));
-      layer_bytes_.erase(layer);
-      SubmitLocked(*std::move(job), std::move(memory), decode);
+      const Received received = received_[layer];
+      received_.erase(layer);
+      context_->metrics->layer_input_bytes.Observe(static_cast<double>(received.bytes));
+      SubmitLocked(*std::move(job), std::move(memory), received.decode_seconds);
       return;
     }
     default:
@@ -100,8 +99,9 @@ void CompactReactor::HandleRequestLocked() {
     ReportLayerErrorLocked(layer, bytes.status());
     return;
   }
-  decode_seconds_[layer] += SecondsSince(start);
-  layer_bytes_[layer] += *bytes;
+  Received& received = received_[layer];
+  received.decode_seconds += SecondsSince(start);
+  received.bytes += *bytes;
   summary_.set_bytes_in(summary_.bytes_in() + *bytes);
   context_->metrics->request_bytes.Increment(static_cast<double>(*bytes));
   context_->metrics->chunk_bytes.Observe(static_cast<double>(*bytes));
@@ -133,8 +133,7 @@ void CompactReactor::HandleHeaderLocked() {
 
 void CompactReactor::ReportLayerErrorLocked(uint32_t layer, const absl::Status& status) {
   assembler_->Close(layer);  // later chunks of this layer (known or not) are dropped silently
-  decode_seconds_.erase(layer);
-  layer_bytes_.erase(layer);
+  received_.erase(layer);
   v1::CompactResponse msg;
   v1::LayerError* err = msg.mutable_layer_error();
   err->set_layer(layer);

@@ -51,8 +51,11 @@ class CompactReactor final : public grpc::ServerBidiReactor<v1::CompactRequest, 
   v1::CompactRequest request_;
   std::shared_ptr<const StreamPlan> plan_;
   std::unique_ptr<LayerAssembler> assembler_;
-  std::map<uint32_t, double> decode_seconds_;  // per open layer
-  std::map<uint32_t, uint64_t> layer_bytes_;   // payload received, per open layer
+  struct Received {
+    double decode_seconds = 0;
+    uint64_t bytes = 0;  // payload
+  };
+  std::map<uint32_t, Received> received_;      // per open layer
   std::optional<WorkItem> pending_;            // waiting for room in the worker queue
   std::deque<v1::CompactResponse> writes_;
   bool accepted_ = false;

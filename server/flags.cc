@@ -1,10 +1,12 @@
 #include "server/flags.h"
 
+#include <algorithm>
 #include <cctype>
 #include <cstdlib>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/reflection.h"
+#include "absl/strings/match.h"
 
 ABSL_FLAG(std::string, listen, "0.0.0.0:50051", "gRPC listen address");
 ABSL_FLAG(std::string, metrics_listen, "0.0.0.0:9464", "Prometheus /metrics address; empty disables");
@@ -51,12 +53,16 @@ ABSL_FLAG(std::string, log_level, "info", "spdlog level: trace, debug, info, war
 namespace kvcompact::server {
 namespace {
 
-const char* const kFlagNames[] = {
-    "listen", "metrics_listen", "health_listen", "tls_cert_file", "tls_key_file", "tls_client_ca_file",
-    "auth_token_file", "keepalive_time_seconds", "keepalive_timeout_seconds", "keepalive_min_client_interval_seconds",
-    "max_connection_idle_seconds", "max_connection_age_seconds", "max_connection_age_grace_seconds", "backend", "cuda_device", "allow_tf32", "cuda_workspace_bytes", "cuda_memory_limit_bytes", "threads", "max_message_bytes", "max_tokens_per_block",
-    "max_queries_per_layer", "max_host_memory_bytes", "max_concurrent_streams", "max_open_layers_per_stream", "queue_depth",
-    "drain_delay_seconds", "shutdown_timeout_seconds", "warmup", "profiles_dir", "log_level"};
+// The flags defined in this file, by name: every one of them is mirrored by the environment and
+// logged, with no list to keep in step.
+std::vector<absl::CommandLineFlag*> ServerFlags() {
+  std::vector<absl::CommandLineFlag*> out;
+  for (const auto& [name, flag] : absl::GetAllFlags()) {
+    if (absl::EndsWith(flag->Filename(), "server/flags.cc")) out.push_back(flag);
+  }
+  std::sort(out.begin(), out.end(), [](auto* a, auto* b) { return a->Name() < b->Name(); });
+  return out;
+}
 
 std::string EnvName(const std::string& flag) {
   std::string env = "KVCOMPACT_";
@@ -67,23 +73,19 @@ std::string EnvName(const std::string& flag) {
 }  // namespace
 
 std::string ApplyEnvironmentToFlags() {
-  for (const char* name : kFlagNames) {
-    const char* value = std::getenv(EnvName(name).c_str());
+  for (absl::CommandLineFlag* flag : ServerFlags()) {
+    const std::string env = EnvName(std::string(flag->Name()));
+    const char* value = std::getenv(env.c_str());
     if (value == nullptr) continue;
-    absl::CommandLineFlag* flag = absl::FindCommandLineFlag(name);
     std::string error;
-    if (flag == nullptr || !flag->ParseFrom(value, &error)) {
-      return EnvName(name) + ": " + error;
-    }
+    if (!flag->ParseFrom(value, &error)) return env + ": " + error;
   }
   return "";
 }
 
 std::vector<std::string> EffectiveFlags() {
   std::vector<std::string> out;
-  for (const char* name : kFlagNames) {
-    out.push_back(std::string(name) + "=" + absl::FindCommandLineFlag(name)->CurrentValue());
-  }
+  for (absl::CommandLineFlag* flag : ServerFlags()) out.push_back(std::string(flag->Name()) + "=" + flag->CurrentValue());
   return out;
 }
 

@@ -92,16 +92,12 @@ bool RunFault(Fault fault, const Settings& s, const client::ClientOptions& optio
     auto outcome = client::Client(s.server, options).Compact(header, layers, [&](const client::CompactedLayer&) { canceller.Cancel(); }, &canceller);
     return !outcome.ok() && outcome.status().code() == absl::StatusCode::kCancelled;
   }
-  // Raw streams: what a broken client would send.
-  grpc::ChannelArguments args;
-  args.SetMaxSendMessageSize(-1);
-  args.SetMaxReceiveMessageSize(-1);
-  if (!options.security.server_name.empty()) args.SetSslTargetNameOverride(options.security.server_name);
-  auto stub = v1::KVCompact::NewStub(grpc::CreateCustomChannel(s.server, client::MakeChannelCredentials(options.security), args));
+  // Raw streams: what a broken client would send. The deadline fault stalls with a layer
+  // half-sent until its 50 ms deadline has passed.
+  const client::Client raw(s.server, options);
+  auto stub = v1::KVCompact::NewStub(raw.MakeChannel(0));
   grpc::ClientContext ctx;
-  client::AddPlaintextToken(options.security, &ctx);
-  // The deadline fault stalls with a layer half-sent until its 50 ms deadline has passed.
-  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(fault == Fault::kDeadline ? 50 : 600000));
+  raw.Prepare(&ctx, fault == Fault::kDeadline ? 0.05 : 600);
   auto stream = stub->Compact(&ctx);
   v1::CompactRequest first;
   *first.mutable_header() = header;
@@ -205,15 +201,16 @@ int RunLoad(const Settings& s) {
       const auto t0 = Clock::now();
       absl::StatusOr<client::CompactOutcome> outcome = client.Compact(h, cache->layers);
       const double seconds = std::chrono::duration<double>(Clock::now() - t0).count();
-      std::lock_guard<std::mutex> lock(tally.mu);
       if (!outcome.ok()) {
-        const std::string code = absl::StatusCodeToString(outcome.status().code());
-        if (tally.failures[code]++ == 0) tally.first_message[code] = std::string(outcome.status().message());
-        tally.mu.unlock();
+        {
+          std::lock_guard<std::mutex> lock(tally.mu);
+          const std::string code = absl::StatusCodeToString(outcome.status().code());
+          if (tally.failures[code]++ == 0) tally.first_message[code] = std::string(outcome.status().message());
+        }
         std::this_thread::sleep_for(std::chrono::milliseconds(50));  // back off as a real client would
-        tally.mu.lock();
         continue;
       }
+      std::lock_guard<std::mutex> lock(tally.mu);
       ++tally.calls_ok;
       tally.latencies.push_back(seconds);
       tally.layers += outcome->layers.size();

@@ -23,7 +23,7 @@ TEST(Drain, DelayKeepsServingNewCallsWhileHealthSaysNotServing) {
     ASSERT_TRUE(serving.ok()) << serving.status();
     EXPECT_FALSE(*serving) << "service '" << service << "'";
   }
-  EXPECT_NE(HttpGet(server.metrics_port(), "/metrics").find("\nkvcompact_serving 0"), std::string::npos);
+  EXPECT_EQ(MetricValue(server.metrics_port(), "kvcompact_serving"), 0);
   auto late = client::Client(server.address()).Compact(Header(1, 2, 64, v1::METHOD_H2O, 4), ToInputs(MakeLayers(1, 2, 128, 64)));
   ASSERT_TRUE(late.ok()) << "a call routed during the drain delay is still served: " << late.status();
   EXPECT_EQ(late->layers.size(), 1u);
@@ -56,10 +56,9 @@ TEST(Drain, SecondSignalExitsAtOnce) {
   ASSERT_TRUE(server.ok()) << server.Log();
   server.Signal(SIGTERM);
   std::this_thread::sleep_for(std::chrono::milliseconds(300));
-  const auto start = std::chrono::steady_clock::now();
   server.Signal(SIGINT);
+  // Within the 60 s drain delay only the second signal can end the process.
   EXPECT_EQ(server.WaitForExit(10), 1) << server.Log();
-  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(), 5);
   EXPECT_NE(server.Log().find("second signal: exiting now"), std::string::npos);
 }
 

@@ -2,7 +2,6 @@
 // across streams, deadlines that end streams cleanly, limits reported by GetServerInfo.
 #include <gtest/gtest.h>
 
-#include <regex>
 #include <thread>
 
 #include "tests/e2e/helpers.h"
@@ -10,13 +9,6 @@
 
 namespace kvcompact::testing {
 namespace {
-
-double Metric(int port, const std::string& series) {
-  const std::string text = HttpGet(port, "/metrics");
-  std::smatch m;
-  const std::regex re("\n" + std::regex_replace(series, std::regex(R"([{}"])"), R"(\$&)") + R"( ([0-9.e+-]+))");
-  return std::regex_search(text, m, re) ? std::stod(m[1]) : -1;
-}
 
 TEST(Admission, ALayerOverTheHostMemoryBoundIsRefusedAndTheServerGoesOn) {
   ServerProcess server({"--max_host_memory_bytes=6291456"});  // 6 MiB
@@ -39,8 +31,8 @@ TEST(Admission, ALayerOverTheHostMemoryBoundIsRefusedAndTheServerGoesOn) {
   ASSERT_TRUE(small.ok()) << small.status();
   EXPECT_TRUE(small->errors.empty()) << small->errors[0].message();
   EXPECT_EQ(small->layers.size(), 2u);
-  EXPECT_EQ(Metric(server.metrics_port(), "kvcompact_host_memory_reserved_bytes"), 0) << "every reservation returned";
-  EXPECT_EQ(Metric(server.metrics_port(), "kvcompact_host_memory_limit_bytes"), 6291456);
+  EXPECT_EQ(MetricValue(server.metrics_port(), "kvcompact_host_memory_reserved_bytes"), 0) << "every reservation returned";
+  EXPECT_EQ(MetricValue(server.metrics_port(), "kvcompact_host_memory_limit_bytes"), 6291456);
 }
 
 TEST(Admission, LayersHalfSentByOtherStreamsCountAgainstTheBound) {
@@ -57,7 +49,7 @@ TEST(Admission, LayersHalfSentByOtherStreamsCountAgainstTheBound) {
   auto a = stub->Compact(&ctx);
   ASSERT_TRUE(a->Write(header) && a->Write(chunks[0]));
   std::this_thread::sleep_for(std::chrono::milliseconds(300));
-  EXPECT_GT(Metric(server.metrics_port(), "kvcompact_host_memory_reserved_bytes"), 2e6);
+  EXPECT_GT(MetricValue(server.metrics_port(), "kvcompact_host_memory_reserved_bytes"), 2e6);
 
   // Stream B: the same layer does not fit beside A's; it is refused as transient.
   std::vector<v1::CompactRequest> b_requests = {header};
@@ -102,9 +94,9 @@ TEST(Deadlines, AnExpiredDeadlineEndsTheStreamAndTheServerGoesOn) {
   ASSERT_TRUE(again.ok()) << again.status();
   // The server saw the expired stream as cancelled, and its streams are all gone.
   std::this_thread::sleep_for(std::chrono::milliseconds(500));
-  EXPECT_GE(Metric(server.metrics_port(), R"(kvcompact_streams_finished_total{code="CANCELLED"})"), 1);
-  EXPECT_EQ(Metric(server.metrics_port(), "kvcompact_streams_in_flight"), 0);
-  EXPECT_EQ(Metric(server.metrics_port(), "kvcompact_host_memory_reserved_bytes"), 0);
+  EXPECT_GE(MetricValue(server.metrics_port(), R"(kvcompact_streams_finished_total{code="CANCELLED"})"), 1);
+  EXPECT_EQ(MetricValue(server.metrics_port(), "kvcompact_streams_in_flight"), 0);
+  EXPECT_EQ(MetricValue(server.metrics_port(), "kvcompact_host_memory_reserved_bytes"), 0);
 }
 
 }  // namespace

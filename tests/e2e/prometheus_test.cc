@@ -85,17 +85,14 @@ class PrometheusProcess {
   bool WaitReady(double seconds) const {
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(static_cast<int>(seconds * 1000));
     while (std::chrono::steady_clock::now() < deadline) {
-      if (HttpGet(port_, "/-/ready").rfind("HTTP/1.0 200", 0) == 0 || HttpGet(port_, "/-/ready").rfind("HTTP/1.1 200", 0) == 0) return true;
+      if (HttpGet(port_, "/-/ready").find(" 200 ") != std::string::npos) return true;
       std::this_thread::sleep_for(std::chrono::milliseconds(200));
     }
     return false;
   }
   nlohmann::json Api(const std::string& path) const { return JsonBody(HttpGet(port_, path)); }
   nlohmann::json Query(const std::string& promql) const { return Api("/api/v1/query?query=" + UrlEncode(promql)); }
-  std::string Log() const {
-    std::ifstream in(dir_ + "/prometheus.log");
-    return std::string(std::istreambuf_iterator<char>(in), {});
-  }
+  std::string Log() const { return ReadTextFile(dir_ + "/prometheus.log"); }
 
  private:
   int port_;
@@ -105,8 +102,7 @@ class PrometheusProcess {
 
 // Metric families named in docs/operations.md's metrics table (`kvcompact_...` / `process_...`).
 std::set<std::string> DocumentedFamilies() {
-  std::ifstream in(std::string(KVCOMPACT_SOURCE_DIR) + "/docs/operations.md");
-  const std::string text(std::istreambuf_iterator<char>(in), {});
+  const std::string text = ReadTextFile(std::string(KVCOMPACT_SOURCE_DIR) + "/docs/operations.md");
   std::set<std::string> out;
   const std::regex row(R"(\n\| `((kvcompact|process)_[a-z_]+)`)");
   for (auto it = std::sregex_iterator(text.begin(), text.end(), row); it != std::sregex_iterator(); ++it) {

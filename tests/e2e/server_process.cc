@@ -44,14 +44,14 @@ pid_t Spawn(const std::vector<std::string>& argv, const std::string& log_path) {
   _exit(127);
 }
 
-std::string ReadFile(const std::string& path) {
+}  // namespace
+
+std::string ReadTextFile(const std::string& path) {
   std::ifstream in(path);
   std::stringstream ss;
   ss << in.rdbuf();
   return ss.str();
 }
-
-}  // namespace
 
 ServerProcess::ServerProcess(std::vector<std::string> extra_args) {
   char tmpl[] = "/tmp/kvcompact-server-XXXXXX";
@@ -66,7 +66,7 @@ ServerProcess::ServerProcess(std::vector<std::string> extra_args) {
   const std::regex grpc_port(R"(listening on \S+ \(port (\d+)\))"), metrics_port(R"(metrics on \S+ \(port (\d+)\))"),
       health_port(R"(health on \S+ \(port (\d+)\))");
   while (std::chrono::steady_clock::now() < deadline) {
-    const std::string log = ReadFile(log_path_);
+    const std::string log = ReadTextFile(log_path_);
     std::smatch m;
     if (port_ == 0 && std::regex_search(log, m, grpc_port)) port_ = std::stoi(m[1]);
     if (metrics_port_ == 0 && std::regex_search(log, m, metrics_port)) metrics_port_ = std::stoi(m[1]);
@@ -94,7 +94,7 @@ ServerProcess::~ServerProcess() {
   std::remove(log_path_.c_str());
 }
 
-std::string ServerProcess::Log() const { return ReadFile(log_path_); }
+std::string ServerProcess::Log() const { return ReadTextFile(log_path_); }
 
 void ServerProcess::Signal(int sig) {
   if (pid_ > 0) kill(pid_, sig);
@@ -120,7 +120,7 @@ int RunCommand(const std::vector<std::string>& argv, std::string* output) {
   const pid_t pid = Spawn(argv, tmpl);
   int status = 0;
   waitpid(pid, &status, 0);
-  if (output) *output = ReadFile(tmpl);
+  if (output) *output = ReadTextFile(tmpl);
   std::remove(tmpl);
   return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
 }
@@ -142,6 +142,13 @@ std::string HttpGet(int port, const std::string& path) {
   for (ssize_t n; (n = read(fd, buf, sizeof(buf))) > 0;) response.append(buf, static_cast<size_t>(n));
   close(fd);
   return response;
+}
+
+double MetricValue(int port, const std::string& series) {
+  const std::string text = HttpGet(port, "/metrics");
+  const std::regex re("\n" + std::regex_replace(series, std::regex(R"([{}"])"), R"(\$&)") + R"( ([0-9.e+-]+))");
+  std::smatch m;
+  return std::regex_search(text, m, re) ? std::stod(m[1]) : -1;
 }
 
 }  // namespace kvcompact::testing

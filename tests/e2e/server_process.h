@@ -39,6 +39,11 @@ int RunCommand(const std::vector<std::string>& argv, std::string* output);
 
 // Plain HTTP GET on loopback (for the /metrics endpoint).
 std::string HttpGet(int port, const std::string& path);
+// The value of one series (e.g. `kvcompact_errors_total{code="OK"}`) on the server's /metrics at
+// `port`, or -1 when it is absent.
+double MetricValue(int port, const std::string& series);
+// A whole file as text ("" when it cannot be read).
+std::string ReadTextFile(const std::string& path);
 
 // Binary paths, from the build.
 std::string ServerBinary();
