@@ -230,6 +230,7 @@ absl::Status AllocateLayer(Backend& backend, LayerJob* job, const LayerAllocatio
     LayerJob probe;
     probe.options = job->options;
     probe.first_head = job->first_head;
+    probe.cancelled = job->cancelled;
     probe.data = LayerData{d.layer, d.heads, d.tokens, m, d.head_dim, d.value_dim, d.scale,
                            d.keys, d.values, d.bias, std::move(sampled)};
     if (GetMethodSpec(probe.options.method).selection == Selection::kOmp) probe.options.method = Method::kAmHighestAttention;

@@ -17,6 +17,7 @@ LayerJob ChunkJob(const LayerJob& job, int64_t begin, int64_t end) {
   LayerJob out;
   out.options = job.options;
   out.first_head = job.first_head;  // same seeds per head in every chunk: one held-out split
+  out.cancelled = job.cancelled;
   out.data = LayerData{d.layer, d.heads, rows, d.queries, d.head_dim, d.value_dim, d.scale, {}, {}, {}, d.query_data};
   auto rows_of = [&](const std::vector<float>& v, int64_t width) {
     std::vector<float> o;
@@ -82,6 +83,7 @@ absl::StatusOr<LayerResult> CompactLayerInChunks(Backend& backend, const LayerJo
   result.heads.resize(d.heads);
   std::vector<float> fit_error(d.heads, 0.f);
   for (int64_t c = 0; c < chunks; ++c) {
+    if (job.IsCancelled()) return absl::CancelledError("the stream is gone or the server is stopping");
     LayerJob part = ChunkJob(job, bounds[c], bounds[c + 1]);
     part.budgets = budget[c];
     if (auto s = AllocateLayer(backend, &part, rule); !s.ok()) return s;

@@ -23,6 +23,10 @@ class CpuBackend final : public Backend {
     std::vector<StageSeconds> seconds(data.heads);
     std::vector<absl::Status> status(data.heads);
     pool_.ParallelFor(data.heads, [&](int64_t h) {
+      if (job.IsCancelled()) {
+        status[h] = absl::CancelledError("the stream is gone or the server is stopping");
+        return;
+      }
       const HeadOptions options = HeadOptionsFor(job, h);
       const MatrixF queries = data.HeadQueries(h);
       auto head = CompactHead(data.HeadBlock(h), data.queries > 0 ? &queries : nullptr, options,

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string_view>
 #include <vector>
@@ -31,6 +32,10 @@ struct LayerJob {
   std::vector<int64_t> budgets;    // t per head
   HeadOptions options;             // budget field ignored; taken from `budgets`
   int64_t first_head = 0;          // layer-wide index of data's head 0 (a slice of a larger layer)
+  // True once nobody wants the result (the stream is gone, the server is stopping): backends
+  // check it before each head and each chunk and then return CANCELLED. Empty: never.
+  std::function<bool()> cancelled;
+  bool IsCancelled() const { return cancelled && cancelled(); }
 };
 
 // Heads [begin, end) of a job as a job of their own: the same per-head results (seeds follow the
@@ -41,6 +46,13 @@ struct LayerResult {
   std::vector<CompactedHead> heads;
   StageSeconds seconds;            // summed over heads (CPU time of the stages)
 };
+
+// Heads whose fitted beta or values are not finite, or beyond `max_abs` (the output dtype's
+// range: 65504 for fp16), fall back to plain selection (beta = b[S], C_v = V[S], finite for
+// finite inputs) and get their error figures measured again on all of the layer's queries; a
+// figure that still is not finite is dropped (has_quality = false). Returns the number of heads
+// replaced, so that a result with status OK never carries NaN or Inf.
+int64_t ReplaceNonFiniteHeads(const LayerJob& job, float max_abs, LayerResult* result);
 
 // The options of head `head` of a job: its budget and its seed (random selection, query split),
 // which depends on the layer-wide head index.

@@ -578,6 +578,7 @@ absl::StatusOr<LayerResult> CudaBackend::Run(const LayerJob& job) {
   }
   // Phase 1, per head on the host: select S (from the device's scores), gather C_k and b_S.
   for (int64_t h = 0; h < H_; ++h) {
+    if (job.IsCancelled()) return absl::CancelledError("the stream is gone or the server is stopping");
     head_options[h] = HeadOptionsFor(job, h);
     const HeadOptions& o = head_options[h];
     if (o.budget <= 0) return absl::InvalidArgumentError(absl::StrCat("head ", h, ": budget must be > 0"));

@@ -1,5 +1,8 @@
 #include "server/compact_reactor.h"
 
+#include <new>
+
+#include <grpcpp/impl/codegen/proto_utils.h>
 #include <spdlog/spdlog.h>
 
 #include "absl/status/status.h"
@@ -16,10 +19,31 @@ double SecondsSince(std::chrono::steady_clock::time_point t) {
 
 std::string CodeName(absl::StatusCode code) { return absl::StatusCodeToString(code); }
 
+// fp32 bytes the tensors of a chunk decode to (the decode buffers, beside the message itself).
+uint64_t DecodedBytes(const v1::CompactRequest& r) {
+  uint64_t bytes = 0;
+  auto add = [&](const v1::Tensor& t) {
+    auto dtype = DTypeFromProto(t.dtype());
+    if (dtype.ok()) bytes += t.data().size() / DTypeSize(*dtype) * 4;
+  };
+  if (r.has_kv()) {
+    add(r.kv().keys());
+    add(r.kv().values());
+    add(r.kv().bias());
+  } else if (r.has_queries()) {
+    add(r.queries().queries());
+  }
+  return bytes;
+}
+
+// Largest magnitude the output dtype holds: results beyond it fall back to selection.
+float OutputRange(DType dtype) { return dtype == DType::kFloat16 ? 65504.0f : 3.0e38f; }
+
 }  // namespace
 
-CompactReactor::CompactReactor(ServiceContext* context, const absl::Status& reject)
-    : context_(context), shared_(std::make_shared<Shared>()), started_(std::chrono::steady_clock::now()) {
+CompactReactor::CompactReactor(ServiceContext* context, grpc::CallbackServerContext* call, const absl::Status& reject)
+    : context_(context), call_(call), shared_(std::make_shared<Shared>()), started_(Clock::now()),
+      last_read_(started_) {
   shared_->self = this;
   std::lock_guard<std::mutex> lock(shared_->mu);
   if (!reject.ok()) {
@@ -28,22 +52,71 @@ CompactReactor::CompactReactor(ServiceContext* context, const absl::Status& reje
     return;
   }
   accepted_ = true;
+  context_->live_streams.fetch_add(1);
   context_->metrics->streams_started.Increment();
   context_->metrics->streams_in_flight.Increment();
-  StartRead(&request_);
+  if (context_->watchdog != nullptr) {
+    std::weak_ptr<Shared> weak = shared_;
+    context_->watchdog->Add([weak](Clock::time_point now) {
+      std::shared_ptr<Shared> shared = weak.lock();
+      if (!shared) return false;
+      std::lock_guard<std::mutex> lock(shared->mu);
+      if (shared->self == nullptr) return false;
+      shared->self->OnTickLocked(now);
+      return true;
+    });
+  }
+  MaybeReadLocked();
 }
 
 void CompactReactor::OnReadDone(bool ok) {
   std::lock_guard<std::mutex> lock(shared_->mu);
+  reading_ = false;
   if (finished_) return;
   if (!ok) {  // half-close by the client, or the stream broke (OnCancel tells which)
     reads_done_ = true;
-    if (!plan_ && !shared_->cancelled) stream_error_ = grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "stream closed before a StreamHeader was sent");
+    if (!plan_ && !shared_->cancelled) {
+      StreamErrorLocked(grpc::StatusCode::INVALID_ARGUMENT, "stream closed before a StreamHeader was sent");
+      return;
+    }
+    if (assembler_ && !shared_->cancelled) {
+      for (uint32_t layer : assembler_->OpenLayers()) {
+        ReportLayerErrorLocked(layer, absl::InvalidArgumentError("the stream was half-closed before this layer's LayerEnd"));
+      }
+    }
     MaybeFinishLocked();
     return;
   }
-  HandleRequestLocked();
-  if (!finished_ && !stream_error_ && !pending_) StartRead(&request_);
+  last_read_ = Clock::now();
+  ++messages_read_;
+  const uint64_t message_bytes = read_buffer_.Length();
+  grpc::Status parsed = grpc::SerializationTraits<v1::CompactRequest>::Deserialize(&read_buffer_, &request_);
+  if (!parsed.ok()) {
+    StreamErrorLocked(grpc::StatusCode::INVALID_ARGUMENT,
+                      absl::StrCat("message ", messages_read_, " of the stream (", message_bytes,
+                                   " bytes) is not a valid kvcompact.v1.CompactRequest"));
+    return;
+  }
+  if (request_.msg_case() == v1::CompactRequest::kKv || request_.msg_case() == v1::CompactRequest::kQueries) {
+    // The message and its decode buffers are held while it is decoded: inside admission.
+    const uint32_t layer = request_.has_kv() ? request_.kv().layer() : request_.queries().layer();
+    MemoryReservation transient;
+    if (context_->memory != nullptr && plan_ && !assembler_->IsFailed(layer) && !assembler_->IsEnded(layer)) {
+      absl::StatusOr<MemoryReservation> r =
+          context_->memory->Reserve(message_bytes + DecodedBytes(request_), absl::StrCat("layer ", layer, " (decoding a chunk)"));
+      if (!r.ok()) {
+        ReportLayerErrorLocked(layer, r.status());
+        MaybeReadLocked();
+        return;
+      }
+      transient = *std::move(r);
+    }
+    HandleRequestLocked();
+  } else {
+    HandleRequestLocked();
+  }
+  request_.Clear();
+  MaybeReadLocked();
 }
 
 void CompactReactor::HandleRequestLocked() {
@@ -52,48 +125,51 @@ void CompactReactor::HandleRequestLocked() {
     return;
   }
   if (!plan_) {
-    stream_error_ = grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "the first message of a Compact stream must be a StreamHeader");
-    context_->metrics->CountError("INVALID_ARGUMENT");
-    MaybeFinishLocked();
+    StreamErrorLocked(grpc::StatusCode::INVALID_ARGUMENT, "the first message of a Compact stream must be a StreamHeader");
     return;
   }
   uint32_t layer = 0;
-  absl::StatusOr<uint64_t> bytes = uint64_t{0};
-  const auto start = std::chrono::steady_clock::now();
   switch (request_.msg_case()) {
-    case v1::CompactRequest::kKv:
-      layer = request_.kv().layer();
-      if (assembler_->IsClosed(layer)) return;  // already failed or ended: reported once
-      bytes = assembler_->AddKV(request_.kv());
-      break;
-    case v1::CompactRequest::kQueries:
-      layer = request_.queries().layer();
-      if (assembler_->IsClosed(layer)) return;
-      bytes = assembler_->AddQueries(request_.queries());
-      break;
-    case v1::CompactRequest::kLayerEnd: {
-      layer = request_.layer_end().layer();
-      if (assembler_->IsClosed(layer)) return;
-      MemoryReservation memory;
-      absl::StatusOr<LayerJob> job = assembler_->EndLayer(layer, &memory);
-      if (!job.ok()) {
-        ReportLayerErrorLocked(layer, job.status());
-        return;
-      }
-      if (absl::Status fits = context_->worker->backend().CheckFits(*job); !fits.ok()) {
-        ReportLayerErrorLocked(layer, fits);
-        return;
-      }
-      const Received received = received_[layer];
-      received_.erase(layer);
-      context_->metrics->layer_input_bytes.Observe(static_cast<double>(received.bytes));
-      SubmitLocked(*std::move(job), std::move(memory), received.decode_seconds);
-      return;
-    }
+    case v1::CompactRequest::kKv: layer = request_.kv().layer(); break;
+    case v1::CompactRequest::kQueries: layer = request_.queries().layer(); break;
+    case v1::CompactRequest::kLayerEnd: layer = request_.layer_end().layer(); break;
     default:
-      stream_error_ = grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "empty CompactRequest (no message set)");
-      MaybeFinishLocked();
+      StreamErrorLocked(grpc::StatusCode::INVALID_ARGUMENT, "empty CompactRequest (no message set)");
       return;
+  }
+  if (assembler_->IsFailed(layer)) return;  // its failure was reported once
+  if (assembler_->IsEnded(layer)) {
+    StreamErrorLocked(grpc::StatusCode::INVALID_ARGUMENT,
+                      absl::StrCat("layer ", layer, ": ", request_.has_layer_end() ? "a second LayerEnd" : "a chunk after its LayerEnd",
+                                   "; each layer is sent once per stream"));
+    return;
+  }
+  absl::StatusOr<uint64_t> bytes = uint64_t{0};
+  const auto start = Clock::now();
+  try {
+    switch (request_.msg_case()) {
+      case v1::CompactRequest::kKv: bytes = assembler_->AddKV(request_.kv()); break;
+      case v1::CompactRequest::kQueries: bytes = assembler_->AddQueries(request_.queries()); break;
+      default: {  // kLayerEnd
+        MemoryReservation memory;
+        absl::StatusOr<LayerJob> job = assembler_->EndLayer(layer, &memory);
+        if (!job.ok()) {
+          ReportLayerErrorLocked(layer, job.status());
+          return;
+        }
+        if (absl::Status fits = context_->worker->backend().CheckFits(*job); !fits.ok()) {
+          ReportLayerErrorLocked(layer, fits);
+          return;
+        }
+        const Received received = received_[layer];
+        received_.erase(layer);
+        context_->metrics->layer_input_bytes.Observe(static_cast<double>(received.bytes));
+        SubmitLocked(*std::move(job), std::move(memory), received.decode_seconds);
+        return;
+      }
+    }
+  } catch (const std::bad_alloc&) {
+    bytes = absl::ResourceExhaustedError("out of host memory while receiving this layer; send fewer tokens or queries per layer");
   }
   if (!bytes.ok()) {
     ReportLayerErrorLocked(layer, bytes.status());
@@ -110,29 +186,37 @@ void CompactReactor::HandleRequestLocked() {
 
 void CompactReactor::HandleHeaderLocked() {
   if (plan_) {
-    stream_error_ = grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "a second StreamHeader in one stream");
-    context_->metrics->CountError("INVALID_ARGUMENT");
-    MaybeFinishLocked();
+    StreamErrorLocked(grpc::StatusCode::INVALID_ARGUMENT, "a second StreamHeader in one stream");
     return;
   }
   absl::StatusOr<StreamPlan> plan = MakeStreamPlan(request_.header(), context_->profiles);
   if (!plan.ok()) {
-    stream_error_ = ToGrpc(plan.status());
-    context_->metrics->CountError(CodeName(plan.status().code()));
-    MaybeFinishLocked();
+    StreamErrorLocked(static_cast<grpc::StatusCode>(plan.status().code()), std::string(plan.status().message()));
     return;
   }
   plan_ = std::make_shared<const StreamPlan>(*std::move(plan));
   assembler_ = std::make_unique<LayerAssembler>(plan_.get(), &context_->limits, context_->memory, context_->threads);
   summary_.set_request_id(plan_->request_id);
   summary_.set_backend(std::string(context_->worker->backend_name()));
-  started_ = std::chrono::steady_clock::now();
+  started_ = Clock::now();
   spdlog::debug("stream {}: {} layers x {} kv heads, d={} dv={}", plan_->request_id, plan_->num_layers,
                 plan_->num_kv_heads, plan_->head_dim, plan_->value_dim);
 }
 
+void CompactReactor::StreamErrorLocked(grpc::StatusCode code, const std::string& message) {
+  if (stream_error_) return;
+  stream_error_ = grpc::Status(code, message);
+  context_->metrics->CountError(CodeName(static_cast<absl::StatusCode>(code)));
+  uint64_t suppressed = 0;
+  if (context_->log_limiter.Allow(&suppressed)) {
+    spdlog::info("stream {} ({}): {}{}", plan_ ? plan_->request_id : "", call_->peer(), message,
+                 suppressed ? absl::StrCat(" [", suppressed, " similar lines suppressed]") : "");
+  }
+  MaybeFinishLocked();
+}
+
 void CompactReactor::ReportLayerErrorLocked(uint32_t layer, const absl::Status& status) {
-  assembler_->Close(layer);  // later chunks of this layer (known or not) are dropped silently
+  assembler_->Fail(layer);  // releases its buffers; later chunks of this layer are dropped silently
   received_.erase(layer);
   v1::CompactResponse msg;
   v1::LayerError* err = msg.mutable_layer_error();
@@ -142,8 +226,12 @@ void CompactReactor::ReportLayerErrorLocked(uint32_t layer, const absl::Status& 
   summary_.set_layers_failed(summary_.layers_failed() + 1);
   context_->metrics->layers_failed.Increment();
   context_->metrics->CountError(CodeName(status.code()));
-  spdlog::info("stream {}: {}", plan_ ? plan_->request_id : "", err->message());
-  QueueWriteLocked(std::move(msg));
+  uint64_t suppressed = 0;
+  if (context_->log_limiter.Allow(&suppressed)) {
+    spdlog::info("stream {}: {}{}", plan_ ? plan_->request_id : "", err->message(),
+                 suppressed ? absl::StrCat(" [", suppressed, " similar lines suppressed]") : "");
+  }
+  QueueWriteLocked(msg);
 }
 
 void CompactReactor::SubmitLocked(LayerJob job, MemoryReservation memory, double decode_seconds) {
@@ -152,6 +240,7 @@ void CompactReactor::SubmitLocked(LayerJob job, MemoryReservation memory, double
   WorkItem item;
   std::shared_ptr<Shared> shared = shared_;
   item.cancelled = [shared] { return shared->cancelled.load(); };
+  job.cancelled = item.cancelled;  // a running layer stops at its next head or chunk
   auto owned_job = std::make_shared<LayerJob>(std::move(job));
   item.job = owned_job;
   std::shared_ptr<const StreamPlan> plan = plan_;
@@ -172,6 +261,10 @@ void CompactReactor::SubmitLocked(LayerJob job, MemoryReservation memory, double
     } else if (backend) {
       absl::Status allocated = AllocateLayer(*backend, owned_job.get(), plan->layer_rule);
       result = allocated.ok() ? backend->CompactLayer(*owned_job) : absl::StatusOr<LayerResult>(allocated);
+    }
+    if (result.ok()) {
+      const int64_t replaced = ReplaceNonFiniteHeads(*owned_job, OutputRange(plan->output_dtype), &*result);
+      if (replaced > 0) metrics->fallback_heads.Increment(static_cast<double>(replaced));
     }
     owned_job.reset();  // free the layer's inputs before encoding its outputs
     held->Release();
@@ -219,9 +312,7 @@ void CompactReactor::TrySubmitPendingLocked() {
     if (!shared->self) return;
     CompactReactor* self = shared->self;
     self->TrySubmitPendingLocked();
-    if (!self->pending_ && !self->finished_ && !self->stream_error_ && !self->reads_done_) {
-      self->StartRead(&self->request_);
-    }
+    self->MaybeReadLocked();
   });
   if (queued) pending_.reset();
 }
@@ -244,28 +335,75 @@ void CompactReactor::OnLayerResultLocked(std::vector<v1::CompactResponse> messag
     summary_.set_layers_failed(summary_.layers_failed() + 1);
     context_->metrics->layers_failed.Increment();
   }
-  for (v1::CompactResponse& m : messages) QueueWriteLocked(std::move(m));
+  for (const v1::CompactResponse& m : messages) QueueWriteLocked(m);
   MaybeFinishLocked();
 }
 
-void CompactReactor::QueueWriteLocked(v1::CompactResponse message) {
+void CompactReactor::OnTickLocked(Clock::time_point now) {
+  if (finished_ || !accepted_) return;
+  const double idle = context_->limits.idle_timeout_seconds;
+  auto seconds = [&](Clock::time_point t) { return std::chrono::duration<double>(now - t).count(); };
+  if (writing_ && idle > 0 && seconds(write_started_) > idle) {
+    // A write the client does not take blocks Finish too: cancel the call (RST_STREAM).
+    uint64_t suppressed = 0;
+    if (context_->log_limiter.Allow(&suppressed)) {
+      spdlog::info("stream {} ({}): the client read no response for {} s (idle_timeout_seconds); cancelling it",
+                   plan_ ? plan_->request_id : "", call_->peer(), idle);
+    }
+    context_->metrics->CountError("DEADLINE_EXCEEDED");
+    call_->TryCancel();
+    return;
+  }
+  if (assembler_) {
+    for (const auto& [layer, reason] :
+         assembler_->StaleLayers(now, idle, context_->limits.layer_receive_timeout_seconds)) {
+      ReportLayerErrorLocked(layer, absl::DeadlineExceededError(reason));
+    }
+  }
+  if (idle > 0 && !writing_ && writes_.empty() && in_flight_ == 0 && !reads_done_ && seconds(last_read_) > idle) {
+    StreamErrorLocked(grpc::StatusCode::DEADLINE_EXCEEDED,
+                      absl::StrCat("no message from the client for ", idle,
+                                   " s while nothing of this stream was being computed (idle_timeout_seconds)"));
+  }
+}
+
+void CompactReactor::QueueWriteLocked(const v1::CompactResponse& message) {
   if (finished_ || write_failed_) return;
-  writes_.push_back(std::move(message));
+  Outbound out;
+  bool own_buffer = false;
+  grpc::SerializationTraits<v1::CompactResponse>::Serialize(message, &out.buffer, &own_buffer);
+  out.bytes = out.buffer.Length();
+  write_bytes_ += out.bytes;
+  if (context_->memory != nullptr) write_memory_.Merge(context_->memory->Account(out.bytes));
+  writes_.push_back(std::move(out));
   MaybeWriteLocked();
+}
+
+void CompactReactor::MaybeReadLocked() {
+  if (reading_ || finished_ || stream_error_ || pending_ || reads_done_ || shared_->cancelled) return;
+  if (write_bytes_ > context_->limits.max_outbound_bytes()) return;  // resumes in OnWriteDone
+  reading_ = true;
+  StartRead(&read_buffer_);
 }
 
 void CompactReactor::MaybeWriteLocked() {
   if (writing_ || writes_.empty() || finished_ || write_failed_) return;
   writing_ = true;
-  StartWrite(&writes_.front());
+  write_started_ = Clock::now();
+  StartWrite(&writes_.front().buffer);
 }
 
 void CompactReactor::OnWriteDone(bool ok) {
   std::lock_guard<std::mutex> lock(shared_->mu);
   writing_ = false;
-  if (!writes_.empty()) writes_.pop_front();
+  if (!writes_.empty()) {
+    write_bytes_ -= writes_.front().bytes;
+    write_memory_.ReleasePart(writes_.front().bytes);
+    writes_.pop_front();
+  }
   if (!ok) write_failed_ = true;
   MaybeWriteLocked();
+  MaybeReadLocked();
   MaybeFinishLocked();
 }
 
@@ -296,7 +434,7 @@ void CompactReactor::MaybeFinishLocked() {
     summary_.set_wall_seconds(SecondsSince(started_));
     v1::CompactResponse msg;
     *msg.mutable_summary() = summary_;
-    QueueWriteLocked(std::move(msg));
+    QueueWriteLocked(msg);
     return;
   }
   FinishLocked(grpc::Status::OK);
@@ -308,6 +446,12 @@ void CompactReactor::FinishLocked(const grpc::Status& status) {
   // Free the stream slot before the client can see the status, so a client that opens its next
   // stream right after this one ends is not refused for a slot that is about to be free.
   context_->open_streams.fetch_sub(1);
+  // Half-sent layers and unwritten responses give their memory back now, not when gRPC is done.
+  assembler_.reset();
+  received_.clear();
+  writes_.clear();
+  write_bytes_ = 0;
+  write_memory_.Release();
   Finish(status);
 }
 
@@ -317,7 +461,10 @@ void CompactReactor::OnDone() {
     shared_->self = nullptr;
     shared_->cancelled = true;  // queued layers of this stream are skipped
   }
-  if (accepted_) context_->metrics->streams_in_flight.Decrement();
+  if (accepted_) {
+    context_->metrics->streams_in_flight.Decrement();
+    context_->live_streams.fetch_sub(1);
+  }
   delete this;
 }
 

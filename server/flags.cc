@@ -41,6 +41,13 @@ ABSL_FLAG(uint64_t, max_host_memory_bytes, 0,
           "0 = 70% of the container's memory limit (or of RAM)");
 ABSL_FLAG(uint32_t, max_concurrent_streams, 64, "Compact streams served at once; more get RESOURCE_EXHAUSTED");
 ABSL_FLAG(uint32_t, max_open_layers_per_stream, 4, "Layers one stream may have half-sent at once");
+ABSL_FLAG(double, idle_timeout_seconds, 60,
+          "A stream with nothing queued or running that sends nothing this long ends DEADLINE_EXCEEDED; a half-sent "
+          "layer with no chunk this long fails DEADLINE_EXCEEDED; a response unread this long cancels the stream. 0: none");
+ABSL_FLAG(double, layer_receive_timeout_seconds, 600,
+          "A layer must be complete (LayerEnd) this long after its first chunk, else it fails DEADLINE_EXCEEDED. 0: none");
+ABSL_FLAG(uint32_t, max_streams_per_connection, 100,
+          "HTTP/2 streams one connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS)");
 ABSL_FLAG(uint32_t, queue_depth, 4, "Layers waiting for the worker before streams stop reading");
 ABSL_FLAG(double, drain_delay_seconds, 0,
           "On SIGTERM: keep serving (health NOT_SERVING) this long so load balancers stop routing here first");

@@ -1,6 +1,8 @@
 #include "server/layer_assembler.h"
 
 #include <algorithm>
+#include <cmath>
+#include <new>
 
 #include "absl/strings/str_cat.h"
 #include "core/dtype.h"
@@ -18,9 +20,10 @@ std::string ShapeString(const v1::Tensor& t) {
   return s + "]";
 }
 
-// Checks dtype, shape and byte count of `t` and decodes it to fp32.
+// Checks dtype, shape, byte count and magnitude of `t` and decodes it to fp32. `shape` holds
+// validated dimensions; the element count is still computed with overflow checks.
 absl::Status DecodeTensor(const v1::Tensor& t, absl::string_view name, const std::vector<int64_t>& shape,
-                          std::vector<float>* out) {
+                          float max_abs, std::vector<float>* out) {
   auto dtype = DTypeFromProto(t.dtype());
   if (!dtype.ok()) return InvalidArgumentError(StrCat(name, ": ", dtype.status().message()));
   bool same = t.shape_size() == static_cast<int>(shape.size());
@@ -29,17 +32,34 @@ absl::Status DecodeTensor(const v1::Tensor& t, absl::string_view name, const std
   for (size_t i = 0; i < shape.size(); ++i) want += StrCat(i ? ", " : "", shape[i]);
   want += "]";
   if (!same) return InvalidArgumentError(StrCat(name, ": shape ", ShapeString(t), ", expected ", want));
-  size_t count = 1;
-  for (int64_t s : shape) count *= static_cast<size_t>(s);
-  if (t.data().size() != count * DTypeSize(*dtype)) {
+  uint64_t count = 1, bytes = 0;
+  for (int64_t s : shape) {
+    if (s < 0 || __builtin_mul_overflow(count, static_cast<uint64_t>(s), &count)) {
+      return InvalidArgumentError(StrCat(name, ": shape ", want, " has too many elements"));
+    }
+  }
+  if (__builtin_mul_overflow(count, static_cast<uint64_t>(DTypeSize(*dtype)), &bytes)) {
+    return InvalidArgumentError(StrCat(name, ": shape ", want, " has too many elements"));
+  }
+  if (t.data().size() != bytes) {
     return InvalidArgumentError(StrCat(name, ": ", t.data().size(), " bytes for shape ", want, " of ",
-                                       std::string(DTypeName(*dtype)), ", expected ",
-                                       count * DTypeSize(*dtype)));
+                                       std::string(DTypeName(*dtype)), ", expected ", bytes));
   }
   out->resize(count);
   absl::Status s = DecodeToFloat(t.data().data(), *dtype, count, out->data());
   if (!s.ok()) return InvalidArgumentError(StrCat(name, ": ", s.message()));
+  for (size_t i = 0; i < count; ++i) {
+    if (std::fabs((*out)[i]) > max_abs) {
+      return InvalidArgumentError(StrCat(name, ": |", (*out)[i], "| at element ", i, " is over ", max_abs,
+                                         ", the largest magnitude accepted"));
+    }
+  }
   return absl::OkStatus();
+}
+
+// [begin, begin + rows) within [0, total), without wrapping: rows in [1, total], begin <= total - rows.
+bool RowsWithin(uint64_t begin, int64_t rows, int64_t total) {
+  return rows > 0 && rows <= total && begin <= static_cast<uint64_t>(total - rows);
 }
 
 absl::Status CheckHeads(uint32_t begin, uint32_t end, uint32_t heads) {
@@ -75,9 +95,30 @@ std::string FirstGap(const std::vector<uint8_t>& seen, int64_t per_head) {
 
 }  // namespace
 
-void LayerAssembler::Close(uint32_t layer) {
+void LayerAssembler::Fail(uint32_t layer) {
   open_.erase(layer);
-  closed_.insert(layer);
+  failed_.insert(layer);
+}
+
+std::vector<std::pair<uint32_t, std::string>> LayerAssembler::StaleLayers(std::chrono::steady_clock::time_point now,
+                                                                          double idle, double max_age) const {
+  std::vector<std::pair<uint32_t, std::string>> out;
+  auto seconds = [&](std::chrono::steady_clock::time_point t) { return std::chrono::duration<double>(now - t).count(); };
+  for (const auto& [layer, p] : open_) {
+    if (idle > 0 && seconds(p.last_chunk) > idle) {
+      out.emplace_back(layer, StrCat("no chunk of this layer for ", idle, " s (idle_timeout_seconds); its buffers were released"));
+    } else if (max_age > 0 && seconds(p.opened) > max_age) {
+      out.emplace_back(layer, StrCat("the layer was not complete ", max_age,
+                                     " s after its first chunk (layer_receive_timeout_seconds); its buffers were released"));
+    }
+  }
+  return out;
+}
+
+std::vector<uint32_t> LayerAssembler::OpenLayers() const {
+  std::vector<uint32_t> out;
+  for (const auto& [layer, pending] : open_) out.push_back(layer);
+  return out;
 }
 
 absl::Status LayerAssembler::Reserve(Pending& p, uint64_t bytes, absl::string_view what) {
@@ -93,12 +134,16 @@ absl::StatusOr<LayerAssembler::Pending*> LayerAssembler::OpenLayer(uint32_t laye
     return InvalidArgumentError(StrCat("layer ", layer, " is not within [0, ", plan_->num_layers, ")"));
   }
   auto it = open_.find(layer);
-  if (it != open_.end()) return &it->second;
+  if (it != open_.end()) {
+    it->second.last_chunk = std::chrono::steady_clock::now();
+    return &it->second;
+  }
   if (open_.size() >= limits_->max_open_layers_per_stream) {
     return absl::ResourceExhaustedError(StrCat("more than ", limits_->max_open_layers_per_stream,
                                                " layers open at once in one stream; end a layer first"));
   }
   Pending& p = open_[layer];
+  p.opened = p.last_chunk = std::chrono::steady_clock::now();
   p.data.layer = static_cast<int32_t>(layer);
   p.data.heads = plan_->num_kv_heads;
   p.data.head_dim = plan_->head_dim;
@@ -133,16 +178,18 @@ absl::StatusOr<uint64_t> LayerAssembler::AddKV(const v1::KVChunk& c) {
   const int64_t heads = c.head_end() - c.head_begin();
   const int64_t rows = c.keys().shape_size() == 3 ? c.keys().shape(1) : -1;
   if (rows <= 0) return InvalidArgumentError(StrCat("keys: shape ", ShapeString(c.keys()), ", expected [heads, rows, head_dim]"));
-  if (c.token_begin() + rows > static_cast<uint64_t>(d.tokens)) {
-    return InvalidArgumentError(StrCat("tokens [", c.token_begin(), ", ", c.token_begin() + rows,
-                                       ") exceed layer_tokens ", d.tokens));
+  if (!RowsWithin(c.token_begin(), rows, d.tokens)) {
+    return InvalidArgumentError(StrCat("tokens [", c.token_begin(), ", ", c.token_begin(), " + ", rows,
+                                       ") are not within layer_tokens ", d.tokens));
   }
   std::vector<float> keys, values, bias;
-  if (auto s = DecodeTensor(c.keys(), "keys", {heads, rows, d.head_dim}, &keys); !s.ok()) return s;
-  if (auto s = DecodeTensor(c.values(), "values", {heads, rows, d.value_dim}, &values); !s.ok()) return s;
+  if (auto s = DecodeTensor(c.keys(), "keys", {heads, rows, d.head_dim}, kMaxInputMagnitude, &keys); !s.ok()) return s;
+  if (auto s = DecodeTensor(c.values(), "values", {heads, rows, d.value_dim}, kMaxInputMagnitude, &values); !s.ok()) {
+    return s;
+  }
   const bool has_bias = c.has_bias() && c.bias().shape_size() > 0;
   if (has_bias) {
-    if (auto s = DecodeTensor(c.bias(), "bias", {heads, rows}, &bias); !s.ok()) return s;
+    if (auto s = DecodeTensor(c.bias(), "bias", {heads, rows}, kMaxBiasMagnitude, &bias); !s.ok()) return s;
   }
   if (auto s = MarkRows(p.kv_seen, d.tokens, c.head_begin(), c.head_end(), c.token_begin(), rows, "token");
       !s.ok()) {
@@ -188,12 +235,14 @@ absl::StatusOr<uint64_t> LayerAssembler::AddQueries(const v1::QueryChunk& c) {
   if (rows <= 0) {
     return InvalidArgumentError(StrCat("queries: shape ", ShapeString(c.queries()), ", expected [heads, rows, head_dim]"));
   }
-  if (c.query_begin() + rows > static_cast<uint64_t>(d.queries)) {
-    return InvalidArgumentError(StrCat("queries [", c.query_begin(), ", ", c.query_begin() + rows,
-                                       ") exceed layer_queries ", d.queries));
+  if (!RowsWithin(c.query_begin(), rows, d.queries)) {
+    return InvalidArgumentError(StrCat("queries [", c.query_begin(), ", ", c.query_begin(), " + ", rows,
+                                       ") are not within layer_queries ", d.queries));
   }
   std::vector<float> q;
-  if (auto s = DecodeTensor(c.queries(), "queries", {heads, rows, d.head_dim}, &q); !s.ok()) return s;
+  if (auto s = DecodeTensor(c.queries(), "queries", {heads, rows, d.head_dim}, kMaxInputMagnitude, &q); !s.ok()) {
+    return s;
+  }
   if (auto s = MarkRows(p.query_seen, d.queries, c.head_begin(), c.head_end(), c.query_begin(), rows, "query");
       !s.ok()) {
     return s;
@@ -237,10 +286,18 @@ absl::StatusOr<LayerJob> LayerAssembler::EndLayer(uint32_t layer, MemoryReservat
   absl::StatusOr<std::vector<int64_t>> budgets = plan_->LayerBudgets(layer, p.data.tokens);
   if (!budgets.ok()) return budgets.status();
   job.budgets = *std::move(budgets);
+  // The method's working memory (OMP pools, sensitivity copies, chunk copies) joins the layer's
+  // reservation before the layer is queued.
+  const LayerData& d = p.data;
+  job.data = LayerData{d.layer, d.heads, d.tokens, d.queries, d.head_dim, d.value_dim, d.scale, {}, {}, {}, {}};
+  const uint64_t method_bytes = LayerMethodBytes(job, plan_->layer_rule, plan_->chunk_tokens, threads_);
+  if (method_bytes > 0) {
+    if (absl::Status s = Reserve(p, method_bytes, "its method's working memory"); !s.ok()) return s;
+  }
   job.data = std::move(p.data);
   if (memory != nullptr) *memory = std::move(p.memory);
   open_.erase(it);
-  closed_.insert(layer);
+  ended_.insert(layer);
   return job;
 }
 

@@ -3,7 +3,10 @@
 // can report it as a LayerError and go on with the other layers.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
+#include <string>
+#include <utility>
 #include <map>
 #include <set>
 #include <vector>
@@ -31,10 +34,18 @@ class LayerAssembler {
   // given, the layer's memory reservation, to be released once the job is done.
   absl::StatusOr<LayerJob> EndLayer(uint32_t layer, MemoryReservation* memory = nullptr);
 
-  // A layer that ended or failed: later chunks for it are refused once and then ignored.
-  bool IsClosed(uint32_t layer) const { return closed_.count(layer) > 0; }
-  void Close(uint32_t layer);
-  size_t open_layers() const { return open_.size(); }
+  // A layer that failed: its later chunks are ignored (the failure was reported once).
+  bool IsFailed(uint32_t layer) const { return failed_.count(layer) > 0; }
+  // A layer that ended: a chunk or a LayerEnd for it again is a protocol error of the stream.
+  bool IsEnded(uint32_t layer) const { return ended_.count(layer) > 0; }
+  // Drops the layer's buffers and reservation; its later chunks are ignored.
+  void Fail(uint32_t layer);
+  // The layers being received (chunks seen, no LayerEnd yet).
+  std::vector<uint32_t> OpenLayers() const;
+  // Open layers that received no chunk within `idle` seconds, or opened more than `max_age`
+  // seconds ago (a bound of 0 is off), each with the reason.
+  std::vector<std::pair<uint32_t, std::string>> StaleLayers(std::chrono::steady_clock::time_point now, double idle,
+                                                            double max_age) const;
 
  private:
   struct Pending {
@@ -42,6 +53,7 @@ class LayerAssembler {
     std::vector<uint8_t> kv_seen;     // heads x tokens
     std::vector<uint8_t> query_seen;  // heads x queries
     MemoryReservation memory;
+    std::chrono::steady_clock::time_point opened, last_chunk;
   };
   absl::StatusOr<Pending*> OpenLayer(uint32_t layer);
   absl::Status Reserve(Pending& p, uint64_t bytes, absl::string_view what);
@@ -52,7 +64,7 @@ class LayerAssembler {
   MemoryBudget* memory_;
   int threads_;
   std::map<uint32_t, Pending> open_;
-  std::set<uint32_t> closed_;
+  std::set<uint32_t> failed_, ended_;
 };
 
 }  // namespace kvcompact::server

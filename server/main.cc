@@ -2,15 +2,20 @@
 #include <malloc.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
+#include <climits>
 #include <csignal>
 #include <cstdlib>
 #include <memory>
 #include <thread>
 
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/generic/async_generic_service.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
+#include <grpcpp/impl/server_builder_option.h>
+#include <grpcpp/impl/server_builder_plugin.h>
 #include <spdlog/spdlog.h>
 
 #include "absl/flags/flag.h"
@@ -24,6 +29,8 @@
 #include "server/security.h"
 #include "server/self_test.h"
 #include "server/service.h"
+#include "server/limits.h"
+#include "server/stream_watchdog.h"
 #include "server/version.h"
 #ifdef KVCOMPACT_WITH_CUDA
 #include "kernels/cuda_backend.h"
@@ -77,7 +84,42 @@ int WaitForSignal(const sigset_t& set) {
   return sig;
 }
 
-int Millis(double seconds) { return static_cast<int>(std::min(seconds * 1000.0, 2e9)); }
+int Millis(double seconds) { return static_cast<int>(std::clamp(seconds * 1000.0, 0.0, 2e9)); }
+
+// After the shutdown timeout, the time the worker gets to stop at its next head or chunk.
+constexpr double kExitMarginSeconds = 5;
+
+// Gives freed heap back to the system. A burst of calls (an HTTP/2 rapid reset: gRPC 1.51 queues
+// every reset stream as a call) leaves gigabytes freed but resident; glibc returns only the top
+// of each arena on its own. Every 5 s, when over 64 MiB are free in the heap, trim it.
+void TrimFreedHeap() {
+  for (;;) {
+    std::this_thread::sleep_for(std::chrono::seconds(5));
+    const struct mallinfo2 info = mallinfo2();
+    if (info.fordblks > (size_t{64} << 20)) {
+      malloc_trim(0);
+      spdlog::debug("returned freed heap to the system ({} MiB were free)", info.fordblks >> 20);
+    }
+  }
+}
+
+// Flags whose values the code relies on being in range; "" or what is wrong.
+std::string CheckFlagBounds() {
+  if (absl::GetFlag(FLAGS_max_message_bytes) < 4096 || absl::GetFlag(FLAGS_max_message_bytes) > INT32_MAX) {
+    return "--max_message_bytes must be in [4096, 2^31 - 1]";
+  }
+  if (absl::GetFlag(FLAGS_max_tokens_per_block) == 0 || absl::GetFlag(FLAGS_max_tokens_per_block) > kMaxRowsPerLayer) {
+    return "--max_tokens_per_block must be in [1, 2^31 - 1]";
+  }
+  if (absl::GetFlag(FLAGS_max_queries_per_layer) == 0 || absl::GetFlag(FLAGS_max_queries_per_layer) > kMaxRowsPerLayer) {
+    return "--max_queries_per_layer must be in [1, 2^31 - 1]";
+  }
+  for (double v : {absl::GetFlag(FLAGS_idle_timeout_seconds), absl::GetFlag(FLAGS_layer_receive_timeout_seconds),
+                   absl::GetFlag(FLAGS_drain_delay_seconds), absl::GetFlag(FLAGS_shutdown_timeout_seconds)}) {
+    if (!(v >= 0 && v <= 1e6)) return "timeouts and delays must be in [0, 1e6] seconds";
+  }
+  return "";
+}
 
 // Keepalive and connection-age settings of the listening port(s).
 void ApplyConnectionFlags(grpc::ServerBuilder& builder) {
@@ -87,6 +129,8 @@ void ApplyConnectionFlags(grpc::ServerBuilder& builder) {
   builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS,
                              Millis(absl::GetFlag(FLAGS_keepalive_min_client_interval_seconds)));
   builder.AddChannelArgument(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
+  builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS,
+                             static_cast<int>(std::max(1u, absl::GetFlag(FLAGS_max_streams_per_connection))));
   if (absl::GetFlag(FLAGS_max_connection_idle_seconds) > 0) {
     builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_IDLE_MS, Millis(absl::GetFlag(FLAGS_max_connection_idle_seconds)));
   }
@@ -96,6 +140,31 @@ void ApplyConnectionFlags(grpc::ServerBuilder& builder) {
                                Millis(absl::GetFlag(FLAGS_max_connection_age_grace_seconds)));
   }
 }
+
+// Linking gRPC's reflection library registers its plugin with every ServerBuilder; the
+// health-only port drops it so that it serves health and nothing else.
+class WithoutReflection final : public grpc::ServerBuilderOption {
+ public:
+  void UpdateArguments(grpc::ChannelArguments*) override {}
+  void UpdatePlugins(std::vector<std::unique_ptr<grpc::ServerBuilderPlugin>>* plugins) override {
+    plugins->erase(std::remove_if(plugins->begin(), plugins->end(),
+                                  [](const auto& p) { return p->name() == "proto_server_reflection"; }),
+                   plugins->end());
+  }
+};
+
+// Every method but health on the health-only port: UNIMPLEMENTED. (Also what gives that server
+// the callback completion queue the health service runs on.)
+class HealthOnly final : public grpc::CallbackGenericService {
+  grpc::ServerGenericBidiReactor* CreateReactor(grpc::GenericCallbackServerContext*) override {
+    class Refuse final : public grpc::ServerGenericBidiReactor {
+     public:
+      Refuse() { Finish(grpc::Status(grpc::StatusCode::UNIMPLEMENTED, "this port serves grpc.health.v1 only")); }
+      void OnDone() override { delete this; }
+    };
+    return new Refuse;
+  }
+};
 
 bool WarmUp(Worker& worker) {
   v1::SelfTestRequest request;
@@ -133,6 +202,10 @@ int Run(int argc, char** argv) {
     return 2;
   }
   absl::ParseCommandLine(argc, argv);
+  if (std::string err = CheckFlagBounds(); !err.empty()) {
+    fprintf(stderr, "bad flag: %s\n", err.c_str());
+    return 2;
+  }
   spdlog::set_level(spdlog::level::from_str(absl::GetFlag(FLAGS_log_level)));
   spdlog::info("kvcompact-server {} starting: {}", kVersion, absl::StrJoin(EffectiveFlags(), " "));
 
@@ -172,6 +245,11 @@ int Run(int argc, char** argv) {
   context.limits.max_concurrent_streams = absl::GetFlag(FLAGS_max_concurrent_streams);
   context.limits.max_open_layers_per_stream = absl::GetFlag(FLAGS_max_open_layers_per_stream);
   context.limits.worker_queue_depth = std::max(1u, absl::GetFlag(FLAGS_queue_depth));
+  context.limits.idle_timeout_seconds = absl::GetFlag(FLAGS_idle_timeout_seconds);
+  context.limits.layer_receive_timeout_seconds = absl::GetFlag(FLAGS_layer_receive_timeout_seconds);
+  StreamWatchdog watchdog;
+  std::thread(TrimFreedHeap).detach();
+  context.watchdog = &watchdog;
   const uint64_t host_memory = absl::GetFlag(FLAGS_max_host_memory_bytes) > 0 ? absl::GetFlag(FLAGS_max_host_memory_bytes)
                                                                              : DefaultHostMemoryLimit();
   MemoryBudget memory(host_memory, [&metrics](uint64_t bytes) { metrics.host_memory_reserved.Set(static_cast<double>(bytes)); });
@@ -236,9 +314,13 @@ int Run(int argc, char** argv) {
   }
   // Probes reach health without TLS or token on --health_listen: a server with only that service.
   std::unique_ptr<grpc::Server> health_server;
+  HealthOnly health_only;
   if (!absl::GetFlag(FLAGS_health_listen).empty()) {
     grpc::ServerBuilder health_builder;
+    health_builder.SetOption(std::make_unique<WithoutReflection>());
+    health_builder.RegisterCallbackGenericService(&health_only);
     int health_port = 0;
+    ApplyConnectionFlags(health_builder);
     health_builder.AddListeningPort(absl::GetFlag(FLAGS_health_listen), grpc::InsecureServerCredentials(), &health_port);
     health_server = health_builder.BuildAndStart();
     if (!health_server || health_port == 0) {
@@ -276,6 +358,14 @@ int Run(int argc, char** argv) {
   std::thread([signals] {
     WaitForSignal(signals);
     spdlog::warn("second signal: exiting now");
+    std::_Exit(1);
+  }).detach();
+  // Whatever is still running (a head of a huge layer, a stuck device call), the process ends
+  // within the drain delay + shutdown timeout + a margin.
+  const double exit_bound = drain_delay + absl::GetFlag(FLAGS_shutdown_timeout_seconds) + kExitMarginSeconds;
+  std::thread([exit_bound] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(Millis(exit_bound)));
+    spdlog::error("shutdown did not complete within {} s; exiting", exit_bound);
     std::_Exit(1);
   }).detach();
   // Load balancers see NOT_SERVING (or the endpoint removed) within this delay; new calls are

@@ -10,6 +10,8 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "core/budget.h"
+#include "core/layer.h"
 
 namespace kvcompact::server {
 
@@ -26,6 +28,8 @@ class MemoryReservation {
   uint64_t bytes() const { return bytes_; }
   // Takes over what `other` holds (same budget).
   void Merge(MemoryReservation&& other);
+  // Gives back `bytes` of what is held (at most all of it).
+  void ReleasePart(uint64_t bytes);
   void Release();
 
  private:
@@ -41,6 +45,9 @@ class MemoryBudget {
       : limit_(limit_bytes), on_change_(std::move(on_change)) {}
   // A reservation of `bytes`, or RESOURCE_EXHAUSTED saying what `what` needed and what is free.
   absl::StatusOr<MemoryReservation> Reserve(uint64_t bytes, absl::string_view what);
+  // Counts memory that is already held and cannot be refused (results computed for a stream,
+  // waiting to be written): later reservations see it.
+  MemoryReservation Account(uint64_t bytes);
   uint64_t limit() const { return limit_; }
   uint64_t in_use() const { return in_use_.load(); }
 
@@ -60,6 +67,12 @@ class MemoryBudget {
 uint64_t LayerKeyValueBytes(int64_t heads, int64_t tokens, int64_t head_dim, int64_t value_dim);
 uint64_t LayerQueryBytes(int64_t heads, int64_t tokens, int64_t queries, int64_t head_dim, int64_t value_dim,
                          int threads);
+
+// Working memory of a layer's method beyond LayerQueryBytes, known once its budgets are: OMP's
+// candidate-pool Gram matrices (fp32 and fp64 copies, per head compacted at once), the copy of
+// the layer a sensitivity split compacts, the per-chunk copies of chunked compaction. Saturates
+// instead of wrapping.
+uint64_t LayerMethodBytes(const LayerJob& job, const LayerAllocation& rule, int64_t chunk_tokens, int threads);
 
 // The default bound: 70% of the memory this process may use (cgroup limit or physical RAM).
 uint64_t DefaultHostMemoryLimit();

@@ -36,6 +36,7 @@ class Metrics {
   prometheus::Counter& tokens_in;
   prometheus::Counter& tokens_out;
   prometheus::Counter& streams_started;
+  prometheus::Counter& fallback_heads;        // fits replaced by selection (non-finite or out of range)
   prometheus::Gauge& streams_in_flight;
   prometheus::Gauge& queue_depth;
   prometheus::Gauge& serving;                 // 1 while health says SERVING

@@ -5,26 +5,17 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
 #include <cstring>
+#include <vector>
 
 #include <prometheus/text_serializer.h>
 
 #include "absl/strings/str_cat.h"
 
 namespace kvcompact::server {
-namespace {
-
-bool SendAll(int fd, const std::string& data) {
-  size_t sent = 0;
-  while (sent < data.size()) {
-    const ssize_t n = send(fd, data.data() + sent, data.size() - sent, MSG_NOSIGNAL);
-    if (n <= 0) return false;
-    sent += static_cast<size_t>(n);
-  }
-  return true;
-}
-
-}  // namespace
 
 absl::StatusOr<std::unique_ptr<MetricsHttpServer>> MetricsHttpServer::Start(
     const std::string& address, std::shared_ptr<prometheus::Registry> registry, std::function<void()> before_scrape) {
@@ -75,27 +66,58 @@ MetricsHttpServer::~MetricsHttpServer() {
 }
 
 void MetricsHttpServer::Loop() {
+  // One thread, non-blocking sockets, poll(): a connection that drips bytes or does not read its
+  // response holds only its own slot, until its deadline, never the endpoint.
+  struct Connection {
+    int fd;
+    std::chrono::steady_clock::time_point deadline;
+    std::string in, out;
+    size_t sent = 0;
+  };
+  std::vector<Connection> open;
   while (!stop_) {
-    pollfd p{fd_, POLLIN, 0};
-    if (poll(&p, 1, 200) <= 0) continue;  // wake up regularly to notice stop_
-    const int client = accept4(fd_, nullptr, nullptr, SOCK_CLOEXEC);
-    if (client < 0) continue;
-    Serve(client);
-    close(client);
+    std::vector<pollfd> fds = {{fd_, POLLIN, 0}};
+    for (const Connection& c : open) fds.push_back({c.fd, static_cast<short>(c.out.empty() ? POLLIN : POLLOUT), 0});
+    poll(fds.data(), fds.size(), 100);  // wake up regularly to notice stop_ and deadlines
+    const auto now = std::chrono::steady_clock::now();
+    for (size_t i = 0; i < open.size(); ++i) {
+      Connection& c = open[i];
+      const short events = fds[i + 1].revents;
+      bool done = now > c.deadline || (events & (POLLERR | POLLNVAL));
+      if (!done && c.out.empty() && (events & (POLLIN | POLLHUP))) {
+        char buf[1024];
+        const ssize_t n = recv(c.fd, buf, sizeof(buf), MSG_DONTWAIT);
+        if (n > 0) c.in.append(buf, static_cast<size_t>(n));
+        const bool complete = c.in.find("\r\n\r\n") != std::string::npos || c.in.find("\n\n") != std::string::npos ||
+                              c.in.size() >= 8192;
+        if (complete || n == 0) c.out = Respond(c.in);
+        if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK) done = true;
+      } else if (!done && !c.out.empty() && (events & POLLOUT)) {
+        const ssize_t n = send(c.fd, c.out.data() + c.sent, c.out.size() - c.sent, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (n > 0) c.sent += static_cast<size_t>(n);
+        if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK) done = true;
+        if (c.sent == c.out.size()) done = true;
+      }
+      if (done) {
+        close(c.fd);
+        c.fd = -1;
+      }
+    }
+    open.erase(std::remove_if(open.begin(), open.end(), [](const Connection& c) { return c.fd < 0; }), open.end());
+    if (fds[0].revents & POLLIN) {
+      const int client = accept4(fd_, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
+      if (client < 0) continue;
+      if (open.size() >= kMaxConnections) {
+        close(client);  // over the bound: refused at once, the others go on
+        continue;
+      }
+      open.push_back({client, now + kConnectionDeadline, {}, {}, 0});
+    }
   }
+  for (const Connection& c : open) close(c.fd);
 }
 
-void MetricsHttpServer::Serve(int client) {
-  timeval timeout{2, 0};  // a slow or silent client cannot hold the endpoint
-  setsockopt(client, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof(timeout));
-  std::string request;
-  char buf[1024];
-  while (request.find("\r\n\r\n") == std::string::npos && request.find("\n\n") == std::string::npos &&
-         request.size() < 8192) {
-    const ssize_t n = recv(client, buf, sizeof(buf), 0);
-    if (n <= 0) break;
-    request.append(buf, static_cast<size_t>(n));
-  }
+std::string MetricsHttpServer::Respond(const std::string& request) {
   const bool metrics = request.rfind("GET /metrics ", 0) == 0 || request.rfind("GET /metrics?", 0) == 0;
   std::string body, status = "200 OK", type = "text/plain; version=0.0.4; charset=utf-8";
   if (metrics) {
@@ -106,8 +128,8 @@ void MetricsHttpServer::Serve(int client) {
     body = "only GET /metrics is served here\n";
     type = "text/plain";
   }
-  SendAll(client, absl::StrCat("HTTP/1.0 ", status, "\r\nContent-Type: ", type, "\r\nContent-Length: ", body.size(),
-                               "\r\nConnection: close\r\n\r\n", body));
+  return absl::StrCat("HTTP/1.0 ", status, "\r\nContent-Type: ", type, "\r\nContent-Length: ", body.size(),
+                      "\r\nConnection: close\r\n\r\n", body);
 }
 
 }  // namespace kvcompact::server

@@ -1,10 +1,12 @@
-// A minimal HTTP/1.0 endpoint serving GET /metrics in the Prometheus text format from a registry.
+// A minimal HTTP/1.0 endpoint serving GET /metrics in the Prometheus text format from a registry,
+// to up to kMaxConnections clients at once, each within kConnectionDeadline from accept.
 // Own thread with a default stack: the civetweb-based prometheus::Exposer cannot start its
 // threads once the CUDA math libraries are linked (their static TLS exceeds civetweb's fixed
 // thread stack size), and a scrape endpoint needs nothing more than this.
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <functional>
 #include <memory>
 #include <string>
@@ -28,8 +30,10 @@ class MetricsHttpServer {
 
  private:
   MetricsHttpServer(int fd, int port, std::shared_ptr<prometheus::Registry> registry, std::function<void()> before_scrape);
+  static constexpr size_t kMaxConnections = 64;
+  static constexpr std::chrono::seconds kConnectionDeadline{5};
   void Loop();
-  void Serve(int client);
+  std::string Respond(const std::string& request);
 
   int fd_;
   int port_;

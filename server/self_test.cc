@@ -1,6 +1,9 @@
 #include "server/self_test.h"
 
+#include <algorithm>
 #include <chrono>
+#include <cmath>
+#include <set>
 
 #include "absl/strings/str_cat.h"
 #include "core/synthetic.h"
@@ -14,6 +17,7 @@ absl::StatusOr<v1::SelfTestRequest> NormalizeSelfTest(const v1::SelfTestRequest&
   if (!r.head_dim()) r.set_head_dim(64);
   if (!r.heads()) r.set_heads(2);
   if (!(r.ratio() > 0)) r.set_ratio(20);
+  if (!std::isfinite(r.ratio())) return absl::InvalidArgumentError("self-test ratio must be finite");
   if (r.methods().empty()) {
     r.add_methods(v1::METHOD_AM_HIGHEST_ATTENTION);
     r.add_methods(v1::METHOD_H2O);
@@ -23,15 +27,23 @@ absl::StatusOr<v1::SelfTestRequest> NormalizeSelfTest(const v1::SelfTestRequest&
     return absl::InvalidArgumentError("self-test limits: tokens <= 16384, queries <= 8192, head_dim <= 256, heads <= 8");
   }
   if (r.tokens() < 2 || r.queries() < 2) return absl::InvalidArgumentError("self-test needs tokens >= 2 and queries >= 2");
+  std::set<int> seen;
   for (int m : r.methods()) {
     if (!v1::Method_IsValid(m) || m == v1::METHOD_UNSPECIFIED) {
       return absl::InvalidArgumentError(absl::StrCat("unknown method ", m));
     }
+    if (!seen.insert(m).second) return absl::InvalidArgumentError(absl::StrCat("method ", m, " is listed twice"));
+  }
+  const uint64_t work = uint64_t{r.heads()} * r.tokens() * r.queries() * static_cast<uint64_t>(r.methods_size());
+  if (work > kMaxSelfTestWork) {
+    return absl::InvalidArgumentError(absl::StrCat("self-test too large: heads x tokens x queries x methods = ", work,
+                                                   " > ", kMaxSelfTestWork));
   }
   return r;
 }
 
-absl::StatusOr<v1::SelfTestResponse> RunSelfTest(Backend& backend, const v1::SelfTestRequest& request) {
+absl::StatusOr<v1::SelfTestResponse> RunSelfTest(Backend& backend, const v1::SelfTestRequest& request,
+                                                 std::function<bool()> cancelled) {
   SyntheticShape shape;
   shape.heads = request.heads();
   shape.tokens = request.tokens();
@@ -40,11 +52,14 @@ absl::StatusOr<v1::SelfTestResponse> RunSelfTest(Backend& backend, const v1::Sel
   v1::SelfTestResponse response;
   response.set_backend(std::string(backend.name()));
   for (int m : request.methods()) {
+    if (cancelled && cancelled()) return absl::CancelledError("self-test cancelled");
     LayerJob job;
+    job.cancelled = cancelled;
     job.data = MakeSyntheticLayer(shape, request.seed());
     job.options.method = static_cast<Method>(m);
     job.options.seed = request.seed();
-    job.budgets.assign(shape.heads, std::max<int64_t>(1, std::llround(shape.tokens / request.ratio())));
+    const double t = std::min(static_cast<double>(shape.tokens) / request.ratio(), static_cast<double>(shape.tokens));
+    job.budgets.assign(shape.heads, std::max<int64_t>(1, std::llround(t)));
     const auto start = std::chrono::steady_clock::now();
     absl::StatusOr<LayerResult> result = backend.CompactLayer(job);
     if (!result.ok()) return result.status();

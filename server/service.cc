@@ -16,24 +16,27 @@ grpc::Status ToGrpc(const absl::Status& status) {
 grpc::Status KVCompactService::Authenticate(const grpc::CallbackServerContext& context) const {
   if (context_->auth == nullptr) return grpc::Status::OK;
   grpc::Status status = context_->auth->Check(context);
-  if (!status.ok()) {
-    spdlog::warn("unauthenticated call from {}: {}", context.peer(), status.error_message());
+  uint64_t suppressed = 0;
+  if (!status.ok() && context_->log_limiter.Allow(&suppressed)) {
+    spdlog::warn("unauthenticated call from {}: {}{}", context.peer(), status.error_message(),
+                 suppressed ? absl::StrCat(" [", suppressed, " similar lines suppressed]") : "");
   }
   return status;
 }
 
-grpc::ServerBidiReactor<v1::CompactRequest, v1::CompactResponse>* KVCompactService::Compact(
-    grpc::CallbackServerContext* context) {
-  const int open = ++context_->open_streams;
-  absl::Status reject;
-  if (grpc::Status auth = Authenticate(*context); !auth.ok()) {
-    reject = absl::UnauthenticatedError(auth.error_message());
-  } else if (open > static_cast<int>(context_->limits.max_concurrent_streams)) {
-    reject = absl::ResourceExhaustedError(absl::StrCat(
-        "too many concurrent Compact streams (max_concurrent_streams = ",
-        context_->limits.max_concurrent_streams, "); retry later"));
+absl::Status KVCompactService::AdmitStream(const grpc::CallbackServerContext& context) {
+  const int open = ++context_->open_streams;  // given back by the stream when it finishes
+  if (grpc::Status auth = Authenticate(context); !auth.ok()) return absl::UnauthenticatedError(auth.error_message());
+  if (open > static_cast<int>(context_->limits.max_concurrent_streams) ||
+      context_->live_streams.load() >= 2 * static_cast<int>(context_->limits.max_concurrent_streams)) {
+    return absl::ResourceExhaustedError(absl::StrCat("too many concurrent streams (max_concurrent_streams = ",
+                                                     context_->limits.max_concurrent_streams, "); retry later"));
   }
-  return new CompactReactor(context_, reject);
+  return absl::OkStatus();
+}
+
+grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* KVCompactService::Compact(grpc::CallbackServerContext* context) {
+  return new CompactReactor(context_, context, AdmitStream(*context));
 }
 
 grpc::ServerUnaryReactor* KVCompactService::GetServerInfo(grpc::CallbackServerContext* context,
@@ -69,19 +72,21 @@ grpc::ServerUnaryReactor* KVCompactService::GetServerInfo(grpc::CallbackServerCo
 
 namespace {
 
-// Counts and drops every message of a Sink stream.
+// Counts and drops every message of a Sink stream; holds a stream slot like Compact.
 class SinkReactor final : public grpc::ServerReadReactor<v1::CompactRequest> {
  public:
-  SinkReactor(v1::SinkSummary* summary, const grpc::Status& auth) : summary_(summary) {
-    if (!auth.ok()) {
-      Finish(auth);
+  SinkReactor(ServiceContext* context, v1::SinkSummary* summary, const absl::Status& admitted)
+      : context_(context), summary_(summary) {
+    if (!admitted.ok()) {
+      context_->metrics->CountError(absl::StatusCodeToString(admitted.code()));
+      Done(ToGrpc(admitted));
       return;
     }
     StartRead(&request_);
   }
   void OnReadDone(bool ok) override {
     if (!ok) {
-      Finish(grpc::Status::OK);
+      Done(grpc::Status::OK);
       return;
     }
     summary_->set_messages(summary_->messages() + 1);
@@ -91,6 +96,11 @@ class SinkReactor final : public grpc::ServerReadReactor<v1::CompactRequest> {
   void OnDone() override { delete this; }
 
  private:
+  void Done(const grpc::Status& status) {
+    context_->open_streams.fetch_sub(1);
+    Finish(status);
+  }
+  ServiceContext* context_;
   v1::SinkSummary* summary_;
   v1::CompactRequest request_;
 };
@@ -99,9 +109,7 @@ class SinkReactor final : public grpc::ServerReadReactor<v1::CompactRequest> {
 
 grpc::ServerReadReactor<v1::CompactRequest>* KVCompactService::Sink(grpc::CallbackServerContext* context,
                                                                     v1::SinkSummary* response) {
-  grpc::Status auth = Authenticate(*context);
-  if (!auth.ok()) context_->metrics->CountError("UNAUTHENTICATED");
-  return new SinkReactor(response, auth);
+  return new SinkReactor(context_, response, AdmitStream(*context));
 }
 
 grpc::ServerUnaryReactor* KVCompactService::SelfTest(grpc::CallbackServerContext* context,
@@ -118,17 +126,24 @@ grpc::ServerUnaryReactor* KVCompactService::SelfTest(grpc::CallbackServerContext
     reactor->Finish(ToGrpc(normalized.status()));
     return reactor;
   }
+  // One at a time: a self-test takes the worker from every stream while it runs.
+  if (context_->self_tests.fetch_add(1) > 0) {
+    context_->self_tests.fetch_sub(1);
+    reactor->Finish(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, "a self-test is already running; retry later"));
+    return reactor;
+  }
   WorkItem item;
-  item.run = [reactor, response, req = *normalized](Backend* backend, double) {
-    if (!backend) {
-      reactor->Finish(grpc::Status(grpc::StatusCode::CANCELLED, "self-test dropped: server shutting down"));
-      return;
-    }
-    absl::StatusOr<v1::SelfTestResponse> result = RunSelfTest(*backend, req);
+  ServiceContext* service = context_;
+  item.cancelled = [context] { return context->IsCancelled(); };
+  item.run = [reactor, response, service, context, req = *normalized](Backend* backend, double) {
+    absl::StatusOr<v1::SelfTestResponse> result = absl::CancelledError("self-test dropped: cancelled or server shutting down");
+    if (backend) result = RunSelfTest(*backend, req, [context] { return context->IsCancelled(); });
     if (result.ok()) *response = *std::move(result);
+    service->self_tests.fetch_sub(1);
     reactor->Finish(ToGrpc(result.status()));
   };
   if (!context_->worker->SubmitOrWait(item, [] {})) {
+    context_->self_tests.fetch_sub(1);
     reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "worker queue full; retry later"));
   }
   return reactor;

@@ -7,10 +7,12 @@
 
 #include "kvcompact/v1/kvcompact.grpc.pb.h"
 #include "server/limits.h"
+#include "server/log_limiter.h"
 #include "server/memory_budget.h"
 #include "server/metrics.h"
 #include "server/profiles.h"
 #include "server/security.h"
+#include "server/stream_watchdog.h"
 #include "server/worker.h"
 
 namespace kvcompact::server {
@@ -25,15 +27,25 @@ struct ServiceContext {
   const ProfileRegistry* profiles = nullptr;  // budget profiles (Allocation.profile)
   const TokenAuthenticator* auth = nullptr;   // null or disabled: no token needed
   MemoryBudget* memory = nullptr;             // null: no host-memory admission control
-  std::atomic<int> open_streams{0};
+  StreamWatchdog* watchdog = nullptr;         // null: no timeouts
+  LogLimiter log_limiter;                     // lines that clients can cause
+  std::atomic<int> open_streams{0};           // Compact and Sink streams (max_concurrent_streams)
+  // Accepted Compact streams whose reactor still exists (finished ones until gRPC is done with
+  // them): at most 2 x max_concurrent_streams, so that streams reset faster than gRPC completes
+  // them cannot pile up reactors.
+  std::atomic<int> live_streams{0};
+  std::atomic<int> self_tests{0};             // SelfTest calls queued or running (at most one)
 };
 
-class KVCompactService final : public v1::KVCompact::CallbackService {
+// Compact is registered raw (grpc::ByteBuffer; see CompactReactor), the other methods typed.
+using ServiceBase = v1::KVCompact::WithRawCallbackMethod_Compact<v1::KVCompact::WithCallbackMethod_GetServerInfo<
+    v1::KVCompact::WithCallbackMethod_SelfTest<v1::KVCompact::WithCallbackMethod_Sink<v1::KVCompact::Service>>>>;
+
+class KVCompactService final : public ServiceBase {
  public:
   explicit KVCompactService(ServiceContext* context) : context_(context) {}
 
-  grpc::ServerBidiReactor<v1::CompactRequest, v1::CompactResponse>* Compact(
-      grpc::CallbackServerContext* context) override;
+  grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* Compact(grpc::CallbackServerContext* context) override;
   grpc::ServerUnaryReactor* GetServerInfo(grpc::CallbackServerContext* context,
                                           const v1::ServerInfoRequest* request,
                                           v1::ServerInfo* response) override;
@@ -44,8 +56,11 @@ class KVCompactService final : public v1::KVCompact::CallbackService {
                                      v1::SelfTestResponse* response) override;
 
  private:
-  // OK, or the UNAUTHENTICATED status to finish with (logged with the peer, never the token).
+  // OK, or the UNAUTHENTICATED status to finish with (logged with the peer, never the token; the
+  // log lines are rate-limited).
   grpc::Status Authenticate(const grpc::CallbackServerContext& context) const;
+  // A Compact or Sink stream slot: OK, or the status to refuse the stream with.
+  absl::Status AdmitStream(const grpc::CallbackServerContext& context);
 
   ServiceContext* context_;
 };

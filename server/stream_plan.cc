@@ -1,15 +1,23 @@
 #include "server/stream_plan.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
 #include "proto/wire.h"
+#include "server/limits.h"
 
 namespace kvcompact::server {
 
 absl::StatusOr<std::vector<int64_t>> StreamPlan::LayerBudgets(uint32_t layer, int64_t tokens) const {
   const int64_t H = num_kv_heads;
-  auto nominal = [&](double ratio) { return std::max<int64_t>(1, std::llround(static_cast<double>(tokens) / ratio)); };
+  // round(T / ratio) in [1, T]: a tiny or denormal ratio makes T / ratio huge or infinite, which
+  // must mean "keep everything", not wrap through llround.
+  auto nominal = [&](double ratio) {
+    const double t = static_cast<double>(tokens) / ratio;
+    if (!(t < static_cast<double>(tokens))) return tokens;
+    return std::clamp<int64_t>(std::llround(t), 1, tokens);
+  };
   switch (budget.kind_case()) {
     case v1::Budget::kRatio: return std::vector<int64_t>(H, nominal(budget.ratio()));
     case v1::Budget::kTokens: return std::vector<int64_t>(H, budget.tokens());
@@ -90,6 +98,13 @@ absl::StatusOr<StreamPlan> MakeStreamPlan(const v1::StreamHeader& header, const 
   const v1::Geometry& g = header.geometry();
   const v1::Options& o = header.options();
   StreamPlan plan;
+  // Echoed into logs: bounded and printable, so that it cannot forge or flood log lines.
+  if (header.request_id().size() > kMaxRequestIdBytes) {
+    return absl::InvalidArgumentError(absl::StrCat("request_id is longer than ", kMaxRequestIdBytes, " bytes"));
+  }
+  for (unsigned char c : header.request_id()) {
+    if (c < 0x20 || c > 0x7e) return absl::InvalidArgumentError("request_id must be printable ASCII (0x20-0x7e)");
+  }
   plan.request_id = header.request_id();
   // Bounded so that per-request tables (budgets, shares: layers x heads) stay small whatever a
   // client declares; real models have tens to a few hundred layers and at most a few hundred heads.
@@ -125,6 +140,9 @@ absl::StatusOr<StreamPlan> MakeStreamPlan(const v1::StreamHeader& header, const 
       return absl::InvalidArgumentError("options.pool_kernel must be odd and <= 255");
     }
     plan.options.pool_kernel = static_cast<int>(o.pool_kernel());
+  }
+  if (o.sink_tokens() > kMaxRowsPerLayer) {
+    return absl::InvalidArgumentError(absl::StrCat("options.sink_tokens must be <= ", kMaxRowsPerLayer));
   }
   if (o.sink_tokens() > 0) plan.options.sink_tokens = static_cast<int>(o.sink_tokens());
   plan.options.seed = o.seed();

@@ -36,7 +36,9 @@ TEST(Admission, ALayerOverTheHostMemoryBoundIsRefusedAndTheServerGoesOn) {
 }
 
 TEST(Admission, LayersHalfSentByOtherStreamsCountAgainstTheBound) {
-  ServerProcess server({"--max_host_memory_bytes=3145728"});  // 3 MiB: room for one such layer, not two
+  // 5 MiB: room for one such layer while its chunks are decoded (each chunk's message and fp32
+  // buffers are admitted too), not for two.
+  ServerProcess server({"--max_host_memory_bytes=5242880"});
   ASSERT_TRUE(server.ok()) << server.Log();
   const client::LayerInput layer = ToInput(MakeLayers(1, 1, 4096, 0)[0]);  // ~2 MiB of K/V buffers
   const std::vector<v1::CompactRequest> chunks = client::ChunkLayer(layer, 1 << 20);

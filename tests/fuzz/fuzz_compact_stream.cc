@@ -5,12 +5,14 @@
 // with KVCOMPACT_FUZZ_DECODE_ONLY (fuzz_stream_decode): the same up to the compute, hundreds of
 // times faster, for the input path.
 #include <cstddef>
+#include <cmath>
 #include <cstdint>
 
 #include "core/chunked.h"
 #include "server/layer_assembler.h"
 #include "server/layer_response.h"
 #include "server/stream_plan.h"
+#include "tests/fuzz/extreme_mutator.h"
 #include "tests/fuzz/stream_codec.h"
 
 namespace kvcompact {
@@ -43,15 +45,18 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   server::LayerAssembler assembler(&*plan, &limits, &memory, 1);
   for (size_t i = 1; i < requests.size(); ++i) {
     const v1::CompactRequest& r = requests[i];
-    if (r.has_kv() && !assembler.IsClosed(r.kv().layer())) {
-      if (!assembler.AddKV(r.kv()).ok()) assembler.Close(r.kv().layer());
-    } else if (r.has_queries() && !assembler.IsClosed(r.queries().layer())) {
-      if (!assembler.AddQueries(r.queries()).ok()) assembler.Close(r.queries().layer());
-    } else if (r.has_layer_end() && !assembler.IsClosed(r.layer_end().layer())) {
+    const uint32_t layer = r.has_kv() ? r.kv().layer() : r.has_queries() ? r.queries().layer() : r.layer_end().layer();
+    if (assembler.IsEnded(layer)) break;  // the reactor ends the stream INVALID_ARGUMENT here
+    if (assembler.IsFailed(layer)) continue;
+    if (r.has_kv()) {
+      if (!assembler.AddKV(r.kv()).ok()) assembler.Fail(layer);
+    } else if (r.has_queries()) {
+      if (!assembler.AddQueries(r.queries()).ok()) assembler.Fail(layer);
+    } else if (r.has_layer_end()) {
       server::MemoryReservation held;
       absl::StatusOr<LayerJob> job = assembler.EndLayer(r.layer_end().layer(), &held);
       if (!job.ok()) {
-        assembler.Close(r.layer_end().layer());
+        assembler.Fail(layer);
         continue;
       }
       if (!backend->CheckFits(*job).ok()) continue;
@@ -59,7 +64,6 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       continue;
 #endif
       if (job->data.tokens * std::max<int64_t>(job->data.queries, 1) * job->data.heads > kMaxComputeCells) continue;
-      const uint32_t layer = r.layer_end().layer();
       const int64_t tokens = job->data.tokens;
       absl::StatusOr<LayerResult> result;
       if (plan->chunk_tokens > 0 && tokens > plan->chunk_tokens) {
@@ -69,12 +73,26 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         result = allocated.ok() ? backend->CompactLayer(*job) : absl::StatusOr<LayerResult>(allocated);
       }
       if (!result.ok()) continue;
+      ReplaceNonFiniteHeads(*job, plan->output_dtype == DType::kFloat16 ? 65504.0f : 3.0e38f, &*result);
+      for (const CompactedHead& h : result->heads) {  // status OK never carries NaN or Inf
+        if (!h.keys.allFinite() || !h.beta.allFinite() || !h.values.allFinite()) __builtin_trap();
+        if (h.quality.has_quality && !std::isfinite(h.quality.output_rel_error)) __builtin_trap();
+      }
       uint64_t bytes = 0;
       std::vector<v1::CompactResponse> out =
           server::EncodeLayer(*plan, static_cast<int32_t>(layer), tokens, *result, {}, limits.max_message_bytes, &bytes);
       if (out.empty() || !out.back().has_layer_done()) __builtin_trap();  // every layer ends with LayerDone
     }
   }
-  if (memory.in_use() != 0 && assembler.open_layers() == 0) __builtin_trap();  // reservations are returned
+  if (memory.in_use() != 0 && assembler.OpenLayers().empty()) __builtin_trap();  // reservations are returned
   return 0;
+}
+
+// Half of the mutations set numeric fields to edge values (tests/fuzz/extreme_mutator.h).
+extern "C" size_t LLVMFuzzerMutate(uint8_t* data, size_t size, size_t max_size);
+extern "C" size_t LLVMFuzzerCustomMutator(uint8_t* data, size_t size, size_t max_size, unsigned int seed) {
+  if (seed % 2 == 0) {
+    if (size_t n = kvcompact::fuzz::MutateToEdgeValues(data, size, max_size, seed, kvcompact::kMaxMessages); n > 0) return n;
+  }
+  return LLVMFuzzerMutate(data, size, max_size);
 }

@@ -1,0 +1,61 @@
+// A result with status OK never carries NaN or Inf: heads whose fit is not finite (or beyond the
+// output dtype's range) fall back to plain selection; cancellation stops a layer at a head.
+#include <cmath>
+#include <limits>
+
+#include <gtest/gtest.h>
+
+#include "core/layer.h"
+#include "tests/core/synthetic_job.h"
+
+namespace kvcompact {
+namespace {
+
+using testing::SyntheticJob;
+
+TEST(ReplaceNonFiniteHeads, FitsThatAreNotFiniteOrOutOfRangeFallBackToSelection) {
+  LayerJob job = SyntheticJob(3, 256, 64, 32, 5);
+  auto backend = MakeCpuBackend(1);
+  absl::StatusOr<LayerResult> result = backend->CompactLayer(job);
+  ASSERT_TRUE(result.ok()) << result.status();
+  const LayerResult clean = *result;
+  EXPECT_EQ(ReplaceNonFiniteHeads(job, 65504.0f, &*result), 0) << "finite fits within range are kept";
+  result->heads[0].beta[3] = std::numeric_limits<float>::quiet_NaN();
+  result->heads[1].values(2, 5) = 1e6f;  // beyond fp16
+  result->heads[2].quality.output_rel_error = std::numeric_limits<float>::infinity();
+  EXPECT_EQ(ReplaceNonFiniteHeads(job, 65504.0f, &*result), 2);
+  for (int h : {0, 1}) {
+    const CompactedHead& head = result->heads[h];
+    const BlockView block = job.data.HeadBlock(h);
+    ASSERT_EQ(head.indices, clean.heads[h].indices) << "the selection is kept";
+    for (size_t r = 0; r < head.indices.size(); ++r) {
+      EXPECT_EQ(head.beta[r], 0.0f) << "beta = b[S] (no bias: 0)";
+      for (int64_t c = 0; c < job.data.value_dim; ++c) EXPECT_EQ(head.values(r, c), block.values(head.indices[r], c));
+    }
+    EXPECT_TRUE(head.quality.has_quality);
+    EXPECT_TRUE(std::isfinite(head.quality.output_rel_error));
+    EXPECT_GT(head.quality.output_rel_error, 0.0f);
+  }
+  // Head 2: its fit was fine, only a figure was not: the figure is measured again, the fit kept.
+  EXPECT_TRUE(result->heads[2].values.isApprox(clean.heads[2].values));
+  EXPECT_TRUE(std::isfinite(result->heads[2].quality.output_rel_error));
+  // With fp32 output 1e6 is in range: nothing to replace.
+  result->heads[1].values(2, 5) = 1e6f;
+  EXPECT_EQ(ReplaceNonFiniteHeads(job, 3.0e38f, &*result), 0);
+}
+
+TEST(Cancellation, ACancelledLayerStopsAndSaysSo) {
+  LayerJob job = SyntheticJob(4, 256, 64, 32, 6);
+  int checks = 0;
+  job.cancelled = [&checks] { return ++checks > 1; };  // cancelled after the first head started
+  auto backend = MakeCpuBackend(1);
+  absl::StatusOr<LayerResult> result = backend->CompactLayer(job);
+  ASSERT_FALSE(result.ok());
+  EXPECT_EQ(result.status().code(), absl::StatusCode::kCancelled) << result.status();
+  EXPECT_EQ(checks, 4) << "checked once per head";
+  job.cancelled = [] { return false; };
+  EXPECT_TRUE(backend->CompactLayer(job).ok());
+}
+
+}  // namespace
+}  // namespace kvcompact
