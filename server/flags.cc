@@ -15,6 +15,10 @@ ABSL_FLAG(std::string, health_listen, "",
 ABSL_FLAG(std::string, tls_cert_file, "", "Server certificate chain (PEM); set with --tls_key_file to serve TLS");
 ABSL_FLAG(std::string, tls_key_file, "", "Private key of --tls_cert_file (PEM)");
 ABSL_FLAG(std::string, tls_client_ca_file, "", "CA (PEM) that signs client certificates; set: mutual TLS is required");
+ABSL_FLAG(std::string, tls_client_allowed_names, "",
+          "With --tls_client_ca_file: comma-separated client identities (a subject alternative name or the common "
+          "name of the client certificate) allowed to call kvcompact.v1; others get PERMISSION_DENIED. Empty: any "
+          "certificate the CA signed");
 ABSL_FLAG(std::string, auth_token_file, "",
           "Bearer tokens, one per line, required on kvcompact.v1 calls (health stays open). Without it the "
           "environment variable KVCOMPACT_AUTH_TOKEN is read the same way; neither set: no token needed");

@@ -22,6 +22,9 @@
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
+#include "absl/strings/ascii.h"
 #include "core/layer.h"
 #include "server/flags.h"
 #include "server/memory_budget.h"
@@ -278,9 +281,19 @@ int Run(int argc, char** argv) {
     return 2;
   }
   context.auth = &*auth;
+  std::vector<std::string> allowed_names = absl::StrSplit(absl::GetFlag(FLAGS_tls_client_allowed_names), ',', absl::SkipWhitespace());
+  for (std::string& name : allowed_names) name = std::string(absl::StripAsciiWhitespace(name));
+  if (!allowed_names.empty() && absl::GetFlag(FLAGS_tls_client_ca_file).empty()) {
+    spdlog::critical("TLS: --tls_client_allowed_names needs mutual TLS (--tls_client_ca_file)");
+    return 2;
+  }
+  const ClientIdentityFilter identities(allowed_names);
+  context.identities = &identities;
   spdlog::info("transport {}; {}",
                absl::GetFlag(FLAGS_tls_cert_file).empty() ? "plaintext"
-               : absl::GetFlag(FLAGS_tls_client_ca_file).empty() ? "TLS" : "mutual TLS",
+               : absl::GetFlag(FLAGS_tls_client_ca_file).empty() ? "TLS"
+               : allowed_names.empty() ? "mutual TLS"
+                                       : absl::StrCat("mutual TLS (clients: ", absl::StrJoin(allowed_names, ", "), ")"),
                auth->enabled() ? absl::StrCat("bearer tokens required (", auth->token_count(), " accepted)")
                                : std::string("no token required"));
   context.version = kVersion;

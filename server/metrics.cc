@@ -73,7 +73,7 @@ Metrics::Metrics(const std::string& version, const std::string& backend)
       .Add({{"version", version}, {"backend", backend}}).Set(1);
   start_time_->Set(std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count());
   // Every code a stream can end with, at 0, so that rate() works from the first failure on.
-  for (const char* code : {"OK", "CANCELLED", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "UNAUTHENTICATED",
+  for (const char* code : {"OK", "CANCELLED", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "UNAUTHENTICATED", "PERMISSION_DENIED",
                            "UNAVAILABLE", "DEADLINE_EXCEEDED", "INTERNAL"}) {
     streams_finished_->Add({{"code", code}});
   }

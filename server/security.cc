@@ -1,10 +1,13 @@
 #include "server/security.h"
 
+#include <algorithm>
 #include <fstream>
 #include <sstream>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 
 namespace kvcompact::server {
@@ -104,6 +107,25 @@ grpc::Status TokenAuthenticator::Check(const grpc::ServerContextBase& context) c
   for (const std::string& token : tokens_) match |= ConstantTimeEquals(token, presented);  // no early exit
   if (!match) return grpc::Status(grpc::StatusCode::UNAUTHENTICATED, "invalid bearer token");
   return grpc::Status::OK;
+}
+
+grpc::Status ClientIdentityFilter::Check(const grpc::ServerContextBase& context) const {
+  if (names_.empty()) return grpc::Status::OK;
+  std::shared_ptr<const grpc::AuthContext> auth = context.auth_context();
+  std::vector<std::string> seen;
+  if (auth != nullptr) {
+    for (const char* property : {"x509_subject_alternative_name", "x509_common_name"}) {
+      for (const grpc::string_ref& value : auth->FindPropertyValues(property)) {
+        const std::string identity(value.data(), value.size());
+        if (std::find(names_.begin(), names_.end(), identity) != names_.end()) return grpc::Status::OK;
+        seen.push_back(identity);
+      }
+    }
+  }
+  return grpc::Status(grpc::StatusCode::PERMISSION_DENIED,
+                      seen.empty() ? std::string("no client certificate identity; tls_client_allowed_names is set")
+                                   : absl::StrCat("client certificate identity [", absl::StrJoin(seen, ", "),
+                                                  "] is not in tls_client_allowed_names"));
 }
 
 }  // namespace kvcompact::server

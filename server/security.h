@@ -41,4 +41,19 @@ class TokenAuthenticator {
   std::vector<std::string> tokens_;
 };
 
+// Client identities allowed under mutual TLS: a client certificate passes when one of its subject
+// alternative names or its common name is in the list. Empty list: any certificate the client CA
+// signed (the TLS handshake already checked that).
+class ClientIdentityFilter {
+ public:
+  ClientIdentityFilter() = default;
+  explicit ClientIdentityFilter(std::vector<std::string> names) : names_(std::move(names)) {}
+  bool enabled() const { return !names_.empty(); }
+  // OK, or PERMISSION_DENIED naming the identities the certificate carried.
+  grpc::Status Check(const grpc::ServerContextBase& context) const;
+
+ private:
+  std::vector<std::string> names_;
+};
+
 }  // namespace kvcompact::server

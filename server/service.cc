@@ -1,5 +1,6 @@
 #include "server/service.h"
 
+#include <grpcpp/impl/codegen/proto_utils.h>
 #include <spdlog/spdlog.h>
 
 #include "absl/strings/str_cat.h"
@@ -14,11 +15,12 @@ grpc::Status ToGrpc(const absl::Status& status) {
 }
 
 grpc::Status KVCompactService::Authenticate(const grpc::CallbackServerContext& context) const {
-  if (context_->auth == nullptr) return grpc::Status::OK;
-  grpc::Status status = context_->auth->Check(context);
+  grpc::Status status = context_->identities != nullptr ? context_->identities->Check(context) : grpc::Status::OK;
+  if (status.ok() && context_->auth != nullptr) status = context_->auth->Check(context);
   uint64_t suppressed = 0;
   if (!status.ok() && context_->log_limiter.Allow(&suppressed)) {
-    spdlog::warn("unauthenticated call from {}: {}{}", context.peer(), status.error_message(),
+    spdlog::warn("{} call from {}: {}{}", status.error_code() == grpc::StatusCode::PERMISSION_DENIED ? "refused" : "unauthenticated",
+                 context.peer(), status.error_message(),
                  suppressed ? absl::StrCat(" [", suppressed, " similar lines suppressed]") : "");
   }
   return status;
@@ -26,7 +28,9 @@ grpc::Status KVCompactService::Authenticate(const grpc::CallbackServerContext& c
 
 absl::Status KVCompactService::AdmitStream(const grpc::CallbackServerContext& context) {
   const int open = ++context_->open_streams;  // given back by the stream when it finishes
-  if (grpc::Status auth = Authenticate(context); !auth.ok()) return absl::UnauthenticatedError(auth.error_message());
+  if (grpc::Status auth = Authenticate(context); !auth.ok()) {
+    return absl::Status(static_cast<absl::StatusCode>(auth.error_code()), auth.error_message());
+  }
   if (open > static_cast<int>(context_->limits.max_concurrent_streams) ||
       context_->live_streams.load() >= 2 * static_cast<int>(context_->limits.max_concurrent_streams)) {
     return absl::ResourceExhaustedError(absl::StrCat("too many concurrent streams (max_concurrent_streams = ",
@@ -39,15 +43,41 @@ grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* KVCompactService::C
   return new CompactReactor(context_, context, AdmitStream(*context));
 }
 
+namespace {
+
+// The request of a raw unary call, or the INVALID_ARGUMENT status that says it is not one.
+template <typename Request>
+grpc::Status ParseRequest(const grpc::ByteBuffer* raw, const char* type, Request* out) {
+  grpc::ByteBuffer copy(*raw);  // Deserialize consumes its buffer; the copy shares the slices
+  if (grpc::SerializationTraits<Request>::Deserialize(&copy, out).ok()) return grpc::Status::OK;
+  return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                      absl::StrCat("the request (", raw->Length(), " bytes) is not a valid ", type));
+}
+
+template <typename Response>
+void SetResponse(const Response& message, grpc::ByteBuffer* out) {
+  bool own_buffer = false;
+  grpc::SerializationTraits<Response>::Serialize(message, out, &own_buffer);
+}
+
+}  // namespace
+
 grpc::ServerUnaryReactor* KVCompactService::GetServerInfo(grpc::CallbackServerContext* context,
-                                                          const v1::ServerInfoRequest*,
-                                                          v1::ServerInfo* response) {
+                                                          const grpc::ByteBuffer* request, grpc::ByteBuffer* raw_response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   if (grpc::Status auth = Authenticate(*context); !auth.ok()) {
-    context_->metrics->CountError("UNAUTHENTICATED");
+    context_->metrics->CountError(absl::StatusCodeToString(static_cast<absl::StatusCode>(auth.error_code())));
     reactor->Finish(auth);
     return reactor;
   }
+  v1::ServerInfoRequest parsed;
+  if (grpc::Status s = ParseRequest(request, "kvcompact.v1.ServerInfoRequest", &parsed); !s.ok()) {
+    context_->metrics->CountError("INVALID_ARGUMENT");
+    reactor->Finish(s);
+    return reactor;
+  }
+  v1::ServerInfo info;
+  v1::ServerInfo* response = &info;
   response->set_version(context_->version);
   response->set_backend(std::string(context_->worker->backend_name()));
   for (const std::string& b : context_->backends) response->add_backends(b);
@@ -66,6 +96,7 @@ grpc::ServerUnaryReactor* KVCompactService::GetServerInfo(grpc::CallbackServerCo
   response->set_threads(context_->threads);
   response->set_device_bytes_reserved(context_->worker->backend().device_bytes_reserved());
   response->set_device_bytes_peak(context_->worker->backend().device_bytes_peak());
+  SetResponse(info, raw_response);
   reactor->Finish(grpc::Status::OK);
   return reactor;
 }
@@ -113,15 +144,20 @@ grpc::ServerReadReactor<v1::CompactRequest>* KVCompactService::Sink(grpc::Callba
 }
 
 grpc::ServerUnaryReactor* KVCompactService::SelfTest(grpc::CallbackServerContext* context,
-                                                     const v1::SelfTestRequest* request,
-                                                     v1::SelfTestResponse* response) {
+                                                     const grpc::ByteBuffer* raw_request, grpc::ByteBuffer* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   if (grpc::Status auth = Authenticate(*context); !auth.ok()) {
-    context_->metrics->CountError("UNAUTHENTICATED");
+    context_->metrics->CountError(absl::StatusCodeToString(static_cast<absl::StatusCode>(auth.error_code())));
     reactor->Finish(auth);
     return reactor;
   }
-  absl::StatusOr<v1::SelfTestRequest> normalized = NormalizeSelfTest(*request);
+  v1::SelfTestRequest request;
+  if (grpc::Status s = ParseRequest(raw_request, "kvcompact.v1.SelfTestRequest", &request); !s.ok()) {
+    context_->metrics->CountError("INVALID_ARGUMENT");
+    reactor->Finish(s);
+    return reactor;
+  }
+  absl::StatusOr<v1::SelfTestRequest> normalized = NormalizeSelfTest(request);
   if (!normalized.ok()) {
     reactor->Finish(ToGrpc(normalized.status()));
     return reactor;
@@ -138,7 +174,7 @@ grpc::ServerUnaryReactor* KVCompactService::SelfTest(grpc::CallbackServerContext
   item.run = [reactor, response, service, context, req = *normalized](Backend* backend, double) {
     absl::StatusOr<v1::SelfTestResponse> result = absl::CancelledError("self-test dropped: cancelled or server shutting down");
     if (backend) result = RunSelfTest(*backend, req, [context] { return context->IsCancelled(); });
-    if (result.ok()) *response = *std::move(result);
+    if (result.ok()) SetResponse(*result, response);
     service->self_tests.fetch_sub(1);
     reactor->Finish(ToGrpc(result.status()));
   };

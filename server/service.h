@@ -26,6 +26,7 @@ struct ServiceContext {
   int threads = 1;
   const ProfileRegistry* profiles = nullptr;  // budget profiles (Allocation.profile)
   const TokenAuthenticator* auth = nullptr;   // null or disabled: no token needed
+  const ClientIdentityFilter* identities = nullptr;  // null or disabled: any client certificate
   MemoryBudget* memory = nullptr;             // null: no host-memory admission control
   StreamWatchdog* watchdog = nullptr;         // null: no timeouts
   LogLimiter log_limiter;                     // lines that clients can cause
@@ -37,27 +38,30 @@ struct ServiceContext {
   std::atomic<int> self_tests{0};             // SelfTest calls queued or running (at most one)
 };
 
-// Compact is registered raw (grpc::ByteBuffer; see CompactReactor), the other methods typed.
-using ServiceBase = v1::KVCompact::WithRawCallbackMethod_Compact<v1::KVCompact::WithCallbackMethod_GetServerInfo<
-    v1::KVCompact::WithCallbackMethod_SelfTest<v1::KVCompact::WithCallbackMethod_Sink<v1::KVCompact::Service>>>>;
+// Compact, GetServerInfo and SelfTest are registered raw (grpc::ByteBuffer): the service parses
+// requests itself, so a message that is not the method's request type gets INVALID_ARGUMENT
+// saying so (gRPC's typed callback handlers answer a parse failure as if the method were not
+// there, or as a half-close), and Compact knows the exact bytes of its queued responses. Sink, the
+// transport baseline, stays typed.
+using ServiceBase = v1::KVCompact::WithRawCallbackMethod_Compact<v1::KVCompact::WithRawCallbackMethod_GetServerInfo<
+    v1::KVCompact::WithRawCallbackMethod_SelfTest<v1::KVCompact::WithCallbackMethod_Sink<v1::KVCompact::Service>>>>;
 
 class KVCompactService final : public ServiceBase {
  public:
   explicit KVCompactService(ServiceContext* context) : context_(context) {}
 
   grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* Compact(grpc::CallbackServerContext* context) override;
-  grpc::ServerUnaryReactor* GetServerInfo(grpc::CallbackServerContext* context,
-                                          const v1::ServerInfoRequest* request,
-                                          v1::ServerInfo* response) override;
+  grpc::ServerUnaryReactor* GetServerInfo(grpc::CallbackServerContext* context, const grpc::ByteBuffer* request,
+                                          grpc::ByteBuffer* response) override;
   grpc::ServerReadReactor<v1::CompactRequest>* Sink(grpc::CallbackServerContext* context,
                                                     v1::SinkSummary* response) override;
-  grpc::ServerUnaryReactor* SelfTest(grpc::CallbackServerContext* context,
-                                     const v1::SelfTestRequest* request,
-                                     v1::SelfTestResponse* response) override;
+  grpc::ServerUnaryReactor* SelfTest(grpc::CallbackServerContext* context, const grpc::ByteBuffer* request,
+                                     grpc::ByteBuffer* response) override;
 
  private:
-  // OK, or the UNAUTHENTICATED status to finish with (logged with the peer, never the token; the
-  // log lines are rate-limited).
+  // OK, or the status to finish with: PERMISSION_DENIED for a client certificate identity not
+  // allowed, UNAUTHENTICATED for a missing or wrong token (logged with the peer, never the token;
+  // the log lines are rate-limited).
   grpc::Status Authenticate(const grpc::CallbackServerContext& context) const;
   // A Compact or Sink stream slot: OK, or the status to refuse the stream with.
   absl::Status AdmitStream(const grpc::CallbackServerContext& context);

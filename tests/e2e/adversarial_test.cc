@@ -253,6 +253,18 @@ TEST_F(Adversarial, AnUndecodableMessageEndsTheStreamInvalidArgument) {
     EXPECT_EQ(r.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << r.status.error_message();
     EXPECT_NE(r.status.error_message().find("message 2 of the stream"), std::string::npos) << r.status.error_message();
   }
+  // Unary methods too (gRPC's typed handlers answered UNIMPLEMENTED).
+  for (const char* method : {"/kvcompact.v1.KVCompact/GetServerInfo", "/kvcompact.v1.KVCompact/SelfTest"}) {
+    const RawBytesResult r = RawBytesCall(server_->address(), method, {std::string("\xff\xff\xff", 3)});
+    EXPECT_EQ(r.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << method << ": " << r.status.error_message();
+    EXPECT_NE(r.status.error_message().find("is not a valid kvcompact.v1."), std::string::npos) << r.status.error_message();
+  }
+  const RawBytesResult info = RawBytesCall(server_->address(), "/kvcompact.v1.KVCompact/GetServerInfo", {""});
+  EXPECT_TRUE(info.status.ok()) << info.status.error_message();
+  v1::ServerInfo parsed;
+  ASSERT_EQ(info.responses.size(), 1u);
+  ASSERT_TRUE(parsed.ParseFromString(info.responses[0]));
+  EXPECT_EQ(parsed.limits().max_concurrent_streams(), 8u);
 }
 
 // L2: data after LayerEnd, a layer sent twice, a second LayerEnd.

@@ -24,7 +24,8 @@ class Pki {
     char tmpl[] = "/tmp/kvcompact-pki-XXXXXX";
     dir_ = mkdtemp(tmpl);
     ok_ = MakeCa("ca") && MakeCa("other-ca") && MakeLeaf("server", "ca", "DNS:localhost,IP:127.0.0.1") &&
-          MakeLeaf("client", "ca", "DNS:kvcompact-client") && MakeLeaf("stranger", "other-ca", "DNS:stranger");
+          MakeLeaf("client", "ca", "DNS:kvcompact-client") && MakeLeaf("stranger", "other-ca", "DNS:stranger") &&
+          MakeLeaf("intruder", "ca", "DNS:intruder");
     std::ofstream(Path("tokens")) << "# accepted bearer tokens\n" << kToken << "\n\n" << kRotatedToken << "\n";
   }
   ~Pki() { fs::remove_all(dir_); }
@@ -134,6 +135,29 @@ TEST_F(Security, MutualTlsNeedsAClientCertificateFromTheConfiguredCa) {
   EXPECT_EQ(CompactCode(server.address(), Secured(*pki_, "", "client")), absl::StatusCode::kOk);
   auto serving = client::Client(server.health_address()).IsServing("", 5);
   EXPECT_TRUE(serving.ok() && *serving);
+}
+
+TEST_F(Security, MutualTlsAllowListAdmitsOnlyTheNamedClientIdentities) {
+  ASSERT_TRUE(pki_->ok()) << pki_->log();
+  ServerProcess server({"--tls_cert_file=" + pki_->Path("server.pem"), "--tls_key_file=" + pki_->Path("server.key"),
+                        "--tls_client_ca_file=" + pki_->Path("ca.pem"),
+                        "--tls_client_allowed_names=kvcompact-client, other-name"});
+  ASSERT_TRUE(server.ok()) << server.Log();
+  EXPECT_NE(server.Log().find("mutual TLS (clients: kvcompact-client, other-name)"), std::string::npos) << server.Log();
+  EXPECT_EQ(CompactCode(server.address(), Secured(*pki_, "", "client")), absl::StatusCode::kOk);
+  // Signed by the same CA, but not a listed identity.
+  EXPECT_EQ(CompactCode(server.address(), Secured(*pki_, "", "intruder")), absl::StatusCode::kPermissionDenied);
+  auto info = client::Client(server.address(), Secured(*pki_, "", "intruder")).GetServerInfo();
+  ASSERT_FALSE(info.ok());
+  EXPECT_EQ(info.status().code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_NE(info.status().message().find("intruder"), std::string::npos) << info.status();
+  EXPECT_EQ(CompactCode(server.address(), Secured(*pki_, "", "stranger")), absl::StatusCode::kUnavailable);
+  auto serving = client::Client(server.health_address()).IsServing("", 5);
+  EXPECT_TRUE(serving.ok() && *serving);
+  // The list without mutual TLS is a configuration error.
+  ServerProcess bad({"--tls_client_allowed_names=kvcompact-client"});
+  EXPECT_FALSE(bad.ok());
+  EXPECT_NE(bad.Log().find("needs mutual TLS"), std::string::npos) << bad.Log();
 }
 
 TEST_F(Security, TokenFromTheEnvironmentOverPlaintext) {
