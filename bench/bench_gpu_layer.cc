@@ -77,6 +77,8 @@ int main(int argc, char** argv) {
   std::vector<double> wall(layers);
   StageSeconds sum;
   double err = 0;
+  int64_t iterations_sum = 0;
+  int iterations_max = 0, not_converged = 0;
   const auto start = Clock::now();
   for (uint32_t l = 0; l < layers; ++l) {
     const auto t0 = Clock::now();
@@ -88,7 +90,16 @@ int main(int argc, char** argv) {
       return 1;
     }
     sum += r->seconds;
-    for (const auto& h : r->heads) err += h.quality.output_rel_error / (shape.heads * layers);
+    int layer_iterations = 0;
+    for (const auto& h : r->heads) layer_iterations = std::max(layer_iterations, h.mass_fit_iterations);
+    fprintf(stderr, "layer %u: %.4f s (NNLS %.4f s so far), NNLS iterations at most %d\n", l, wall[l], sum.mass_solve,
+            layer_iterations);
+    for (const auto& h : r->heads) {
+      err += h.quality.output_rel_error / (shape.heads * layers);
+      iterations_sum += h.mass_fit_iterations;
+      iterations_max = std::max(iterations_max, h.mass_fit_iterations);
+      not_converged += !h.mass_fit_converged;
+    }
   }
   const double total = std::chrono::duration<double>(Clock::now() - start).count();
   size_t free_b = 0, total_b = 0;
@@ -118,9 +129,12 @@ int main(int argc, char** argv) {
   printf("%-28s %10.1f\n", "QK^T + AV TFLOP", flops / 1e12);
   printf("%-28s %10.1f\n", "achieved TFLOP/s (total)", flops / 1e12 / total);
   printf("%-28s %10.4f\n", "mean held-out output error", err);
+  printf("%-28s %10.1f\n", "NNLS iterations mean", static_cast<double>(iterations_sum) / (shape.heads * layers));
+  printf("%-28s %10d\n", "NNLS iterations max", iterations_max);
+  printf("%-28s %10d\n", "NNLS not converged heads", not_converged);
   printf("%-28s %10.1f\n", "GPU memory in use GiB", (total_b - free_b) / 1073741824.0);
   printf("{\"bench\":\"BENCH-A\",\"gpu\":\"%s\",\"math\":\"%s\",\"prefetch\":%s,\"total_s\":%.4f,\"without_h2d_s\":%.4f,\"tflop\":%.2f,\"score_s\":%.4f,\"mass_fit_s\":%.4f,"
-         "\"value_fit_s\":%.4f,\"evaluate_s\":%.4f,\"upload_s\":%.4f,\"nnls_s\":%.4f,\"mean_output_rel_error\":%.5f}\n",
-         prop.name, options.allow_tf32 ? "tf32" : "fp32", absl::GetFlag(FLAGS_prefetch) ? "true" : "false", total, total - sum.upload, flops / 1e12, sum.score, sum.mass_fit, sum.value_fit, sum.evaluate, sum.upload, sum.mass_solve, err);
+         "\"value_fit_s\":%.4f,\"evaluate_s\":%.4f,\"upload_s\":%.4f,\"nnls_s\":%.4f,\"mean_output_rel_error\":%.5f,\"tokens\":%lld,\"t\":%lld,\"nnls_iter_mean\":%.1f,\"nnls_iter_max\":%d,\"not_converged\":%d}\n",
+         prop.name, options.allow_tf32 ? "tf32" : "fp32", absl::GetFlag(FLAGS_prefetch) ? "true" : "false", total, total - sum.upload, flops / 1e12, sum.score, sum.mass_fit, sum.value_fit, sum.evaluate, sum.upload, sum.mass_solve, err, (long long)shape.tokens, (long long)std::llround(shape.tokens / absl::GetFlag(FLAGS_ratio)), static_cast<double>(iterations_sum) / (shape.heads * layers), iterations_max, not_converged);
   return 0;
 }

@@ -45,6 +45,7 @@ void AppendChunk(const CompactedHead& part, int64_t offset, CompactedHead* whole
   whole->beta.conservativeResize(t0 + t);
   whole->beta.tail(t) = part.beta;
   whole->mass_fit_converged = whole->mass_fit_converged && part.mass_fit_converged;
+  whole->mass_fit_iterations = std::max(whole->mass_fit_iterations, part.mass_fit_iterations);
 }
 
 }  // namespace

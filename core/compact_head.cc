@@ -44,6 +44,26 @@ std::vector<int32_t> SelectByOmp(const BlockView& block, const MatrixF& fit_q, c
 
 }  // namespace
 
+namespace {
+// Full strength while the fitting queries are at most t, none from 2t on, linear between: with
+// plenty of queries even a weak pull toward selection cost held-out accuracy (BENCH-A on the
+// GPU, n = 6t: +50% error at min(1, 2t / n) scaling), while below t it is what keeps the fit
+// ahead of selection (bench_fit_range).
+double DataScale(int64_t t, int64_t n_fit) {
+  if (n_fit <= 0) return 1.0;
+  return std::clamp((2.0 * static_cast<double>(t) - static_cast<double>(n_fit)) / static_cast<double>(t), 0.0, 1.0);
+}
+}  // namespace
+
+double ValueRidge(const HeadOptions& options, int64_t t, int64_t n_fit) {
+  return options.ridge > 0 ? options.ridge : std::max(kMinValueRidge, kDefaultValueRidge * DataScale(t, n_fit));
+}
+
+double MassPrior(const HeadOptions& options, int64_t t, int64_t n_fit) {
+  if (options.mass_prior < 0) return 0;
+  return options.mass_prior > 0 ? options.mass_prior : kDefaultMassPrior * DataScale(t, n_fit);
+}
+
 std::pair<double, double> WeightBounds(const HeadOptions& options, const MethodSpec& spec) {
   return {std::exp(options.beta_min.value_or(spec.default_beta_min)),
           std::exp(options.beta_max.value_or(spec.default_beta_max))};
@@ -166,15 +186,18 @@ absl::StatusOr<CompactedHead> CompactHead(const BlockView& block, const MatrixF*
       start = std::chrono::steady_clock::now();
       const MatrixF logits = SubsetLogits(fit_q, head.keys, subset_bias, block.scale);
       const auto [w_lo, w_hi] = WeightBounds(options, spec);
-      MassFitResult mass = FitMass(logits, fit_stats.row_max, fit_stats.mass, subset_bias, w_lo, w_hi);
+      MassFitResult mass = FitMass(logits, fit_stats.row_max, fit_stats.mass, subset_bias, w_lo, w_hi,
+                                   MassPrior(options, t, fit_q.rows()));
       head.beta = std::move(mass.beta);
       head.mass_fit_converged = mass.solver.converged;
+      head.mass_fit_iterations = mass.solver.iterations;
       seconds->mass_fit += Since(start);
       seconds->mass_solve += mass.solve_seconds;
 
       start = std::chrono::steady_clock::now();
       const MatrixF design = RowSoftmax(SubsetLogits(fit_q, head.keys, head.beta, block.scale));
-      head.values = FitValues(design, fit_stats.outputs, options.ridge);
+      const MatrixF selected = GatherRows(block.values, head.indices);
+      head.values = FitValues(design, fit_stats.outputs, ValueRidge(options, t, fit_q.rows()), &selected);
       seconds->value_fit += Since(start);
     } else {
       head.beta = subset_bias;

@@ -22,7 +22,16 @@ struct HeadOptions {
   int pool_kernel = -1;                     // -1: the method's default
   int sink_tokens = 4;
   uint64_t seed = 0;
-  double ridge = 1e-5;
+  // Priors of the fits toward plain selection, relative to the mean diagonal of each Gram matrix:
+  // the mass fit minimises ||Phi w - m||^2 + mass_prior * mean(diag(G)) * ||w - 1||^2 (w = 1 is
+  // beta = b[S]), the value fit ||X C - Y||^2 + ridge * mean(diag(X^T X)) * ||C - V[S]||^2.
+  // Directions the fitting queries do not constrain (n < t, near-duplicate queries) keep the
+  // selection's values instead of arbitrary ones (bench_fit_range: without them the fit lost to
+  // selection on held-out queries for n <= t/2). 0: the defaults below at full strength for
+  // n <= t, fading linearly to none at n >= 2t (the value ridge then stays at kMinValueRidge);
+  // > 0: that strength as given; mass_prior < 0: none.
+  double ridge = 0;
+  double mass_prior = 0;
   std::optional<double> beta_min, beta_max; // bounds on log w in the mass fit; default: the method's
   // OMP selection (spec section 3); 0 = the method's preset (am_omp: k=1/interval 1, am_omp_fast: 4/2).
   int omp_keys_per_step = 0;
@@ -34,6 +43,13 @@ struct HeadOptions {
   int query_chunk = 256;
   bool force_fit = false;                   // fit even when t >= T (tests of the fit itself)
 };
+
+inline constexpr double kDefaultValueRidge = 1e-2;
+inline constexpr double kMinValueRidge = 1e-5;
+inline constexpr double kDefaultMassPrior = 1e-3;
+// The strengths the fits use for a budget t and n_fit fitting queries (HeadOptions::ridge, mass_prior).
+double ValueRidge(const HeadOptions& options, int64_t t, int64_t n_fit);
+double MassPrior(const HeadOptions& options, int64_t t, int64_t n_fit);
 
 // Bounds [lo, hi] on w = exp(log w) in the mass fit: the options' or the method's defaults.
 std::pair<double, double> WeightBounds(const HeadOptions& options, const MethodSpec& spec);
@@ -69,6 +85,7 @@ struct CompactedHead {
   MatrixF values;                // t x dv
   HeadQuality quality;
   bool mass_fit_converged = true;
+  int mass_fit_iterations = 0;   // bounded-NNLS iterations (most over chunks); 0: no mass fit
 };
 
 struct StageSeconds {

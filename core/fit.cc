@@ -8,10 +8,15 @@
 namespace kvcompact {
 
 MassFitResult FitMass(const MatrixF& subset_logits, const VectorF& row_max, const VectorF& mass,
-                      const VectorF& subset_bias, double w_lo, double w_hi) {
+                      const VectorF& subset_bias, double w_lo, double w_hi, double prior) {
   const MatrixF phi = (subset_logits.colwise() - row_max).array().exp().matrix();
-  const MatrixD gram = (phi.transpose() * phi).cast<double>();
-  const VectorD rhs = (phi.transpose() * mass).cast<double>();
+  MatrixD gram = (phi.transpose() * phi).cast<double>();
+  VectorD rhs = (phi.transpose() * mass).cast<double>();
+  if (prior > 0 && gram.rows() > 0) {
+    const double lambda = prior * gram.trace() / static_cast<double>(gram.rows());
+    gram.diagonal().array() += lambda;
+    rhs.array() += lambda;  // lambda * 1: the pull toward w = 1
+  }
   MassFitResult result;
   const auto start = std::chrono::steady_clock::now();
   result.solver = SolveBoundedLsq(gram, rhs, w_lo, w_hi);
@@ -28,12 +33,13 @@ MatrixF RowSoftmax(const MatrixF& logits) {
   return probs;
 }
 
-MatrixF FitValues(const MatrixF& design, const MatrixF& targets, double ridge) {
+MatrixF FitValues(const MatrixF& design, const MatrixF& targets, double ridge, const MatrixF* prior) {
   MatrixD gram = (design.transpose() * design).cast<double>();
-  const MatrixD rhs = (design.transpose() * targets).cast<double>();
+  MatrixD rhs = (design.transpose() * targets).cast<double>();
   const Eigen::Index t = gram.rows();
   const double lambda = ridge * (t > 0 ? gram.trace() / t : 0.0);
   gram.diagonal().array() += lambda;
+  if (prior != nullptr) rhs += lambda * prior->cast<double>();
   Eigen::LLT<MatrixD> llt(gram);
   if (llt.info() == Eigen::Success) return llt.solve(rhs).cast<float>();
   // Only reachable with ridge = 0 and a singular X; LDLT still gives a usable solution.

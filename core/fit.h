@@ -18,13 +18,16 @@ struct MassFitResult {
 };
 
 // `subset_logits` = s * Q K_S^T + b_S (n x t), `row_max`/`mass` of the full block for the same queries.
+// `prior` > 0 adds prior * mean(diag(G)) * ||w - 1||^2 to the objective (a pull toward w = 1, the
+// selection's beta = b_S).
 MassFitResult FitMass(const MatrixF& subset_logits, const VectorF& row_max, const VectorF& mass,
-                      const VectorF& subset_bias, double w_lo, double w_hi);
+                      const VectorF& subset_bias, double w_lo, double w_hi, double prior = 0);
 
 // Row-wise softmax of logits.
 MatrixF RowSoftmax(const MatrixF& logits);
 
-// Ridge least squares C_v for design X (n x t) and targets Y (n x dv).
-MatrixF FitValues(const MatrixF& design, const MatrixF& targets, double ridge);
+// Ridge least squares C_v for design X (n x t) and targets Y (n x dv), pulled toward `prior`
+// (t x dv; empty: toward 0).
+MatrixF FitValues(const MatrixF& design, const MatrixF& targets, double ridge, const MatrixF* prior = nullptr);
 
 }  // namespace kvcompact

@@ -24,8 +24,9 @@ VectorF MaxPool1d(const VectorF& scores, int kernel) {
 std::vector<int32_t> TopK(const VectorF& scores, int64_t t) {
   std::vector<int32_t> order(scores.size());
   std::iota(order.begin(), order.end(), 0);
+  // Equal scores go to the earlier token, as the float64 reference and the method's research code do.
   auto better = [&](int32_t a, int32_t b) {
-    return scores[a] != scores[b] ? scores[a] > scores[b] : a > b;
+    return scores[a] != scores[b] ? scores[a] > scores[b] : a < b;
   };
   std::nth_element(order.begin(), order.begin() + t, order.end(), better);
   order.resize(t);

@@ -146,6 +146,20 @@ __global__ void AddRidgeToDiagonalKernel(float* a, int64_t n, float ridge) {
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) a[i * n + i] += lambda;
 }
 
+__global__ void AddRidgeTowardRowsKernel(float* a, float* rhs, const float* values, const int32_t* idx, int64_t n,
+                                         int64_t dv, float ridge) {
+  __shared__ float shared[32];
+  float trace = 0.f;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) trace += a[i * n + i];
+  trace = BlockReduceSum(trace, shared);
+  const float lambda = ridge * trace / static_cast<float>(n);
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) a[i * n + i] += lambda;
+  for (int64_t k = threadIdx.x; k < n * dv; k += blockDim.x) {
+    const int64_t j = k % n, c = k / n;  // rhs is column-major: element (j, c) at c * n + j
+    rhs[k] += lambda * values[static_cast<int64_t>(idx[j]) * dv + c];
+  }
+}
+
 __device__ double WarpSum(double v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
   return v;
@@ -221,6 +235,34 @@ void GatherRows(const float* in, const int32_t* index, int64_t count, int64_t co
 void AddRidgeToDiagonal(float* a, int64_t n, float ridge, cudaStream_t stream) {
   if (n == 0) return;
   AddRidgeToDiagonalKernel<<<1, 1024, 0, stream>>>(a, n, ridge);
+}
+
+void AddRidgeTowardRows(float* a, float* rhs, const float* values, const int32_t* idx, int64_t n, int64_t dv, float ridge,
+                        cudaStream_t stream) {
+  if (n == 0) return;
+  AddRidgeTowardRowsKernel<<<1, 1024, 0, stream>>>(a, rhs, values, idx, n, dv, ridge);
+}
+
+__global__ void AddPriorTowardOneKernel(double* gram, double* rhs, int64_t n, double prior) {
+  __shared__ double shared[32];
+  double trace = 0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) trace += gram[i * n + i];
+  // Block sum in fp64 (warp shuffles, then the warps' sums).
+  for (int o = 16; o > 0; o >>= 1) trace += __shfl_xor_sync(0xffffffff, trace, o);
+  if (threadIdx.x % 32 == 0) shared[threadIdx.x / 32] = trace;
+  __syncthreads();
+  trace = 0;
+  for (int w = 0; w < static_cast<int>(blockDim.x / 32); ++w) trace += shared[w];
+  const double lambda = prior * trace / static_cast<double>(n);
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    gram[i * n + i] += lambda;
+    rhs[i] += lambda;
+  }
+}
+
+void AddPriorTowardOne(double* gram, double* rhs, int64_t n, double prior, cudaStream_t stream) {
+  if (n == 0 || !(prior > 0)) return;
+  AddPriorTowardOneKernel<<<1, 1024, 0, stream>>>(gram, rhs, n, prior);
 }
 
 void ErrorSums(const float* yhat, const float* y, int64_t n, int64_t dv, const float* mhat, const float* m, double* sums,

@@ -47,6 +47,13 @@ void GatherRows(const float* in, const int32_t* index, int64_t count, int64_t co
 // The ridge of the value fit on the device: a += (ridge * trace(a) / n) I for one n x n matrix
 // (core/fit.cc FitValues).
 void AddRidgeToDiagonal(float* a, int64_t n, float ridge, cudaStream_t stream);
+// The value fit's ridge toward the selection's values: lambda = ridge * trace(a) / n on the
+// diagonal of a (n x n), and lambda * V[idx]^T added to rhs (column-major n x dv, leading
+// dimension n; V row-major with dv columns).
+void AddRidgeTowardRows(float* a, float* rhs, const float* values, const int32_t* idx, int64_t n, int64_t dv, float ridge,
+                        cudaStream_t stream);
+// The mass fit's prior toward w = 1: lambda = prior * trace(gram) / n on the diagonal, lambda on rhs.
+void AddPriorTowardOne(double* gram, double* rhs, int64_t n, double prior, cudaStream_t stream);
 
 // Accumulates into sums[0..2]: sum (yhat - y)^2, sum y^2 over n x dv outputs, and
 // sum_i |max(mhat_i, 1e-30) - m_i| / m_i; from them the relative output error and the mean

@@ -130,7 +130,7 @@ class CudaBackend final : public Backend {
   absl::Status Stats(const float* queries, int64_t n, const std::optional<ScoreReduce>& reduce, DeviceStats* out);
   // Mass system of head h on the device (C_k in ck_): G = Phi^T Phi and c = Phi^T m, into the
   // solver's fp64 slots.
-  absl::Status MassSystem(int64_t h, int64_t nf, int64_t t, const VectorF& bias_s, double* gram, double* rhs);
+  absl::Status MassSystem(int64_t h, int64_t nf, int64_t t, const VectorF& bias_s, double prior, double* gram, double* rhs);
   // The same system in fp32 into gram_ (t x t) and cvec_ (t), for the keys in ck_.
   absl::Status MassSystemF32(int64_t h, int64_t nf, int64_t t, const VectorF& bias_s);
   // OMP key selection of `heads` (core/omp.h): each head's candidate-pool Gram system is built on
@@ -233,18 +233,42 @@ absl::Status CudaBackend::Stats(const float* queries, int64_t n, const std::opti
   return absl::OkStatus();
 }
 
-absl::Status CudaBackend::MassSystem(int64_t h, int64_t nf, int64_t t, const VectorF& bias_s, double* gram,
+absl::Status CudaBackend::MassSystem(int64_t h, int64_t nf, int64_t t, const VectorF& bias_s, double prior, double* gram,
                                      double* rhs) {
   if (auto s = MassSystemF32(h, nf, t, bias_s); !s.ok()) return s;
   CastToDouble(gram_.get(), t * t, gram, stream_);
   CastToDouble(cvec_.get(), t, rhs, stream_);
   KVC_LAUNCHED("CastToDouble");
+  AddPriorTowardOne(gram, rhs, t, prior, stream_);
+  KVC_LAUNCHED("AddPriorTowardOne");
   return absl::OkStatus();
 }
 
+namespace {
+
+// cuBLAS math mode for a scope, restored after.
+class ScopedMathMode {
+ public:
+  ScopedMathMode(cublasHandle_t handle, cublasMath_t mode) : handle_(handle) {
+    cublasGetMathMode(handle_, &previous_);
+    cublasSetMathMode(handle_, mode);
+  }
+  ~ScopedMathMode() { cublasSetMathMode(handle_, previous_); }
+
+ private:
+  cublasHandle_t handle_;
+  cublasMath_t previous_ = CUBLAS_DEFAULT_MATH;
+};
+
+}  // namespace
+
 absl::Status CudaBackend::MassSystemF32(int64_t h, int64_t nf, int64_t t, const VectorF& bias_s) {
   // Phi = exp(s Q K_S^T + b_S - M)   (nf x t);  G = Phi^T Phi;  c = Phi^T m  (fp32 products, as on
-  // the CPU; the solvers work in fp64).
+  // the CPU; the solvers work in fp64). Always plain fp32, also with --allow_tf32: built from TF32
+  // products the system sent the bounded NNLS to its iteration bound on 208 of 256 BENCH-A heads
+  // at T = 120,000, t = 2,400 (2 s per layer instead of 0.16 s), for a few percent of the layer's
+  // time saved.
+  ScopedMathMode fp32(blas_, CUBLAS_PEDANTIC_MATH);
   if (auto s = Gemm(blas_, nf, t, d_, scale_, {in_->q_fit.get() + h * nf * d_, d_, 0, false}, {ck_.get(), d_, 0, true}, 0.f,
                     subset_.get(), t, 0, 1);
       !s.ok()) {
@@ -364,8 +388,10 @@ absl::Status CudaBackend::ValueFit(int64_t h, int64_t nf, int64_t t, double ridg
       !s.ok()) {
     return s;
   }
-  AddRidgeToDiagonal(gram_.get(), t, static_cast<float>(ridge), stream_);
-  KVC_LAUNCHED("AddRidgeToDiagonal");
+  // Ridge toward the selection's values V[S] (idx_ holds this head's kept positions).
+  AddRidgeTowardRows(gram_.get(), rhs_.get(), in_->values.get() + h * T_ * dv_, idx_.get(), t, dv_,
+                     static_cast<float>(ridge), stream_);
+  KVC_LAUNCHED("AddRidgeTowardRows");
   int lwork = 0;
   KVC_CUSOLVER(cusolverDnSpotrf_bufferSize(solver_, CUBLAS_FILL_MODE_LOWER, static_cast<int>(t), gram_.get(),
                                            static_cast<int>(t), &lwork));
@@ -496,7 +522,7 @@ absl::Status CudaBackend::FitMass(const std::vector<int64_t>& heads, int64_t nf,
       if (auto s = ToDevice(idx_, result->heads[h].indices.data(), t, stream_); !s.ok()) return s;
       GatherRows(in_->keys.get() + h * T_ * d_, idx_.get(), t, d_, ck_.get(), stream_);
       KVC_LAUNCHED("GatherRows");
-      if (auto s = MassSystem(h, nf, t, bias_s[h], lsq_->gram(i), lsq_->rhs(i)); !s.ok()) {
+      if (auto s = MassSystem(h, nf, t, bias_s[h], MassPrior(options[h], t, nf), lsq_->gram(i), lsq_->rhs(i)); !s.ok()) {
         return absl::Status(s.code(), absl::StrCat("head ", h, ": ", s.message()));
       }
     }
@@ -511,6 +537,7 @@ absl::Status CudaBackend::FitMass(const std::vector<int64_t>& heads, int64_t nf,
       head.beta.resize(t);
       for (int64_t j = 0; j < t; ++j) head.beta[j] = static_cast<float>(std::log(w[j])) + bias_s[h][j];
       head.mass_fit_converged = outcomes[k - first].converged;
+      head.mass_fit_iterations = outcomes[k - first].iterations;
     }
     result->seconds.mass_solve += Since(solve_start);
     first = last;
@@ -649,7 +676,7 @@ absl::StatusOr<LayerResult> CudaBackend::Run(const LayerJob& job) {
     KVC_LAUNCHED("GatherRows");
     KVC_CUDA(cudaEventRecord(events_[3 * h], stream_));
     if (fitted[h]) {
-      if (auto s = ValueFit(h, nf, t, head_options[h].ridge, head.beta, cv, info_all_.get() + 2 * h); !s.ok()) {
+      if (auto s = ValueFit(h, nf, t, ValueRidge(head_options[h], t, nf), head.beta, cv, info_all_.get() + 2 * h); !s.ok()) {
         return absl::Status(s.code(), absl::StrCat("head ", h, ": ", s.message()));
       }
     } else if (has_queries) {

@@ -62,6 +62,8 @@ std::vector<v1::CompactResponse> EncodeLayer(const StreamPlan& plan, int32_t lay
     m->set_mass_rel_error(head.quality.mass_rel_error);
     m->set_fit_output_rel_error(head.quality.fit_output_rel_error);
     m->set_eval_queries(head.quality.eval_queries);
+    m->set_mass_fit_iterations(static_cast<uint32_t>(head.mass_fit_iterations));
+    m->set_mass_fit_converged(head.mass_fit_converged);
   }
   v1::StageTimes* st = done->mutable_times();
   st->set_decode_seconds(times.decode_seconds);

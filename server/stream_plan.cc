@@ -152,6 +152,10 @@ absl::StatusOr<StreamPlan> MakeStreamPlan(const v1::StreamHeader& header, const 
   plan.options.holdout_fraction = o.holdout_fraction();
   if (o.ridge() < 0 || !std::isfinite(o.ridge())) return absl::InvalidArgumentError("options.ridge must be >= 0");
   if (o.ridge() > 0) plan.options.ridge = o.ridge();
+  if (!std::isfinite(o.mass_prior()) || o.mass_prior() > 1e3) {
+    return absl::InvalidArgumentError("options.mass_prior must be finite and <= 1000 (< 0: none)");
+  }
+  plan.options.mass_prior = o.mass_prior();
   if (o.beta_min() != 0 || o.beta_max() != 0) {
     if (!(o.beta_min() < o.beta_max()) || o.beta_max() > 30 || o.beta_min() < -30) {
       return absl::InvalidArgumentError("options.beta_min < beta_max required, both within [-30, 30]");

@@ -109,6 +109,9 @@ absl::StatusOr<v1::StreamHeader> HeaderFor(const Settings& s, const CacheInput& 
   o->set_output_dtype(DTypeToProto(out_dtype));
   o->set_return_indices(s.return_indices);
   o->set_seed(s.seed);
+  o->mutable_omp()->set_candidates(s.omp_candidates);
+  o->set_ridge(static_cast<float>(s.ridge));
+  o->set_mass_prior(static_cast<float>(s.mass_prior));
   return header;
 }
 

@@ -25,6 +25,8 @@ struct Settings {
   uint32_t budget = 0, layers = 30, kv_heads = 3, head_dim = 64, context = 4096, queries = 2048;
   int streams = 1;
   uint64_t max_message_bytes = 4u << 20, seed = 0;
+  uint64_t omp_candidates = 0;       // OMP's candidate pool (0: the server's default)
+  double ridge = 0, mass_prior = 0;  // the fits' priors toward selection (0: the server's defaults)
   bool return_indices = true, quiet = false;
 };
 

@@ -135,14 +135,21 @@ TEST(CompactHead, RecompactingAtOwnSizeIsIdentity) {
 }
 
 // The whole AM pipeline against a float64 brute-force run of the same three steps.
+// With the priors toward selection (n = 6 < t = 10: the queries leave directions unconstrained)
+// and without them; the brute force adds the priors as extra rows of the least-squares systems.
 TEST(CompactHead, AmMatchesFloat64BruteForcePipeline) {
-  for (uint64_t seed : {31u, 32u, 33u}) {
-    const Problem p = RandomProblem(seed, 40, 96, 8, 6, 0.3f);
-    const int t = 6;
+  struct Case { uint64_t seed; int tokens, queries, t; double mass_prior, ridge; };
+  for (const Case& c : std::vector<Case>{{31, 40, 96, 6, -1, 1e-6}, {32, 40, 96, 6, -1, 1e-6}, {33, 40, 96, 6, -1, 1e-6},
+                                         {34, 40, 96, 6, 1e-3, 1e-2}, {35, 40, 6, 10, 1e-3, 1e-2},
+                                         {36, 40, 6, 10, 1e-2, 1e-1}}) {
+    const uint64_t seed = c.seed;
+    const Problem p = RandomProblem(seed, c.tokens, c.queries, 8, 6, 0.3f);
+    const int t = c.t;
     HeadOptions opt;
     opt.budget = t;
     opt.holdout_fraction = 0;
-    opt.ridge = 1e-6;
+    opt.ridge = c.ridge;
+    opt.mass_prior = c.mass_prior;
     StageSeconds s;
     auto head = CompactHead(p.view(), &p.Q, opt, &s);
     ASSERT_TRUE(head.ok());
@@ -150,7 +157,7 @@ TEST(CompactHead, AmMatchesFloat64BruteForcePipeline) {
     const Md K = p.K.cast<double>(), V = p.V.cast<double>(), Q = p.Q.cast<double>();
     const Vd b = p.b.cast<double>();
     const auto ref = testing::BruteAttention(K, V, b, Q, p.scale);
-    std::vector<int> order(40);
+    std::vector<int> order(c.tokens);
     std::iota(order.begin(), order.end(), 0);
     std::sort(order.begin(), order.end(),
               [&](int a, int c) { return ref.rms_scores[a] > ref.rms_scores[c]; });
@@ -162,7 +169,16 @@ TEST(CompactHead, AmMatchesFloat64BruteForcePipeline) {
     for (int i = 0; i < Q.rows(); ++i)
       for (int a = 0; a < t; ++a)
         phi(i, a) = std::exp(p.scale * Q.row(i).dot(K.row(S[a])) + b[S[a]] - ref.row_max[i]);
-    const Vd w = testing::BruteBoundedLsq(phi, ref.mass, std::exp(-3.0), std::exp(3.0));
+    Md phi_aug = phi;
+    Vd m_aug = ref.mass;
+    if (c.mass_prior > 0) {  // + prior * mean(diag(Phi^T Phi)) * ||w - 1||^2
+      const double lambda = c.mass_prior * (phi.transpose() * phi).trace() / t;
+      phi_aug.conservativeResize(phi.rows() + t, t);
+      phi_aug.bottomRows(t) = std::sqrt(lambda) * Md::Identity(t, t);
+      m_aug.conservativeResize(phi.rows() + t);
+      m_aug.tail(t).setConstant(std::sqrt(lambda));
+    }
+    const Vd w = testing::BruteBoundedLsq(phi_aug, m_aug, std::exp(-3.0), std::exp(3.0));
     Vd beta(t);
     for (int a = 0; a < t; ++a) beta[a] = std::log(w[a]) + b[S[a]];
     EXPECT_LT((head->beta.cast<double>() - beta).cwiseAbs().maxCoeff(), 1e-3) << "seed " << seed;
@@ -173,8 +189,11 @@ TEST(CompactHead, AmMatchesFloat64BruteForcePipeline) {
       X.row(i) /= X.row(i).sum();
     }
     Md G = X.transpose() * X;
-    G.diagonal().array() += 1e-6 * G.trace() / t;
-    const Md Cv = G.ldlt().solve(X.transpose() * ref.outputs);
+    const double lambda = c.ridge * G.trace() / t;
+    G.diagonal().array() += lambda;
+    Md VS(t, V.cols());
+    for (int a = 0; a < t; ++a) VS.row(a) = V.row(S[a]);
+    const Md Cv = G.ldlt().solve(X.transpose() * ref.outputs + lambda * VS);  // ridge toward V[S]
     EXPECT_LT((head->values.cast<double>() - Cv).norm() / Cv.norm(), 5e-3) << "seed " << seed;
   }
 }

@@ -1,11 +1,13 @@
 // A result with status OK never carries NaN or Inf: heads whose fit is not finite (or beyond the
 // output dtype's range) fall back to plain selection; cancellation stops a layer at a head.
 #include <cmath>
+#include <numeric>
 #include <limits>
 
 #include <gtest/gtest.h>
 
 #include "core/layer.h"
+#include "core/selection.h"
 #include "tests/core/synthetic_job.h"
 
 namespace kvcompact {
@@ -55,6 +57,17 @@ TEST(Cancellation, ACancelledLayerStopsAndSaysSo) {
   EXPECT_EQ(checks, 4) << "checked once per head";
   job.cancelled = [] { return false; };
   EXPECT_TRUE(backend->CompactLayer(job).ok());
+}
+
+TEST(TopK, EqualScoresGoToEarlierTokens) {
+  VectorF scores(8);
+  scores << 1, 5, 5, 2, 5, 5, 0, 5;
+  EXPECT_EQ(TopK(scores, 2), (std::vector<int32_t>{1, 2}));
+  EXPECT_EQ(TopK(scores, 4), (std::vector<int32_t>{1, 2, 4, 5}));
+  const VectorF flat = VectorF::Constant(100, 0.25f);
+  std::vector<int32_t> first(10);
+  std::iota(first.begin(), first.end(), 0);
+  EXPECT_EQ(TopK(flat, 10), first);
 }
 
 }  // namespace

@@ -144,7 +144,7 @@ class Client:
                per_head: Optional[Sequence[int]] = None, method: str = "am", holdout: float = 0.1,
                output_dtype: str = "fp32", logit_scale: float = 0.0, num_layers: Optional[int] = None,
                query_heads_per_kv_head: int = 1, return_indices: bool = True, seed: int = 0,
-               ridge: float = 0.0, beta_min: float = 0.0, beta_max: float = 0.0, score: str = "",
+               ridge: float = 0.0, mass_prior: float = 0.0, beta_min: float = 0.0, beta_max: float = 0.0, score: str = "",
                pool_kernel: int = 0, omp_keys_per_step: int = 0, omp_refit_interval: int = 0,
                omp_progressive: float = 0.0, omp_candidates: int = 0, allocation: Optional[str] = None,
                profile: str = "", shares: Optional[Sequence[float]] = None, head_cap: float = 0.0,
@@ -165,7 +165,7 @@ class Client:
         o = h.options
         o.method = METHODS[method]
         o.holdout_fraction, o.output_dtype, o.return_indices, o.seed = holdout, DTYPES[output_dtype], return_indices, seed
-        o.ridge = ridge  # 0: the server's default
+        o.ridge, o.mass_prior = ridge, mass_prior  # the fits' priors toward selection; 0: the server's defaults
         o.beta_min, o.beta_max = beta_min, beta_max  # both 0: the method's defaults
         o.score = SCORES[score]  # "": the method's default
         o.pool_kernel = int(pool_kernel)
