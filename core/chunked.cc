@@ -46,6 +46,7 @@ void AppendChunk(const CompactedHead& part, int64_t offset, CompactedHead* whole
   whole->beta.tail(t) = part.beta;
   whole->mass_fit_converged = whole->mass_fit_converged && part.mass_fit_converged;
   whole->mass_fit_iterations = std::max(whole->mass_fit_iterations, part.mass_fit_iterations);
+  whole->selection_kept = whole->selection_kept || part.selection_kept;  // in at least one chunk
 }
 
 }  // namespace

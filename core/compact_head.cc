@@ -6,6 +6,7 @@
 #include <numeric>
 #include <random>
 #include <tuple>
+#include <unordered_set>
 
 #include "absl/strings/str_cat.h"
 #include "core/fit.h"
@@ -92,6 +93,39 @@ OmpParams OmpParamsFor(const HeadOptions& options, const MethodSpec& spec, int64
   return params;
 }
 
+int64_t DistinctQueryCount(const MatrixF& queries) {
+  const Eigen::Index n = queries.rows(), d = queries.cols();
+  if (n <= 1 || d == 0) return n;
+  constexpr int kDirections = 4;
+  constexpr double kCellWidth = 0.05;  // of each projection's standard deviation
+  std::mt19937_64 rng(0x6b76636f6d70ull);
+  std::normal_distribution<float> normal;
+  MatrixF directions(d, kDirections);
+  for (Eigen::Index i = 0; i < directions.size(); ++i) directions.data()[i] = normal(rng);
+  const MatrixF projected = queries * directions;
+  double step[kDirections];
+  for (int k = 0; k < kDirections; ++k) {
+    const auto col = projected.col(k).cast<double>();
+    const double mean = col.mean();
+    const double sd = std::sqrt((col.array() - mean).square().sum() / static_cast<double>(n));
+    const double rms = std::sqrt(col.array().square().mean());
+    // At least 1e-5 of the projections' size: equal rows can differ by the product's rounding.
+    step[k] = std::max(kCellWidth * sd, 1e-5 * rms);
+    if (!(step[k] > 0)) step[k] = 1.0;
+  }
+  std::unordered_set<uint64_t> cells;
+  for (Eigen::Index i = 0; i < n; ++i) {
+    uint64_t hash = 1469598103934665603ull;  // FNV-1a over the cell coordinates
+    for (int k = 0; k < kDirections; ++k) {
+      // The grid is offset so that no cell edge sits at a round multiple of the step.
+      const auto cell = static_cast<int64_t>(std::floor(projected(i, k) / step[k] + 0.381966));
+      hash = (hash ^ static_cast<uint64_t>(cell)) * 1099511628211ull;
+    }
+    cells.insert(hash);
+  }
+  return static_cast<int64_t>(cells.size());
+}
+
 void SplitQueries(const MatrixF& q, double fraction, uint64_t seed, MatrixF* fit, MatrixF* eval) {
   const int64_t n = q.rows();
   int64_t n_eval = static_cast<int64_t>(std::floor(n * fraction));
@@ -172,6 +206,7 @@ absl::StatusOr<CompactedHead> CompactHead(const BlockView& block, const MatrixF*
   }
 
   CompactedHead head;
+  int64_t distinct = 0;  // distinct fitting queries, for the priors
   if (unchanged) {
     head = Unchanged(block);
   } else {
@@ -186,8 +221,9 @@ absl::StatusOr<CompactedHead> CompactHead(const BlockView& block, const MatrixF*
       start = std::chrono::steady_clock::now();
       const MatrixF logits = SubsetLogits(fit_q, head.keys, subset_bias, block.scale);
       const auto [w_lo, w_hi] = WeightBounds(options, spec);
+      distinct = DistinctQueryCount(fit_q);
       MassFitResult mass = FitMass(logits, fit_stats.row_max, fit_stats.mass, subset_bias, w_lo, w_hi,
-                                   MassPrior(options, t, fit_q.rows()));
+                                   MassPrior(options, t, distinct));
       head.beta = std::move(mass.beta);
       head.mass_fit_converged = mass.solver.converged;
       head.mass_fit_iterations = mass.solver.iterations;
@@ -197,7 +233,7 @@ absl::StatusOr<CompactedHead> CompactHead(const BlockView& block, const MatrixF*
       start = std::chrono::steady_clock::now();
       const MatrixF design = RowSoftmax(SubsetLogits(fit_q, head.keys, head.beta, block.scale));
       const MatrixF selected = GatherRows(block.values, head.indices);
-      head.values = FitValues(design, fit_stats.outputs, ValueRidge(options, t, fit_q.rows()), &selected);
+      head.values = FitValues(design, fit_stats.outputs, ValueRidge(options, t, distinct), &selected);
       seconds->value_fit += Since(start);
     } else {
       head.beta = subset_bias;
@@ -216,6 +252,24 @@ absl::StatusOr<CompactedHead> CompactHead(const BlockView& block, const MatrixF*
     if (eval_q.rows() > 0) {
       MeasureErrors(head, eval_q, eval_stats, block.scale, &q.output_rel_error, &q.mass_rel_error);
       q.eval_queries = eval_q.rows();
+      if (spec.fit == Fit::kAttentionMatching && !unchanged) {
+        // Never worse than the simple thing: plain selection of the same keys, on the same
+        // held-out queries; the better of the two is returned.
+        CompactedHead selection;
+        selection.indices = head.indices;
+        selection.keys = head.keys;
+        selection.beta = GatherBias(block, head.indices);
+        selection.values = GatherRows(block.values, head.indices);
+        HeadQuality sq = q;
+        MeasureErrors(selection, eval_q, eval_stats, block.scale, &sq.output_rel_error, &sq.mass_rel_error);
+        if (sq.output_rel_error < q.output_rel_error) {
+          MeasureErrors(selection, fit_q.topRows(m), fit_head, block.scale, &sq.fit_output_rel_error, &unused_mass);
+          head.beta = std::move(selection.beta);
+          head.values = std::move(selection.values);
+          head.selection_kept = true;
+          q = sq;
+        }
+      }
     } else {
       MeasureErrors(head, fit_q, fit_stats, block.scale, &q.output_rel_error, &q.mass_rel_error);
       q.eval_queries = fit_q.rows();

@@ -84,6 +84,9 @@ struct CompactedHead {
   VectorF beta;                  // t
   MatrixF values;                // t x dv
   HeadQuality quality;
+  // The fit did worse than plain selection of the same keys on the held-out queries, so the head
+  // is returned as the selection (beta = b[S], C_v = V[S]) with that one's figures.
+  bool selection_kept = false;
   bool mass_fit_converged = true;
   int mass_fit_iterations = 0;   // bounded-NNLS iterations (most over chunks); 0: no mass fit
 };
@@ -103,6 +106,11 @@ struct StageSeconds {
 // `queries` may be null only for methods that do not need them (quality is then not reported).
 absl::StatusOr<CompactedHead> CompactHead(const BlockView& block, const MatrixF* queries,
                                           const HeadOptions& options, StageSeconds* seconds);
+
+// Fitting queries that are not near-duplicates of one another: cells of a fixed 4-dimensional
+// random projection, 1/20 of each projection's spread wide. The priors toward selection scale
+// with this count, since repeated queries constrain the fit no more than one of them. O(n d).
+int64_t DistinctQueryCount(const MatrixF& queries);
 
 // Held-out split: a seeded random subset of floor(n * fraction) queries (at least one query is
 // kept for fitting); both backends use it so that they see the same queries.

@@ -170,6 +170,8 @@ class CudaBackend final : public Backend {
   // Per-head fit buffers.
   DeviceBuffer<int32_t> idx_;
   DeviceBuffer<float> ck_, beta_, subset_, gram_, rhs_, cvec_, yhat_, mhat_, work_;
+  DeviceBuffer<float> sel_cv_;    // every head's V_S, for the comparison with plain selection
+  DeviceBuffer<double> sel_err_;  // and that one's error sums
   // Per layer: every head's C_v, cuSOLVER info codes and error sums, read back once at the end.
   DeviceBuffer<float> cv_all_;
   DeviceBuffer<int> info_all_;
@@ -486,9 +488,10 @@ void CudaBackend::ReleaseBuffers() {
   inputs_.Release();
   for (auto* b : {&logits_, &scores_, &fit_.row_max, &fit_.mass,
                   &fit_.outputs, &eval_.row_max, &eval_.mass, &eval_.outputs, &ck_, &beta_, &subset_, &gram_,
-                  &rhs_, &cvec_, &yhat_, &mhat_, &work_}) {
+                  &rhs_, &cvec_, &yhat_, &mhat_, &work_, &sel_cv_}) {
     b->Release();
   }
+  sel_err_.Release();
   idx_.Release();
   lsq_->Release();
 }
@@ -522,7 +525,8 @@ absl::Status CudaBackend::FitMass(const std::vector<int64_t>& heads, int64_t nf,
       if (auto s = ToDevice(idx_, result->heads[h].indices.data(), t, stream_); !s.ok()) return s;
       GatherRows(in_->keys.get() + h * T_ * d_, idx_.get(), t, d_, ck_.get(), stream_);
       KVC_LAUNCHED("GatherRows");
-      if (auto s = MassSystem(h, nf, t, bias_s[h], MassPrior(options[h], t, nf), lsq_->gram(i), lsq_->rhs(i)); !s.ok()) {
+      if (auto s = MassSystem(h, nf, t, bias_s[h], MassPrior(options[h], t, in_->distinct_fit.at(h)), lsq_->gram(i), lsq_->rhs(i));
+          !s.ok()) {
         return absl::Status(s.code(), absl::StrCat("head ", h, ": ", s.message()));
       }
     }
@@ -658,8 +662,11 @@ absl::StatusOr<LayerResult> CudaBackend::Run(const LayerJob& job) {
   if (auto s = cv_all_.Reserve(std::max<int64_t>(offset[H_], 1)); !s.ok()) return s;
   if (auto s = info_all_.Reserve(2 * H_); !s.ok()) return s;
   if (auto s = err_all_.Reserve(6 * H_); !s.ok()) return s;
+  if (auto s = sel_err_.Reserve(6 * H_); !s.ok()) return s;
+  if (auto s = sel_cv_.Reserve(std::max<int64_t>(offset[H_], 1)); !s.ok()) return s;
   KVC_CUDA(cudaMemsetAsync(info_all_.get(), 0, 2 * H_ * sizeof(int), stream_));
   KVC_CUDA(cudaMemsetAsync(err_all_.get(), 0, 6 * H_ * sizeof(double), stream_));
+  KVC_CUDA(cudaMemsetAsync(sel_err_.get(), 0, 6 * H_ * sizeof(double), stream_));
   // Stage times from device events (start, values fitted, evaluated) per head: host clocks would
   // only measure the queueing.
   while (events_.size() < static_cast<size_t>(3 * H_)) {
@@ -676,7 +683,9 @@ absl::StatusOr<LayerResult> CudaBackend::Run(const LayerJob& job) {
     KVC_LAUNCHED("GatherRows");
     KVC_CUDA(cudaEventRecord(events_[3 * h], stream_));
     if (fitted[h]) {
-      if (auto s = ValueFit(h, nf, t, ValueRidge(head_options[h], t, nf), head.beta, cv, info_all_.get() + 2 * h); !s.ok()) {
+      if (auto s = ValueFit(h, nf, t, ValueRidge(head_options[h], t, in_->distinct_fit.at(h)), head.beta, cv,
+                            info_all_.get() + 2 * h);
+          !s.ok()) {
         return absl::Status(s.code(), absl::StrCat("head ", h, ": ", s.message()));
       }
     } else if (has_queries) {
@@ -687,14 +696,24 @@ absl::StatusOr<LayerResult> CudaBackend::Run(const LayerJob& job) {
     if (has_queries) {
       if (auto s = EvaluateHead(h, t, nf, ne, cv, err_all_.get() + 6 * h); !s.ok()) return s;
     }
+    if (fitted[h] && ne > 0) {
+      // Plain selection of the same keys on the same queries (beta = b_S, C_v = V_S): the host
+      // keeps whichever does better on the held-out ones (core/compact_head.cc does the same).
+      float* sel_cv = sel_cv_.get() + offset[h];
+      GatherRows(in_->values.get() + h * T_ * dv_, idx_.get(), t, dv_, sel_cv, stream_);
+      KVC_LAUNCHED("GatherRows(V_S)");
+      if (auto s = ToDevice(beta_, bias_s[h].data(), t, stream_); !s.ok()) return s;
+      if (auto s = EvaluateHead(h, t, nf, ne, sel_cv, sel_err_.get() + 6 * h); !s.ok()) return s;
+    }
     KVC_CUDA(cudaEventRecord(events_[3 * h + 2], stream_));
   }
   std::vector<float> cv_host(offset[H_]);
   std::vector<int> info(2 * H_);
-  std::vector<double> err(6 * H_);
+  std::vector<double> err(6 * H_), sel_err(6 * H_);
   if (auto s = ToHost(cv_host.data(), cv_all_.get(), cv_host.size(), stream_); !s.ok()) return s;
   if (auto s = ToHost(info.data(), info_all_.get(), info.size(), stream_); !s.ok()) return s;
   if (auto s = ToHost(err.data(), err_all_.get(), err.size(), stream_); !s.ok()) return s;
+  if (auto s = ToHost(sel_err.data(), sel_err_.get(), sel_err.size(), stream_); !s.ok()) return s;
   for (int64_t h = 0; h < H_; ++h) {
     float fit_ms = 0, eval_ms = 0;
     KVC_CUDA(cudaEventElapsedTime(&fit_ms, events_[3 * h], events_[3 * h + 1]));
@@ -716,6 +735,16 @@ absl::StatusOr<LayerResult> CudaBackend::Run(const LayerJob& job) {
     if (!has_queries) continue;
     HeadQuality& q = head.quality;
     const double* e = err.data() + 6 * h;
+    const double* se = sel_err.data() + 6 * h;
+    auto held_out = [](const double* sums) { return std::sqrt(sums[3]) / std::max(std::sqrt(sums[4]), 1e-300); };
+    if (fitted[h] && ne > 0 && held_out(se) < held_out(e)) {  // selection did better: return it
+      const BlockView block = data.HeadBlock(h);
+      head.beta = bias_s[h];
+      head.values.resize(t, dv_);
+      for (int64_t r = 0; r < t; ++r) head.values.row(r) = block.values.row(head.indices[r]);
+      head.selection_kept = true;
+      e = se;
+    }
     const int64_t n_eval = ne > 0 ? ne : nf;
     q.has_quality = true;
     q.fit_output_rel_error = static_cast<float>(std::sqrt(e[0]) / std::max(std::sqrt(e[1]), 1e-300));

@@ -40,15 +40,18 @@ absl::Status InputStager::Upload(const LayerJob& job, Slot& slot) {
   // Split each head's queries exactly as the CPU backend does; all heads get the same counts.
   std::vector<float> q_fit, q_eval;
   int64_t nf = 0, ne = 0;
+  std::vector<int64_t> distinct(data.heads, 0);
   for (int64_t h = 0; h < data.heads && data.queries > 0; ++h) {
     MatrixF fit, eval;
     SplitQueries(data.HeadQueries(h), job.options.holdout_fraction, HeadOptionsFor(job, h).seed, &fit, &eval);
     nf = fit.rows(), ne = eval.rows();
+    distinct[h] = DistinctQueryCount(fit);
     q_fit.insert(q_fit.end(), fit.data(), fit.data() + fit.size());
     q_eval.insert(q_eval.end(), eval.data(), eval.data() + eval.size());
   }
   LayerInputs& in = slot.inputs;
   in.nf = nf, in.ne = ne;
+  in.distinct_fit = std::move(distinct);
   if (auto s = Stage(slot.uploader, in.keys, data.keys.data(), data.keys.size()); !s.ok()) return s;
   if (auto s = Stage(slot.uploader, in.values, data.values.data(), data.values.size()); !s.ok()) return s;
   if (!data.bias.empty()) {

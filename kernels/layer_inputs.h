@@ -19,6 +19,7 @@ namespace kvcompact::kernels {
 struct LayerInputs {
   DeviceBuffer<float> keys, values, bias, q_fit, q_eval;
   int64_t nf = 0, ne = 0;  // fitting / held-out queries per head
+  std::vector<int64_t> distinct_fit;  // per head: DistinctQueryCount of its fitting queries (host)
 };
 
 class InputStager {

@@ -64,6 +64,7 @@ std::vector<v1::CompactResponse> EncodeLayer(const StreamPlan& plan, int32_t lay
     m->set_eval_queries(head.quality.eval_queries);
     m->set_mass_fit_iterations(static_cast<uint32_t>(head.mass_fit_iterations));
     m->set_mass_fit_converged(head.mass_fit_converged);
+    m->set_selection_kept(head.selection_kept);
   }
   v1::StageTimes* st = done->mutable_times();
   st->set_decode_seconds(times.decode_seconds);

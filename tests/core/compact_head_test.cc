@@ -198,6 +198,71 @@ TEST(CompactHead, AmMatchesFloat64BruteForcePipeline) {
   }
 }
 
+// Never worse than selection on held-out queries: where the fit loses (few queries, no priors),
+// the head is the selection with that one's figures; where it wins, the fit is kept. Over random
+// problems the returned held-out error is never above the selection's.
+TEST(CompactHead, KeepsPlainSelectionWhereTheFitDoesWorseOnHeldOutQueries) {
+  int kept = 0, fitted = 0;
+  for (uint64_t seed = 60; seed < 80; ++seed) {
+    const bool few = seed % 2 == 0;
+    const Problem p = RandomProblem(seed, 96, few ? 24 : 400, 8, 6, 0.5f);
+    HeadOptions opt;
+    opt.budget = 32;
+    opt.holdout_fraction = 0.5;
+    opt.seed = seed;
+    if (few) {  // 12 fitting queries for 32 keys and no priors: an overfit fit
+      opt.mass_prior = -1;
+      opt.ridge = 1e-9;
+    }
+    StageSeconds s;
+    auto head = CompactHead(p.view(), &p.Q, opt, &s);
+    ASSERT_TRUE(head.ok());
+    // The selection of the same keys, measured on the same held-out queries.
+    MatrixF fit_q, eval_q;
+    SplitQueries(p.Q, opt.holdout_fraction, opt.seed, &fit_q, &eval_q);
+    CompactedHead selection;
+    selection.indices = head->indices;
+    selection.keys = head->keys;
+    selection.beta.resize(32);
+    selection.values.resize(32, 6);
+    for (int a = 0; a < 32; ++a) {
+      selection.beta[a] = p.b[head->indices[a]];
+      selection.values.row(a) = p.V.row(head->indices[a]);
+    }
+    const AttentionStats truth = ComputeAttentionStats(p.view(), eval_q, std::nullopt, 256);
+    float sel_err = 0, sel_mass = 0;
+    MeasureErrors(selection, eval_q, truth, p.scale, &sel_err, &sel_mass);
+    EXPECT_LE(head->quality.output_rel_error, sel_err * (1 + 1e-6f)) << "seed " << seed;
+    if (head->selection_kept) {
+      ++kept;
+      EXPECT_EQ(head->beta, selection.beta);
+      EXPECT_EQ(head->values, selection.values);
+      EXPECT_FLOAT_EQ(head->quality.output_rel_error, sel_err);
+    } else {
+      ++fitted;
+      EXPECT_LT(head->quality.output_rel_error, sel_err);
+    }
+  }
+  EXPECT_GT(kept, 0) << "the overfit cases lose to selection";
+  EXPECT_GT(fitted, 0) << "with enough queries the fit wins";
+}
+
+TEST(DistinctQueryCount, CountsNearDuplicatesOnce) {
+  std::mt19937_64 rng(5);
+  std::normal_distribution<float> g(0.f, 1.f), noise(0.f, 1e-4f);
+  MatrixF distinct(300, 64);
+  for (int i = 0; i < distinct.size(); ++i) distinct.data()[i] = g(rng);
+  EXPECT_GE(DistinctQueryCount(distinct), 295) << "independent queries are (nearly) all distinct";
+  MatrixF repeated(600, 64);
+  for (int i = 0; i < 600; ++i) {
+    for (int c = 0; c < 64; ++c) repeated(i, c) = distinct(i % 8, c) + noise(rng);
+  }
+  EXPECT_LE(DistinctQueryCount(repeated), 8 * 16) << "8 queries repeated with noise";
+  EXPECT_GE(DistinctQueryCount(repeated), 8);
+  EXPECT_EQ(DistinctQueryCount(MatrixF::Constant(50, 64, 0.3f)), 1);
+  EXPECT_EQ(DistinctQueryCount(MatrixF(0, 64)), 0);
+}
+
 TEST(CompactHead, BaselinesCopyKeysBiasAndValues) {
   const Problem p = RandomProblem(41, 50, 60, 8, 8, 0.4f);
   for (Method m : {Method::kH2O, Method::kSnapKV, Method::kTruncateRecent, Method::kStreamingLlm,
