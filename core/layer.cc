@@ -79,6 +79,7 @@ int64_t ReplaceNonFiniteHeads(const LayerJob& job, float max_abs, LayerResult* r
     const BlockView block = d.HeadBlock(static_cast<int64_t>(h));
     if (!fit_ok) {
       ++replaced;
+      head.selection_kept = true;
       const auto t = static_cast<Eigen::Index>(head.indices.size());
       head.beta.resize(t);
       head.values.resize(t, d.value_dim);

@@ -49,9 +49,10 @@ struct LayerResult {
 
 // Heads whose fitted beta or values are not finite, or beyond `max_abs` (the output dtype's
 // range: 65504 for fp16), fall back to plain selection (beta = b[S], C_v = V[S], finite for
-// finite inputs) and get their error figures measured again on all of the layer's queries; a
-// figure that still is not finite is dropped (has_quality = false). Returns the number of heads
-// replaced, so that a result with status OK never carries NaN or Inf.
+// finite inputs; CompactedHead::selection_kept set) and get their error figures measured again
+// on all of the layer's queries; a figure that still is not finite is dropped (has_quality =
+// false). Returns the number of heads replaced, so that a result with status OK never carries NaN
+// or Inf.
 int64_t ReplaceNonFiniteHeads(const LayerJob& job, float max_abs, LayerResult* result);
 
 // The options of head `head` of a job: its budget and its seed (random selection, query split),

@@ -30,6 +30,7 @@ TEST(ReplaceNonFiniteHeads, FitsThatAreNotFiniteOrOutOfRangeFallBackToSelection)
     const CompactedHead& head = result->heads[h];
     const BlockView block = job.data.HeadBlock(h);
     ASSERT_EQ(head.indices, clean.heads[h].indices) << "the selection is kept";
+    EXPECT_TRUE(head.selection_kept) << "and reported as such";
     for (size_t r = 0; r < head.indices.size(); ++r) {
       EXPECT_EQ(head.beta[r], 0.0f) << "beta = b[S] (no bias: 0)";
       for (int64_t c = 0; c < job.data.value_dim; ++c) EXPECT_EQ(head.values(r, c), block.values(head.indices[r], c));
