@@ -72,7 +72,7 @@ std::pair<double, double> WeightBounds(const HeadOptions& options, const MethodS
 
 int64_t OmpPoolSize(int64_t pool_option, int64_t t, int64_t T) {
   if (pool_option > 0) return std::clamp(pool_option, t, T);
-  return std::min(T, std::max<int64_t>(4 * t, 2048));
+  return std::min(T, std::max<int64_t>(kDefaultOmpPoolPerKey * t, 2048));
 }
 
 std::vector<int32_t> OmpCandidates(const VectorF& scores, int64_t tokens, int64_t t, int64_t pool_option) {

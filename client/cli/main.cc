@@ -30,7 +30,7 @@ ABSL_FLAG(std::string, profile, "", "--allocation=profile: a budget profile the 
 ABSL_FLAG(double, head_cap, 0, "--allocation: largest t per head as a fraction of T (0: 0.75)");
 ABSL_FLAG(std::string, layout, "per_head", "output layout: per_head (a tensor per head) or packed (CSR offsets)");
 ABSL_FLAG(double, holdout, 0.1, "share of queries held out for the error figures");
-ABSL_FLAG(uint64_t, omp_candidates, 0, "am_omp, am_omp_fast: keys OMP chooses from (highest attention first; 0: the server's default min(T, max(4t, 2048)))");
+ABSL_FLAG(uint64_t, omp_candidates, 0, "am_omp, am_omp_fast: keys OMP chooses from (highest attention first; 0: the server's default min(T, max(10t, 2048)))");
 ABSL_FLAG(double, ridge, 0, "value-fit ridge toward the selected values, relative to mean diag(X^T X) (0: the server's default)");
 ABSL_FLAG(double, mass_prior, 0, "mass-fit prior toward beta = b[S], relative to mean diag(G) (0: the server's default; < 0: none)");
 ABSL_FLAG(std::string, output_dtype, "f32", "dtype of returned keys/values: f32, f16, bf16");

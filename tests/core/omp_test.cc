@@ -248,7 +248,7 @@ TEST(Omp, MassObjectiveBelowTopAttentionSelection) {
 
 TEST(Omp, PoolSizeDefaultsAndClamps) {
   EXPECT_EQ(OmpPoolSize(0, 10, 100000), 2048);
-  EXPECT_EQ(OmpPoolSize(0, 1200, 60000), 4800);
+  EXPECT_EQ(OmpPoolSize(0, 1200, 60000), 12000);
   EXPECT_EQ(OmpPoolSize(0, 100, 1000), 1000);
   EXPECT_EQ(OmpPoolSize(50, 100, 1000), 100);      // never below t
   EXPECT_EQ(OmpPoolSize(5000, 100, 1000), 1000);   // never above T
