@@ -163,11 +163,19 @@ CompactedHead Unchanged(const BlockView& block) {
 
 void MeasureErrors(const CompactedHead& head, const MatrixF& queries, const AttentionStats& truth,
                    float scale, float* output_rel_error, float* mass_rel_error) {
+  // Shifted by the compacted rows' own maxima: kept keys far below the full row's maximum would
+  // underflow in fp32 (exp(-87)) and zero the outputs; the mass exp(M_S - M) * sum is formed in fp64.
   const MatrixF logits = SubsetLogits(queries, head.keys, head.beta, scale);
-  const MatrixF probs = (logits.colwise() - truth.row_max).array().exp().matrix();
-  const VectorF mass = probs.rowwise().sum().cwiseMax(1e-30f);
+  const VectorF sub_max = logits.rowwise().maxCoeff();
+  const MatrixF probs = (logits.colwise() - sub_max).array().exp().matrix();
+  const VectorF sums = probs.rowwise().sum();
   MatrixF outputs = probs * head.values;
-  outputs.array().colwise() /= mass.array();
+  outputs.array().colwise() /= sums.array();
+  VectorF mass(sums.size());
+  for (Eigen::Index i = 0; i < sums.size(); ++i) {
+    const double m = std::exp(static_cast<double>(sub_max[i]) - static_cast<double>(truth.row_max[i])) * sums[i];
+    mass[i] = static_cast<float>(std::max(m, 1e-30));
+  }
   ErrorsFromOutputs(outputs, mass, truth.outputs, truth.mass, output_rel_error, mass_rel_error);
 }
 

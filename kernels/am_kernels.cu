@@ -166,7 +166,7 @@ __device__ double WarpSum(double v) {
 }
 
 __global__ void ErrorSumsKernel(const float* yhat, const float* y, int64_t n, int64_t dv, const float* mhat,
-                                const float* m, double* sums) {
+                                const float* m, double* sums, const float* mhat_max, const float* true_max) {
   double diff = 0, ref = 0, mass = 0;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < n * dv; k += stride) {
@@ -175,7 +175,10 @@ __global__ void ErrorSumsKernel(const float* yhat, const float* y, int64_t n, in
     ref += double(y[k]) * double(y[k]);
   }
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += stride) {
-    mass += fabs(double(fmaxf(mhat[i], 1e-30f)) - double(m[i])) / double(m[i]);
+    // With mhat_max: mhat is a sum shifted by the compacted row's own maximum, unshifted here in
+    // fp64 (kept keys far below the full row's maximum underflow in fp32).
+    const double mh = mhat_max != nullptr ? exp(double(mhat_max[i]) - double(true_max[i])) * double(mhat[i]) : double(mhat[i]);
+    mass += fabs(fmax(mh, 1e-30) - double(m[i])) / double(m[i]);
   }
   diff = WarpSum(diff), ref = WarpSum(ref), mass = WarpSum(mass);
   if ((threadIdx.x & 31) == 0) {
@@ -266,9 +269,9 @@ void AddPriorTowardOne(double* gram, double* rhs, int64_t n, double prior, cudaS
 }
 
 void ErrorSums(const float* yhat, const float* y, int64_t n, int64_t dv, const float* mhat, const float* m, double* sums,
-               cudaStream_t stream) {
+               cudaStream_t stream, const float* mhat_max, const float* true_max) {
   const int64_t blocks = std::min<int64_t>(std::max<int64_t>(Blocks(n * dv), 1), 264);
-  ErrorSumsKernel<<<static_cast<unsigned>(blocks), kBlock, 0, stream>>>(yhat, y, n, dv, mhat, m, sums);
+  ErrorSumsKernel<<<static_cast<unsigned>(blocks), kBlock, 0, stream>>>(yhat, y, n, dv, mhat, m, sums, mhat_max, true_max);
 }
 
 }  // namespace kvcompact::kernels

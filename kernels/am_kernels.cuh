@@ -58,7 +58,9 @@ void AddPriorTowardOne(double* gram, double* rhs, int64_t n, double prior, cudaS
 // Accumulates into sums[0..2]: sum (yhat - y)^2, sum y^2 over n x dv outputs, and
 // sum_i |max(mhat_i, 1e-30) - m_i| / m_i; from them the relative output error and the mean
 // relative mass error of core/compact_head.cc ErrorsFromOutputs.
+// With `mhat_max` (and `true_max`, the full rows' maxima): mhat_i is a sum of exp(l - mhat_max_i)
+// and the mass compared is exp(mhat_max_i - true_max_i) * mhat_i, formed in fp64.
 void ErrorSums(const float* yhat, const float* y, int64_t n, int64_t dv, const float* mhat, const float* m, double* sums,
-               cudaStream_t stream);
+               cudaStream_t stream, const float* mhat_max = nullptr, const float* true_max = nullptr);
 
 }  // namespace kvcompact::kernels

@@ -420,23 +420,21 @@ absl::Status CudaBackend::EvaluateHead(int64_t h, int64_t t, int64_t nf, int64_t
 
 absl::Status CudaBackend::Evaluate(const float* queries, int64_t n, int64_t stride, const DeviceStats& truth, int64_t h,
                                    int64_t t, const float* cv, double* sums) {
-  // P = exp(s Q C_k^T + beta - M);  m_hat = rowsum P;  Y_hat = P C_v / m_hat; error sums on the device.
+  // L = s Q C_k^T + beta; softmax with the compacted rows' own maxima M_S (so that keys far below
+  // the full row's maximum M do not underflow); Y_hat = softmax(L) C_v; m_hat = exp(M_S - M) *
+  // sum exp(L - M_S), formed in fp64 in ErrorSums. M_S goes to cvec_ (free during evaluation).
   if (auto s = Gemm(blas_, n, t, d_, scale_, {queries, d_, 0, false}, {ck_.get(), d_, 0, true}, 0.f, subset_.get(), t, 0, 1);
       !s.ok()) {
     return s;
   }
-  ExpShifted(subset_.get(), n, t, beta_.get(), truth.row_max.get() + h * stride, stream_);
-  KVC_LAUNCHED("ExpShifted(eval)");
-  RowSums(subset_.get(), n, t, mhat_.get(), stream_);
-  KVC_LAUNCHED("RowSums");
+  RowSoftmaxStats(subset_.get(), 1, n, t, beta_.get(), 0, cvec_.get(), mhat_.get(), 0, stream_);
+  KVC_LAUNCHED("RowSoftmaxStats(eval)");
   if (auto s = Gemm(blas_, n, dv_, t, 1.f, {subset_.get(), t, 0, false}, {cv, dv_, 0, false}, 0.f, yhat_.get(), dv_, 0, 1);
       !s.ok()) {
     return s;
   }
-  DivideRows(yhat_.get(), n, dv_, mhat_.get(), 1e-30f, stream_);
-  KVC_LAUNCHED("DivideRows");
   ErrorSums(yhat_.get(), truth.outputs.get() + h * stride * dv_, n, dv_, mhat_.get(), truth.mass.get() + h * stride, sums,
-            stream_);
+            stream_, cvec_.get(), truth.row_max.get() + h * stride);
   KVC_LAUNCHED("ErrorSums");
   return absl::OkStatus();
 }

@@ -7,6 +7,8 @@
 #include <gtest/gtest.h>
 
 #include "core/layer.h"
+#include "core/attention.h"
+#include "core/compact_head.h"
 #include "core/selection.h"
 #include "tests/core/synthetic_job.h"
 
@@ -58,6 +60,34 @@ TEST(Cancellation, ACancelledLayerStopsAndSaysSo) {
   EXPECT_EQ(checks, 4) << "checked once per head";
   job.cancelled = [] { return false; };
   EXPECT_TRUE(backend->CompactLayer(job).ok());
+}
+
+// The reported errors when every kept key sits ~100 below the row's maximum (a key that was not
+// kept dominates): outputs and mass come out right instead of underflowing to zero.
+TEST(MeasureErrors, KeptKeysFarBelowTheRowMaximumDoNotUnderflow) {
+  const int T = 6, d = 2, dv = 2;
+  MatrixF K(T, d), V(T, dv), Q(1, d);
+  K << 100, 0, 0, 0, 0, 1, 0, -1, 1, 1, -1, 1;
+  V << 9, 9, 1, 2, 3, 4, 5, 6, 7, 8, 2, 1;
+  Q << 1, 0.5f;
+  const BlockView block{ConstMatrixMapF(K.data(), T, d), ConstMatrixMapF(V.data(), T, dv), nullptr, 1.0f};
+  const AttentionStats truth = ComputeAttentionStats(block, Q, std::nullopt, 256);
+  CompactedHead head;  // keys 1..5 kept, key 0 (logit 100) dropped; beta 0
+  head.indices = {1, 2, 3, 4, 5};
+  head.keys = K.bottomRows(5);
+  head.values = V.bottomRows(5);
+  head.beta = VectorF::Zero(5);
+  float out_err = 0, mass_err = 0;
+  MeasureErrors(head, Q, truth, 1.0f, &out_err, &mass_err);
+  // float64 reference: the compacted output is the softmax over keys 1..5 of their values.
+  Eigen::VectorXd l(5), w(5);
+  for (int j = 0; j < 5; ++j) l[j] = K.row(j + 1).cast<double>().dot(Q.row(0).cast<double>());
+  w = (l.array() - l.maxCoeff()).exp();
+  const Eigen::RowVectorXd y_hat = (w.transpose() * V.bottomRows(5).cast<double>()) / w.sum();
+  const Eigen::RowVectorXd y = truth.outputs.row(0).cast<double>();
+  const double want = (y_hat - y).norm() / y.norm();
+  EXPECT_NEAR(out_err, want, 1e-4 * want) << "not the 100% of an all-zero output";
+  EXPECT_GT(mass_err, 0.99f);  // the kept keys carry e^-100 of the mass
 }
 
 TEST(TopK, EqualScoresGoToEarlierTokens) {
