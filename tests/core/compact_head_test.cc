@@ -247,6 +247,67 @@ TEST(CompactHead, KeepsPlainSelectionWhereTheFitDoesWorseOnHeldOutQueries) {
   EXPECT_GT(fitted, 0) << "with enough queries the fit wins";
 }
 
+// Few or repeated fitting queries (n <= t, near-duplicates): the pipeline's held-out error is no
+// worse than that of a float64 run of the same objective (the priors included) on the same keys.
+TEST(CompactHead, FewOrRepeatedQueriesMatchAFloat64ReferenceOnHeldOutQueries) {
+  struct Case { uint64_t seed; int n_fit, distinct; };
+  for (const Case& c : std::vector<Case>{{71, 4, 0}, {72, 6, 0}, {73, 10, 0}, {74, 12, 3}, {75, 16, 2}, {76, 8, 0}}) {
+    const int T = 40, t = 10, n_eval = 30;
+    Problem p = RandomProblem(c.seed, T, c.n_fit + n_eval, 8, 6, 0.3f);
+    std::mt19937_64 rng(c.seed);
+    std::normal_distribution<float> noise(0.f, 1e-3f);
+    if (c.distinct > 0) {
+      for (int i = 0; i < c.n_fit; ++i)
+        for (int k = 0; k < 8; ++k) p.Q(i, k) = p.Q(i % c.distinct, k) + noise(rng);
+    }
+    // Fit on the first n_fit queries, hold out the rest: CompactHead with holdout_fraction = 0 on
+    // the fitting rows, errors measured here on the held-out rows for both runs.
+    const MatrixF fit_q = p.Q.topRows(c.n_fit), eval_q = p.Q.bottomRows(n_eval);
+    HeadOptions opt;
+    opt.budget = t;
+    opt.holdout_fraction = 0;
+    StageSeconds s;
+    auto head = CompactHead(p.view(), &fit_q, opt, &s);
+    ASSERT_TRUE(head.ok());
+    const std::vector<int> S(head->indices.begin(), head->indices.end());
+    // float64: the same keys, the same priors, solved exactly.
+    const Md K = p.K.cast<double>(), V = p.V.cast<double>(), Qf = fit_q.cast<double>();
+    const Vd b = p.b.cast<double>();
+    const auto ref = testing::BruteAttention(K, V, b, Qf, p.scale);
+    const int64_t distinct = DistinctQueryCount(fit_q);
+    const double mu_rel = MassPrior(opt, t, distinct), ridge = ValueRidge(opt, t, distinct);
+    Md phi(c.n_fit, t);
+    for (int i = 0; i < c.n_fit; ++i)
+      for (int a = 0; a < t; ++a) phi(i, a) = std::exp(p.scale * Qf.row(i).dot(K.row(S[a])) + b[S[a]] - ref.row_max[i]);
+    const double mu = mu_rel * (phi.transpose() * phi).trace() / t;
+    Md phi_aug(c.n_fit + t, t);
+    phi_aug << phi, std::sqrt(mu) * Md::Identity(t, t);
+    Vd m_aug(c.n_fit + t);
+    m_aug << ref.mass, Vd::Constant(t, std::sqrt(mu));
+    const Vd w = testing::BruteBoundedLsq(phi_aug, m_aug, std::exp(-3.0), std::exp(3.0));
+    CompactedHead exact;
+    exact.indices = head->indices;
+    exact.keys = head->keys;
+    exact.beta.resize(t);
+    for (int a = 0; a < t; ++a) exact.beta[a] = static_cast<float>(std::log(w[a]) + b[S[a]]);
+    Md X(c.n_fit, t), VS(t, V.cols());
+    for (int i = 0; i < c.n_fit; ++i) {
+      for (int a = 0; a < t; ++a) X(i, a) = std::exp(p.scale * Qf.row(i).dot(K.row(S[a])) + exact.beta[a]);
+      X.row(i) /= X.row(i).sum();
+    }
+    for (int a = 0; a < t; ++a) VS.row(a) = V.row(S[a]);
+    Md G = X.transpose() * X;
+    const double lambda = ridge * G.trace() / t;
+    G.diagonal().array() += lambda;
+    exact.values = G.ldlt().solve(X.transpose() * ref.outputs + lambda * VS).cast<float>();
+    const AttentionStats truth = ComputeAttentionStats(p.view(), eval_q, std::nullopt, 256);
+    float got = 0, want = 0, unused = 0;
+    MeasureErrors(*head, eval_q, truth, p.scale, &got, &unused);
+    MeasureErrors(exact, eval_q, truth, p.scale, &want, &unused);
+    EXPECT_LE(got, want * 1.02f + 1e-4f) << "seed " << c.seed << " n_fit " << c.n_fit << " distinct " << c.distinct;
+  }
+}
+
 TEST(DistinctQueryCount, CountsNearDuplicatesOnce) {
   std::mt19937_64 rng(5);
   std::normal_distribution<float> g(0.f, 1.f), noise(0.f, 1e-4f);
