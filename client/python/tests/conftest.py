@@ -47,3 +47,10 @@ def server_address():
     grpc.channel_ready_future(grpc.insecure_channel(address)).result(timeout=10)
     yield address
     stop_server(proc, log_path)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """KVCOMPACT_DATA_DIR when set (the public evaluation data), else the project's own text."""
+    from testdata import write_data_dir
+    return os.environ.get("KVCOMPACT_DATA_DIR") or write_data_dir(str(tmp_path_factory.mktemp("data")))

@@ -1,16 +1,13 @@
 """The evaluation harness end to end on a tiny setting: real model, real server, report files."""
 import json
-import os
 
 import numpy as np
 
 from kvcompact.eval import quality
 
 
-def test_harness_writes_report_json_and_plots(server_address, tmp_path):
-    here = os.path.dirname(os.path.abspath(__file__))
-    data = os.environ.get("KVCOMPACT_DATA_DIR", os.path.join(here, "..", "..", "..", "..", "shared", "data"))
-    quality.main(["--server", server_address, "--out", str(tmp_path), "--data", data, "--articles", "1",
+def test_harness_writes_report_json_and_plots(server_address, tmp_path, data_dir):
+    quality.main(["--server", server_address, "--out", str(tmp_path), "--data", data_dir, "--articles", "1",
                   "--questions", "1", "--max-context", "256", "--answer-tokens", "12", "--ratios", "4",
                   "--methods", "am", "am:ridge=1e-3,queries=context", "am:queries=repeat+self_study", "h2o", "summary", "--needle-lengths", "256", "--needle-depths", "0.5"])
     result = json.load(open(tmp_path / "results.json"))

@@ -1,16 +1,13 @@
 """Online compaction: a text read under a cache cap, compacted repeatedly through the real server."""
 import json
-import os
 
 import numpy as np
 
 from kvcompact.eval import online
 
 
-def test_capped_read_compacts_repeatedly_and_stays_under_the_cap(server_address, tmp_path):
-    here = os.path.dirname(os.path.abspath(__file__))
-    data = os.environ.get("KVCOMPACT_DATA_DIR", os.path.join(here, "..", "..", "..", "..", "shared", "data"))
-    online.main(["--server", server_address, "--out", str(tmp_path), "--data", data, "--tokens", "400",
+def test_capped_read_compacts_repeatedly_and_stays_under_the_cap(server_address, tmp_path, data_dir):
+    online.main(["--server", server_address, "--out", str(tmp_path), "--data", data_dir, "--tokens", "400",
                  "--cap", "160", "--recent", "48", "--chunk", "32", "--query-window", "96"])
     result = json.load(open(tmp_path / "online.json"))
     reads = {r["policy"]: r for r in result["reads"]}

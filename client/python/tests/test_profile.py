@@ -1,7 +1,6 @@
 """The budget-profile tool end to end on a tiny setting: real model, real server, a profile the
 server's loader accepts (protobuf's JSON mapping of BudgetProfile)."""
 import json
-import os
 
 import numpy as np
 from google.protobuf import json_format
@@ -10,12 +9,10 @@ from kvcompact.eval import profile
 from kvcompact.proto import pb
 
 
-def test_profile_tool_writes_a_loadable_profile_and_its_sweep(server_address, tmp_path):
-    here = os.path.dirname(os.path.abspath(__file__))
-    data = os.environ.get("KVCOMPACT_DATA_DIR", os.path.join(here, "..", "..", "..", "..", "shared", "data"))
+def test_profile_tool_writes_a_loadable_profile_and_its_sweep(server_address, tmp_path, data_dir):
     out, sweep = tmp_path / "p.json", tmp_path / "sweep.json"
     profile.main(["--server", server_address, "--model", "smollm2", "--out", str(out), "--sweep-out", str(sweep),
-                  "--data", data, "--articles", "1", "--questions", "1", "--max-context", "200",
+                  "--data", data_dir, "--articles", "1", "--questions", "1", "--max-context", "200",
                   "--answer-tokens", "8", "--ratios", "8"])
     parsed = json_format.Parse(open(out).read(), pb.BudgetProfile())
     assert parsed.name == "smollm2-135m-instruct" and parsed.num_layers == 30 and parsed.num_kv_heads == 3

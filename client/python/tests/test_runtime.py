@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from kvcompact import Client
+from kvcompact.demo import CONTEXT
 from kvcompact.runtime import KVCache, LlamaModel
 from kvcompact.runtime.compaction import compact_cache
 from kvcompact.runtime.llama import biased_attention
@@ -17,15 +18,10 @@ def model():
 
 @pytest.fixture(scope="module")
 def context(model):
-    import os
-    here = os.path.dirname(os.path.abspath(__file__))
-    # The shared data folder sits beside the repository checkout.
-    data = os.environ.get("KVCOMPACT_DATA_DIR", os.path.join(here, "..", "..", "..", "..", "shared", "data"))
-    essay = os.path.normpath(os.path.join(data, "niah_essays", "addiction.txt"))
-    text = open(essay).read()[:1500]
     tok = model.tokenizer
-    ctx = tok.encode(tok.apply_chat_template([{"role": "user", "content": text + "\n\nWhat is the essay about?"}]))
-    answer = tok.encode("The essay is about how technology makes the things we like more addictive.")
+    ctx = tok.encode(tok.apply_chat_template([{"role": "user", "content": CONTEXT + "\n\nWhat is the text about?"}]))
+    # The answer scored is the model's own full-context answer (as the evaluation harness scores).
+    answer = model.generate(ctx, model.new_cache(), max_new_tokens=24)
     return ctx, answer
 
 
