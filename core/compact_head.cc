@@ -215,22 +215,27 @@ absl::StatusOr<CompactedHead> CompactHead(const BlockView& block, const MatrixF*
 
   CompactedHead head;
   int64_t distinct = 0;  // distinct fitting queries, for the priors
+  // Plain selection of the kept keys (beta = b_S, C_v = V_S): what the baselines return, the
+  // target of the AM fit's priors, and what the AM fit is compared with on held-out queries.
+  CompactedHead selection;
   if (unchanged) {
     head = Unchanged(block);
   } else {
-    head.indices = spec.selection == Selection::kOmp
-                       ? SelectByOmp(block, fit_q, fit_stats, options, spec, t)
-                       : SelectKeys(spec.selection, T, fit_stats.scores, SelectionParamsFor(options, spec, t));
-    head.keys = GatherRows(block.keys, head.indices);
-    const VectorF subset_bias = GatherBias(block, head.indices);
+    selection.indices = spec.selection == Selection::kOmp
+                            ? SelectByOmp(block, fit_q, fit_stats, options, spec, t)
+                            : SelectKeys(spec.selection, T, fit_stats.scores, SelectionParamsFor(options, spec, t));
+    selection.keys = GatherRows(block.keys, selection.indices);
+    selection.beta = GatherBias(block, selection.indices);
+    selection.values = GatherRows(block.values, selection.indices);
+    head = selection;
     seconds->score += Since(start);
 
     if (spec.fit == Fit::kAttentionMatching) {
       start = std::chrono::steady_clock::now();
-      const MatrixF logits = SubsetLogits(fit_q, head.keys, subset_bias, block.scale);
+      const MatrixF logits = SubsetLogits(fit_q, head.keys, selection.beta, block.scale);
       const auto [w_lo, w_hi] = WeightBounds(options, spec);
       distinct = DistinctQueryCount(fit_q);
-      MassFitResult mass = FitMass(logits, fit_stats.row_max, fit_stats.mass, subset_bias, w_lo, w_hi,
+      MassFitResult mass = FitMass(logits, fit_stats.row_max, fit_stats.mass, selection.beta, w_lo, w_hi,
                                    MassPrior(options, t, distinct));
       head.beta = std::move(mass.beta);
       head.mass_fit_converged = mass.solver.converged;
@@ -240,12 +245,8 @@ absl::StatusOr<CompactedHead> CompactHead(const BlockView& block, const MatrixF*
 
       start = std::chrono::steady_clock::now();
       const MatrixF design = RowSoftmax(SubsetLogits(fit_q, head.keys, head.beta, block.scale));
-      const MatrixF selected = GatherRows(block.values, head.indices);
-      head.values = FitValues(design, fit_stats.outputs, ValueRidge(options, t, distinct), &selected);
+      head.values = FitValues(design, fit_stats.outputs, ValueRidge(options, t, distinct), &selection.values);
       seconds->value_fit += Since(start);
-    } else {
-      head.beta = subset_bias;
-      head.values = GatherRows(block.values, head.indices);
     }
   }
 
@@ -263,11 +264,6 @@ absl::StatusOr<CompactedHead> CompactHead(const BlockView& block, const MatrixF*
       if (spec.fit == Fit::kAttentionMatching && !unchanged) {
         // Never worse than the simple thing: plain selection of the same keys, on the same
         // held-out queries; the better of the two is returned.
-        CompactedHead selection;
-        selection.indices = head.indices;
-        selection.keys = head.keys;
-        selection.beta = GatherBias(block, head.indices);
-        selection.values = GatherRows(block.values, head.indices);
         HeadQuality sq = q;
         MeasureErrors(selection, eval_q, eval_stats, block.scale, &sq.output_rel_error, &sq.mass_rel_error);
         if (sq.output_rel_error < q.output_rel_error) {

@@ -42,18 +42,22 @@ void Widen(const void* src, size_t count, float* dst) {
 }
 }  // namespace
 
-absl::Status DecodeToFloat(const void* src, DType dtype, size_t count, float* dst) {
+absl::Status DecodeToFloat(const void* src, DType dtype, size_t count, float* dst, float max_abs) {
   switch (dtype) {
     case DType::kFloat32: std::memcpy(dst, src, count * sizeof(float)); break;
     case DType::kFloat16: Widen<Eigen::half>(src, count, dst); break;
     case DType::kBFloat16: Widen<Eigen::bfloat16>(src, count, dst); break;
     default: return absl::InvalidArgumentError("unknown dtype");
   }
-  // One pass; the sum trick would miss +Inf and -Inf cancelling, so check each element.
+  // One pass over each element (the sum trick would miss +Inf and -Inf cancelling); the test is
+  // false for NaN too.
   for (size_t i = 0; i < count; ++i) {
-    if (!std::isfinite(dst[i])) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("non-finite value (", dst[i], ") at element ", i));
+    if (!(std::fabs(dst[i]) <= max_abs)) {
+      if (!std::isfinite(dst[i])) {
+        return absl::InvalidArgumentError(absl::StrCat("non-finite value (", dst[i], ") at element ", i));
+      }
+      return absl::InvalidArgumentError(absl::StrCat("|", dst[i], "| at element ", i, " is over ", max_abs,
+                                                     ", the largest magnitude accepted"));
     }
   }
   return absl::OkStatus();

@@ -3,6 +3,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <string_view>
 
 #include "absl/status/status.h"
@@ -15,9 +16,11 @@ size_t DTypeSize(DType dtype);
 std::string_view DTypeName(DType dtype);
 bool ParseDTypeName(std::string_view name, DType* out);  // "F32", "F16", "BF16" (safetensors names)
 
-// Converts `count` elements at `src` (little-endian, `dtype`) into fp32. Fails on NaN/Inf so that
-// bad input is reported where it enters, not as a poisoned fit later.
-absl::Status DecodeToFloat(const void* src, DType dtype, size_t count, float* dst);
+// Converts `count` elements at `src` (little-endian, `dtype`) into fp32. Fails on NaN/Inf, and on
+// magnitudes over `max_abs`, so that bad input is reported where it enters, not as a poisoned fit
+// later.
+absl::Status DecodeToFloat(const void* src, DType dtype, size_t count, float* dst,
+                           float max_abs = std::numeric_limits<float>::max());
 // Converts fp32 into `dtype` with round-to-nearest-even.
 void EncodeFromFloat(const float* src, size_t count, DType dtype, void* dst);
 

@@ -137,15 +137,6 @@ __global__ void GatherRowsKernel(const float* in, const int32_t* index, int64_t 
 
 unsigned Blocks(int64_t n) { return static_cast<unsigned>((n + kBlock - 1) / kBlock); }
 
-__global__ void AddRidgeToDiagonalKernel(float* a, int64_t n, float ridge) {
-  __shared__ float shared[32];
-  float trace = 0.f;
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) trace += a[i * n + i];
-  trace = BlockReduceSum(trace, shared);
-  const float lambda = ridge * trace / static_cast<float>(n);
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) a[i * n + i] += lambda;
-}
-
 __global__ void AddRidgeTowardRowsKernel(float* a, float* rhs, const float* values, const int32_t* idx, int64_t n,
                                          int64_t dv, float ridge) {
   __shared__ float shared[32];
@@ -235,11 +226,6 @@ void GatherRows(const float* in, const int32_t* index, int64_t count, int64_t co
   GatherRowsKernel<<<Blocks(count * cols), kBlock, 0, stream>>>(in, index, count, cols, out);
 }
 
-void AddRidgeToDiagonal(float* a, int64_t n, float ridge, cudaStream_t stream) {
-  if (n == 0) return;
-  AddRidgeToDiagonalKernel<<<1, 1024, 0, stream>>>(a, n, ridge);
-}
-
 void AddRidgeTowardRows(float* a, float* rhs, const float* values, const int32_t* idx, int64_t n, int64_t dv, float ridge,
                         cudaStream_t stream) {
   if (n == 0) return;
@@ -250,8 +236,7 @@ __global__ void AddPriorTowardOneKernel(double* gram, double* rhs, int64_t n, do
   __shared__ double shared[32];
   double trace = 0;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) trace += gram[i * n + i];
-  // Block sum in fp64 (warp shuffles, then the warps' sums).
-  for (int o = 16; o > 0; o >>= 1) trace += __shfl_xor_sync(0xffffffff, trace, o);
+  trace = WarpSum(trace);  // then the warps' sums, in fp64
   if (threadIdx.x % 32 == 0) shared[threadIdx.x / 32] = trace;
   __syncthreads();
   trace = 0;

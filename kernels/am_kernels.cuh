@@ -44,10 +44,7 @@ void DivideRows(float* x, int64_t rows, int64_t cols, const float* d, float floo
 // out[r][:] = in[index[r]][:]  (gather of `count` rows of width `cols`).
 void GatherRows(const float* in, const int32_t* index, int64_t count, int64_t cols, float* out, cudaStream_t stream);
 
-// The ridge of the value fit on the device: a += (ridge * trace(a) / n) I for one n x n matrix
-// (core/fit.cc FitValues).
-void AddRidgeToDiagonal(float* a, int64_t n, float ridge, cudaStream_t stream);
-// The value fit's ridge toward the selection's values: lambda = ridge * trace(a) / n on the
+// The value fit's ridge toward the selection's values (core/fit.cc FitValues): lambda = ridge * trace(a) / n on the
 // diagonal of a (n x n), and lambda * V[idx]^T added to rhs (column-major n x dv, leading
 // dimension n; V row-major with dv columns).
 void AddRidgeTowardRows(float* a, float* rhs, const float* values, const int32_t* idx, int64_t n, int64_t dv, float ridge,

@@ -97,24 +97,21 @@ void CompactReactor::OnReadDone(bool ok) {
                                    " bytes) is not a valid kvcompact.v1.CompactRequest"));
     return;
   }
-  if (request_.msg_case() == v1::CompactRequest::kKv || request_.msg_case() == v1::CompactRequest::kQueries) {
-    // The message and its decode buffers are held while it is decoded: inside admission.
-    const uint32_t layer = request_.has_kv() ? request_.kv().layer() : request_.queries().layer();
-    MemoryReservation transient;
-    if (context_->memory != nullptr && plan_ && !assembler_->IsFailed(layer) && !assembler_->IsEnded(layer)) {
-      absl::StatusOr<MemoryReservation> r =
-          context_->memory->Reserve(message_bytes + DecodedBytes(request_), absl::StrCat("layer ", layer, " (decoding a chunk)"));
-      if (!r.ok()) {
-        ReportLayerErrorLocked(layer, r.status());
-        MaybeReadLocked();
-        return;
-      }
-      transient = *std::move(r);
+  // A chunk's message and decode buffers are held while it is decoded: inside admission.
+  MemoryReservation transient;
+  const bool chunk = request_.has_kv() || request_.has_queries();
+  const uint32_t layer = request_.has_kv() ? request_.kv().layer() : request_.queries().layer();
+  if (chunk && context_->memory != nullptr && plan_ && !assembler_->IsFailed(layer) && !assembler_->IsEnded(layer)) {
+    absl::StatusOr<MemoryReservation> r =
+        context_->memory->Reserve(message_bytes + DecodedBytes(request_), absl::StrCat("layer ", layer, " (decoding a chunk)"));
+    if (!r.ok()) {
+      ReportLayerErrorLocked(layer, r.status());
+      MaybeReadLocked();
+      return;
     }
-    HandleRequestLocked();
-  } else {
-    HandleRequestLocked();
+    transient = *std::move(r);
   }
+  HandleRequestLocked();
   request_.Clear();
   MaybeReadLocked();
 }

@@ -46,14 +46,8 @@ absl::Status DecodeTensor(const v1::Tensor& t, absl::string_view name, const std
                                        std::string(DTypeName(*dtype)), ", expected ", bytes));
   }
   out->resize(count);
-  absl::Status s = DecodeToFloat(t.data().data(), *dtype, count, out->data());
+  absl::Status s = DecodeToFloat(t.data().data(), *dtype, count, out->data(), max_abs);
   if (!s.ok()) return InvalidArgumentError(StrCat(name, ": ", s.message()));
-  for (size_t i = 0; i < count; ++i) {
-    if (std::fabs((*out)[i]) > max_abs) {
-      return InvalidArgumentError(StrCat(name, ": |", (*out)[i], "| at element ", i, " is over ", max_abs,
-                                         ", the largest magnitude accepted"));
-    }
-  }
   return absl::OkStatus();
 }
 

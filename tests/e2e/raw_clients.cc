@@ -1,8 +1,5 @@
 #include "tests/e2e/raw_clients.h"
 
-#include <arpa/inet.h>
-#include <netinet/in.h>
-#include <netinet/tcp.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -10,6 +7,8 @@
 #include <memory>
 
 #include <grpcpp/generic/generic_stub.h>
+
+#include "tests/e2e/server_process.h"
 
 namespace kvcompact::testing {
 
@@ -109,15 +108,8 @@ bool SendAll(int fd, const std::string& data) {
 }  // namespace
 
 int RapidReset(int port, const std::string& path, int streams) {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(static_cast<uint16_t>(port));
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
-    close(fd);
-    return 0;
-  }
+  const int fd = ConnectLoopback(port);
+  if (fd < 0) return 0;
   timeval timeout{5, 0};
   setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &timeout, sizeof(timeout));
   std::string preface = "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + Frame(0x4, 0, 0, "");  // empty SETTINGS

@@ -37,6 +37,8 @@ class ServerProcess {
 // Runs a command (argv[0] is the binary path); returns exit code and captures stdout+stderr.
 int RunCommand(const std::vector<std::string>& argv, std::string* output);
 
+// A TCP connection to 127.0.0.1:port (the caller closes it), or -1.
+int ConnectLoopback(int port);
 // Plain HTTP GET on loopback (for the /metrics endpoint).
 std::string HttpGet(int port, const std::string& path);
 // The value of one series (e.g. `kvcompact_errors_total{code="OK"}`) on the server's /metrics at

@@ -51,40 +51,27 @@ inline void CollectNumericFields(google::protobuf::Message* m, std::vector<Numer
 
 inline void SetEdgeValue(const NumericField& nf, std::mt19937_64& rng) {
   using FD = google::protobuf::FieldDescriptor;
-  const google::protobuf::Reflection* r = nf.message->GetReflection();
+  using R = google::protobuf::Reflection;
+  const R* r = nf.message->GetReflection();
   const uint64_t u = kEdgeIntegers[rng() % std::size(kEdgeIntegers)];
   double real = kEdgeReals[rng() % std::size(kEdgeReals)];
   if (rng() % 8 == 0) real = (rng() % 2) ? std::numeric_limits<double>::infinity() : std::nan("");
-  const bool rep = nf.index >= 0;
-  switch (nf.field->cpp_type()) {
-    case FD::CPPTYPE_INT32:
-    case FD::CPPTYPE_ENUM: {
-      const int32_t v = static_cast<int32_t>(u);
-      if (nf.field->cpp_type() == FD::CPPTYPE_ENUM) {
-        rep ? r->SetRepeatedEnumValue(nf.message, nf.field, nf.index, v) : r->SetEnumValue(nf.message, nf.field, v);
-      } else {
-        rep ? r->SetRepeatedInt32(nf.message, nf.field, nf.index, v) : r->SetInt32(nf.message, nf.field, v);
-      }
-      break;
+  // One setter pair (singular, repeated) per field type.
+  auto set = [&](auto single, auto repeated, auto value) {
+    if (nf.index >= 0) {
+      (r->*repeated)(nf.message, nf.field, nf.index, value);
+    } else {
+      (r->*single)(nf.message, nf.field, value);
     }
-    case FD::CPPTYPE_INT64:
-      rep ? r->SetRepeatedInt64(nf.message, nf.field, nf.index, static_cast<int64_t>(u))
-          : r->SetInt64(nf.message, nf.field, static_cast<int64_t>(u));
-      break;
-    case FD::CPPTYPE_UINT32:
-      rep ? r->SetRepeatedUInt32(nf.message, nf.field, nf.index, static_cast<uint32_t>(u))
-          : r->SetUInt32(nf.message, nf.field, static_cast<uint32_t>(u));
-      break;
-    case FD::CPPTYPE_UINT64:
-      rep ? r->SetRepeatedUInt64(nf.message, nf.field, nf.index, u) : r->SetUInt64(nf.message, nf.field, u);
-      break;
-    case FD::CPPTYPE_FLOAT:
-      rep ? r->SetRepeatedFloat(nf.message, nf.field, nf.index, static_cast<float>(real))
-          : r->SetFloat(nf.message, nf.field, static_cast<float>(real));
-      break;
-    case FD::CPPTYPE_DOUBLE:
-      rep ? r->SetRepeatedDouble(nf.message, nf.field, nf.index, real) : r->SetDouble(nf.message, nf.field, real);
-      break;
+  };
+  switch (nf.field->cpp_type()) {
+    case FD::CPPTYPE_INT32: set(&R::SetInt32, &R::SetRepeatedInt32, static_cast<int32_t>(u)); break;
+    case FD::CPPTYPE_ENUM: set(&R::SetEnumValue, &R::SetRepeatedEnumValue, static_cast<int>(u)); break;
+    case FD::CPPTYPE_INT64: set(&R::SetInt64, &R::SetRepeatedInt64, static_cast<int64_t>(u)); break;
+    case FD::CPPTYPE_UINT32: set(&R::SetUInt32, &R::SetRepeatedUInt32, static_cast<uint32_t>(u)); break;
+    case FD::CPPTYPE_UINT64: set(&R::SetUInt64, &R::SetRepeatedUInt64, u); break;
+    case FD::CPPTYPE_FLOAT: set(&R::SetFloat, &R::SetRepeatedFloat, static_cast<float>(real)); break;
+    case FD::CPPTYPE_DOUBLE: set(&R::SetDouble, &R::SetRepeatedDouble, real); break;
     default: break;
   }
 }
