@@ -12,7 +12,7 @@ from kvcompact.proto import pb
 def test_profile_tool_writes_a_loadable_profile_and_its_sweep(server_address, tmp_path, data_dir):
     out, sweep = tmp_path / "p.json", tmp_path / "sweep.json"
     profile.main(["--server", server_address, "--model", "smollm2", "--out", str(out), "--sweep-out", str(sweep),
-                  "--data", data_dir, "--articles", "1", "--questions", "1", "--max-context", "200",
+                  "--data", data_dir, "--first-article", "0", "--articles", "1", "--questions", "1", "--max-context", "200",
                   "--answer-tokens", "8", "--ratios", "8"])
     parsed = json_format.Parse(open(out).read(), pb.BudgetProfile())
     assert parsed.name == "smollm2-135m-instruct" and parsed.num_layers == 30 and parsed.num_kv_heads == 3

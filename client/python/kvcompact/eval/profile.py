@@ -38,6 +38,9 @@ def head_losses(model, client: Client, article: dict, args) -> dict[float, np.nd
         answer = model.generate(suffix, prefix.cache.copy(), max_new_tokens=args.answer_tokens)
         if len(answer) >= 2:
             questions.append((suffix, answer, answer_logprob(model, prefix.cache, suffix, answer)))
+    if not questions:  # a mean over no answers would be NaN, and so would the profile
+        raise ValueError(f"none of the first {args.questions} questions got an answer of at least 2 tokens; "
+                         "raise --questions or --answer-tokens")
     layers = model.compactable_layers()
     queries = prefix.queries("self_study")
     out = {}
@@ -110,6 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     model = GemmaModel() if args.model == "gemma3" else LlamaModel()
     articles = [json.loads(l) for l in open(os.path.join(data_dir(args.data), "leval", "quality.jsonl"))]
     chosen = articles[args.first_article: args.first_article + args.articles]
+    if not chosen:  # a profile from no article would be NaN
+        raise SystemExit(f"the data has {len(articles)} articles; --first-article {args.first_article} leaves none")
     start = time.time()
     per_article = []
     with Client(args.server) as client:
