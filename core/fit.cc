@@ -19,7 +19,7 @@ MassFitResult FitMass(const MatrixF& subset_logits, const VectorF& row_max, cons
   }
   MassFitResult result;
   const auto start = std::chrono::steady_clock::now();
-  result.solver = SolveBoundedLsq(gram, rhs, w_lo, w_hi);
+  result.solver = SolveBoundedLsq(gram, rhs, w_lo, w_hi, MassFitSolverOptions());
   result.solve_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   result.beta = (result.solver.w.array().log().cast<float>() + subset_bias.array()).matrix();
   return result;

@@ -1,0 +1,110 @@
+// The mass fit's bounded NNLS under iteration caps, across n_fit / t: how many iterations the
+// projected Newton method takes to converge, and how much of the objective and of the held-out
+// output error an early stop gives up. The basis for BoundedLsqOptions::max_iterations.
+//   bench_lsq_caps [--heads=8] [--tokens=4096] [--budget=400] [--eval=256]
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "core/attention.h"
+#include "core/compact_head.h"
+#include "core/fit.h"
+#include "core/layer.h"
+#include "core/method.h"
+#include "core/selection.h"
+#include "core/synthetic.h"
+
+ABSL_FLAG(int, heads, 8, "heads (independent problems) per point");
+ABSL_FLAG(int, tokens, 4096, "T");
+ABSL_FLAG(int, budget, 400, "t");
+ABSL_FLAG(int, eval, 256, "held-out queries per head");
+ABSL_FLAG(std::vector<std::string>, n_over_t, std::vector<std::string>({"0.25", "0.5", "1", "1.25", "2", "8"}),
+          "fitting queries per point, as multiples of t");
+
+namespace kvcompact {
+namespace {
+
+MatrixF Rows(const MatrixF& m, const std::vector<int32_t>& idx) {
+  MatrixF out(static_cast<Eigen::Index>(idx.size()), m.cols());
+  for (size_t i = 0; i < idx.size(); ++i) out.row(i) = m.row(idx[i]);
+  return out;
+}
+
+}  // namespace
+}  // namespace kvcompact
+
+int main(int argc, char** argv) {
+  absl::ParseCommandLine(argc, argv);
+  using namespace kvcompact;
+  const int heads = absl::GetFlag(FLAGS_heads), T = absl::GetFlag(FLAGS_tokens), t = absl::GetFlag(FLAGS_budget),
+            n_eval = absl::GetFlag(FLAGS_eval);
+  const std::vector<int> caps = {5, 10, 12, 15, 20, 30, 200};
+  std::vector<double> n_over_t;
+  for (const std::string& r : absl::GetFlag(FLAGS_n_over_t)) n_over_t.push_back(std::stod(r));
+  printf("bench_lsq_caps: T=%d t=%d, %d heads per point; held-out output error at each iteration cap "
+         "(relative objective gap to the 200-iteration result in brackets)\n", T, t, heads);
+  printf("%-8s | %-18s", "n/t", "iterations max/med");
+  for (int c : caps) printf(" | cap %-15d", c);
+  printf("\n");
+  const MethodSpec& spec = GetMethodSpec(Method::kAmHighestAttention);
+  HeadOptions options;
+  const auto [lo, hi] = WeightBounds(options, spec);
+  for (double ratio : n_over_t) {
+    const int n_fit = static_cast<int>(ratio * t);
+    std::vector<int> iters;
+    std::vector<double> err(caps.size()), gap(caps.size());
+    for (int h = 0; h < heads; ++h) {
+      SyntheticShape shape;
+      shape.heads = 1;
+      shape.tokens = T;
+      shape.queries = n_fit + n_eval;
+      const LayerData d = MakeSyntheticLayer(shape, 100 + h);
+      const BlockView block = d.HeadBlock(0);
+      const MatrixF all_q = d.HeadQueries(0);
+      const MatrixF fit_q = all_q.topRows(n_fit), eval_q = all_q.bottomRows(n_eval);
+      const AttentionStats fit_stats = ComputeAttentionStats(block, fit_q, spec.default_score, 256);
+      const AttentionStats eval_stats = ComputeAttentionStats(block, eval_q, std::nullopt, 256);
+      CompactedHead head;
+      head.indices = SelectKeys(spec.selection, block.tokens(), fit_stats.scores, SelectionParamsFor(options, spec, t));
+      head.keys = Rows(block.keys, head.indices);
+      const VectorF bias = VectorF::Zero(t);
+      const MatrixF logits = SubsetLogits(fit_q, head.keys, bias, block.scale);
+      const double prior = MassPrior(options, t, DistinctQueryCount(fit_q));
+      const double ridge = ValueRidge(options, t, DistinctQueryCount(fit_q));
+      const MatrixF selected = Rows(block.values, head.indices);
+      // The same system FitMass builds.
+      const MatrixF phi = (logits.colwise() - fit_stats.row_max).array().exp().matrix();
+      MatrixD gram = (phi.transpose() * phi).cast<double>();
+      VectorD rhs = (phi.transpose() * fit_stats.mass).cast<double>();
+      const double lambda = prior * gram.trace() / t;
+      gram.diagonal().array() += lambda;
+      rhs.array() += lambda;
+      const BoundedLsqResult full = SolveBoundedLsq(gram, rhs, lo, hi);
+      iters.push_back(full.iterations);
+      const double f_full = 0.5 * full.w.dot(gram * full.w) - rhs.dot(full.w);
+      for (size_t k = 0; k < caps.size(); ++k) {
+        BoundedLsqOptions o;
+        o.max_iterations = caps[k];
+        const BoundedLsqResult r = SolveBoundedLsq(gram, rhs, lo, hi, o);
+        const double f = 0.5 * r.w.dot(gram * r.w) - rhs.dot(r.w);
+        gap[k] += (f - f_full) / std::max(1e-300, std::abs(f_full)) / heads;
+        head.beta = (r.w.array().log().cast<float>() + bias.array()).matrix();
+        const MatrixF design = RowSoftmax(SubsetLogits(fit_q, head.keys, head.beta, block.scale));
+        head.values = FitValues(design, fit_stats.outputs, ridge, &selected);
+        float out_err = 0, mass_err = 0;
+        MeasureErrors(head, eval_q, eval_stats, block.scale, &out_err, &mass_err);
+        err[k] += out_err / heads;
+      }
+    }
+    std::sort(iters.begin(), iters.end());
+    printf("%-8.2f | %4d / %-11d", ratio, iters.back(), iters[iters.size() / 2]);
+    for (size_t k = 0; k < caps.size(); ++k) printf(" | %.4f [%7.1e]", err[k], gap[k]);
+    printf("\n");
+    fflush(stdout);
+  }
+  return 0;
+}
