@@ -395,6 +395,34 @@ TEST(CompactHead, AmHeldOutErrorBelowEvictionBaselinesOnSyntheticHeads) {
   }
 }
 
+// With fewer fitting queries than keys the mass fit's bounded NNLS can need 100+ Newton steps; it
+// stops at kMassFitMaxIterations, says so, and the result stays close to the converged one.
+TEST(CompactHead, MassFitStopsAtItsIterationBoundAndSaysSo) {
+  SyntheticShape shape;
+  shape.heads = 4;
+  shape.tokens = 2048;
+  shape.queries = 160;  // 144 fitting queries for t = 256
+  const LayerData data = MakeSyntheticLayer(shape, 31);
+  int stopped = 0;
+  for (int64_t h = 0; h < shape.heads; ++h) {
+    const MatrixF q = data.HeadQueries(h);
+    HeadOptions opt;
+    opt.budget = 256;
+    StageSeconds s;
+    auto head = CompactHead(data.HeadBlock(h), &q, opt, &s);
+    ASSERT_TRUE(head.ok());
+    EXPECT_LE(head->mass_fit_iterations, kMassFitMaxIterations);
+    if (!head->mass_fit_converged) {
+      ++stopped;
+      EXPECT_EQ(head->mass_fit_iterations, kMassFitMaxIterations);
+    }
+    EXPECT_TRUE(head->beta.allFinite());
+    EXPECT_TRUE(head->values.allFinite());
+  }
+  // The case exists: at least one head needed more than the bound.
+  EXPECT_GT(stopped, 0);
+}
+
 // A layer split into head slices gives the same heads as the whole layer (the CUDA backend splits
 // layers that do not fit its memory bound); the random method and the query split depend on seeds.
 TEST(SliceHeads, SlicesCompactToTheSameHeadsAsTheWholeLayer) {
