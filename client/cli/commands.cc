@@ -6,7 +6,10 @@
 #include <filesystem>
 #include <map>
 
+#include <google/protobuf/util/json_util.h>
+
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "client/cache_files.h"
 #include "client/client.h"
 #include "core/method.h"
@@ -31,6 +34,40 @@ bool ParseDType(const std::string& name, DType* out) {
 int Fail(const absl::Status& s) {
   fprintf(stderr, "error: %s\n", s.ToString().c_str());
   return 1;
+}
+
+std::string Json(const google::protobuf::Message& m) {
+  std::string out;
+  google::protobuf::util::JsonPrintOptions options;
+  options.preserve_proto_field_names = true;
+  if (!google::protobuf::util::MessageToJsonString(m, &out, options).ok()) return "null";
+  return out;
+}
+
+std::string JsonString(const std::string& text) {
+  std::string out = "\"";
+  for (const char c : text) {
+    if (c == '"' || c == '\\') {
+      out += '\\';
+      out += c;
+    } else if (static_cast<unsigned char>(c) < 0x20) {
+      char buf[8];
+      snprintf(buf, sizeof(buf), "\\u%04x", c);
+      out += buf;
+    } else {
+      out += c;
+    }
+  }
+  return out + "\"";
+}
+
+// Fails early (before any compaction) when the file could not be written: its folder is missing.
+bool OutputFolderExists(const std::string& path) {
+  const std::filesystem::path parent = std::filesystem::path(path).parent_path();
+  std::error_code ec;
+  if (parent.empty() || std::filesystem::is_directory(parent, ec)) return true;
+  fprintf(stderr, "the folder of --output does not exist: %s\n", parent.string().c_str());
+  return false;
 }
 
 struct LayerRow {
@@ -139,6 +176,7 @@ int RunCompact(const Settings& s) {
     fprintf(stderr, "compact needs --input and --output\n");
     return 2;
   }
+  if (!OutputFolderExists(s.output)) return 2;
   absl::StatusOr<CacheInput> cache = client::LoadCache(s.input);
   if (!cache.ok()) return Fail(cache.status());
 
@@ -181,6 +219,22 @@ int RunCompact(const Settings& s) {
   info.packed = s.layout == "packed";
   if (absl::Status st = client::SaveCompacted(s.output, *outcome, info); !st.ok()) return Fail(st);
 
+  std::error_code size_ec;
+  const uint64_t written = std::filesystem::file_size(s.output, size_ec);
+  if (s.json) {
+    std::vector<std::string> layers, errors;
+    for (const CompactedLayer& layer : outcome->layers) {
+      layers.push_back(absl::StrCat("{\"layer\":", layer.layer, ",\"tokens_in\":", info.tokens_in[layer.layer],
+                                    ",\"done\":", Json(layer.done), "}"));
+    }
+    for (const v1::LayerError& e : outcome->errors) errors.push_back(Json(e));
+    printf("{\"output\":%s,\"file_bytes\":%lu,\"payload_bytes\":%lu,\"client_wall_seconds\":%.6f,"
+           "\"summary\":%s,\"layers\":[%s],\"errors\":[%s]}\n",
+           JsonString(s.output).c_str(),
+           size_ec ? 0 : written, client::CompactedPayloadBytes(*outcome), outcome->wall_seconds,
+           Json(outcome->summary).c_str(), absl::StrJoin(layers, ",").c_str(), absl::StrJoin(errors, ",").c_str());
+    return outcome->errors.empty() ? 0 : 3;
+  }
   printf("%-6s %-6s %-8s %-8s %-14s %-10s %-8s\n", "layer", "heads", "T", "t(avg)", "out_err(held)", "mass_err", "time_s");
   for (const CompactedLayer& layer : outcome->layers) {
     const LayerRow row = Summarise(layer);
@@ -224,6 +278,7 @@ int RunGenerate(const Settings& s) {
     fprintf(stderr, "generate needs --output\n");
     return 2;
   }
+  if (!OutputFolderExists(s.output)) return 2;
   absl::StatusOr<CacheInput> generated = GeneratedCache(s);
   if (!generated.ok()) return Fail(generated.status());
   const CacheInput& cache = *generated;
@@ -238,7 +293,7 @@ int RunInfo(const Settings& s) {
   if (!options.ok()) return Fail(options.status());
   auto info = Client(s.server, *options).GetServerInfo(Timeout(s, 10));
   if (!info.ok()) return Fail(info.status());
-  printf("%s\n", info->DebugString().c_str());
+  printf("%s\n", s.json ? Json(*info).c_str() : info->DebugString().c_str());
   return 0;
 }
 
@@ -258,6 +313,10 @@ int RunSelfTest(const Settings& s) {
   request.set_seed(s.seed);
   auto result = Client(s.server, *options).SelfTest(request, Timeout(s, 120));
   if (!result.ok()) return Fail(result.status());
+  if (s.json) {
+    printf("%s\n", Json(*result).c_str());
+    return 0;
+  }
   printf("backend %s\n%-14s %-14s %-10s %-8s\n", result->backend().c_str(), "method", "out_err(held)", "mass_err", "time_s");
   for (const v1::SelfTestResult& r : result->results()) {
     printf("%-14s %-14.4f %-10.4f %-8.3f\n", r.method_name().c_str(), r.output_rel_error(), r.mass_rel_error(), r.seconds());

@@ -28,6 +28,7 @@ struct Settings {
   uint64_t omp_candidates = 0;       // OMP's candidate pool (0: the server's default)
   double ridge = 0, mass_prior = 0;  // the fits' priors toward selection (0: the server's defaults)
   bool return_indices = true, quiet = false;
+  bool json = false;  // compact, info, selftest: one JSON object on stdout
 };
 
 // Shared by the commands: connection security and deadlines, the stream header of a cache, and

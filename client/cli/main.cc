@@ -2,11 +2,15 @@
 //   kvcompact compact  --input cache.safetensors|dir --output out.safetensors [--server host:port] ...
 //   kvcompact generate --output cache.safetensors [--layers 30 --kv_heads 3 ...]
 //   kvcompact info | selftest [--server host:port]
+#include <algorithm>
 #include <cstdio>
+#include <cstring>
 #include <string>
+#include <vector>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
+#include "absl/flags/reflection.h"
 #include "absl/flags/usage.h"
 #include "absl/strings/str_cat.h"
 #include "client/cache_files.h"
@@ -52,17 +56,92 @@ ABSL_FLAG(double, duration, 60, "load: seconds to run");
 ABSL_FLAG(double, report_every, 10, "load: seconds between progress lines");
 ABSL_FLAG(double, faults, 0, "load: share of calls replaced by faults (cancel, deadline, malformed, oversize)");
 ABSL_FLAG(std::string, metrics, "", "load: the server's metrics address host:port, to follow its resident memory");
+ABSL_FLAG(bool, json, false, "compact, info, selftest: print one JSON object on stdout instead of tables");
+
+namespace {
+
+constexpr char kUsage[] =
+    "kvcompact <compact|generate|info|selftest|health|load> [flags]\n"
+    "  compact   stream a cache file to the server, write the compacted cache\n"
+    "  generate  write a random cache of a given geometry (for demos and benchmarks)\n"
+    "  info      print the server's version, backend and limits\n"
+    "  selftest  ask the server to compact a generated problem\n"
+    "  health    grpc.health.v1 check; exit 0 when SERVING\n"
+    "  load      N concurrent compactions of a generated cache (--concurrency, --duration, geometry\n"
+    "            as for generate); throughput, latency percentiles, failures by status\n"
+    "exit status: 0 done; 1 the server or a file failed; 2 bad command line; 3 some layers failed\n"
+    "            (compact), or the server is not SERVING (health)";
+
+bool IsHelp(const char* arg) {
+  return !strcmp(arg, "--help") || !strcmp(arg, "-help") || !strcmp(arg, "-h") || !strcmp(arg, "--helpfull") ||
+         !strcmp(arg, "help");
+}
+
+// Every flag of this program, sorted by name, with its help text and default.
+void PrintHelp() {
+  printf("%s\n\nflags:\n", kUsage);
+  std::vector<std::pair<std::string, std::string>> rows;
+  for (const auto& [name, flag] : absl::GetAllFlags()) {
+    if (flag->Filename().find("client/cli/") == std::string::npos) continue;
+    rows.emplace_back(std::string(name), flag->Help() + " (default: " + flag->DefaultValue() + ")");
+  }
+  std::sort(rows.begin(), rows.end());
+  for (const auto& [name, help] : rows) printf("  --%-20s %s\n", name.c_str(), help.c_str());
+}
+
+// absl's parser exits 1 on an unknown flag or a bad value; this program's usage errors exit 2.
+bool FlagsValid(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i) {
+    std::string arg = argv[i];
+    if (arg == "--") break;
+    if (arg.size() < 2 || arg[0] != '-') continue;
+    arg = arg.substr(arg[1] == '-' ? 2 : 1);
+    const size_t eq = arg.find('=');
+    std::string name = arg.substr(0, eq);
+    absl::CommandLineFlag* flag = absl::FindCommandLineFlag(name);
+    if (flag == nullptr && name.rfind("no", 0) == 0) {
+      flag = absl::FindCommandLineFlag(name.substr(2));
+      if (flag != nullptr && !flag->IsOfType<bool>()) flag = nullptr;
+      if (flag != nullptr) continue;
+    }
+    if (flag == nullptr) {
+      fprintf(stderr, "unknown flag --%s (kvcompact --help lists them)\n", name.c_str());
+      return false;
+    }
+    std::string value;
+    if (eq != std::string::npos) {
+      value = arg.substr(eq + 1);
+    } else if (flag->IsOfType<bool>()) {
+      continue;
+    } else if (i + 1 < argc) {
+      value = argv[++i];
+    } else {
+      fprintf(stderr, "flag --%s needs a value\n", name.c_str());
+      return false;
+    }
+    std::string error;
+    const std::string current = flag->CurrentValue();
+    if (!flag->ParseFrom(value, &error)) {
+      fprintf(stderr, "bad value for --%s: %s\n", name.c_str(), error.c_str());
+      return false;
+    }
+    flag->ParseFrom(current, &error);  // absl's parser sets it again below
+  }
+  return true;
+}
+
+}  // namespace
 
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage(
-      "kvcompact <compact|generate|info|selftest|health|load> [flags]\n"
-      "  compact   stream a cache file to the server, write the compacted cache\n"
-      "  generate  write a random cache of a given geometry (for demos and benchmarks)\n"
-      "  info      print the server's version, backend and limits\n"
-      "  selftest  ask the server to compact a generated problem\n"
-      "  health    grpc.health.v1 check; exit 0 when SERVING\n"
-      "  load      N concurrent compactions of a generated cache (--concurrency, --duration, geometry\n"
-      "            as for generate); throughput, latency percentiles, failures by status");
+  absl::SetProgramUsageMessage(kUsage);
+  for (int i = 1; i < argc; ++i) {
+    if (!strcmp(argv[i], "--")) break;
+    if (IsHelp(argv[i])) {
+      PrintHelp();
+      return 0;
+    }
+  }
+  if (!FlagsValid(argc, argv)) return 2;
   std::vector<char*> args = absl::ParseCommandLine(argc, argv);
   if (args.size() != 2) {
     fprintf(stderr, "%s\n", absl::ProgramUsageMessage().data());
@@ -109,6 +188,7 @@ int main(int argc, char** argv) {
   s.report_every = absl::GetFlag(FLAGS_report_every);
   s.metrics = absl::GetFlag(FLAGS_metrics);
   s.faults = absl::GetFlag(FLAGS_faults);
+  s.json = absl::GetFlag(FLAGS_json);
   if (command == "compact") return kvcompact::cli::RunCompact(s);
   if (command == "generate") return kvcompact::cli::RunGenerate(s);
   if (command == "info") return kvcompact::cli::RunInfo(s);

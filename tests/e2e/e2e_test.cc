@@ -5,6 +5,8 @@
 #include <regex>
 #include <thread>
 
+#include <google/protobuf/struct.pb.h>
+#include <google/protobuf/util/json_util.h>
 #include <gtest/gtest.h>
 
 #include "client/safetensors.h"
@@ -140,6 +142,39 @@ TEST_F(E2E, CliCompactsAFileAndWritesARaggedSafetensorsCache) {
   EXPECT_NE(log.find("am"), std::string::npos);
   ASSERT_EQ(RunCommand({CliBinary(), "info", "--server=" + server_->address()}, &log), 0) << log;
   EXPECT_NE(log.find("backend: \""), std::string::npos) << log;  // cpu here, cuda on a GPU machine
+}
+
+// The CLI's contract with scripts: --help exits 0 and lists the flags, usage errors exit 2 before
+// any work, --json prints one JSON object.
+TEST_F(E2E, CliHelpUsageErrorsAndJson) {
+  std::string log;
+  ASSERT_EQ(RunCommand({CliBinary(), "--help"}, &log), 0) << log;
+  EXPECT_NE(log.find("--omp_candidates"), std::string::npos) << log;
+  EXPECT_NE(log.find("exit status"), std::string::npos) << log;
+  EXPECT_EQ(RunCommand({CliBinary(), "info", "--srever=" + server_->address()}, &log), 2) << log;
+  EXPECT_NE(log.find("unknown flag --srever"), std::string::npos) << log;
+  EXPECT_EQ(RunCommand({CliBinary(), "info", "--ratio=abc"}, &log), 2) << log;
+  EXPECT_EQ(RunCommand({CliBinary(), "nonsense"}, &log), 2) << log;
+  const std::string in = ::testing::TempDir() + "/cli_json_in.safetensors";
+  ASSERT_EQ(RunCommand({CliBinary(), "generate", "--output=" + in, "--layers=2", "--kv_heads=2", "--context=256",
+                        "--queries=128"}, &log), 0) << log;
+  EXPECT_EQ(RunCommand({CliBinary(), "compact", "--server=" + server_->address(), "--input=" + in,
+                        "--output=/nonexistent-kvcompact-dir/out.safetensors"}, &log), 2) << log;
+  EXPECT_NE(log.find("does not exist"), std::string::npos) << log;
+
+  const std::string out = ::testing::TempDir() + "/cli_json_out.safetensors";
+  ASSERT_EQ(RunCommand({CliBinary(), "compact", "--server=" + server_->address(), "--input=" + in, "--output=" + out,
+                        "--ratio=8", "--quiet", "--json"}, &log), 0) << log;
+  google::protobuf::Struct parsed;
+  ASSERT_TRUE(google::protobuf::util::JsonStringToMessage(log, &parsed).ok()) << log;
+  const auto& fields = parsed.fields();
+  EXPECT_EQ(fields.at("output").string_value(), out);
+  EXPECT_GT(fields.at("file_bytes").number_value(), 0);
+  ASSERT_EQ(fields.at("layers").list_value().values_size(), 2);
+  EXPECT_EQ(fields.at("summary").struct_value().fields().at("layers_done").number_value(), 2);
+  ASSERT_EQ(RunCommand({CliBinary(), "info", "--server=" + server_->address(), "--json"}, &log), 0) << log;
+  ASSERT_TRUE(google::protobuf::util::JsonStringToMessage(log, &parsed).ok()) << log;
+  EXPECT_FALSE(parsed.fields().at("backend").string_value().empty()) << log;
 }
 
 TEST_F(E2E, ClientKilledMidStreamLeavesServerHealthy) {
