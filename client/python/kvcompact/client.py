@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import threading
-from typing import Callable, Iterable, Iterator, Optional, Sequence
+from collections.abc import Sequence as SequenceABC
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import grpc
 import numpy as np
 
 from kvcompact.proto import pb, pb_grpc
-from kvcompact.tensors import dtype_size, fill_tensor, from_tensor, to_numpy_wire
+from kvcompact.tensors import dtype_size, fill_tensor, from_tensor, numpy_dtype as _numpy_dtype, to_numpy_wire
 from kvcompact.types import CompactedHead, CompactedLayer, CompactResult, Layer
 
 METHODS = {
@@ -31,7 +32,38 @@ ALLOCATIONS = {
     "sensitivity": pb.Allocation.RULE_SENSITIVITY,
 }
 DTYPES = {"fp32": pb.DTYPE_FP32, "fp16": pb.DTYPE_FP16, "bf16": pb.DTYPE_BF16}
+# Methods that select without reference queries; every other method needs Layer.queries.
+QUERY_FREE_METHODS = {"recent", "streaming_llm", "random"}
 _OVERHEAD = 16 << 10
+
+
+def _open_channel(module, target: str, credentials, server_name: Optional[str], index: int):
+    """A channel of `module` (grpc or grpc.aio): no message size limits; `index` keeps the
+    channels of parallel streams apart (one TCP connection each)."""
+    options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1),
+               ("kvcompact.channel_index", index), ("grpc.lb_policy_name", "round_robin")]
+    if credentials is None:
+        return module.insecure_channel(target, options=options)
+    if server_name:
+        options.append(("grpc.ssl_target_name_override", server_name))
+    return module.secure_channel(target, credentials, options=options)
+
+
+def _lookup(table: dict, name: str, what: str):
+    if name not in table:
+        raise ValueError(f"unknown {what} {name!r}; one of: {', '.join(repr(k) for k in table)}")
+    return table[name]
+
+
+def _check_layer(layer: Layer, method: str, allocation: Optional[str]) -> None:
+    """Refuses, before anything is sent, a layer the server would fail: no queries for a method
+    (or allocation rule) that needs them."""
+    needs = method not in QUERY_FREE_METHODS or allocation in ("global_topk", "sensitivity")
+    if needs and layer.queries is None:
+        raise ValueError(f"layer {layer.index}: method {method!r}" +
+                         (f" with allocation {allocation!r}" if allocation else "") +
+                         " needs reference queries (Layer.queries); query-free methods: " +
+                         ", ".join(sorted(QUERY_FREE_METHODS)))
 
 
 class CompactError(RuntimeError):
@@ -114,13 +146,7 @@ class Client:
         self._channels = [self._channel(i) for i in range(self.streams)]
 
     def _channel(self, index: int) -> grpc.Channel:
-        options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1),
-                   ("kvcompact.channel_index", index), ("grpc.lb_policy_name", "round_robin")]
-        if self._credentials is None:
-            return grpc.insecure_channel(self.target, options=options)
-        if self._server_name:
-            options.append(("grpc.ssl_target_name_override", self._server_name))
-        return grpc.secure_channel(self.target, self._credentials, options=options)
+        return _open_channel(grpc, self.target, self._credentials, self._server_name, index)
 
     def close(self) -> None:
         for c in self._channels:
@@ -140,129 +166,191 @@ class Client:
         return pb_grpc.KVCompactStub(self._channels[0]).SelfTest(pb.SelfTestRequest(**fields), timeout=timeout,
                                                                  metadata=self._metadata)
 
-    def header(self, layers: Sequence[Layer], *, ratio: Optional[float] = None, tokens: Optional[int] = None,
-               per_head: Optional[Sequence[int]] = None, method: str = "am", holdout: float = 0.1,
-               output_dtype: str = "fp32", logit_scale: float = 0.0, num_layers: Optional[int] = None,
-               query_heads_per_kv_head: int = 1, return_indices: bool = True, seed: int = 0,
-               ridge: float = 0.0, mass_prior: float = 0.0, beta_min: float = 0.0, beta_max: float = 0.0, score: str = "",
-               pool_kernel: int = 0, omp_keys_per_step: int = 0, omp_refit_interval: int = 0,
-               omp_progressive: float = 0.0, omp_candidates: int = 0, allocation: Optional[str] = None,
-               profile: str = "", shares: Optional[Sequence[float]] = None, head_cap: float = 0.0,
-               pyramid_spread: float = 0.0, probe_queries: int = 0, chunk_tokens: int = 0,
-               request_id: str = "") -> pb.StreamHeader:
-        """The StreamHeader for `layers` (geometry from the first layer's shapes).
+    def header(self, layers: Layer | Sequence[Layer], **options) -> pb.StreamHeader:
+        """The StreamHeader for `layers`; see make_header()."""
+        return make_header(layers, **options)
 
-        Budget: `per_head` (explicit t per layer-major head), `tokens` (the same t everywhere), or
-        `ratio` (default 20) -- with `allocation` (one of ALLOCATIONS) splitting the ratio's total
-        across heads: "profile" takes a server-side `profile` name or inline `shares`."""
-        first = layers[0]
-        k_shape, v_shape = tuple(first.keys.shape), tuple(first.values.shape)
-        h = pb.StreamHeader(request_id=request_id)
-        g = h.geometry
-        g.num_layers = num_layers if num_layers is not None else max(l.index for l in layers) + 1
-        g.num_kv_heads, g.head_dim, g.value_dim = k_shape[0], k_shape[2], v_shape[2]
-        g.query_heads_per_kv_head, g.logit_scale = query_heads_per_kv_head, logit_scale
-        o = h.options
-        o.method = METHODS[method]
-        o.holdout_fraction, o.output_dtype, o.return_indices, o.seed = holdout, DTYPES[output_dtype], return_indices, seed
-        o.ridge, o.mass_prior = ridge, mass_prior  # the fits' priors toward selection; 0: the server's defaults
-        o.beta_min, o.beta_max = beta_min, beta_max  # both 0: the method's defaults
-        o.score = SCORES[score]  # "": the method's default
-        o.pool_kernel = int(pool_kernel)
-        o.omp.keys_per_step, o.omp.refit_interval = int(omp_keys_per_step), int(omp_refit_interval)
-        o.omp.progressive, o.omp.candidates = float(omp_progressive), int(omp_candidates)
-        o.chunk_tokens = int(chunk_tokens)  # > 0: compacted in contiguous chunks of at most this many tokens
-        if allocation is not None:
-            a = o.budget.allocation
-            a.rule = ALLOCATIONS[allocation]
-            a.ratio = ratio if ratio is not None else 20.0
-            a.profile, a.head_cap, a.pyramid_spread, a.probe_queries = profile, head_cap, pyramid_spread, probe_queries
-            if shares is not None:
-                a.shares.extend(float(x) for x in shares)
-        elif per_head is not None:
-            o.budget.per_head.tokens.extend(per_head)
-        elif tokens is not None:
-            o.budget.tokens = tokens
-        else:
-            o.budget.ratio = ratio if ratio is not None else 20.0
-        return h
-
-    def compact(self, layers: Sequence[Layer], *, on_layer: Optional[Callable[[CompactedLayer], None]] = None,
+    def compact(self, layers: Iterable[Layer], *, on_layer: Optional[Callable[[CompactedLayer], None]] = None,
                 timeout: Optional[float] = None, **options) -> CompactResult:
-        """Compacts `layers`; options as in `header()`. Failed layers are in result.errors; a
-        stream-level failure raises CompactError."""
-        header = self.header(layers, **options)
-        result = CompactResult()
+        """Compacts `layers`; options as in `header()`. `layers` may be any iterable, e.g. a
+        generator that yields each layer as the model computes it (then pass `num_layers`); with
+        `streams` > 1 each stream takes the next layer as it is ready. Failed layers are in
+        result.errors; a stream-level failure raises CompactError; bad options or a layer without
+        the queries its method needs raise ValueError before that layer is sent."""
+        source, first = _first(layers)
+        header = self.header(first if not isinstance(layers, SequenceABC) else layers, **options)
+        method, allocation = options.get("method", "am"), options.get("allocation")
+        if isinstance(layers, SequenceABC):
+            for layer in layers:
+                _check_layer(layer, method, allocation)
+        collector = _Collector(header, on_layer)
         lock = threading.Lock()
-        failures: list[CompactError] = []
+        failures: list[BaseException] = []
+
+        def next_layer() -> Optional[Layer]:
+            with lock:
+                layer = next(source, None)
+            if layer is not None:
+                _check_layer(layer, method, allocation)
+            return layer
 
         def run(s: int) -> None:
-            mine = layers[s::self.streams]
-
             def requests() -> Iterator[pb.CompactRequest]:
-                first = pb.CompactRequest()
-                first.header.CopyFrom(header)
+                first_msg = pb.CompactRequest()
+                first_msg.header.CopyFrom(header)
                 if self.streams > 1:
-                    first.header.request_id = f"{header.request_id}/{s}"
-                yield first
-                for layer in mine:
-                    yield from _chunks(layer, self.max_message_bytes)
+                    first_msg.header.request_id = f"{header.request_id}/{s}"
+                yield first_msg
+                try:
+                    while (layer := next_layer()) is not None:
+                        yield from _chunks(layer, self.max_message_bytes)
+                except Exception as e:  # noqa: BLE001 -- raised again in the caller's thread
+                    with lock:
+                        failures.append(e)
+                    raise
 
-            partial: dict[int, dict[int, dict]] = {}
             try:
                 for resp in pb_grpc.KVCompactStub(self._channels[s]).Compact(requests(), timeout=timeout,
                                                                         metadata=self._metadata):
-                    kind = resp.WhichOneof("msg")
-                    if kind == "head":
-                        hr = resp.head
-                        acc = partial.setdefault(hr.layer, {}).setdefault(hr.head, {"k": [], "b": [], "v": [], "i": []})
-                        acc["k"].append(from_tensor(hr.keys))
-                        acc["b"].append(from_tensor(hr.beta))
-                        acc["v"].append(from_tensor(hr.values))
-                        acc["i"].extend(hr.indices)
-                    elif kind == "layer_done":
-                        done = resp.layer_done
-                        heads_acc = partial.pop(done.layer, {})
-                        heads = []
-                        for m in done.heads:
-                            acc = heads_acc.get(m.head, {"k": [], "b": [], "v": [], "i": []})
-                            cat = (lambda xs, w: np.concatenate(xs) if xs else np.zeros((0, w), np.float32))
-                            heads.append(CompactedHead(
-                                keys=cat(acc["k"], header.geometry.head_dim),
-                                beta=np.concatenate(acc["b"]) if acc["b"] else np.zeros(0, np.float32),
-                                values=cat(acc["v"], header.geometry.value_dim),
-                                indices=np.asarray(acc["i"], dtype=np.int64),
-                                tokens_in=m.tokens_in,
-                                output_rel_error=m.output_rel_error if m.has_quality else None,
-                                mass_rel_error=m.mass_rel_error if m.has_quality else None))
-                        layer = CompactedLayer(done.layer, heads, done.times.total_seconds)
-                        with lock:
-                            result.layers[done.layer] = layer
-                            if on_layer:
-                                on_layer(layer)
-                    elif kind == "layer_error":
-                        partial.pop(resp.layer_error.layer, None)
-                        with lock:
-                            result.errors[resp.layer_error.layer] = resp.layer_error.message
-                    elif kind == "summary":
-                        with lock:
-                            if result.summary is None:
-                                result.summary = pb.StreamSummary()
-                            _add_summary(result.summary, resp.summary)
+                    collector.add(resp)
             except grpc.RpcError as e:
                 with lock:
                     failures.append(CompactError(e.code(), e.details()))
 
-        threads = [threading.Thread(target=run, args=(s,)) for s in range(1, min(self.streams, len(layers)))]
+        streams = min(self.streams, len(layers)) if isinstance(layers, SequenceABC) else self.streams
+        threads = [threading.Thread(target=run, args=(s,)) for s in range(1, streams)]
         for t in threads:
             t.start()
         run(0)
         for t in threads:
             t.join()
-        if failures:
-            raise failures[0]
-        result.layers = dict(sorted(result.layers.items()))
-        return result
+        if failures:  # the client's own error (a bad layer) first, then the server's
+            raise next((f for f in failures if not isinstance(f, CompactError)), failures[0])
+        return collector.result()
+
+
+def make_header(layers: Layer | Sequence[Layer], *, ratio: Optional[float] = None, tokens: Optional[int] = None,
+           per_head: Optional[Sequence[int]] = None, method: str = "am", holdout: float = 0.1,
+           output_dtype: str = "fp32", logit_scale: float = 0.0, num_layers: Optional[int] = None,
+           query_heads_per_kv_head: int = 1, return_indices: bool = True, seed: int = 0,
+           ridge: float = 0.0, mass_prior: float = 0.0, beta_min: float = 0.0, beta_max: float = 0.0, score: str = "",
+           pool_kernel: int = 0, omp_keys_per_step: int = 0, omp_refit_interval: int = 0,
+           omp_progressive: float = 0.0, omp_candidates: int = 0, allocation: Optional[str] = None,
+           profile: str = "", shares: Optional[Sequence[float]] = None, head_cap: float = 0.0,
+           pyramid_spread: float = 0.0, probe_queries: int = 0, chunk_tokens: int = 0,
+           request_id: str = "") -> pb.StreamHeader:
+    """The StreamHeader for `layers` (geometry from the first layer's shapes).
+
+    Budget: `per_head` (explicit t per layer-major head), `tokens` (the same t everywhere), or
+    `ratio` (default 20) -- with `allocation` (one of ALLOCATIONS) splitting the ratio's total
+    across heads: "profile" takes a server-side `profile` name or inline `shares`. `layers` may be
+    the first layer alone when `num_layers` is given (layers streamed as they are computed)."""
+    first = layers if isinstance(layers, Layer) else layers[0]
+    if num_layers is None and isinstance(layers, Layer):
+        raise ValueError("num_layers is needed when the layers are not given as a sequence")
+    k_shape, v_shape = tuple(first.keys.shape), tuple(first.values.shape)
+    h = pb.StreamHeader(request_id=request_id)
+    g = h.geometry
+    g.num_layers = num_layers if num_layers is not None else max(l.index for l in layers) + 1
+    g.num_kv_heads, g.head_dim, g.value_dim = k_shape[0], k_shape[2], v_shape[2]
+    g.query_heads_per_kv_head, g.logit_scale = query_heads_per_kv_head, logit_scale
+    o = h.options
+    o.method = _lookup(METHODS, method, "method")
+    o.holdout_fraction, o.return_indices, o.seed = holdout, return_indices, seed
+    o.output_dtype = _lookup(DTYPES, output_dtype, "output_dtype")
+    o.ridge, o.mass_prior = ridge, mass_prior  # the fits' priors toward selection; 0: the server's defaults
+    o.beta_min, o.beta_max = beta_min, beta_max  # both 0: the method's defaults
+    o.score = _lookup(SCORES, score, "score")  # "": the method's default
+    o.pool_kernel = int(pool_kernel)
+    o.omp.keys_per_step, o.omp.refit_interval = int(omp_keys_per_step), int(omp_refit_interval)
+    o.omp.progressive, o.omp.candidates = float(omp_progressive), int(omp_candidates)
+    o.chunk_tokens = int(chunk_tokens)  # > 0: compacted in contiguous chunks of at most this many tokens
+    if allocation is not None:
+        a = o.budget.allocation
+        a.rule = _lookup(ALLOCATIONS, allocation, "allocation")
+        a.ratio = ratio if ratio is not None else 20.0
+        a.profile, a.head_cap, a.pyramid_spread, a.probe_queries = profile, head_cap, pyramid_spread, probe_queries
+        if shares is not None:
+            a.shares.extend(float(x) for x in shares)
+    elif per_head is not None:
+        o.budget.per_head.tokens.extend(per_head)
+    elif tokens is not None:
+        o.budget.tokens = tokens
+    else:
+        o.budget.ratio = ratio if ratio is not None else 20.0
+    return h
+
+
+def _first(layers: Iterable[Layer]) -> tuple[Iterator[Layer], Layer]:
+    """An iterator over all of `layers` and the first one (peeked, still yielded)."""
+    it = iter(layers)
+    first = next(it, None)
+    if first is None:
+        raise ValueError("no layers to compact")
+
+    def chain() -> Iterator[Layer]:
+        yield first
+        yield from it
+
+    return chain(), first
+
+
+class _Collector:
+    """Assembles a stream's responses (HeadResult chunks, LayerDone, LayerError, StreamSummary)
+    into a CompactResult; thread-safe, shared by the streams of one compaction."""
+
+    def __init__(self, header: pb.StreamHeader, on_layer: Optional[Callable[[CompactedLayer], None]] = None):
+        self._header = header
+        self._on_layer = on_layer
+        self._lock = threading.Lock()
+        self._partial: dict[int, dict[int, dict]] = {}
+        self._result = CompactResult()
+
+    def add(self, resp: pb.CompactResponse) -> None:
+        kind = resp.WhichOneof("msg")
+        with self._lock:
+            if kind == "head":
+                hr = resp.head
+                acc = self._partial.setdefault(hr.layer, {}).setdefault(hr.head, {"k": [], "b": [], "v": [], "i": []})
+                acc["k"].append(from_tensor(hr.keys))
+                acc["b"].append(from_tensor(hr.beta))
+                acc["v"].append(from_tensor(hr.values))
+                acc["i"].extend(hr.indices)
+            elif kind == "layer_done":
+                layer = self._layer(resp.layer_done)
+                self._result.layers[layer.index] = layer
+                if self._on_layer:
+                    self._on_layer(layer)
+            elif kind == "layer_error":
+                self._partial.pop(resp.layer_error.layer, None)
+                self._result.errors[resp.layer_error.layer] = resp.layer_error.message
+            elif kind == "summary":
+                if self._result.summary is None:
+                    self._result.summary = pb.StreamSummary()
+                _add_summary(self._result.summary, resp.summary)
+
+    def _layer(self, done: pb.LayerDone) -> CompactedLayer:
+        heads_acc = self._partial.pop(done.layer, {})
+        g = self._header.geometry
+        out_dtype = _numpy_dtype(self._header.options.output_dtype)
+        heads = []
+        for m in done.heads:
+            acc = heads_acc.get(m.head, {"k": [], "b": [], "v": [], "i": []})
+            cat = (lambda xs, w: np.concatenate(xs) if xs else np.zeros((0, w), out_dtype))
+            heads.append(CompactedHead(
+                keys=cat(acc["k"], g.head_dim),
+                beta=np.concatenate(acc["b"]) if acc["b"] else np.zeros(0, np.float32),
+                values=cat(acc["v"], g.value_dim),
+                indices=np.asarray(acc["i"], dtype=np.int64),
+                tokens_in=m.tokens_in,
+                output_rel_error=m.output_rel_error if m.has_quality else None,
+                mass_rel_error=m.mass_rel_error if m.has_quality else None))
+        return CompactedLayer(done.layer, heads, done.times.total_seconds)
+
+    def result(self) -> CompactResult:
+        with self._lock:
+            self._result.layers = dict(sorted(self._result.layers.items()))
+            return self._result
 
 
 def _add_summary(into: pb.StreamSummary, s: pb.StreamSummary) -> None:

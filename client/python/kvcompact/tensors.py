@@ -37,15 +37,22 @@ def fill_tensor(msg: Any, a: np.ndarray, dtype: int) -> None:
     msg.data = a.tobytes()
 
 
+def numpy_dtype(dtype: int) -> np.dtype:
+    """The numpy dtype a v1 dtype decodes to: bf16 as ml_dtypes.bfloat16."""
+    if dtype == pb.DTYPE_FP16:
+        return np.dtype(np.float16)
+    if dtype == pb.DTYPE_BF16:
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(np.float32)
+
+
 def from_tensor(t: Any) -> np.ndarray:
-    """Decodes a v1.Tensor to numpy (bf16 becomes float32)."""
+    """Decodes a v1.Tensor to numpy in its own dtype (bf16 as ml_dtypes.bfloat16, two bytes per
+    value like the wire; `.astype(np.float32)` widens it)."""
     shape = tuple(t.shape)
-    if t.dtype == pb.DTYPE_FP16:
-        return np.frombuffer(t.data, dtype=np.float16).reshape(shape)
-    if t.dtype == pb.DTYPE_BF16:
-        raw = np.frombuffer(t.data, dtype=np.uint16).astype(np.uint32) << 16
-        return raw.view(np.float32).reshape(shape)
-    return np.frombuffer(t.data, dtype=np.float32).reshape(shape)
+    return np.frombuffer(t.data, dtype=numpy_dtype(t.dtype if t.dtype else pb.DTYPE_FP32)).reshape(shape)
 
 
 def dtype_size(dtype: int) -> int:

@@ -70,9 +70,10 @@ def test_half_precision_in_and_bf16_out(server_address):
     with Client(server_address) as client:
         result = client.compact(layers, ratio=8, output_dtype="bf16")
     head = result.layers[0].heads[0]
-    assert head.keys.dtype == np.float32  # bf16 decoded
+    assert head.keys.dtype.name == "bfloat16" and head.keys.itemsize == 2  # as asked, not widened
+    assert head.values.dtype.name == "bfloat16" and head.beta.dtype == np.float32
     sent = layers[0].keys[0][head.indices].astype(np.float32)
-    assert np.allclose(head.keys, sent, rtol=1e-2, atol=1e-2)
+    assert np.allclose(head.keys.astype(np.float32), sent, rtol=1e-2, atol=1e-2)
 
 
 def test_parallel_streams_match_one_stream(server_address):
@@ -114,6 +115,79 @@ def test_compact_convenience_with_stacked_arrays(server_address):
     assert [len(l.heads) for l in result.layers.values()] == [2, 2, 2]
     assert all(h.keys.shape == (16, 64) for l in result.layers.values() for h in l.heads)
     assert result.summary.backend in ("cpu", "cuda")
+
+
+def test_bad_option_names_raise_value_error_listing_the_choices(server_address):
+    with Client(server_address) as client:
+        for option, value in (("method", "amm"), ("score", "median"), ("output_dtype", "fp8"), ("allocation", "even")):
+            with pytest.raises(ValueError) as err:
+                client.compact(make_layers(num_layers=1), ratio=8, **{option: value})
+            assert repr(value) in str(err.value) and "one of" in str(err.value)
+
+
+def test_missing_queries_raise_before_sending(server_address):
+    layers = make_layers(num_layers=2)
+    layers[1].queries = None
+    with Client(server_address) as client:
+        for method in ("am", "h2o", "am_omp"):
+            with pytest.raises(ValueError, match="needs reference queries"):
+                client.compact(layers, ratio=8, method=method)
+        with pytest.raises(ValueError, match="needs reference queries"):
+            client.compact(iter(layers), ratio=8, num_layers=2)  # streamed: refused when layer 1 comes
+        result = client.compact(layers, ratio=8, method="streaming_llm")  # query-free: fine
+    assert sorted(result.layers) == [0, 1] and not result.errors
+
+
+def test_layers_from_a_generator_match_a_list(server_address):
+    layers = make_layers(num_layers=4, tokens=256, queries=128, seed=8)
+    produced = []
+
+    def engine():  # yields each layer as it is "computed"
+        for layer in layers:
+            produced.append(layer.index)
+            yield layer
+
+    with Client(server_address) as one, Client(server_address, streams=2) as two:
+        a = one.compact(layers, ratio=8)
+        b = two.compact(engine(), ratio=8, num_layers=4)
+        with pytest.raises(ValueError, match="num_layers"):
+            one.compact(iter(layers), ratio=8)
+    assert produced == [0, 1, 2, 3] and sorted(b.layers) == [0, 1, 2, 3]
+    for i in a.layers:
+        for ha, hb in zip(a.layers[i].heads, b.layers[i].heads):
+            assert np.array_equal(ha.indices, hb.indices) and np.array_equal(ha.values, hb.values)
+
+
+def test_asyncio_client_matches_the_blocking_one(server_address):
+    import asyncio
+
+    from kvcompact.aio import AsyncClient
+
+    layers = make_layers(num_layers=3, tokens=256, queries=128, seed=9)
+
+    async def agen():
+        for layer in layers:
+            await asyncio.sleep(0)
+            yield layer
+
+    async def main():
+        async with AsyncClient(server_address, streams=2) as client:
+            info = await client.info()
+            from_list = await client.compact(layers, ratio=8)
+            from_agen = await client.compact(agen(), ratio=8, num_layers=3)
+            with pytest.raises(CompactError) as err:
+                await client.compact(layers, ratio=0)
+            return info, from_list, from_agen, err.value
+
+    info, from_list, from_agen, error = asyncio.run(main())
+    assert info.backend in ("cpu", "cuda") and error.code.name == "INVALID_ARGUMENT"
+    with Client(server_address) as client:
+        ref = client.compact(layers, ratio=8)
+    for got in (from_list, from_agen):
+        assert sorted(got.layers) == [0, 1, 2]
+        for i in ref.layers:
+            for hr, hg in zip(ref.layers[i].heads, got.layers[i].heads):
+                assert np.array_equal(hr.indices, hg.indices) and np.array_equal(hr.beta, hg.beta)
 
 
 def test_messages_stay_under_the_limit():

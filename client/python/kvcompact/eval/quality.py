@@ -206,6 +206,53 @@ def run_quality(model, client, args, rng, rows: list[Row], progress) -> None:
                 progress(f"quality article {a_index} {method} {ratio}x")
 
 
+def candidate_logprobs(model, cache: KVCache, suffix: list[int], candidates: list[str]) -> np.ndarray:
+    """Summed log p(candidate tokens | cache, suffix) for each candidate (the suffix read once)."""
+    c = cache.copy()
+    last = model.forward(suffix, c)[-1].astype(np.float64)
+    first = last - last.max() - np.log(np.exp(last - last.max()).sum())
+    out = []
+    for text in candidates:
+        toks = model.tokenizer.encode(" " + text)
+        lp = first[toks[0]]
+        if len(toks) > 1:
+            lp += float(model.log_probs(toks, c.copy()).sum())
+        out.append(lp)
+    return np.array(out)
+
+
+def run_facts(model, client, args, rng, rows: list[Row], progress) -> None:
+    """Dense-fact retrieval (kvcompact.eval.facts): per item, whether the right candidate ranks first
+    (task 'facts') and the loss in its summed log-probability against the full context (task
+    'facts_logp', nats; 0 is lossless)."""
+    from kvcompact.eval import facts
+
+    count = lambda text: len(model.tokenizer.encode(text))  # noqa: E731
+    for length in args.facts_lengths:
+        for family in args.facts_families:
+            for k in range(args.facts):
+                item = facts.make_item(args.seed * 1000 + k, family, length, count)
+                prefix = prefill(model, chat_prefix(model, item.document, length + 64), args.queries_per_head)
+                suffix = chat_suffix(model, item.question) + model.tokenizer.encode(item.lead)
+                prefix.question = suffix
+                empty = prefill(model, chat_prefix(model, "", length + 64), args.queries_per_head)
+                name = f"facts {family} len={len(prefix.tokens)} #{k} depth={item.depth:.2f}"
+                full = candidate_logprobs(model, prefix.cache, suffix, item.candidates)
+
+                def record(method: str, ratio: float, lp: np.ndarray, *extra) -> None:
+                    rows.append(Row("facts", name, method, ratio, float(np.argmax(lp) == 0), *extra))
+                    rows.append(Row("facts_logp", name, method, ratio, float(full[0] - lp[0]), *extra))
+
+                record("full", 1, full, float("nan"), 0.0, prefix.cache.entries())
+                record("no_context", 0, candidate_logprobs(model, empty.cache, suffix, item.candidates))
+                for method in args.methods:
+                    for ratio in args.ratios:
+                        cache, secs, err, capture = compacted(prefix, client, method, ratio, length + 64)
+                        record(method, ratio, candidate_logprobs(model, cache, suffix, item.candidates), err, secs,
+                               cache.entries(), capture)
+                        progress(f"facts {family} {k} {method} {ratio}x")
+
+
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? Answer with the number only."
 
@@ -323,6 +370,11 @@ def write_report(rows: list[Row], args, out: str, wall: float) -> None:
     table("quality", "Change in log-perplexity of the full-context answers (nats per token, lower is better)",
           "{:+.3f}", lambda v: float(np.mean(v)))
     paired_against_first(rows, methods, args.ratios, lines)
+    se = lambda v: float(np.std(v, ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")  # noqa: E731
+    table("facts", "Dense-fact retrieval accuracy (right candidate of six ranked first; mean +- s.e.)", "{}",
+          lambda v: f"{np.mean(v):.0%} +- {se(v):.0%}")
+    table("facts_logp", "Dense facts: loss in the right answer's log-probability against the full context "
+          "(nats, mean +- s.e.; 0 is lossless)", "{}", lambda v: f"{np.mean(v):+.2f} +- {se(v):.2f}")
     table("needle", "Pass-key retrieval accuracy", "{:.0%}", lambda v: float(np.mean(v)))
     needle_by_length(rows, methods, lines)
     lines.extend(["## Held-out attention-output error reported by the service (mean over heads and items)", "",
@@ -417,6 +469,9 @@ def main(argv: list[str] | None = None) -> None:
                          "optionally with options: am:ridge=1e-3, am:queries=repeat "
                          "(query sources: context, repeat, self_study, joined by +; default self_study for am, "
                          "context for the baselines)")
+    ap.add_argument("--facts", type=int, default=0, help="dense-fact items per family and length (0: none)")
+    ap.add_argument("--facts-lengths", type=int, nargs="*", default=[1024], help="dense-fact document tokens")
+    ap.add_argument("--facts-families", nargs="*", default=["records", "ledger", "labs", "agents"])
     ap.add_argument("--needle-lengths", type=int, nargs="*", default=[1024, 2048])
     ap.add_argument("--needle-depths", type=float, nargs="*", default=[0.1, 0.5, 0.9])
     ap.add_argument("--seed", type=int, default=0)
@@ -431,7 +486,8 @@ def main(argv: list[str] | None = None) -> None:
     model = GemmaModel() if args.model == "gemma3" else LlamaModel()
     args.model_name = model.name
     rows: list[Row] = []
-    total = args.articles * len(args.methods) * len(args.ratios) + \
+    total = (args.articles + args.facts * len(args.facts_lengths) * len(args.facts_families)) * len(args.methods) * \
+        len(args.ratios) + \
         len(args.needle_lengths) * len(args.needle_depths) * len(args.methods) * len(args.ratios)
     try:
         from tqdm import tqdm
@@ -450,6 +506,8 @@ def main(argv: list[str] | None = None) -> None:
         args.backend = client.info().backend
         if args.articles:
             run_quality(model, client, args, rng, rows, progress)
+        if args.facts:
+            run_facts(model, client, args, rng, rows, progress)
         if args.needle_lengths:
             run_needles(model, client, args, rng, rows, progress)
     write_report(rows, args, args.out, time.time() - start)
