@@ -5,8 +5,10 @@
 #                    --build-arg RUNTIME_IMAGE=nvidia/cuda:13.0.1-runtime-ubuntu24.04 \
 #                    --build-arg CUDA_ARCHITECTURES="80;90" .
 # The build stage runs the same install script as CI (scripts/install-deps.sh), so the two agree;
-# the runtime stage gets the binaries, the shared libraries they link that the base image lacks,
-# and the budget profiles. Every flag is an environment variable KVCOMPACT_<FLAG>.
+# the runtime stage installs the distribution packages of the shared libraries the binaries link
+# (scripts/runtime-packages.sh lists them; build and runtime images are the same distribution),
+# then gets the binaries and the budget profiles. Every flag is an environment variable
+# KVCOMPACT_<FLAG>.
 ARG BUILD_IMAGE=debian:12
 ARG RUNTIME_IMAGE=debian:12-slim
 
@@ -17,20 +19,21 @@ RUN /src/scripts/install-deps.sh --build-only && rm -rf /var/lib/apt/lists/*
 COPY . /src
 WORKDIR /src
 RUN scripts/build.sh -DKVCOMPACT_BUILD_TESTS=OFF -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCHITECTURES}" \
- && mkdir -p /out/bin /out/lib /out/profiles \
+ && mkdir -p /out/bin /out/profiles \
  && cp build/server/kvcompact-server build/client/kvcompact /out/bin/ \
  && cp profiles/*.json /out/profiles/ \
- && ldd build/server/kvcompact-server build/client/kvcompact | awk '/=> \//{print $3}' | sort -u \
-    | grep -vE '/(libc|libm|libdl|libpthread|librt|ld-linux[^/]*)\.so|/libcuda\.so|/usr/local/cuda' \
-    | xargs -I{} cp -L {} /out/lib/
+ && scripts/runtime-packages.sh /out/bin/kvcompact-server /out/bin/kvcompact > /out/runtime-packages
 
 FROM ${RUNTIME_IMAGE}
+COPY --from=build /out/runtime-packages /tmp/runtime-packages
+RUN apt-get update \
+ && xargs -a /tmp/runtime-packages apt-get install -y --no-install-recommends \
+ && rm -rf /var/lib/apt/lists/* /tmp/runtime-packages
 COPY --from=build /out/bin/ /usr/local/bin/
-COPY --from=build /out/lib/ /opt/kvcompact/lib/
 COPY --from=build /out/profiles/ /usr/share/kvcompact/profiles/
 # The CUDA runtime image brings cuBLAS and cuSOLVER under /usr/local/cuda; the driver comes from
 # the node (NVIDIA container toolkit).
-ENV LD_LIBRARY_PATH=/opt/kvcompact/lib:/usr/local/cuda/lib64 \
+ENV LD_LIBRARY_PATH=/usr/local/cuda/lib64 \
     KVCOMPACT_LISTEN=0.0.0.0:50051 \
     KVCOMPACT_HEALTH_LISTEN=0.0.0.0:8081 \
     KVCOMPACT_METRICS_LISTEN=0.0.0.0:9464 \

@@ -57,8 +57,10 @@ ABSL_FLAG(double, drain_delay_seconds, 0,
           "On SIGTERM: keep serving (health NOT_SERVING) this long so load balancers stop routing here first");
 ABSL_FLAG(double, shutdown_timeout_seconds, 10, "After the drain delay: time in-flight streams get to finish");
 ABSL_FLAG(bool, warmup, true, "Run a self-test before reporting SERVING");
-ABSL_FLAG(std::string, profiles_dir, KVCOMPACT_DEFAULT_PROFILES_DIR,
-          "Budget profiles (*.json, BudgetProfile) for Allocation.profile; a missing directory loads none");
+ABSL_FLAG(std::string, profiles_dir, "",
+          "Budget profiles (*.json, BudgetProfile) for Allocation.profile; a missing directory loads none. "
+          "Empty: share/kvcompact/profiles beside the binary's folder (an installed server), else the "
+          "repository's profiles/ when the binary runs from its build tree");
 ABSL_FLAG(std::string, log_level, "info", "spdlog level: trace, debug, info, warn, error");
 
 namespace kvcompact::server {

@@ -7,6 +7,7 @@
 #include <climits>
 #include <csignal>
 #include <cstdlib>
+#include <filesystem>
 #include <memory>
 #include <thread>
 
@@ -52,7 +53,24 @@ std::vector<std::string> BuiltInBackends() {
 #endif
 }
 
-std::unique_ptr<Backend> MakeBackend(const std::string& name, int threads, std::string* error) {
+// --profiles_dir, else found from the binary's own location (never a path of the build machine):
+// <prefix>/bin/kvcompact-server -> <prefix>/share/kvcompact/profiles; build/server/kvcompact-server
+// -> the repository's profiles/.
+std::string ProfilesDir() {
+  if (!absl::GetFlag(FLAGS_profiles_dir).empty()) return absl::GetFlag(FLAGS_profiles_dir);
+  std::error_code ec;
+  const std::filesystem::path exe = std::filesystem::read_symlink("/proc/self/exe", ec);
+  if (ec) return "profiles";
+  const std::filesystem::path bin = exe.parent_path();
+  for (const std::filesystem::path& candidate : {bin.parent_path() / "share" / "kvcompact" / "profiles",
+                                                 bin.parent_path().parent_path() / "profiles"}) {
+    if (std::filesystem::is_directory(candidate, ec)) return candidate.string();
+  }
+  return (bin.parent_path() / "share" / "kvcompact" / "profiles").string();
+}
+
+// `fell_back`: set when "auto" wanted CUDA (built in) and got the CPU backend.
+std::unique_ptr<Backend> MakeBackend(const std::string& name, int threads, std::string* error, bool* fell_back) {
   if (name == "cpu") return MakeCpuBackend(threads);
 #ifdef KVCOMPACT_WITH_CUDA
   if (name == "cuda" || name == "auto") {
@@ -71,7 +89,10 @@ std::unique_ptr<Backend> MakeBackend(const std::string& name, int threads, std::
       *error = "backend cuda: " + cuda.status().ToString();
       return nullptr;
     }
-    spdlog::info("no usable CUDA device ({}); using the CPU backend", std::string(cuda.status().message()));
+    spdlog::warn("--backend=auto: no usable CUDA device ({}); running on the CPU backend "
+                 "(kvcompact_backend_fallback = 1; --backend=cuda makes this a start failure)",
+                 std::string(cuda.status().message()));
+    *fell_back = true;
   }
 #endif
   if (name == "auto") return MakeCpuBackend(threads);
@@ -221,7 +242,8 @@ int Run(int argc, char** argv) {
   const int threads = absl::GetFlag(FLAGS_threads) > 0 ? absl::GetFlag(FLAGS_threads)
                                                       : static_cast<int>(std::thread::hardware_concurrency());
   std::string error;
-  std::unique_ptr<Backend> backend = MakeBackend(absl::GetFlag(FLAGS_backend), threads, &error);
+  bool fell_back = false;
+  std::unique_ptr<Backend> backend = MakeBackend(absl::GetFlag(FLAGS_backend), threads, &error, &fell_back);
   if (!backend) {
     spdlog::critical("{}", error);
     return 2;
@@ -229,6 +251,7 @@ int Run(int argc, char** argv) {
   const std::string backend_name(backend->name());
 
   Metrics metrics(kVersion, backend_name);
+  metrics.backend_fallback.Set(fell_back ? 1 : 0);
   std::unique_ptr<MetricsHttpServer> metrics_http;
   if (!absl::GetFlag(FLAGS_metrics_listen).empty()) {
     auto started = MetricsHttpServer::Start(absl::GetFlag(FLAGS_metrics_listen), metrics.registry(),
@@ -260,7 +283,7 @@ int Run(int argc, char** argv) {
   context.memory = &memory;
   context.limits.max_host_memory_bytes = host_memory;
   ProfileRegistry profiles;
-  if (absl::Status s = profiles.LoadDir(absl::GetFlag(FLAGS_profiles_dir)); absl::IsNotFound(s)) {
+  if (absl::Status s = profiles.LoadDir(ProfilesDir()); absl::IsNotFound(s)) {
     spdlog::warn("{}: no budget profiles loaded", std::string(s.message()));
   } else if (!s.ok()) {
     spdlog::critical("budget profiles: {}", std::string(s.message()));
@@ -316,6 +339,8 @@ int Run(int argc, char** argv) {
   grpc::ServerBuilder builder;
   int port = 0;
   builder.AddListeningPort(absl::GetFlag(FLAGS_listen), *credentials, &port);
+  // No SO_REUSEPORT: a second server on a port in use must fail to start, not share the port.
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   ApplyConnectionFlags(builder);
   builder.SetMaxReceiveMessageSize(static_cast<int>(context.limits.max_message_bytes));
   builder.SetMaxSendMessageSize(static_cast<int>(context.limits.max_message_bytes));
@@ -335,6 +360,7 @@ int Run(int argc, char** argv) {
     int health_port = 0;
     ApplyConnectionFlags(health_builder);
     health_builder.AddListeningPort(absl::GetFlag(FLAGS_health_listen), grpc::InsecureServerCredentials(), &health_port);
+    health_builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
     health_server = health_builder.BuildAndStart();
     if (!health_server || health_port == 0) {
       spdlog::critical("cannot listen on {}", absl::GetFlag(FLAGS_health_listen));

@@ -47,6 +47,7 @@ Metrics::Metrics(const std::string& version, const std::string& backend)
       tokens_out(BuildCounter().Name("kvcompact_tokens_out_total").Help("Compacted entries returned (summed over heads)").Register(*registry_).Add({})),
       streams_started(BuildCounter().Name("kvcompact_streams_total").Help("Compact streams opened").Register(*registry_).Add({})),
       fallback_heads(BuildCounter().Name("kvcompact_fallback_heads_total").Help("Heads whose fit was not finite or beyond the output dtype's range and fell back to plain selection").Register(*registry_).Add({})),
+      backend_fallback(BuildGauge().Name("kvcompact_backend_fallback").Help("1 when --backend=auto found no usable CUDA device and runs on the CPU backend").Register(*registry_).Add({})),
       streams_in_flight(Gauge(*registry_, "kvcompact_streams_in_flight", "Compact streams open now")),
       queue_depth(Gauge(*registry_, "kvcompact_queue_depth", "Layers waiting for the worker")),
       serving(Gauge(*registry_, "kvcompact_serving", "1 while the health service reports SERVING, else 0")),

@@ -37,6 +37,7 @@ class Metrics {
   prometheus::Counter& tokens_out;
   prometheus::Counter& streams_started;
   prometheus::Counter& fallback_heads;        // fits replaced by selection (non-finite or out of range)
+  prometheus::Gauge& backend_fallback;        // 1: --backend=auto found no usable CUDA device, runs on the CPU
   prometheus::Gauge& streams_in_flight;
   prometheus::Gauge& queue_depth;
   prometheus::Gauge& serving;                 // 1 while health says SERVING

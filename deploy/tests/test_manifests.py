@@ -174,6 +174,33 @@ def test_dashboard_and_rules_use_only_exported_series():
     assert len(used) >= 20  # the dashboard covers most of the metric set
 
 
+def unit_class(expr):
+    """What a panel query measures, from its metric families: a ratio, bytes, seconds, a per-second
+    rate, CPU cores, or a count."""
+    if "tokens_in_total" in expr and "tokens_out_total" in expr and "/" in expr:
+        return "ratio"
+    if "cpu_seconds_total" in expr:
+        return "cores"
+    fam = min(families_in(expr) or {"up"})
+    if "histogram_quantile" in expr:
+        return "bytes" if fam.endswith("_bytes") else "seconds" if fam.endswith("_seconds") else fam
+    if "rate(" in expr:
+        return "per second"
+    return "bytes" if fam.endswith("_bytes") else "count"
+
+
+def test_dashboard_panels_give_each_unit_its_own_axis():
+    """A panel that plots two kinds of quantity sets the unit (and a second axis) of the others
+    by an override, so no axis mixes units."""
+    dashboard = json.load(open(os.path.join(ROOT, "deploy", "grafana", "kvcompact.json")))
+    for panel in dashboard["panels"]:
+        by_ref = {t["refId"]: unit_class(t["expr"]) for t in panel["targets"]}
+        overridden = {o["matcher"]["options"] for o in panel["fieldConfig"].get("overrides", [])
+                      if o["matcher"]["id"] == "byFrameRefID" and any(p["id"] == "unit" for p in o["properties"])}
+        left = {c for r, c in by_ref.items() if r not in overridden}
+        assert len(left) <= 1, f"{panel['title']}: one axis mixes {sorted(left)}"
+
+
 if __name__ == "__main__" and sys.argv[1:] == ["--write-prometheusrule"]:
     groups = yaml.safe_load(open(os.path.join(ROOT, "deploy", "prometheus", "rules.yaml")))["groups"]
     path = os.path.join(K8S, "prometheusrule.yaml")
@@ -196,6 +223,35 @@ def test_dockerfile_shares_the_ci_install_script_and_runs_unprivileged():
     health_port = env["KVCOMPACT_HEALTH_LISTEN"].rsplit(":", 1)[1]
     assert f"--server=127.0.0.1:{health_port}" in text, "HEALTHCHECK asks the plaintext health port"
     assert f"/out/profiles/ {env['KVCOMPACT_PROFILES_DIR']}/" in text, "the profiles directory is in the image"
+    runtime = text[text.rindex("\nFROM "):]
+    assert "scripts/runtime-packages.sh" in text and re.search(r"apt-get install", runtime), \
+        "the runtime stage installs the libraries' packages"
+    assert "ldd" not in text and "/opt/kvcompact/lib" not in text, "no library files copied by hand"
     deployment = next(d for n, d in documents() if n == "deployment.yaml")
     image = deployment["spec"]["template"]["spec"]["containers"][0]["image"]
     assert image.endswith("-cuda") and "kvcompact:0.1.0-cuda" in text, "the manifest names the CUDA variant the Dockerfile documents"
+
+
+def test_runtime_packages_name_the_servers_libraries():
+    binary = os.path.join(ROOT, "build", "server", "kvcompact-server")
+    if not os.path.exists(binary) or shutil.which("dpkg") is None:
+        pytest.skip("needs the built server and dpkg")
+    out = subprocess.run([os.path.join(ROOT, "scripts", "runtime-packages.sh"), binary], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    packages = out.stdout.split()
+    assert any(p.startswith("libgrpc++") for p in packages) and any(p.startswith("libprotobuf") for p in packages), packages
+    assert not any(p.startswith("libc6") for p in packages), "libc comes with every base image"
+
+
+def test_the_hpa_metric_has_an_adapter_rule():
+    """The HPA's pods metric only exists through prometheus-adapter: the shipped rule serves it
+    under that name from an exported series, per namespace and pod."""
+    hpa = next(d for n, d in documents() if n == "hpa.yaml")
+    names = {m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"}
+    rules = yaml.safe_load(open(os.path.join(ROOT, "deploy", "prometheus", "adapter-rules.yaml")))["rules"]
+    served = {r["name"]["as"]: r for r in rules}
+    assert names and names <= set(served), (names, set(served))
+    for name in names:
+        rule = served[name]
+        assert families_in(rule["seriesQuery"]) <= exported_families()
+        assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}
