@@ -76,3 +76,27 @@ def test_subsample_and_combine():
     rows0 = {tuple(r) for r in both[0][0]}
     assert all(tuple(r) in rows0 for r in picked[0][0])
     assert rq.subsample(a, 50, rng) is a
+
+
+def test_surprisal_matches_teacher_forced_log_probs(model, prefix):
+    head, doc = prefix
+    _, _, nats = rq.context_prefill(model, head + doc, surprisal=True)
+    want = -model.log_probs(head + doc, model.new_cache())
+    assert nats.shape == (len(head + doc),) and nats[0] == 0
+    np.testing.assert_allclose(nats[1:], want, rtol=1e-4, atol=1e-4)
+
+
+def test_detail_positions_pick_the_queries_before_the_least_predictable_tokens(model, prefix):
+    nats = np.array([0.0, 0.1, 5.0, 0.2, 0.3, 9.0, 0.1, 0.0])
+    # Position j predicts token j + 1: tokens 5 and 2 are the surprising ones.
+    assert list(rq.detail_positions(nats, share=2 / 7)) == [1, 4]
+    head, doc = prefix
+    cache, _, s = rq.context_prefill(model, head + doc, surprisal=True)
+    positions = rq.detail_positions(s[len(head):], 0.25)
+    every = rq.repeat_prefill(model, cache, doc)
+    some = rq.repeat_prefill(model, cache, doc, positions=positions)
+    c = model.config
+    group = c.num_heads // c.num_kv_heads
+    for l in (0, c.num_layers - 1):
+        want = every[l].reshape(c.num_kv_heads, group, len(doc), c.head_dim)[:, :, positions]
+        np.testing.assert_array_equal(some[l], want.reshape(c.num_kv_heads, group * len(positions), c.head_dim))

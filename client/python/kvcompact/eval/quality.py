@@ -51,6 +51,7 @@ class Prefix:
     pools: dict = field(default_factory=dict)  # source -> per-layer [kv, m, d]
     capture_seconds: dict = field(default_factory=dict)  # source -> seconds it took to capture
     question: Optional[list[int]] = None  # the one question asked of this context (needles), if known
+    surprisal: Optional[np.ndarray] = None  # per token, from the context's prefill
 
     def queries(self, source: str) -> list[np.ndarray]:
         """Queries from `source` ('context', 'repeat', 'self_study', 'question', or several joined
@@ -64,6 +65,13 @@ class Prefix:
                 span = self.tokens[SINK_TOKENS:]
                 if name == "repeat":
                     self.pools[name] = rq.repeat_prefill(self.model, self.cache, span)
+                elif name.startswith("repeat_detail"):  # repeat_detail or repeat_detail@0.1 (share)
+                    share = float(name.split("@")[1]) if "@" in name else 0.25
+                    if "repeat" not in self.pools:
+                        self.pools["repeat"] = rq.repeat_prefill(self.model, self.cache, span)
+                    positions = rq.detail_positions(self.surprisal[SINK_TOKENS:], share)
+                    self.pools[name] = rq.select_positions(self.pools["repeat"], len(span), positions,
+                                                           self.model.config.num_heads // self.model.config.num_kv_heads)
                 elif name == "self_study":
                     self.pools[name] = rq.self_study(self.model, self.cache)
                 elif name == "question":
@@ -72,7 +80,8 @@ class Prefix:
                                          "(the needle task)")
                     _, self.pools[name] = self.model.forward(self.question, self.cache.copy(), capture_queries=True)
                 else:
-                    raise ValueError(f"unknown query source {name!r} (context, repeat, self_study, question)")
+                    raise ValueError(f"unknown query source {name!r} (context, repeat, repeat_detail[@share], "
+                                     "self_study, question)")
                 self.capture_seconds[name] = time.time() - start
             parts.append(self.pools[name])
         return rq.subsample(rq.combine(*parts), self.queries_per_head, np.random.default_rng(0))
@@ -107,8 +116,8 @@ def chat_suffix(model: LlamaModel, question: str) -> list[int]:
 
 
 def prefill(model: LlamaModel, tokens: list[int], queries_per_head: int) -> Prefix:
-    cache, queries = rq.context_prefill(model, tokens)
-    return Prefix(model, tokens, cache, queries_per_head, {"context": queries})
+    cache, queries, surprisal = rq.context_prefill(model, tokens, surprisal=True)
+    return Prefix(model, tokens, cache, queries_per_head, {"context": queries}, surprisal=surprisal)
 
 
 def answer_logprob(model: LlamaModel, cache: KVCache, suffix: list[int], answer: list[int]) -> float:

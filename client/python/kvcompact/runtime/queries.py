@@ -6,6 +6,9 @@ Every function returns, per layer, the post-RoPE queries pooled per KV head, sha
 - context-prefill: the context's own queries, captured during its prefill (free);
 - repeat-prefill: "Repeat the previous context verbatim." and the context teacher-forced after it:
   queries of tokens that look back at the whole context (one extra prefill);
+- repeat-detail: of those, the queries that predict the context's least predictable tokens (the
+  highest surprisal in the context's own prefill: numbers, names, rare words), the ones that must
+  look back at a detail rather than continue the text;
 - self-study: the model answers prompts about the context; the queries of its answers (slowest,
   closest to what later questions ask of the cache).
 
@@ -47,19 +50,49 @@ def _group(model) -> int:
     return model.config.num_heads // model.config.num_kv_heads
 
 
-def context_prefill(model, tokens: Sequence[int]) -> tuple[KVCache, list[np.ndarray]]:
-    """Prefills `tokens` into a new cache; returns it with the tokens' own queries."""
+def context_prefill(model, tokens: Sequence[int], surprisal: bool = False):
+    """Prefills `tokens` into a new cache; returns it with the tokens' own queries (and, when
+    asked, each token's surprisal -log p(token | tokens before it), 0 for the first)."""
     cache = model.new_cache()
-    _, queries = model.forward(list(tokens), cache, capture_queries=True)
-    return cache, queries
+    logits, queries = model.forward(list(tokens), cache, capture_queries=True)
+    if not surprisal:
+        return cache, queries
+    z = logits[:-1].astype(np.float64)
+    z -= z.max(axis=-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    nats = np.concatenate([[0.0], -logp[np.arange(len(tokens) - 1), np.asarray(tokens[1:])]])
+    return cache, queries, nats
 
 
-def repeat_prefill(model, cache: KVCache, context: Sequence[int]) -> list[np.ndarray]:
-    """Queries of `context` teacher-forced again after the repeat instruction."""
+def detail_positions(surprisal: np.ndarray, share: float = 0.25) -> np.ndarray:
+    """Positions j of a context whose next token is among the `share` least predictable
+    (surprisal[j + 1] highest): in a repeat pass, the query at j must retrieve that token."""
+    nxt = np.asarray(surprisal[1:], dtype=np.float64)
+    keep = max(1, int(round(share * len(nxt))))
+    return np.sort(np.argsort(-nxt, kind="stable")[:keep])
+
+
+def repeat_prefill(model, cache: KVCache, context: Sequence[int], positions: np.ndarray | None = None
+                   ) -> list[np.ndarray]:
+    """Queries of `context` teacher-forced again after the repeat instruction; `positions`
+    (indices into `context`) keeps only those tokens' queries (e.g. detail_positions)."""
     prompt = instruction_tokens(model, REPEAT_PROMPT)
     seq = prompt + list(context)
     _, queries = model.forward(seq, cache.copy(), capture_queries=True)
-    return _keep_last(queries, len(seq), len(context), _group(model))
+    out = _keep_last(queries, len(seq), len(context), _group(model))
+    if positions is None:
+        return out
+    return select_positions(out, len(context), positions, _group(model))
+
+
+def select_positions(queries: list[np.ndarray], n: int, positions: np.ndarray, group: int) -> list[np.ndarray]:
+    """From per-layer [kv, group * n, d] (query-head major), the queries of `positions`."""
+    out = []
+    for q in queries:
+        kv, _, d = q.shape
+        q = q.reshape(kv, group, n, d)[:, :, np.asarray(positions)]
+        out.append(np.ascontiguousarray(q.reshape(kv, group * len(positions), d)))
+    return out
 
 
 def self_study(model, cache: KVCache, prompts: Sequence[str] = SELF_STUDY_PROMPTS, max_new_tokens: int = 64
