@@ -84,7 +84,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--queries", default="repeat", help="AM's reference queries: repeat (one more prefill of the "
                                                         "context) or self_study (the model answers prompts about it)")
     ap.add_argument("--answer-tokens", type=int, default=24)
+    ap.add_argument("--questions", type=int, default=len(QUESTIONS), help="ask the first N questions")
     args = ap.parse_args(argv)
+    questions = QUESTIONS[: max(2, args.questions)]
 
     t0 = step("[1/5] loading SmolLM2-135M-Instruct (GGUF from PyPI, numpy runtime)")
     model = LlamaModel()
@@ -119,8 +121,8 @@ def main(argv: list[str] | None = None) -> None:
                          f"held-out attention error {np.mean(errors):.3f}")
 
     deltas = {key: [] for key in caches}
-    for i, question in enumerate(QUESTIONS, 1):
-        t0 = step(f"[5/5] question {i}/{len(QUESTIONS)}: answering from the full and the {len(caches)} compacted caches")
+    for i, question in enumerate(questions, 1):
+        t0 = step(f"[5/5] question {i}/{len(questions)}: answering from the full and the {len(caches)} compacted caches")
         suffix = tok.encode("\n\n" + question + model.reply_prefix)
         answer = model.generate(suffix, cache.copy(), max_new_tokens=args.answer_tokens)
         full_lp = float(model.log_probs(suffix + answer, cache.copy())[len(suffix) - 1:].mean())
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
         done(t0)
         print("\n".join(lines), flush=True)
 
-    print(f"\nMeasured in this run ({len(QUESTIONS)} questions; change in log-probability per token of the "
+    print(f"\nMeasured in this run ({len(questions)} questions; change in log-probability per token of the "
           "full-context answers, mean +- s.e.; 0 = as good as the full cache, lower is better):")
     print(f"  {'method':9s} {'ratio':>5s} {'cache KiB':>10s} {'compact s':>10s} {'attn err':>9s} {'delta log-ppl':>16s}")
     print(f"  {'full':9s} {1:5g} {kib(cache.entries(), cfg.head_dim):10,.0f} {'-':>10s} {'-':>9s} {'0':>16s}")

@@ -87,3 +87,20 @@ def test_am_compaction_keeps_answers_likely_with_logical_positions(model, contex
             deltas[method] = full - model.log_probs([ctx[-1]] + answer, cache).mean()
     assert deltas["am"] < deltas["recent"], deltas
     assert deltas["am"] < 0.5, deltas
+
+
+def test_demo_reports_each_step_and_what_it_measured(server_address, capsys):
+    from kvcompact import demo
+
+    demo.main(["--server", server_address, "--ratios", "5", "--questions", "2", "--answer-tokens", "4"])
+    out = capsys.readouterr().out
+    for step in range(1, 6):
+        assert f"[{step}/5]" in out
+    assert "Measured in this run (2 questions" in out
+    rows = [l.split() for l in out.splitlines()
+            if l.strip().startswith(("AM ", "H2O-like ")) and not l.split()[1].endswith("x:")]  # the table
+    assert [r[0] for r in rows] == ["AM", "H2O-like"] and all(r[1] == "5" for r in rows)
+    full_kib = float(next(l.split()[2] for l in out.splitlines()
+                          if l.strip().startswith("full ") and l.split()[1] == "1").replace(",", ""))
+    assert all(float(r[2].replace(",", "")) < full_kib / 4 for r in rows)  # 5x smaller, beta included
+    assert "5x: " in out and "paired difference" in out
