@@ -47,3 +47,38 @@ def test_merge_writes_one_report_from_several_runs(tmp_path):
     assert report.count("Command: `python -m kvcompact.eval.quality") == 2
     assert "| am | +0.500 |" in report and "| h2o | +0.700 |" in report
     assert len(json.load(open(out / "results.json"))["rows"]) == 2
+
+
+def word_count(text):
+    return len(text.split())
+
+
+def test_fact_items_ask_one_stated_fact_with_distractors_in_and_out_of_the_document():
+    from kvcompact.eval import facts
+
+    for family in facts.FAMILIES:
+        for seed in range(4):
+            item = facts.make_item(seed, family, 300, word_count)
+            assert 300 <= word_count(item.document) <= 480, family  # whole facts, each with its filler
+            right, *others = item.candidates
+            assert len(item.candidates) == 6 and len(set(item.candidates)) == 6
+            assert right in item.document
+            inside = [c for c in others if c in item.document]
+            assert len(inside) >= 2, (family, others)  # two stated for other facts (three never stated)
+            assert item.lead and item.question.endswith("?") and 0 <= item.depth <= 1
+        assert facts.make_item(1, family, 300, word_count) == facts.make_item(1, family, 300, word_count)
+
+
+def test_harness_runs_dense_fact_retrieval(server_address, tmp_path, data_dir):
+    quality.main(["--server", server_address, "--out", str(tmp_path), "--data", data_dir, "--articles", "0",
+                  "--facts", "1", "--facts-families", "ledger", "--facts-lengths", "200", "--ratios", "4",
+                  "--methods", "am:queries=repeat_detail", "h2o", "--needle-lengths"])
+    rows = json.load(open(tmp_path / "results.json"))["rows"]
+    for task in ("facts", "facts_logp"):
+        got = {r["method"] for r in rows if r["task"] == task}
+        assert got == {"full", "no_context", "am:queries=repeat_detail", "h2o"}, got
+    assert all(r["value"] in (0.0, 1.0) for r in rows if r["task"] == "facts")
+    assert all(r["value"] == 0 for r in rows if r["task"] == "facts_logp" and r["method"] == "full")
+    assert all(np.isfinite(r["value"]) for r in rows)
+    report = open(tmp_path / "report.md").read()
+    assert "Dense-fact retrieval accuracy" in report and "log-probability against the full context" in report

@@ -86,16 +86,17 @@ def _records(rng, seen):
     name = _unique(rng, lambda: f"{rng.choice(FIRST)} {rng.choice(LAST)}", seen.setdefault("name", set()))
     city, job = str(rng.choice(CITIES)), str(rng.choice(JOBS))
     badge = _unique(rng, lambda: str(int(rng.integers(1000, 9999))), seen.setdefault("badge", set()))
-    forms = [f"{name} is a {job} from {city}; the badge number is {badge}.",
-             f"Badge {badge} belongs to {name}, who works as a {job} in {city}.",
-             f"In {city} lives {name}, a {job}, badge number {badge}.",
-             f"{name} ({job}, {city}) was issued badge number {badge}."]
+    a = "an" if job[0] in "aeiou" else "a"
+    forms = [f"{name} is {a} {job} from {city}; the badge number is {badge}.",
+             f"Badge {badge} belongs to {name}, who works as {a} {job} in {city}.",
+             f"In {city} lives {name}, {a} {job}, badge number {badge}.",
+             f"{name} ({a} {job} in {city}) was issued badge number {badge}."]
     asked = rng.integers(3)
     if asked == 0:
         return Fact(str(rng.choice(forms)), name, badge, f"What is the badge number of {name}?", f"The badge number of {name} is"), "badge"
     if asked == 1:
         return Fact(str(rng.choice(forms)), name, city, f"In which city does {name} live?", f"{name} lives in"), "city"
-    return Fact(str(rng.choice(forms)), name, job, f"What is the job of {name}?", f"{name} works as a"), "job"
+    return Fact(str(rng.choice(forms)), name, f"{a} {job}", f"What is the job of {name}?", f"{name} works as"), "job"
 
 
 def _ledger(rng, seen):
@@ -150,7 +151,14 @@ def make_item(seed: int, family: str, target_tokens: int, count_tokens: Callable
     seen: dict = {}
     facts: list[tuple[Fact, str]] = []
     parts: list[str] = []
-    # Grow in whole facts; the estimate is re-counted every few facts (tokenizing is the cost).
+    # Grow in whole facts (each with its filler) until the document reaches the target and some
+    # fact has at least two others of its kind (the distractors stated in the document).
+    def askable() -> list[int]:
+        by_kind: dict[str, set] = {}
+        for f, kind in facts:
+            by_kind.setdefault(kind, set()).add(f.answer)
+        return [i for i, (f, kind) in enumerate(facts) if len(by_kind[kind] - {f.answer}) >= 2]
+
     while True:
         try:
             fact, kind = make(rng, seen)
@@ -160,15 +168,14 @@ def make_item(seed: int, family: str, target_tokens: int, count_tokens: Callable
         parts.append(fact.sentence)
         for _ in range(int(rng.integers(filler[0], filler[1] + 1))):
             parts.append(_filler(rng))
-        if len(facts) % 4 == 0 and count_tokens(" ".join(parts)) >= target_tokens:
+        if count_tokens(" ".join(parts)) >= target_tokens and askable():
             break
-    # The asked fact: one whose kind has at least five other values in the document.
+    choices = askable()
+    if not choices:
+        raise ValueError(f"no {family} question possible: {len(facts)} facts")
     by_kind: dict[str, list[int]] = {}
     for i, (_, kind) in enumerate(facts):
         by_kind.setdefault(kind, []).append(i)
-    choices = [i for i, (f, kind) in enumerate(facts) if len({facts[j][0].answer for j in by_kind[kind]} - {f.answer}) >= 2]
-    if not choices:
-        raise ValueError(f"document too short for a {family} question: {len(facts)} facts")
     asked = int(rng.choice(choices))
     fact, kind = facts[asked]
     # Two distractors the document states for other facts (the detail must be bound to the right
