@@ -196,6 +196,10 @@ void CompactReactor::HandleHeaderLocked() {
   summary_.set_request_id(plan_->request_id);
   summary_.set_backend(std::string(context_->worker->backend_name()));
   started_ = Clock::now();
+  // Initial metadata acknowledges a valid header before any result exists: a client may wait for
+  // it before sending layers, so that a refused header never races its data (asyncio clients
+  // report a write into a finished call as INTERNAL, hiding the real status).
+  StartSendInitialMetadata();
   spdlog::debug("stream {}: {} layers x {} kv heads, d={} dv={}", plan_->request_id, plan_->num_layers,
                 plan_->num_kv_heads, plan_->head_dim, plan_->value_dim);
 }

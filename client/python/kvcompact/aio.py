@@ -92,26 +92,42 @@ class AsyncClient:
             return layer
 
         async def run(s: int) -> None:
-            async def requests():
+            # Written by a task of its own, read here: when the server ends the call early (a bad
+            # header), writing stops quietly and the status comes from the reading side.
+            call = pb_grpc.KVCompactStub(self._channels[s]).Compact(timeout=timeout, metadata=self._metadata)
+
+            async def write() -> None:
                 first_msg = pb.CompactRequest()
                 first_msg.header.CopyFrom(header)
                 if self.streams > 1:
                     first_msg.header.request_id = f"{header.request_id}/{s}"
-                yield first_msg
                 try:
+                    await call.write(first_msg)
+                    # The server acknowledges a valid header with initial metadata; a refused one
+                    # ends the call instead, and nothing more is written into it.
+                    await call.initial_metadata()
+                    if call.done():
+                        return
                     while (layer := await next_layer()) is not None:
                         for msg in _chunks(layer, self.max_message_bytes):
-                            yield msg
-                except Exception as e:  # noqa: BLE001 -- raised again by compact()
+                            await call.write(msg)
+                    await call.done_writing()
+                except (asyncio.InvalidStateError, grpc.aio.AioRpcError):
+                    return  # the call is over; its status is read below
+                except Exception as e:  # noqa: BLE001 -- a bad layer: raised again by compact()
                     client_errors.append(e)
-                    raise
+                    call.cancel()
 
-            call = pb_grpc.KVCompactStub(self._channels[s]).Compact(requests(), timeout=timeout, metadata=self._metadata)
+            writer = asyncio.create_task(write())
             try:
                 async for resp in call:
                     collector.add(resp)
             except grpc.aio.AioRpcError as e:
+                if client_errors:
+                    return
                 raise CompactError(e.code(), e.details()) from None
+            finally:
+                await writer
 
         streams = min(self.streams, len(layers)) if isinstance(layers, SequenceABC) else self.streams
         outcomes = await asyncio.gather(*(run(s) for s in range(streams)), return_exceptions=True)
