@@ -16,7 +16,7 @@ def test_harness_writes_report_json_and_plots(server_address, tmp_path, data_dir
     quality_rows = [r for r in result["rows"] if r["task"] == "quality" and r["method"] == "am"]
     assert quality_rows and all(np.isfinite(r["value"]) for r in quality_rows)
     assert all(0 < r["entries"] for r in quality_rows)
-    # AM fits self-study queries by default (captured on the client, timed); baselines use the prefill's.
+    # AM fits repeat-prefill + self-study queries by default (captured on the client, timed); baselines use the prefill's.
     assert all(r["capture_seconds"] > 0 for r in quality_rows)
     assert all(r["capture_seconds"] == 0 for r in result["rows"] if r["method"] == "h2o")
     report = open(tmp_path / "report.md").read()

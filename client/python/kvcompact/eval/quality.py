@@ -142,10 +142,10 @@ def method_options(label: str) -> dict:
 
 
 def default_queries(method: str) -> str:
-    """AM fits to self-study queries unless told otherwise (on QuALITY they beat the context's own
-    queries by a wide margin, docs/QUALITY.md); the baselines keep the prefill attention that
-    defines them."""
-    return "self_study" if method.startswith("am") else "context"
+    """AM fits repeat-prefill plus self-study queries unless told otherwise: the one source that
+    beat the best eviction baseline on both QuALITY answers and dense facts at every ratio from 5x
+    to 50x (docs/QUALITY.md); the baselines keep the prefill attention that defines them."""
+    return "repeat+self_study" if method.startswith("am") else "context"
 
 
 SUMMARY_PROMPT = "Summarize the text above in at most {words} words, keeping names, numbers and facts."
@@ -476,7 +476,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--methods", nargs="+", default=["am", "h2o", "snapkv", "recent", "streaming_llm", "random", "summary"],
                     help="service methods (and 'summary', the text-summarization baseline run on the client), "
                          "optionally with options: am:ridge=1e-3, am:queries=repeat "
-                         "(query sources: context, repeat, self_study, joined by +; default self_study for am, "
+                         "(query sources: context, repeat, repeat_detail[@share], self_study, question, joined by +; "
+                         "default repeat+self_study for am, "
                          "context for the baselines)")
     ap.add_argument("--facts", type=int, default=0, help="dense-fact items per family and length (0: none)")
     ap.add_argument("--facts-lengths", type=int, nargs="*", default=[1024], help="dense-fact document tokens")
