@@ -19,6 +19,7 @@
 #include "core/layer.h"
 #include "core/selection.h"
 #include "core/synthetic.h"
+#include "bench/bench_rows.h"
 
 ABSL_FLAG(int, heads, 16, "heads (independent problems) per point");
 ABSL_FLAG(int, tokens, 2048, "T");
@@ -37,12 +38,6 @@ struct Variant {
   bool service = false;   // the service's defaults (HeadOptions 0: ValueRidge, MassPrior)
   bool guard = false;     // and its choice of the better of fit and selection on held-out queries
 };
-
-MatrixF Rows(const MatrixF& m, const std::vector<int32_t>& idx) {
-  MatrixF out(static_cast<Eigen::Index>(idx.size()), m.cols());
-  for (size_t i = 0; i < idx.size(); ++i) out.row(i) = m.row(idx[i]);
-  return out;
-}
 
 // Held-out output error of `variant` for one head: keys chosen by highest attention on fit_q.
 double HeldOutError(const BlockView& block, const MatrixF& fit_q, const MatrixF& eval_q, int64_t t, const Variant& v) {

@@ -17,6 +17,7 @@
 #include "core/method.h"
 #include "core/selection.h"
 #include "core/synthetic.h"
+#include "bench/bench_rows.h"
 
 ABSL_FLAG(int, heads, 8, "heads (independent problems) per point");
 ABSL_FLAG(int, tokens, 4096, "T");
@@ -24,18 +25,6 @@ ABSL_FLAG(int, budget, 400, "t");
 ABSL_FLAG(int, eval, 256, "held-out queries per head");
 ABSL_FLAG(std::vector<std::string>, n_over_t, std::vector<std::string>({"0.25", "0.5", "1", "1.25", "2", "8"}),
           "fitting queries per point, as multiples of t");
-
-namespace kvcompact {
-namespace {
-
-MatrixF Rows(const MatrixF& m, const std::vector<int32_t>& idx) {
-  MatrixF out(static_cast<Eigen::Index>(idx.size()), m.cols());
-  for (size_t i = 0; i < idx.size(); ++i) out.row(i) = m.row(idx[i]);
-  return out;
-}
-
-}  // namespace
-}  // namespace kvcompact
 
 int main(int argc, char** argv) {
   absl::ParseCommandLine(argc, argv);
@@ -76,13 +65,7 @@ int main(int argc, char** argv) {
       const double prior = MassPrior(options, t, DistinctQueryCount(fit_q));
       const double ridge = ValueRidge(options, t, DistinctQueryCount(fit_q));
       const MatrixF selected = Rows(block.values, head.indices);
-      // The same system FitMass builds.
-      const MatrixF phi = (logits.colwise() - fit_stats.row_max).array().exp().matrix();
-      MatrixD gram = (phi.transpose() * phi).cast<double>();
-      VectorD rhs = (phi.transpose() * fit_stats.mass).cast<double>();
-      const double lambda = prior * gram.trace() / t;
-      gram.diagonal().array() += lambda;
-      rhs.array() += lambda;
+      const auto [gram, rhs] = BuildMassSystem(logits, fit_stats.row_max, fit_stats.mass, prior);
       const BoundedLsqResult full = SolveBoundedLsq(gram, rhs, lo, hi);
       iters.push_back(full.iterations);
       const double f_full = 0.5 * full.w.dot(gram * full.w) - rhs.dot(full.w);

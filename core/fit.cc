@@ -7,16 +7,20 @@
 
 namespace kvcompact {
 
+MassSystem BuildMassSystem(const MatrixF& subset_logits, const VectorF& row_max, const VectorF& mass, double prior) {
+  const MatrixF phi = (subset_logits.colwise() - row_max).array().exp().matrix();
+  MassSystem system{(phi.transpose() * phi).cast<double>(), (phi.transpose() * mass).cast<double>()};
+  if (prior > 0 && system.gram.rows() > 0) {
+    const double lambda = prior * system.gram.trace() / static_cast<double>(system.gram.rows());
+    system.gram.diagonal().array() += lambda;
+    system.rhs.array() += lambda;  // lambda * 1: the pull toward w = 1
+  }
+  return system;
+}
+
 MassFitResult FitMass(const MatrixF& subset_logits, const VectorF& row_max, const VectorF& mass,
                       const VectorF& subset_bias, double w_lo, double w_hi, double prior) {
-  const MatrixF phi = (subset_logits.colwise() - row_max).array().exp().matrix();
-  MatrixD gram = (phi.transpose() * phi).cast<double>();
-  VectorD rhs = (phi.transpose() * mass).cast<double>();
-  if (prior > 0 && gram.rows() > 0) {
-    const double lambda = prior * gram.trace() / static_cast<double>(gram.rows());
-    gram.diagonal().array() += lambda;
-    rhs.array() += lambda;  // lambda * 1: the pull toward w = 1
-  }
+  const auto [gram, rhs] = BuildMassSystem(subset_logits, row_max, mass, prior);
   MassFitResult result;
   const auto start = std::chrono::steady_clock::now();
   result.solver = SolveBoundedLsq(gram, rhs, w_lo, w_hi, MassFitSolverOptions());

@@ -25,6 +25,14 @@ inline BoundedLsqOptions MassFitSolverOptions() {
   return options;
 }
 
+// The normal equations of the mass fit, G = Phi^T Phi and c = Phi^T m with Phi = exp(L - M),
+// plus `prior` * mean(diag(G)) * ||w - 1||^2 (the pull toward selection's w = 1).
+struct MassSystem {
+  MatrixD gram;
+  VectorD rhs;
+};
+MassSystem BuildMassSystem(const MatrixF& subset_logits, const VectorF& row_max, const VectorF& mass, double prior);
+
 struct MassFitResult {
   VectorF beta;             // t
   BoundedLsqResult solver;  // w and convergence figures

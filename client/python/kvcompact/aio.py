@@ -17,7 +17,8 @@ from typing import AsyncIterable, AsyncIterator, Callable, Iterable, Optional, U
 import grpc
 import grpc.aio
 
-from kvcompact.client import (CompactError, _check_layer, _chunks, _Collector, _open_channel, make_header)
+from kvcompact.client import (CompactError, _check_layer, _chunks, _Collector, _open_channel, _security,
+                              make_header)
 from kvcompact.proto import pb, pb_grpc
 from kvcompact.types import CompactedLayer, CompactResult, Layer
 
@@ -43,14 +44,7 @@ class AsyncClient:
         self.target = target
         self.streams = max(1, streams)
         self.max_message_bytes = max_message_bytes
-        credentials = None
-        self._metadata: tuple = ()
-        if root_certificates is not None:
-            credentials = grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
-            if token:
-                credentials = grpc.composite_channel_credentials(credentials, grpc.access_token_call_credentials(token))
-        elif token:
-            self._metadata = (("authorization", f"Bearer {token}"),)
+        credentials, self._metadata = _security(root_certificates, certificate_chain, private_key, token)
         self._channels = [_open_channel(grpc.aio, target, credentials, server_name, i) for i in range(self.streams)]
 
     async def close(self) -> None:

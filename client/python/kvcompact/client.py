@@ -37,6 +37,18 @@ QUERY_FREE_METHODS = {"recent", "streaming_llm", "random"}
 _OVERHEAD = 16 << 10
 
 
+def _security(root_certificates: Optional[bytes], certificate_chain: Optional[bytes], private_key: Optional[bytes],
+              token: Optional[str]) -> tuple:
+    """(channel credentials or None, call metadata): TLS when root certificates are given, the
+    token as call credentials over TLS, as a bearer header over plaintext."""
+    if root_certificates is None:
+        return None, ((("authorization", f"Bearer {token}"),) if token else ())
+    creds = grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
+    if token:
+        creds = grpc.composite_channel_credentials(creds, grpc.access_token_call_credentials(token))
+    return creds, ()
+
+
 def _open_channel(module, target: str, credentials, server_name: Optional[str], index: int):
     """A channel of `module` (grpc or grpc.aio): no message size limits; `index` keeps the
     channels of parallel streams apart (one TCP connection each)."""
@@ -133,15 +145,7 @@ class Client:
         self.target = target
         self.streams = max(1, streams)
         self.max_message_bytes = max_message_bytes
-        self._credentials = None
-        self._metadata: tuple = ()
-        if root_certificates is not None:
-            creds = grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
-            if token:
-                creds = grpc.composite_channel_credentials(creds, grpc.access_token_call_credentials(token))
-            self._credentials = creds
-        elif token:
-            self._metadata = (("authorization", f"Bearer {token}"),)
+        self._credentials, self._metadata = _security(root_certificates, certificate_chain, private_key, token)
         self._server_name = server_name
         self._channels = [self._channel(i) for i in range(self.streams)]
 
