@@ -26,6 +26,7 @@ ABSL_FLAG(std::string, method, "am", "method name");
 ABSL_FLAG(uint32_t, omp_keys_per_step, 0, "OMP methods: k (0: the method's)");
 ABSL_FLAG(double, omp_progressive, 0, "OMP methods: progressive schedule fraction (0: off)");
 ABSL_FLAG(bool, allow_tf32, false, "TF32 tensor-op math in cuBLAS");
+ABSL_FLAG(int, mass_fit_iterations, 0, "the mass fit's iteration bound (0: the service's, kMassFitMaxIterations)");
 ABSL_FLAG(uint32_t, distinct, 2, "distinct generated layers, reused round-robin");
 ABSL_FLAG(double, holdout, 0.1, "held-out share of queries");
 ABSL_FLAG(bool, prefetch, true, "hand the next layer to Backend::Prefetch before each layer, as the server's worker does");
@@ -36,6 +37,7 @@ int main(int argc, char** argv) {
   using Clock = std::chrono::steady_clock;
   kernels::CudaBackendOptions options;
   options.allow_tf32 = absl::GetFlag(FLAGS_allow_tf32);
+  options.mass_fit_max_iterations = absl::GetFlag(FLAGS_mass_fit_iterations);
   auto backend = kernels::MakeCudaBackend(options);
   if (!backend.ok()) {
     fprintf(stderr, "%s\n", backend.status().ToString().c_str());

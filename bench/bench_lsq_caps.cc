@@ -1,7 +1,7 @@
 // The mass fit's bounded NNLS under iteration caps, across n_fit / t: how many iterations the
 // projected Newton method takes to converge, and how much of the objective and of the held-out
 // output error an early stop gives up. The basis for BoundedLsqOptions::max_iterations.
-//   bench_lsq_caps [--heads=8] [--tokens=4096] [--budget=400] [--eval=256]
+//   bench_lsq_caps [--heads=8] [--tokens=4096] [--budget=400] [--eval=256] [--caps=5,10,12]
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -23,6 +23,8 @@ ABSL_FLAG(int, heads, 8, "heads (independent problems) per point");
 ABSL_FLAG(int, tokens, 4096, "T");
 ABSL_FLAG(int, budget, 400, "t");
 ABSL_FLAG(int, eval, 256, "held-out queries per head");
+ABSL_FLAG(std::vector<std::string>, caps, std::vector<std::string>({"5", "10", "12", "15", "20", "30"}),
+          "iteration caps to compare with 200 iterations");
 ABSL_FLAG(std::vector<std::string>, n_over_t, std::vector<std::string>({"0.25", "0.5", "1", "1.25", "2", "8"}),
           "fitting queries per point, as multiples of t");
 
@@ -31,7 +33,9 @@ int main(int argc, char** argv) {
   using namespace kvcompact;
   const int heads = absl::GetFlag(FLAGS_heads), T = absl::GetFlag(FLAGS_tokens), t = absl::GetFlag(FLAGS_budget),
             n_eval = absl::GetFlag(FLAGS_eval);
-  const std::vector<int> caps = {5, 10, 12, 15, 20, 30, 200};
+  std::vector<int> caps;
+  for (const std::string& c : absl::GetFlag(FLAGS_caps)) caps.push_back(std::stoi(c));
+  caps.push_back(200);  // the reference every gap is measured against
   std::vector<double> n_over_t;
   for (const std::string& r : absl::GetFlag(FLAGS_n_over_t)) n_over_t.push_back(std::stod(r));
   printf("bench_lsq_caps: T=%d t=%d, %d heads per point; held-out output error at each iteration cap "

@@ -530,7 +530,9 @@ absl::Status CudaBackend::FitMass(const std::vector<int64_t>& heads, int64_t nf,
     }
     const auto solve_start = Clock::now();
     std::vector<LsqOutcome> outcomes;
-    if (auto s = lsq_->Solve(MassFitSolverOptions(), &outcomes); !s.ok()) return s;
+    BoundedLsqOptions solver = MassFitSolverOptions();
+    if (options_.mass_fit_max_iterations > 0) solver.max_iterations = options_.mass_fit_max_iterations;
+    if (auto s = lsq_->Solve(solver, &outcomes); !s.ok()) return s;
     for (size_t k = first; k < last; ++k) {
       const int64_t h = heads[k], t = sizes[k - first];
       std::vector<double> w(t);

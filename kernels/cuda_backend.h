@@ -18,6 +18,8 @@ struct CudaBackendOptions {
   // Bound on the backend's device memory; a layer that would exceed it is compacted in groups of
   // heads. 0: 90% of the device memory free at start-up.
   size_t memory_limit_bytes = 0;
+  // The mass fit's iteration bound; 0: kMassFitMaxIterations (core/fit.h). For benchmarks only.
+  int mass_fit_max_iterations = 0;
 };
 
 // Device bytes the backend needs to compact `heads` heads of this job's shape at once, as a part

@@ -396,7 +396,8 @@ TEST(CompactHead, AmHeldOutErrorBelowEvictionBaselinesOnSyntheticHeads) {
 }
 
 // With fewer fitting queries than keys the mass fit's bounded NNLS can need 100+ Newton steps; it
-// stops at kMassFitMaxIterations, says so, and the result stays close to the converged one.
+// stops at kMassFitMaxIterations, says so, and returns finite weights (how close they stay to the
+// converged ones is bench_lsq_caps's measurement).
 TEST(CompactHead, MassFitStopsAtItsIterationBoundAndSaysSo) {
   SyntheticShape shape;
   shape.heads = 4;

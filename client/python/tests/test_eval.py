@@ -82,3 +82,12 @@ def test_harness_runs_dense_fact_retrieval(server_address, tmp_path, data_dir):
     assert all(np.isfinite(r["value"]) for r in rows)
     report = open(tmp_path / "report.md").read()
     assert "Dense-fact retrieval accuracy" in report and "log-probability against the full context" in report
+
+
+def test_probe_finds_every_run_of_tokens_that_spells_the_span():
+    from kvcompact.eval.probe import span_positions
+
+    pieces = ["The", " key", " is", " ", "4", "8", "2", ".", " 48", "2", " is", " 4", "82", "1"]
+    assert span_positions(pieces, "482") == [4, 5, 6, 8, 9, 11, 12]
+    assert span_positions(pieces, "4821") == [11, 12, 13]
+    assert span_positions(pieces, "999") == []
