@@ -32,13 +32,9 @@ __device__ void MergeMaxSum(float& m, float& s, float m2, float s2) {
   m = mx;
 }
 
-__global__ void RowSoftmaxStatsKernel(float* logits, int64_t cols, const float* bias, int64_t rows_per_head,
-                                      int64_t bias_stride, float* row_max, float* mass, int64_t out_head_stride) {
-  __shared__ float shared_m[32], shared_s[32];
-  const int64_t row = blockIdx.x;
-  const int64_t head = row / rows_per_head, within = row % rows_per_head;
-  float* x = logits + row * cols;
-  const float* b = bias ? bias + head * bias_stride : nullptr;
+// (max, sum exp(x - max)) of one row of x (+ b), reduced over the block; every thread gets it.
+__device__ void RowMaxSum(const float* x, const float* b, int64_t cols, float* shared_m, float* shared_s, float& m_out,
+                          float& s_out) {
   float m = -FLT_MAX, s = 0.f;
   for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
     const float v = b ? x[j] + b[j] : x[j];
@@ -66,8 +62,19 @@ __global__ void RowSoftmaxStatsKernel(float* logits, int64_t cols, const float* 
     }
   }
   __syncthreads();
-  m = shared_m[0];
-  s = shared_s[0];
+  m_out = shared_m[0];
+  s_out = shared_s[0];
+}
+
+__global__ void RowSoftmaxStatsKernel(float* logits, int64_t cols, const float* bias, int64_t rows_per_head,
+                                      int64_t bias_stride, float* row_max, float* mass, int64_t out_head_stride) {
+  __shared__ float shared_m[32], shared_s[32];
+  const int64_t row = blockIdx.x;
+  const int64_t head = row / rows_per_head, within = row % rows_per_head;
+  float* x = logits + row * cols;
+  const float* b = bias ? bias + head * bias_stride : nullptr;
+  float m, s;
+  RowMaxSum(x, b, cols, shared_m, shared_s, m, s);
   const float inv = 1.f / s;
   for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
     const float v = b ? x[j] + b[j] : x[j];
@@ -77,20 +84,54 @@ __global__ void RowSoftmaxStatsKernel(float* logits, int64_t cols, const float* 
   if (threadIdx.x == 0 && mass) mass[head * out_head_stride + within] = s;
 }
 
-__global__ void AccumulateScoresKernel(const float* probs, int64_t rows, int64_t cols, int reduce, float* scores) {
-  const int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  const int64_t h = blockIdx.y;
-  if (j >= cols) return;
-  const float* p = probs + h * rows * cols + j;
-  float acc = scores[h * cols + j];
-  if (reduce == static_cast<int>(ScoreReduceKind::kMax)) {
-    for (int64_t i = 0; i < rows; ++i) acc = fmaxf(acc, p[i * cols]);
-  } else if (reduce == static_cast<int>(ScoreReduceKind::kRms)) {
-    for (int64_t i = 0; i < rows; ++i) acc = fmaf(p[i * cols], p[i * cols], acc);
-  } else {
-    for (int64_t i = 0; i < rows; ++i) acc += p[i * cols];
+// Pass 1 of SoftmaxWithScores: only the row statistics (one read of the row).
+__global__ void RowStatsKernel(const float* logits, int64_t cols, const float* bias, int64_t rows_per_head,
+                               int64_t bias_stride, float* row_max, float* mass, int64_t out_head_stride) {
+  __shared__ float shared_m[32], shared_s[32];
+  const int64_t row = blockIdx.x;
+  const int64_t head = row / rows_per_head, within = row % rows_per_head;
+  float m, s;
+  RowMaxSum(logits + row * cols, bias ? bias + head * bias_stride : nullptr, cols, shared_m, shared_s, m, s);
+  if (threadIdx.x == 0) {
+    row_max[head * out_head_stride + within] = m;
+    mass[head * out_head_stride + within] = s;
   }
-  scores[h * cols + j] = acc;
+}
+
+// Pass 2: a tile of kScoreTileRows rows x blockDim.x columns per block, one column per thread:
+// normalise in place and reduce the tile's rows into the column's score (one atomic per column
+// and tile), so the probabilities are written once and not read again for the scores.
+constexpr int kScoreTileRows = 32;
+
+__global__ void NormalizeAndScoreKernel(float* logits, int64_t rows_per_head, int64_t cols, const float* bias,
+                                        int64_t bias_stride, const float* row_max, const float* mass,
+                                        int64_t out_head_stride, int reduce, float* scores) {
+  __shared__ float tile_m[kScoreTileRows], tile_inv[kScoreTileRows];
+  const int64_t head = blockIdx.z, r0 = int64_t(blockIdx.y) * kScoreTileRows;
+  const int64_t rows = min(int64_t(kScoreTileRows), rows_per_head - r0);
+  if (threadIdx.x < rows) {
+    tile_m[threadIdx.x] = row_max[head * out_head_stride + r0 + threadIdx.x];
+    tile_inv[threadIdx.x] = 1.f / mass[head * out_head_stride + r0 + threadIdx.x];
+  }
+  __syncthreads();
+  const int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j >= cols) return;
+  const float bj = bias ? bias[head * bias_stride + j] : 0.f;
+  float* x = logits + (head * rows_per_head + r0) * cols + j;
+  float acc = 0.f;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float p = expf(x[r * cols] + bj - tile_m[r]) * tile_inv[r];
+    x[r * cols] = p;
+    if (reduce == static_cast<int>(ScoreReduceKind::kMax)) acc = fmaxf(acc, p);
+    else if (reduce == static_cast<int>(ScoreReduceKind::kRms)) acc = fmaf(p, p, acc);
+    else if (reduce == static_cast<int>(ScoreReduceKind::kMean)) acc += p;
+  }
+  if (reduce == static_cast<int>(ScoreReduceKind::kMax)) {
+    // p >= 0: the IEEE bit patterns of non-negative floats order like the floats.
+    atomicMax(reinterpret_cast<int*>(scores + head * cols + j), __float_as_int(acc));
+  } else if (reduce != 0) {
+    atomicAdd(scores + head * cols + j, acc);
+  }
 }
 
 __global__ void FinalizeScoresKernel(float* scores, int64_t count, float inv_n, int reduce) {
@@ -188,11 +229,16 @@ void RowSoftmaxStats(float* logits, int64_t heads, int64_t rows_per_head, int64_
       logits, cols, bias, rows_per_head, bias_stride, row_max, mass, out_head_stride);
 }
 
-void AccumulateScores(const float* probs, int64_t heads, int64_t rows, int64_t cols, ScoreReduceKind reduce,
-                      float* scores, cudaStream_t stream) {
-  if (heads == 0 || cols == 0) return;
-  AccumulateScoresKernel<<<dim3(Blocks(cols), static_cast<unsigned>(heads)), kBlock, 0, stream>>>(
-      probs, rows, cols, static_cast<int>(reduce), scores);
+void SoftmaxWithScores(float* logits, int64_t heads, int64_t rows_per_head, int64_t cols, const float* bias,
+                       int64_t bias_stride, float* row_max, float* mass, int64_t out_head_stride,
+                       std::optional<ScoreReduceKind> reduce, float* scores, cudaStream_t stream) {
+  if (heads * rows_per_head == 0 || cols == 0) return;
+  RowStatsKernel<<<static_cast<unsigned>(heads * rows_per_head), kBlock, 0, stream>>>(
+      logits, cols, bias, rows_per_head, bias_stride, row_max, mass, out_head_stride);
+  const dim3 grid(Blocks(cols), static_cast<unsigned>((rows_per_head + kScoreTileRows - 1) / kScoreTileRows),
+                  static_cast<unsigned>(heads));
+  NormalizeAndScoreKernel<<<grid, kBlock, 0, stream>>>(logits, rows_per_head, cols, bias, bias_stride, row_max, mass,
+                                                       out_head_stride, reduce ? static_cast<int>(*reduce) : 0, scores);
 }
 
 void FinalizeScores(float* scores, int64_t count, int64_t n, ScoreReduceKind reduce, cudaStream_t stream) {

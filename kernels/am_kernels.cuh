@@ -2,13 +2,14 @@
 // row-major fp32, batched over heads with a fixed stride. Each launcher is the one production
 // entry point: the backend, the tests and the benchmarks call these.
 //
-// CPU references (core/): attention.cc (RowSoftmaxStats, AccumulateScores), selection.cc
+// CPU references (core/): attention.cc (RowSoftmaxStats, SoftmaxWithScores), selection.cc
 // (MaxPool1d), fit.cc (ExpShifted, RowSoftmax), compact_head.cc (MeasureErrors: RowSums).
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <optional>
 
 namespace kvcompact::kernels {
 
@@ -21,11 +22,13 @@ enum class ScoreReduceKind : int { kRms = 1, kMean = 2, kMax = 3 };
 void RowSoftmaxStats(float* logits, int64_t heads, int64_t rows_per_head, int64_t cols, const float* bias,
                      int64_t bias_stride, float* row_max, float* mass, int64_t out_head_stride, cudaStream_t stream);
 
-// scores[h][j] (+)= reduce_i A[h][i][j] over `rows` rows of each head's probs (heads x rows x cols).
-// kRms and kMean accumulate sums (of squares); kMax keeps the maximum. Finalised on the host side
-// of the caller by FinalizeScores.
-void AccumulateScores(const float* probs, int64_t heads, int64_t rows, int64_t cols, ScoreReduceKind reduce,
-                      float* scores, cudaStream_t stream);
+// RowSoftmaxStats (row_max and mass required) and, with `reduce`, scores[h][j] (+)= reduce_i A[h][i][j]
+// over the rows, in one fewer pass over the logits than the two separately: a read for the row
+// statistics, then one read and one write that normalise and reduce column tiles together. kRms
+// and kMean accumulate sums (of squares), kMax the maximum; FinalizeScores finishes them.
+void SoftmaxWithScores(float* logits, int64_t heads, int64_t rows_per_head, int64_t cols, const float* bias,
+                       int64_t bias_stride, float* row_max, float* mass, int64_t out_head_stride,
+                       std::optional<ScoreReduceKind> reduce, float* scores, cudaStream_t stream);
 // kRms: sqrt(sum / n); kMean: sum / n; kMax: unchanged.
 void FinalizeScores(float* scores, int64_t count, int64_t n, ScoreReduceKind reduce, cudaStream_t stream);
 

@@ -214,13 +214,10 @@ absl::Status CudaBackend::Stats(const float* queries, int64_t n, const std::opti
         !s.ok()) {
       return s;
     }
-    RowSoftmaxStats(logits_.get(), H_, rows, T_, has_bias_ ? in_->bias.get() : nullptr, T_, out->row_max.get() + r0,
-                    out->mass.get() + r0, n, stream_);
-    KVC_LAUNCHED("RowSoftmaxStats");
-    if (reduce) {
-      AccumulateScores(logits_.get(), H_, rows, T_, ToKind(*reduce), scores_.get(), stream_);
-      KVC_LAUNCHED("AccumulateScores");
-    }
+    SoftmaxWithScores(logits_.get(), H_, rows, T_, has_bias_ ? in_->bias.get() : nullptr, T_, out->row_max.get() + r0,
+                      out->mass.get() + r0, n, reduce ? std::optional(ToKind(*reduce)) : std::nullopt, scores_.get(),
+                      stream_);
+    KVC_LAUNCHED("SoftmaxWithScores");
     // Y[h][r0:r0+rows] = A V[h]                  (rows x dv per head)
     if (auto s = Gemm(blas_, rows, dv_, T_, 1.f, {logits_.get(), T_, rows * T_, false}, {in_->values.get(), dv_, T_ * dv_, false},
                       0.f, out->outputs.get() + r0 * dv_, dv_, n * dv_, H_);

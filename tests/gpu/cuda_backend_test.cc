@@ -2,6 +2,7 @@
 // against its CPU counterpart. Math mode: fp32 (cuBLAS pedantic; TF32 off) unless a test says
 // otherwise. Skipped when no CUDA device is usable. Label: gpu.
 #include <cmath>
+#include <optional>
 #include <random>
 
 #include <gtest/gtest.h>
@@ -54,39 +55,61 @@ double RelErr(const float* a, const float* b, size_t n) {
   return std::sqrt(num / std::max(den, 1e-300));
 }
 
+// RowSoftmaxStats alone, and SoftmaxWithScores with every reduction, against Eigen: rows that do
+// not fill a score tile (17) and several tiles (70), short and long rows, a per-column bias.
 TEST(Kernels, RowSoftmaxStatsAndScoresMatchCpu) {
   SKIP_WITHOUT_GPU();
   std::mt19937 rng(1);
   std::normal_distribution<float> g(0, 2);
-  for (int64_t cols : {7, 300, 5000}) {
-    const int64_t heads = 3, rows = 17;
-    std::vector<float> logits(heads * rows * cols), bias(heads * cols);
-    for (float& x : logits) x = g(rng);
-    for (float& x : bias) x = g(rng);
-    Guarded d_logits(logits), d_bias(bias), d_max(std::vector<float>(heads * rows)), d_mass(std::vector<float>(heads * rows)),
-        d_scores(std::vector<float>(heads * cols, 0.f));
-    kernels::RowSoftmaxStats(d_logits.data(), heads, rows, cols, d_bias.data(), cols, d_max.data(), d_mass.data(), rows, nullptr);
-    kernels::AccumulateScores(d_logits.data(), heads, rows, cols, kernels::ScoreReduceKind::kRms, d_scores.data(), nullptr);
-    kernels::FinalizeScores(d_scores.data(), heads * cols, rows, kernels::ScoreReduceKind::kRms, nullptr);
-    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-    bool ok[5];
-    const auto probs = d_logits.Read(&ok[0]);
-    const auto row_max = d_max.Read(&ok[1]);
-    const auto mass = d_mass.Read(&ok[2]);
-    const auto scores = d_scores.Read(&ok[3]);
-    for (int i = 0; i < 4; ++i) EXPECT_TRUE(ok[i]) << "guard values overwritten, output " << i;
-    for (int64_t h = 0; h < heads; ++h) {
-      MatrixF L = ConstMatrixMapF(logits.data() + h * rows * cols, rows, cols);
-      L.rowwise() += ConstVectorMapF(bias.data() + h * cols, cols).transpose();
-      const VectorF m = L.rowwise().maxCoeff();
-      MatrixF P = (L.colwise() - m).array().exp();
-      const VectorF s = P.rowwise().sum();
-      P.array().colwise() /= s.array();
-      const VectorF rms = (P.array().square().colwise().sum() / rows).sqrt().transpose();
-      EXPECT_LT(RelErr(row_max.data() + h * rows, m.data(), rows), 1e-6);
-      EXPECT_LT(RelErr(mass.data() + h * rows, s.data(), rows), 1e-5);
-      EXPECT_LT(RelErr(probs.data() + h * rows * cols, P.data(), rows * cols), 1e-5);
-      EXPECT_LT(RelErr(scores.data() + h * cols, rms.data(), cols), 1e-5);
+  const std::optional<kernels::ScoreReduceKind> kinds[] = {std::nullopt, kernels::ScoreReduceKind::kRms,
+                                                           kernels::ScoreReduceKind::kMean, kernels::ScoreReduceKind::kMax};
+  for (int64_t rows : {17, 70}) {
+    for (int64_t cols : {7, 300, 5000}) {
+      const int64_t heads = 3;
+      std::vector<float> logits(heads * rows * cols), bias(heads * cols);
+      for (float& x : logits) x = g(rng);
+      for (float& x : bias) x = g(rng);
+      for (int variant = -1; variant < 4; ++variant) {  // -1: RowSoftmaxStats; else SoftmaxWithScores(kinds[variant])
+        Guarded d_logits(logits), d_bias(bias), d_max(std::vector<float>(heads * rows)),
+            d_mass(std::vector<float>(heads * rows)), d_scores(std::vector<float>(heads * cols, 0.f));
+        const auto kind = variant < 0 ? std::nullopt : kinds[variant];
+        if (variant < 0) {
+          kernels::RowSoftmaxStats(d_logits.data(), heads, rows, cols, d_bias.data(), cols, d_max.data(), d_mass.data(),
+                                   rows, nullptr);
+        } else {
+          kernels::SoftmaxWithScores(d_logits.data(), heads, rows, cols, d_bias.data(), cols, d_max.data(), d_mass.data(),
+                                     rows, kind, d_scores.data(), nullptr);
+          if (kind) kernels::FinalizeScores(d_scores.data(), heads * cols, rows, *kind, nullptr);
+        }
+        ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+        bool ok[4];
+        const auto probs = d_logits.Read(&ok[0]);
+        const auto row_max = d_max.Read(&ok[1]);
+        const auto mass = d_mass.Read(&ok[2]);
+        const auto scores = d_scores.Read(&ok[3]);
+        for (int i = 0; i < 4; ++i) EXPECT_TRUE(ok[i]) << "guard values overwritten, output " << i;
+        for (int64_t h = 0; h < heads; ++h) {
+          SCOPED_TRACE(testing::Message() << "rows " << rows << " cols " << cols << " variant " << variant << " head " << h);
+          MatrixF L = ConstMatrixMapF(logits.data() + h * rows * cols, rows, cols);
+          L.rowwise() += ConstVectorMapF(bias.data() + h * cols, cols).transpose();
+          const VectorF m = L.rowwise().maxCoeff();
+          MatrixF P = (L.colwise() - m).array().exp();
+          const VectorF s = P.rowwise().sum();
+          P.array().colwise() /= s.array();
+          EXPECT_LT(RelErr(row_max.data() + h * rows, m.data(), rows), 1e-6);
+          EXPECT_LT(RelErr(mass.data() + h * rows, s.data(), rows), 1e-5);
+          EXPECT_LT(RelErr(probs.data() + h * rows * cols, P.data(), rows * cols), 1e-5);
+          if (!kind) {
+            for (int64_t j = 0; j < cols; ++j) ASSERT_EQ(scores[h * cols + j], 0.f) << "scores written without a reduction";
+            continue;
+          }
+          VectorF want;
+          if (*kind == kernels::ScoreReduceKind::kRms) want = (P.array().square().colwise().sum() / rows).sqrt().transpose();
+          if (*kind == kernels::ScoreReduceKind::kMean) want = (P.array().colwise().sum() / rows).transpose();
+          if (*kind == kernels::ScoreReduceKind::kMax) want = P.colwise().maxCoeff().transpose();
+          EXPECT_LT(RelErr(scores.data() + h * cols, want.data(), cols), 1e-5);
+        }
+      }
     }
   }
 }
