@@ -7,7 +7,6 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
-#include "core/chunked.h"
 #include "proto/wire.h"
 
 namespace kvcompact::server {
@@ -35,9 +34,6 @@ uint64_t DecodedBytes(const v1::CompactRequest& r) {
   }
   return bytes;
 }
-
-// Largest magnitude the output dtype holds: results beyond it fall back to selection.
-float OutputRange(DType dtype) { return dtype == DType::kFloat16 ? 65504.0f : 3.0e38f; }
 
 }  // namespace
 
@@ -242,34 +238,23 @@ void CompactReactor::SubmitLocked(LayerJob job, MemoryReservation memory, double
   std::shared_ptr<Shared> shared = shared_;
   item.cancelled = [shared] { return shared->cancelled.load(); };
   job.cancelled = item.cancelled;  // a running layer stops at its next head or chunk
-  auto owned_job = std::make_shared<LayerJob>(std::move(job));
-  item.job = owned_job;
+  LayerTask task;
+  task.job = std::make_shared<LayerJob>(std::move(job));
+  task.plan = {plan_->chunk_tokens, plan_->layer_rule, plan_->output_dtype};
   std::shared_ptr<const StreamPlan> plan = plan_;
   Metrics* metrics = context_->metrics;
   const uint64_t max_bytes = context_->limits.max_message_bytes;
   auto held = std::make_shared<MemoryReservation>(std::move(memory));
-  item.run = [shared, owned_job, held, plan, metrics, max_bytes, layer, tokens_in, decode_seconds](
-                 Backend* backend, double queue_seconds) mutable {
-    // Compute and encode outside the stream lock; only the hand-over takes it.
+  // On the worker thread, after the pipeline: encode outside the stream lock; only the hand-over takes it.
+  task.done = [shared, held, plan, metrics, max_bytes, layer, tokens_in, decode_seconds](
+                  LayerOutcome outcome, double queue_seconds, double run_seconds) {
+    held->Release();
+    if (outcome.replaced_heads > 0) metrics->fallback_heads.Increment(static_cast<double>(outcome.replaced_heads));
     std::vector<v1::CompactResponse> messages;
     bool ok = false;
     uint64_t tokens_out = 0, bytes_out = 0;
     v1::StageTimes times;
-    absl::StatusOr<LayerResult> result = absl::CancelledError("stream cancelled or server shutting down");
-    const auto start = std::chrono::steady_clock::now();
-    if (backend && plan->chunk_tokens > 0 && owned_job->data.tokens > plan->chunk_tokens) {
-      result = CompactLayerInChunks(*backend, *owned_job, plan->chunk_tokens, plan->layer_rule);
-    } else if (backend) {
-      absl::Status allocated = AllocateLayer(*backend, owned_job.get(), plan->layer_rule);
-      result = allocated.ok() ? backend->CompactLayer(*owned_job) : absl::StatusOr<LayerResult>(allocated);
-    }
-    if (result.ok()) {
-      const int64_t replaced = ReplaceNonFiniteHeads(*owned_job, OutputRange(plan->output_dtype), &*result);
-      if (replaced > 0) metrics->fallback_heads.Increment(static_cast<double>(replaced));
-    }
-    owned_job.reset();  // free the layer's inputs before encoding its outputs
-    held->Release();
-    const double run_seconds = SecondsSince(start);
+    const absl::StatusOr<LayerResult>& result = outcome.result;
     if (result.ok()) {
       LayerTimes lt{decode_seconds, queue_seconds, run_seconds};
       messages = EncodeLayer(*plan, layer, tokens_in / plan->num_kv_heads, *result, lt, max_bytes, &bytes_out);
@@ -300,6 +285,7 @@ void CompactReactor::SubmitLocked(LayerJob job, MemoryReservation memory, double
       shared->self->OnLayerResultLocked(std::move(messages), ok, tokens_in, tokens_out, bytes_out, times);
     }
   };
+  item.layer = std::move(task);
   ++in_flight_;
   pending_ = std::move(item);
   TrySubmitPendingLocked();

@@ -54,7 +54,13 @@ void Worker::Stop() {
     waiters.swap(space_waiters_);
     cv_.notify_all();
   }
-  for (WorkItem& item : dropped) item.run(nullptr, 0);
+  for (WorkItem& item : dropped) {
+    if (item.layer) {
+      Finish(std::move(*item.layer), nullptr, 0);
+    } else {
+      item.run(nullptr, 0);
+    }
+  }
   for (auto& w : waiters) w();
   if (thread_.joinable()) thread_.join();
 }
@@ -70,7 +76,7 @@ void Worker::Loop() {
       if (queue_.empty()) return;  // stopping
       item = std::move(queue_.front());
       queue_.pop_front();
-      if (!queue_.empty()) next = queue_.front().job;
+      if (!queue_.empty() && queue_.front().layer) next = queue_.front().layer->job;
       metrics_->queue_depth.Set(static_cast<double>(queue_.size()));
       if (!space_waiters_.empty()) {
         waiter = std::move(space_waiters_.front());
@@ -82,8 +88,11 @@ void Worker::Loop() {
     const double queued = std::chrono::duration<double>(start - item.submitted).count();
     const bool dropped = unhealthy_ || (item.cancelled && item.cancelled());
     if (next && !unhealthy_) backend_->Prefetch(std::move(next));  // overlaps the next upload with this layer
-    item.job.reset();  // `run` holds its own reference and frees the inputs as soon as it can
-    item.run(dropped ? nullptr : backend_.get(), queued);
+    if (item.layer) {
+      Finish(std::move(*item.layer), dropped ? nullptr : backend_.get(), queued);
+    } else {
+      item.run(dropped ? nullptr : backend_.get(), queued);
+    }
     metrics_->gpu_memory_reserved.Set(static_cast<double>(backend_->device_bytes_reserved()));
     metrics_->gpu_memory_peak.Set(static_cast<double>(backend_->device_bytes_peak()));
     if (!unhealthy_ && !backend_->healthy()) {
@@ -91,6 +100,16 @@ void Worker::Loop() {
       if (on_unhealthy_) on_unhealthy_();
     }
   }
+}
+
+void Worker::Finish(LayerTask task, Backend* backend, double queue_seconds) {
+  const auto start = std::chrono::steady_clock::now();
+  LayerOutcome outcome;
+  outcome.result = absl::CancelledError("stream cancelled or server shutting down");
+  if (backend) outcome = RunLayer(*backend, task.job.get(), task.plan);
+  task.job.reset();  // free the layer's inputs before its owner encodes the outputs
+  task.done(std::move(outcome), queue_seconds,
+            std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
 }
 
 }  // namespace kvcompact::server

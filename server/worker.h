@@ -1,4 +1,5 @@
-// The one thread that owns the compute backend. Streams post whole layers into a bounded queue;
+// The one thread that owns the compute backend and runs the compaction pipeline on it. Streams
+// post whole layers (typed tasks: job, plan, completion) into a bounded queue;
 // when the queue is full they stop reading (so HTTP/2 flow control pushes back on the client) and
 // register a callback that runs when a slot frees up.
 #pragma once
@@ -9,24 +10,33 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <thread>
 
 #include "absl/status/statusor.h"
 #include "core/layer.h"
+#include "core/layer_task.h"
 #include "server/metrics.h"
 
 namespace kvcompact::server {
 
+// A layer to compact: the worker runs the core's pipeline for it (RunLayer) on its backend.
+struct LayerTask {
+  std::shared_ptr<LayerJob> job;
+  LayerPlan plan;
+  // Called on the worker thread once the layer's inputs are released: the outcome (CANCELLED
+  // when the item was dropped: cancelled stream, shutdown, unhealthy backend), the seconds it
+  // waited in the queue and the seconds it ran.
+  std::function<void(LayerOutcome outcome, double queue_seconds, double run_seconds)> done;
+};
+
 struct WorkItem {
   std::function<bool()> cancelled;  // checked before running: cancelled streams are skipped
-  // Runs on the worker thread with the backend, or with nullptr when the item was dropped
-  // (cancelled stream, shutdown) so that its owner can report that. queue_seconds: time from
-  // submission to start.
+  std::optional<LayerTask> layer;   // a layer to compact, or else:
+  // Other work on the backend's thread (self-test, warm-up), run with the backend, or with
+  // nullptr when the item was dropped so that its owner can report that.
   std::function<void(Backend* backend, double queue_seconds)> run;
   std::chrono::steady_clock::time_point submitted;
-  // The layer `run` will compact, when there is one: handed to Backend::Prefetch while the item
-  // before it runs.
-  std::shared_ptr<const LayerJob> job;
 };
 
 class Worker {
@@ -51,6 +61,8 @@ class Worker {
 
  private:
   void Loop();
+  // Runs (or, with backend == nullptr, drops) a layer task and reports it to its owner.
+  static void Finish(LayerTask task, Backend* backend, double queue_seconds);
 
   std::unique_ptr<Backend> backend_;
   const size_t capacity_;

@@ -1,6 +1,7 @@
 // Chunked compaction: budgets per chunk, indices into the whole block, and the composition of
 // compacted chunks checked against the whole block.
 #include "core/chunked.h"
+#include "core/layer_task.h"
 
 #include <algorithm>
 #include <numeric>
@@ -103,6 +104,40 @@ TEST(CompactLayerInChunks, SensitivityRuleKeepsEachChunksTotal) {
   int64_t total = 0;
   for (const CompactedHead& h : r->heads) total += static_cast<int64_t>(h.indices.size());
   EXPECT_EQ(total, 135);
+}
+
+// RunLayer, the one place the service composes a layer: chunked only past the plan's chunk size,
+// the same result as the steps called directly, and the output dtype's range enforced.
+TEST(RunLayer, ComposesChunkingAllocationAndTheFiniteCheck) {
+  const LayerJob job = SyntheticJob(2, 600, 128, 30, 8);
+  auto cpu = MakeCpuBackend(2);
+  LayerPlan plan;
+  plan.chunk_tokens = 200;
+  LayerJob chunked_job = job;
+  LayerOutcome chunked = RunLayer(*cpu, &chunked_job, plan);
+  ASSERT_TRUE(chunked.result.ok()) << chunked.result.status();
+  auto direct = CompactLayerInChunks(*cpu, job, 200, LayerAllocation{});
+  ASSERT_TRUE(direct.ok());
+  for (size_t h = 0; h < direct->heads.size(); ++h) EXPECT_EQ(chunked.result->heads[h].indices, direct->heads[h].indices);
+
+  plan.chunk_tokens = 600;  // not longer than the chunk: one backend call
+  LayerJob whole_job = job;
+  LayerOutcome whole = RunLayer(*cpu, &whole_job, plan);
+  ASSERT_TRUE(whole.result.ok());
+  auto once = cpu->CompactLayer(job);
+  ASSERT_TRUE(once.ok());
+  for (size_t h = 0; h < once->heads.size(); ++h) EXPECT_EQ(whole.result->heads[h].indices, once->heads[h].indices);
+  EXPECT_EQ(whole.replaced_heads, 0);
+
+  // Values beyond fp16's range: an fp16 plan replaces the heads, an fp32 plan keeps them.
+  LayerJob big = job;
+  for (float& v : big.data.values) v *= 1e6f;
+  plan.chunk_tokens = 0;
+  plan.output_dtype = DType::kFloat16;
+  LayerJob big16 = big;
+  EXPECT_EQ(RunLayer(*cpu, &big16, plan).replaced_heads, 2);
+  plan.output_dtype = DType::kFloat32;
+  EXPECT_EQ(RunLayer(*cpu, &big, plan).replaced_heads, 0);
 }
 
 }  // namespace

@@ -49,21 +49,21 @@ class FakeBackend final : public Backend {
 
 struct Counter {
   std::atomic<int> ran{0}, dropped{0};
-  // An item that compacts a layer numbered `layer` (-1: the item carries no job for prefetching).
+  // A layer task numbered `layer`; counts whether the pipeline ran it or the worker dropped it.
   WorkItem Item(std::function<bool()> cancelled = {}, int32_t layer = -1) {
     WorkItem item;
     item.cancelled = std::move(cancelled);
-    auto job = std::make_shared<LayerJob>();
-    job->data.layer = layer;
-    if (layer >= 0) item.job = job;
-    item.run = [this, job](Backend* b, double) {
-      if (!b) {
+    LayerTask task;
+    task.job = std::make_shared<LayerJob>();
+    task.job->data.layer = layer;
+    task.done = [this](LayerOutcome outcome, double, double) {
+      if (absl::IsCancelled(outcome.result.status())) {
         ++dropped;
-        return;
+      } else {
+        ++ran;
       }
-      (void)b->CompactLayer(*job);
-      ++ran;
     };
+    item.layer = std::move(task);
     return item;
   }
 };
@@ -140,6 +140,29 @@ TEST(Worker, UnhealthyBackendFiresCallbackOnceAndDropsLaterWork) {
   EXPECT_EQ(fired.load(), 1);
   EXPECT_EQ(c.ran.load(), 2);      // the good layer and the one that failed
   EXPECT_EQ(c.dropped.load(), 2);  // the rest never reach the backend
+}
+
+TEST(Worker, OtherWorkRunsOnTheBackendThreadAndIsDroppedOnStop) {
+  auto backend = std::make_unique<FakeBackend>();
+  FakeBackend* fake = backend.get();
+  Worker worker(std::move(backend), 4, &TestMetrics());
+  Backend* seen = nullptr;
+  worker.RunBlocking([&](Backend* b) { seen = b; });
+  EXPECT_EQ(seen, fake);
+  Counter c;
+  WorkItem blocker = c.Item();
+  ASSERT_TRUE(worker.SubmitOrWait(blocker, [] {}));
+  while (fake->entered.load() == 0) std::this_thread::yield();
+  std::atomic<int> dropped{0};
+  WorkItem other;
+  other.run = [&](Backend* b, double) { dropped += b == nullptr; };
+  ASSERT_TRUE(worker.SubmitOrWait(other, [] {}));
+  std::thread stop([&] { worker.Stop(); });  // drops `other` while the blocker still runs
+  while (dropped.load() == 0) std::this_thread::yield();
+  fake->Release(1);
+  stop.join();
+  EXPECT_EQ(dropped.load(), 1);
+  EXPECT_EQ(c.ran.load(), 1);
 }
 
 }  // namespace
