@@ -20,10 +20,9 @@ std::string ShapeString(const v1::Tensor& t) {
   return s + "]";
 }
 
-// Checks dtype, shape, byte count and magnitude of `t` and decodes it to fp32. `shape` holds
-// validated dimensions; the element count is still computed with overflow checks.
-absl::Status DecodeTensor(const v1::Tensor& t, absl::string_view name, const std::vector<int64_t>& shape,
-                          float max_abs, std::vector<float>* out) {
+// Checks dtype, shape and byte count of `t` against `shape` (validated dimensions; the element
+// count is still computed with overflow checks) and returns its dtype.
+absl::StatusOr<DType> CheckTensor(const v1::Tensor& t, absl::string_view name, const std::vector<int64_t>& shape) {
   auto dtype = DTypeFromProto(t.dtype());
   if (!dtype.ok()) return InvalidArgumentError(StrCat(name, ": ", dtype.status().message()));
   bool same = t.shape_size() == static_cast<int>(shape.size());
@@ -45,9 +44,22 @@ absl::Status DecodeTensor(const v1::Tensor& t, absl::string_view name, const std
     return InvalidArgumentError(StrCat(name, ": ", t.data().size(), " bytes for shape ", want, " of ",
                                        std::string(DTypeName(*dtype)), ", expected ", bytes));
   }
-  out->resize(count);
-  absl::Status s = DecodeToFloat(t.data().data(), *dtype, count, out->data(), max_abs);
-  if (!s.ok()) return InvalidArgumentError(StrCat(name, ": ", s.message()));
+  return *dtype;
+}
+
+// Decodes a checked [heads, rows, width] tensor to fp32 straight into the layer's buffer: head h's
+// rows go to dst + (head_begin + h) * head_stride + row_offset (elements), with the magnitude
+// check of DecodeToFloat. No staging copy: a chunk's bytes are read once.
+absl::Status DecodeRowsInto(const v1::Tensor& t, DType dtype, absl::string_view name, int64_t heads, int64_t rows,
+                            int64_t width, float max_abs, float* dst, int64_t head_begin, int64_t head_stride,
+                            int64_t row_offset) {
+  const size_t per_head = static_cast<size_t>(rows * width);
+  const char* src = t.data().data();
+  for (int64_t h = 0; h < heads; ++h) {
+    absl::Status s = DecodeToFloat(src + h * per_head * DTypeSize(dtype), dtype, per_head,
+                                   dst + (head_begin + h) * head_stride + row_offset, max_abs);
+    if (!s.ok()) return InvalidArgumentError(StrCat(name, ": ", s.message(), " of KV head ", head_begin + h, "'s rows"));
+  }
   return absl::OkStatus();
 }
 
@@ -176,27 +188,37 @@ absl::StatusOr<uint64_t> LayerAssembler::AddKV(const v1::KVChunk& c) {
     return InvalidArgumentError(StrCat("tokens [", c.token_begin(), ", ", c.token_begin(), " + ", rows,
                                        ") are not within layer_tokens ", d.tokens));
   }
-  std::vector<float> keys, values, bias;
-  if (auto s = DecodeTensor(c.keys(), "keys", {heads, rows, d.head_dim}, kMaxInputMagnitude, &keys); !s.ok()) return s;
-  if (auto s = DecodeTensor(c.values(), "values", {heads, rows, d.value_dim}, kMaxInputMagnitude, &values); !s.ok()) {
-    return s;
-  }
   const bool has_bias = c.has_bias() && c.bias().shape_size() > 0;
-  if (has_bias) {
-    if (auto s = DecodeTensor(c.bias(), "bias", {heads, rows}, kMaxBiasMagnitude, &bias); !s.ok()) return s;
-  }
+  auto key_type = CheckTensor(c.keys(), "keys", {heads, rows, d.head_dim});
+  if (!key_type.ok()) return key_type.status();
+  auto value_type = CheckTensor(c.values(), "values", {heads, rows, d.value_dim});
+  if (!value_type.ok()) return value_type.status();
+  absl::StatusOr<DType> bias_type = DType::kFloat32;
+  if (has_bias && !(bias_type = CheckTensor(c.bias(), "bias", {heads, rows})).ok()) return bias_type.status();
+  // Rows are marked before they are written: a chunk that overlaps an earlier one is refused
+  // before it can overwrite it. Any error below fails the whole layer.
   if (auto s = MarkRows(p.kv_seen, d.tokens, c.head_begin(), c.head_end(), c.token_begin(), rows, "token");
       !s.ok()) {
     return s;
   }
-  if (has_bias && d.bias.empty()) d.bias.assign(d.heads * d.tokens, 0.f);  // unsent rows keep b = 0
-  for (int64_t h = 0; h < heads; ++h) {
-    const int64_t gh = c.head_begin() + h;
-    std::copy_n(keys.data() + h * rows * d.head_dim, rows * d.head_dim,
-                d.keys.data() + (gh * d.tokens + c.token_begin()) * d.head_dim);
-    std::copy_n(values.data() + h * rows * d.value_dim, rows * d.value_dim,
-                d.values.data() + (gh * d.tokens + c.token_begin()) * d.value_dim);
-    if (has_bias) std::copy_n(bias.data() + h * rows, rows, d.bias.data() + gh * d.tokens + c.token_begin());
+  const int64_t t0 = static_cast<int64_t>(c.token_begin());
+  if (auto s = DecodeRowsInto(c.keys(), *key_type, "keys", heads, rows, d.head_dim, kMaxInputMagnitude, d.keys.data(),
+                              c.head_begin(), d.tokens * d.head_dim, t0 * d.head_dim);
+      !s.ok()) {
+    return s;
+  }
+  if (auto s = DecodeRowsInto(c.values(), *value_type, "values", heads, rows, d.value_dim, kMaxInputMagnitude,
+                              d.values.data(), c.head_begin(), d.tokens * d.value_dim, t0 * d.value_dim);
+      !s.ok()) {
+    return s;
+  }
+  if (has_bias) {
+    if (d.bias.empty()) d.bias.assign(d.heads * d.tokens, 0.f);  // unsent rows keep b = 0
+    if (auto s = DecodeRowsInto(c.bias(), *bias_type, "bias", heads, rows, 1, kMaxBiasMagnitude, d.bias.data(),
+                                c.head_begin(), d.tokens, t0);
+        !s.ok()) {
+      return s;
+    }
   }
   return c.keys().data().size() + c.values().data().size() + (has_bias ? c.bias().data().size() : 0);
 }
@@ -233,18 +255,17 @@ absl::StatusOr<uint64_t> LayerAssembler::AddQueries(const v1::QueryChunk& c) {
     return InvalidArgumentError(StrCat("queries [", c.query_begin(), ", ", c.query_begin(), " + ", rows,
                                        ") are not within layer_queries ", d.queries));
   }
-  std::vector<float> q;
-  if (auto s = DecodeTensor(c.queries(), "queries", {heads, rows, d.head_dim}, kMaxInputMagnitude, &q); !s.ok()) {
-    return s;
-  }
+  auto query_type = CheckTensor(c.queries(), "queries", {heads, rows, d.head_dim});
+  if (!query_type.ok()) return query_type.status();
   if (auto s = MarkRows(p.query_seen, d.queries, c.head_begin(), c.head_end(), c.query_begin(), rows, "query");
       !s.ok()) {
     return s;
   }
-  for (int64_t h = 0; h < heads; ++h) {
-    const int64_t gh = c.head_begin() + h;
-    std::copy_n(q.data() + h * rows * d.head_dim, rows * d.head_dim,
-                d.query_data.data() + (gh * d.queries + c.query_begin()) * d.head_dim);
+  if (auto s = DecodeRowsInto(c.queries(), *query_type, "queries", heads, rows, d.head_dim, kMaxInputMagnitude,
+                              d.query_data.data(), c.head_begin(), d.queries * d.head_dim,
+                              static_cast<int64_t>(c.query_begin()) * d.head_dim);
+      !s.ok()) {
+    return s;
   }
   return c.queries().data().size();
 }
