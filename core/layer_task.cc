@@ -16,6 +16,7 @@ LayerOutcome RunLayer(Backend& backend, LayerJob* job, const LayerPlan& plan) {
     out.result = backend.CompactLayer(*job);
   }
   if (out.result.ok()) out.replaced_heads = ReplaceNonFiniteHeads(*job, OutputRange(plan.output_dtype), &*out.result);
+  out.device_bytes = backend.device_bytes_reserved();
   return out;
 }
 

@@ -20,6 +20,7 @@ struct LayerPlan {
 struct LayerOutcome {
   absl::StatusOr<LayerResult> result = absl::UnknownError("not run");
   int64_t replaced_heads = 0;    // heads whose fit was not finite (or overflowed the output dtype)
+  uint64_t device_bytes = 0;     // device memory the backend held afterwards (0: CPU backend)
 };
 
 // Largest finite magnitude of a result in `dtype` (fp16: 65504).

@@ -256,7 +256,7 @@ void CompactReactor::SubmitLocked(LayerJob job, MemoryReservation memory, double
     v1::StageTimes times;
     const absl::StatusOr<LayerResult>& result = outcome.result;
     if (result.ok()) {
-      LayerTimes lt{decode_seconds, queue_seconds, run_seconds};
+      LayerReport lt{decode_seconds, queue_seconds, run_seconds, outcome.device_bytes};
       messages = EncodeLayer(*plan, layer, tokens_in / plan->num_kv_heads, *result, lt, max_bytes, &bytes_out);
       times = messages.back().layer_done().times();
       for (const CompactedHead& h : result->heads) tokens_out += h.indices.size();

@@ -20,7 +20,7 @@ void FillTensor(const float* src, int64_t rows, int64_t cols, DType dtype, v1::T
 }  // namespace
 
 std::vector<v1::CompactResponse> EncodeLayer(const StreamPlan& plan, int32_t layer, int64_t tokens_in,
-                                             const LayerResult& result, const LayerTimes& times,
+                                             const LayerResult& result, const LayerReport& times,
                                              uint64_t max_message_bytes, uint64_t* payload_bytes) {
   std::vector<v1::CompactResponse> out;
   const size_t osz = DTypeSize(plan.output_dtype);
@@ -74,6 +74,7 @@ std::vector<v1::CompactResponse> EncodeLayer(const StreamPlan& plan, int32_t lay
   st->set_evaluate_seconds(result.seconds.evaluate);
   st->set_queue_seconds(times.queue_seconds);
   st->set_total_seconds(times.run_seconds);
+  done->set_device_bytes(times.device_bytes);
   out.push_back(std::move(done_msg));
   return out;
 }

@@ -10,13 +10,15 @@
 
 namespace kvcompact::server {
 
-struct LayerTimes {
+// What the worker measured around a layer, reported in its LayerDone.
+struct LayerReport {
   double decode_seconds = 0, queue_seconds = 0, run_seconds = 0;
+  uint64_t device_bytes = 0;  // held by the backend once the layer was done
 };
 
 // `payload_bytes` receives the tensor bytes written (for metrics and the summary).
 std::vector<v1::CompactResponse> EncodeLayer(const StreamPlan& plan, int32_t layer, int64_t tokens_in,
-                                             const LayerResult& result, const LayerTimes& times,
+                                             const LayerResult& result, const LayerReport& times,
                                              uint64_t max_message_bytes, uint64_t* payload_bytes);
 
 }  // namespace kvcompact::server

@@ -66,6 +66,16 @@ TEST_F(E2E, ClientLibraryCompactsRaggedBudgetsAndKeysAreCopies) {
   EXPECT_EQ(outcome->summary.tokens_out(), total_t);
   EXPECT_EQ(outcome->summary.tokens_in(), 3u * 2 * 512);
   EXPECT_GT(outcome->summary.bytes_in(), 3u * 2 * 512 * 64 * 4 * 2);
+  // Device memory per layer: none on the CPU backend; on a GPU what the backend held after each
+  // layer (buffers grow to the largest budget so far, never per layer).
+  for (const client::CompactedLayer& layer : outcome->layers) {
+    if (outcome->summary.backend() == "cpu") {
+      EXPECT_EQ(layer.done.device_bytes(), 0u);
+    } else {
+      EXPECT_GT(layer.done.device_bytes(), 0u);
+      EXPECT_LE(layer.done.device_bytes(), outcome->layers.back().done.device_bytes());
+    }
+  }
 }
 
 TEST_F(E2E, AmBeatsEvictionBaselinesThroughTheService) {

@@ -32,7 +32,9 @@ TEST(Startup, AutoBackendFallbackIsAMetricAndAWarning) {
   // A CUDA build on a machine without a usable device falls back; elsewhere it does not.
   const bool fell_back = automatic.Log().find("no usable CUDA device") != std::string::npos;
   EXPECT_EQ(MetricValue(automatic.metrics_port(), "kvcompact_backend_fallback"), fell_back ? 1 : 0) << automatic.Log();
-  if (fell_back) EXPECT_NE(automatic.Log().find("[warning]"), std::string::npos) << automatic.Log();
+  if (fell_back) {
+    EXPECT_NE(automatic.Log().find("[warning]"), std::string::npos) << automatic.Log();
+  }
 }
 
 TEST(Startup, ProfilesAreFoundBesideTheBinaryWithoutAFlag) {

@@ -349,7 +349,7 @@ class _Collector:
                 tokens_in=m.tokens_in,
                 output_rel_error=m.output_rel_error if m.has_quality else None,
                 mass_rel_error=m.mass_rel_error if m.has_quality else None))
-        return CompactedLayer(done.layer, heads, done.times.total_seconds)
+        return CompactedLayer(done.layer, heads, done.times.total_seconds, done.device_bytes)
 
     def result(self) -> CompactResult:
         with self._lock:

@@ -36,6 +36,7 @@ class CompactedLayer:
     index: int
     heads: list[CompactedHead]
     seconds: float = 0.0      # worker time for the layer
+    device_bytes: int = 0     # device memory the server's backend held after it (0: CPU backend)
 
 
 @dataclass
