@@ -34,8 +34,9 @@ def test_harness_writes_report_json_and_plots(server_address, tmp_path, data_dir
 def test_merge_writes_one_report_from_several_runs(tmp_path):
     rows = [{"task": "quality", "item": "a", "method": m, "ratio": r, "value": v, "attn_error": 0.1,
              "compact_seconds": 1.0, "entries": 10, "capture_seconds": 0.0}
-            for m, r, v in (("am", 10, 0.5), ("h2o", 10, 0.7))]
-    for name, part in (("one", rows[:1]), ("two", rows[1:])):
+            for m, r, v in (("am", 10, 0.5), ("h2o", 10, 0.7), ("no_context", 0, 0.9), ("no_context", 0, 0.9))]
+    # Each run also measured the no-context reference: the merge counts it once.
+    for name, part in (("one", [rows[0], rows[2]]), ("two", [rows[1], rows[3]])):
         (tmp_path / name).mkdir()
         json.dump({"args": {"methods": [part[0]["method"]], "ratios": [10], "argv": ["--methods", part[0]["method"]],
                             "backend": "cpu"}, "wall_seconds": 60, "rows": part},
@@ -46,7 +47,7 @@ def test_merge_writes_one_report_from_several_runs(tmp_path):
     report = open(out / "report.md").read()
     assert report.count("Command: `python -m kvcompact.eval.quality") == 2
     assert "| am | +0.500 |" in report and "| h2o | +0.700 |" in report
-    assert len(json.load(open(out / "results.json"))["rows"]) == 2
+    assert len(json.load(open(out / "results.json"))["rows"]) == 3
 
 
 def word_count(text):

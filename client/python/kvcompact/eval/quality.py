@@ -445,11 +445,18 @@ def write_report(rows: list[Row], args, out: str, wall: float) -> None:
 
 
 def merge(files: list[str], out: str) -> None:
-    """One report from several runs' results.json (runs split by task or over machines)."""
+    """One report from several runs' results.json (runs split by task or over machines). Every run
+    measures the full- and no-context references of its items again: each (task, method, ratio)
+    comes from the first run that has it, so repeated rows do not count twice in the means and
+    standard errors."""
     rows: list[Row] = []
     runs = [json.load(open(f)) for f in files]
+    taken: set = set()
     for run in runs:
-        rows.extend(Row(**r) for r in run["rows"])
+        run_rows = [Row(**r) for r in run["rows"]]
+        mine = {(r.task, r.method, r.ratio) for r in run_rows} - taken
+        rows.extend(r for r in run_rows if (r.task, r.method, r.ratio) in mine)
+        taken |= mine
     args = argparse.Namespace(**runs[0]["args"])
     args.methods = list(dict.fromkeys(m for run in runs for m in run["args"]["methods"]))
     args.ratios = sorted({r for run in runs for r in run["args"]["ratios"]})
