@@ -16,7 +16,7 @@ namespace kvcompact {
 // a few weights on and off their bounds: from n_fit = t/4 to 6t, stopping at 6 leaves the
 // objective within 2e-3 (relative) of the 200-iteration result and the held-out output error
 // within 1% of it, better as often as worse; on the GPU sweep (T 30k-120k, t 1,200-3,000) the
-// held-out error at 6 is that of 12 or lower at every point, the solver about 40% faster
+// held-out error at 6 is at most 0.0001 above 12's at every point, the solver about 40% faster
 // (bench/bench_lsq_caps, bench/gpu_sweep.sh, docs/BENCHMARKS.md). Few fitting queries took up to
 // 112 iterations to converge. Heads stopped here report mass_fit_converged = false.
 inline constexpr int kMassFitMaxIterations = 6;
