@@ -19,7 +19,6 @@
 #include "core/layer.h"
 #include "core/selection.h"
 #include "core/synthetic.h"
-#include "bench/bench_rows.h"
 
 ABSL_FLAG(int, heads, 16, "heads (independent problems) per point");
 ABSL_FLAG(int, tokens, 2048, "T");
@@ -47,7 +46,7 @@ double HeldOutError(const BlockView& block, const MatrixF& fit_q, const MatrixF&
   const AttentionStats eval_stats = ComputeAttentionStats(block, eval_q, std::nullopt, 256);
   CompactedHead head;
   head.indices = SelectKeys(spec.selection, block.tokens(), fit_stats.scores, SelectionParamsFor(options, spec, t));
-  head.keys = Rows(block.keys, head.indices);
+  head.keys = GatherRows(block.keys, head.indices);
   const VectorF bias = VectorF::Zero(t);
   const double scale = v.adaptive ? std::min(1.0, 2.0 * t / static_cast<double>(fit_q.rows())) : 1.0;
   double mass_prior = v.mass_prior * scale, ridge = v.ridge * (v.values_at_selection ? scale : 1.0);
@@ -60,18 +59,18 @@ double HeldOutError(const BlockView& block, const MatrixF& fit_q, const MatrixF&
     const auto [lo, hi] = WeightBounds(options, spec);
     head.beta = FitMass(logits, fit_stats.row_max, fit_stats.mass, bias, lo, hi, mass_prior).beta;
     const MatrixF design = RowSoftmax(SubsetLogits(fit_q, head.keys, head.beta, block.scale));
-    const MatrixF selected = Rows(block.values, head.indices);
+    const MatrixF selected = GatherRows(block.values, head.indices);
     head.values = FitValues(design, fit_stats.outputs, ridge, v.values_at_selection ? &selected : nullptr);
   } else {
     head.beta = bias;
-    head.values = Rows(block.values, head.indices);
+    head.values = GatherRows(block.values, head.indices);
   }
   float out_err = 0, mass_err = 0;
   MeasureErrors(head, eval_q, eval_stats, block.scale, &out_err, &mass_err);
   if (v.guard) {  // the service keeps plain selection where it does better on the held-out queries
     CompactedHead selection = head;
     selection.beta = bias;
-    selection.values = Rows(block.values, head.indices);
+    selection.values = GatherRows(block.values, head.indices);
     float sel_err = 0;
     MeasureErrors(selection, eval_q, eval_stats, block.scale, &sel_err, &mass_err);
     out_err = std::min(out_err, sel_err);

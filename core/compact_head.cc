@@ -19,12 +19,6 @@ double Since(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
-MatrixF GatherRows(const Eigen::Ref<const MatrixF>& m, const std::vector<int32_t>& rows) {
-  MatrixF out(static_cast<Eigen::Index>(rows.size()), m.cols());
-  for (size_t i = 0; i < rows.size(); ++i) out.row(i) = m.row(rows[i]);
-  return out;
-}
-
 VectorF GatherBias(const BlockView& block, const std::vector<int32_t>& idx) {
   VectorF out(static_cast<Eigen::Index>(idx.size()));
   for (size_t i = 0; i < idx.size(); ++i) out[i] = block.bias ? block.bias[idx[i]] : 0.0f;
@@ -36,14 +30,19 @@ VectorF GatherBias(const BlockView& block, const std::vector<int32_t>& idx) {
 std::vector<int32_t> SelectByOmp(const BlockView& block, const MatrixF& fit_q, const AttentionStats& stats,
                                  const HeadOptions& options, const MethodSpec& spec, int64_t t) {
   const std::vector<int32_t> pool = OmpCandidates(stats.scores, block.tokens(), t, options.omp_pool);
-  const MatrixF phi = (SubsetLogits(fit_q, GatherRows(block.keys, pool), GatherBias(block, pool), block.scale).colwise() -
-                       stats.row_max).array().exp().matrix();
-  const MatrixD gram = (phi.transpose() * phi).cast<double>();
-  const VectorD rhs = (phi.transpose() * stats.mass).cast<double>();
+  const auto [gram, rhs] = BuildMassSystem(SubsetLogits(fit_q, GatherRows(block.keys, pool), GatherBias(block, pool),
+                                                        block.scale),
+                                           stats.row_max, stats.mass, /*prior=*/0.0);
   return SelectedPositions(SelectOmp(gram, rhs, OmpParamsFor(options, spec, t)), pool);
 }
 
 }  // namespace
+
+MatrixF GatherRows(const Eigen::Ref<const MatrixF>& m, const std::vector<int32_t>& rows) {
+  MatrixF out(static_cast<Eigen::Index>(rows.size()), m.cols());
+  for (size_t i = 0; i < rows.size(); ++i) out.row(i) = m.row(rows[i]);
+  return out;
+}
 
 namespace {
 // Full strength while the fitting queries are at most t, none from 2t on, linear between: with

@@ -111,6 +111,9 @@ struct StageSeconds {
 absl::StatusOr<CompactedHead> CompactHead(const BlockView& block, const MatrixF* queries,
                                           const HeadOptions& options, StageSeconds* seconds);
 
+// m's rows at `rows`, in that order (kept keys, their values, a query subset).
+MatrixF GatherRows(const Eigen::Ref<const MatrixF>& m, const std::vector<int32_t>& rows);
+
 // Fitting queries that are not near-duplicates of one another: cells of a fixed 4-dimensional
 // random projection, 1/20 of each projection's spread wide. The priors toward selection scale
 // with this count, since repeated queries constrain the fit no more than one of them. O(n d).

@@ -54,13 +54,7 @@ void Worker::Stop() {
     waiters.swap(space_waiters_);
     cv_.notify_all();
   }
-  for (WorkItem& item : dropped) {
-    if (item.layer) {
-      Finish(std::move(*item.layer), nullptr, 0);
-    } else {
-      item.run(nullptr, 0);
-    }
-  }
+  for (WorkItem& item : dropped) Run(item, nullptr, 0);
   for (auto& w : waiters) w();
   if (thread_.joinable()) thread_.join();
 }
@@ -88,11 +82,7 @@ void Worker::Loop() {
     const double queued = std::chrono::duration<double>(start - item.submitted).count();
     const bool dropped = unhealthy_ || (item.cancelled && item.cancelled());
     if (next && !unhealthy_) backend_->Prefetch(std::move(next));  // overlaps the next upload with this layer
-    if (item.layer) {
-      Finish(std::move(*item.layer), dropped ? nullptr : backend_.get(), queued);
-    } else {
-      item.run(dropped ? nullptr : backend_.get(), queued);
-    }
+    Run(item, dropped ? nullptr : backend_.get(), queued);
     metrics_->gpu_memory_reserved.Set(static_cast<double>(backend_->device_bytes_reserved()));
     metrics_->gpu_memory_peak.Set(static_cast<double>(backend_->device_bytes_peak()));
     if (!unhealthy_ && !backend_->healthy()) {
@@ -102,7 +92,13 @@ void Worker::Loop() {
   }
 }
 
-void Worker::Finish(LayerTask task, Backend* backend, double queue_seconds) {
+void Worker::Run(WorkItem& item, Backend* backend, double queue_seconds) {
+  if (!item.layer) {
+    item.run(backend, queue_seconds);
+    return;
+  }
+  LayerTask task = std::move(*item.layer);
+  item.layer.reset();
   const auto start = std::chrono::steady_clock::now();
   LayerOutcome outcome;
   outcome.result = absl::CancelledError("stream cancelled or server shutting down");

@@ -61,8 +61,9 @@ class Worker {
 
  private:
   void Loop();
-  // Runs (or, with backend == nullptr, drops) a layer task and reports it to its owner.
-  static void Finish(LayerTask task, Backend* backend, double queue_seconds);
+  // Runs an item, or with backend == nullptr drops it; a layer task goes through core's RunLayer
+  // and is reported to its owner.
+  static void Run(WorkItem& item, Backend* backend, double queue_seconds);
 
   std::unique_ptr<Backend> backend_;
   const size_t capacity_;

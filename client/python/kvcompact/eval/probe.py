@@ -1,13 +1,13 @@
-"""Would a detail survive selection? For a pass-key haystack (or any document and a span of it),
-where the span's keys rank under each reference-query source, head by head, against the budget a
-ratio leaves; and which heads the question itself reads the span from.
+"""Would a detail survive selection? For a pass-key haystack of the quality harness, where the
+key's tokens rank under each reference-query source, head by head, against the budget a ratio
+leaves; and which heads the question itself reads the key from.
 
     python -m kvcompact.eval.probe --data ../shared/data --ratio 20 --sources repeat self_study question
 
 Scores are computed here as the service computes them (softmax over the compacted span, RMS or max
 over a source's queries); no server is needed. For each source it prints, over all (layer, KV
-head), how many keep the whole span / any of it within the budget, and the span's best rank in
-the heads the question attends to most.
+head), how many keep the whole key / any of it within the budget, and the key's ranks in the
+heads whose question queries attend to it most.
 """
 from __future__ import annotations
 
@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> None:
         for l, h in top:
             print(f"  layer {l:2d} head {h} (question's attention on the span {question_mass[(l, h)]:.3f}): span ranks "
                   f"rms {sorted(ranks[(l, h, 'rms')].tolist())}, max {sorted(ranks[(l, h, 'max')].tolist())}")
+
 
 if __name__ == "__main__":
     main()
