@@ -1,42 +1,233 @@
-"""The transformers adapter's attention against explicit math (needs torch; skipped without it).
-The end-to-end check with a real model is tools/check_hf_adapter.py (docs/RUNTIME.md)."""
+"""kvcompact.hf on tiny random-weight models of each family built from configs (no downloads):
+keep-everything caches reproduce the uncompacted model's `generate()`, ragged heads and beta
+follow the explicit math, batches of different lengths match their rows alone, and compacted
+caches come back through the real server. On a GPU the same tests run in bf16 and fp32 as well
+(skipped without torch; KVCOMPACT_HF_DEVICES=cpu,cuda picks devices)."""
+import os
+
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
 
 from kvcompact import hf  # noqa: E402
 
-
-class _Module:
-    def __init__(self, layer_idx):
-        self.layer_idx = layer_idx
+VOCAB = 101
 
 
-def test_attention_applies_beta_per_kv_head_padding_and_causality():
+def _devices():
+    wanted = os.environ.get("KVCOMPACT_HF_DEVICES", "cpu,cuda").split(",")
+    out = [("cpu", torch.float32)] if "cpu" in wanted else []
+    if "cuda" in wanted and torch.cuda.is_available():
+        out += [("cuda", torch.float32), ("cuda", torch.bfloat16)]
+    return out
+
+
+DEVICES = _devices()
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma3")
+
+
+def tiny_model(family: str, device="cpu", dtype=torch.float32, seed=0):
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    if family == "llama":
+        cfg, cls = transformers.LlamaConfig(**common), transformers.LlamaForCausalLM
+    elif family == "qwen2":
+        cfg, cls = transformers.Qwen2Config(**common), transformers.Qwen2ForCausalLM
+    elif family == "qwen3":
+        cfg, cls = transformers.Qwen3Config(head_dim=16, **common), transformers.Qwen3ForCausalLM
+    elif family == "mistral":
+        cfg, cls = transformers.MistralConfig(sliding_window=None, **common), transformers.MistralForCausalLM
+    else:  # two sliding-window layers of 16 tokens (kept exact), then a global one (compacted)
+        cfg = transformers.Gemma3TextConfig(head_dim=16, sliding_window=16, query_pre_attn_scalar=16,
+                                            layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                                            **common)
+        cls = transformers.Gemma3ForCausalLM
+    torch.manual_seed(seed)
+    model = cls(cfg).eval().to(device=device, dtype=dtype)
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def _ids(n, seed):
+    return torch.randint(1, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def keep_all_cache(model, ids):
+    """A CompactedCache holding every prefill entry exactly (beta 0): must equal no compaction."""
+    cache, _ = hf.prefill(model, ids)
+    layers = hf.compactable_layers(model)
+    compacted = {l: [(cache.layers[l].keys[0, g], cache.layers[l].values[0, g],
+                      torch.zeros(len(ids), device=cache.layers[l].keys.device))
+                     for g in range(cache.layers[l].keys.shape[1])] for l in layers}
+    exact = {l: cache.layers[l] for l in range(len(cache.layers)) if l not in layers}
+    return hf.CompactedCache.from_layers(compacted, exact, len(cache.layers), len(ids))
+
+
+def _generate(model, cache, prompts, steps=8):
+    inputs = cache.generate_inputs(prompts)
+    out = model.generate(**inputs, past_key_values=cache.copy(), max_new_tokens=steps, do_sample=False,
+                         output_logits=True, return_dict_in_generate=True)
+    width = inputs["input_ids"].shape[1]
+    return out.sequences[:, width:], torch.stack(out.logits, 1).float()
+
+
+def _reference_logits(model, full_ids):
+    """The uncompacted model's logits for each position of `full_ids` (transformers' sdpa)."""
+    with torch.no_grad():
+        return model(input_ids=torch.as_tensor([full_ids], device=model.device)).logits[0].float()
+
+
+def _tolerance(dtype):
+    return 1e-4 if dtype == torch.float32 else 6e-2
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("device,dtype", DEVICES)
+def test_keep_all_cache_generates_what_the_uncompacted_model_does(family, device, dtype):
+    model = tiny_model(family, device, dtype)
+    context, prompt = _ids(40, 1), _ids(5, 2)
+    tokens, logits = _generate(model, keep_all_cache(model, context), [prompt])
+    tokens = tokens[0].tolist()
+    # Teacher-forced through the plain model on the generated sequence: the same logits at every step.
+    ref = _reference_logits(model, context + prompt + tokens)[len(context) + len(prompt) - 1:-1]
+    scale = ref.abs().max().item()
+    assert (logits[0] - ref).abs().max().item() <= _tolerance(dtype) * max(1.0, scale)
+    if dtype == torch.float32:  # greedy choices equal (bf16 may break near-ties differently)
+        assert tokens == ref.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("family", ("llama", "gemma3"))
+@pytest.mark.parametrize("device,dtype", DEVICES)
+def test_a_batch_of_different_lengths_decodes_each_row_as_alone(family, device, dtype):
+    model = tiny_model(family, device, dtype)
+    contexts, prompts = [_ids(40, 3), _ids(23, 4), _ids(9, 5)], [_ids(5, 6), _ids(2, 7), _ids(4, 8)]
+    caches = [keep_all_cache(model, c) for c in contexts]
+    batch, inputs = hf.batch_inputs(model, caches, prompts)
+    out = model.generate(**inputs, past_key_values=batch, max_new_tokens=8, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True)
+    batch_tokens, batch_logits = out.sequences[:, inputs["input_ids"].shape[1]:], torch.stack(out.logits, 1).float()
+    for b, (cache, prompt) in enumerate(zip(caches, prompts)):
+        tokens, logits = _generate(model, cache, [prompt])
+        assert (batch_logits[b] - logits[0]).abs().max().item() <= _tolerance(dtype) * max(1.0, logits.abs().max().item())
+        if dtype == torch.float32:
+            assert batch_tokens[b].tolist() == tokens[0].tolist()
+
+
+@pytest.mark.parametrize("device,dtype", DEVICES)
+def test_ragged_heads_and_beta_follow_the_explicit_math(device, dtype):
+    model = tiny_model("llama", device, dtype)
     rng = np.random.default_rng(0)
-    hkv, group, d, n = 2, 3, 8, 4
-    # Ragged cached heads: 5 and 3 entries; then n new tokens appended by update().
-    blocks = [[(rng.normal(size=(5, d)).astype(np.float32), rng.normal(size=(5, d)).astype(np.float32),
-                rng.normal(size=5).astype(np.float32)),
-               (rng.normal(size=(3, d)).astype(np.float32), rng.normal(size=(3, d)).astype(np.float32),
-                rng.normal(size=3).astype(np.float32))]]
-    cache = hf.CompactedCache.from_blocks(blocks, logical_length=100)
-    k_new = torch.tensor(rng.normal(size=(1, hkv, n, d)), dtype=torch.float32)
-    v_new = torch.tensor(rng.normal(size=(1, hkv, n, d)), dtype=torch.float32)
-    keys, values = cache.update(k_new, v_new, 0)
-    q = torch.tensor(rng.normal(size=(1, hkv * group, n, d)), dtype=torch.float32)
-    out, _ = hf.kvcompact_attention(_Module(0), q, keys, values, None, scaling=0.3, kvcompact_cache=cache)
-    assert out.shape == (1, n, hkv * group, d)
-    for g in range(hkv):
-        bk, bv, bb = blocks[0][g]
-        k_all = np.concatenate([bk, k_new[0, g].numpy()])
-        v_all = np.concatenate([bv, v_new[0, g].numpy()])
-        b_all = np.concatenate([bb, np.zeros(n, np.float32)])
-        for hq in range(g * group, (g + 1) * group):
+    cfg = model.config
+    d, hkv, group = cfg.hidden_size // cfg.num_attention_heads, cfg.num_key_value_heads, 2
+    lengths = [7, 3]  # ragged: the shorter head is padded
+    heads = [(torch.tensor(rng.normal(size=(t, d)), dtype=dtype, device=device),
+              torch.tensor(rng.normal(size=(t, d)), dtype=dtype, device=device),
+              torch.tensor(rng.normal(size=t), dtype=torch.float32, device=device)) for t in lengths]
+    cache = hf.CompactedCache.from_layers({0: heads}, {}, 1, logical_length=100)
+    n = 4
+    k_new = torch.tensor(rng.normal(size=(1, hkv, n, d)), dtype=dtype, device=device)
+    v_new = torch.tensor(rng.normal(size=(1, hkv, n, d)), dtype=dtype, device=device)
+    keys, values = cache.layers[0].update(k_new, v_new)
+    assert cache.get_seq_length() == 100 + n  # positions continue at the logical length
+    q = torch.tensor(rng.normal(size=(1, hkv * group, n, d)), dtype=dtype, device=device)
+
+    class Module:
+        layer_idx = 0
+
+    out, _ = hf.kvcompact_attention(Module(), q, keys, values, None, scaling=0.3)
+    for g, (hk, hv, hb) in enumerate(heads):
+        k_all = torch.cat([hk, k_new[0, g]]).double().cpu()
+        v_all = torch.cat([hv, v_new[0, g]]).double().cpu()
+        b_all = torch.cat([hb.double().cpu(), torch.zeros(n, dtype=torch.float64)])
+        for h in range(g * group, (g + 1) * group):
             for i in range(n):
-                seen = len(bb) + i + 1
-                logits = 0.3 * k_all[:seen] @ q[0, hq, i].numpy() + b_all[:seen]
-                w = np.exp(logits - logits.max())
-                want = (w[:, None] * v_all[:seen]).sum(0) / w.sum()
-                np.testing.assert_allclose(out[0, i, hq].numpy(), want, rtol=1e-5, atol=1e-5)
+                seen = len(hb) + i + 1
+                w = torch.softmax(0.3 * k_all[:seen] @ q[0, h, i].double().cpu() + b_all[:seen], 0)
+                want = w @ v_all[:seen]
+                torch.testing.assert_close(out[0, i, h].double().cpu(), want, rtol=0, atol=_tolerance(dtype) * 20)
+
+
+def test_query_capture_pools_query_heads_per_kv_head_at_the_chosen_positions():
+    model = tiny_model("qwen3")
+    ids = _ids(30, 9)
+    cache, queries = hf.context_prefill(model, ids, keep=6, seed=3)
+    layers = hf.compactable_layers(model)
+    assert sorted(queries) == layers and cache.get_seq_length() == 30
+    cfg = model.config
+    group = cfg.num_attention_heads // cfg.num_key_value_heads
+    for l in layers:
+        assert tuple(queries[l].shape) == (cfg.num_key_value_heads, group * 6, cfg.head_dim)
+    # Capturing everything, then picking the same positions, gives the same rows.
+    cap = hf.QueryCapture(layers)
+    hf.prefill(model, ids, capture=cap, chunk=7)  # chunked prefill: the stream's positions still count from 0
+    every = cap.queries(cfg.num_key_value_heads)
+    from kvcompact.hf.capture import sample_positions
+    pos = sample_positions(30, 6, 3)
+    for l in layers:
+        full = every[l].reshape(cfg.num_key_value_heads, group, 30, -1)[:, :, pos]
+        torch.testing.assert_close(queries[l], full.reshape(cfg.num_key_value_heads, group * 6, -1))
+
+
+def test_gemma3_sliding_layers_stay_exact_and_only_global_layers_are_compactable():
+    model = tiny_model("gemma3")
+    assert hf.compactable_layers(model) == [2]
+    cache = keep_all_cache(model, _ids(40, 10))
+    assert isinstance(cache.layers[2], hf.CompactedLayer)
+    assert not isinstance(cache.layers[0], hf.CompactedLayer) and cache.layers[0].keys.shape[2] < 40
+
+
+class _Tokenizer:
+    """Enough of a tokenizer for the helpers on a tiny model: one token per character."""
+
+    chat_template = None
+    bos_token, eos_token_id = "", 0
+
+    def encode(self, text, add_special_tokens=False):
+        return [1 + (ord(ch) % (VOCAB - 1)) for ch in text]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(96 + (i % 26)) for i in ids)
+
+
+@pytest.mark.parametrize("family", ("llama", "gemma3"))
+def test_compaction_through_the_real_server(family, server_address):
+    model = tiny_model(family)
+    tok = _Tokenizer()
+    text = "The ledger of the harbour: crate 41 holds salt, crate 77 holds rope. " * 4
+    ids = hf.ChatFormat(tok).context(text)
+    # Budget >= the span: the service returns it exactly, so generation equals the uncompacted model's.
+    full = hf.compact_ids(model, ids, server=server_address, tokens=len(ids), queries="context-prefill",
+                          keep_first=2, keep_last=0, streams=2)
+    prompt = hf.question_ids(tok, "Which crate holds rope?")
+    tokens, logits = _generate(model, full, [prompt])
+    ref = _reference_logits(model, ids + prompt + tokens[0].tolist())[len(ids) + len(prompt) - 1:-1]
+    assert (logits[0] - ref).abs().max().item() < 1e-4
+    # 10x with repeat-prefill and self-study queries: 10x fewer entries, logical positions kept.
+    small = hf.compact_ids(model, ids, server=server_address, ratio=10, queries="repeat-prefill+self-study",
+                           tokenizer=tok, keep_first=2, keep_last=4)
+    layer = small.layers[hf.compactable_layers(model)[0]]
+    assert layer.keys.shape[2] <= 2 + 4 + -(-(len(ids) - 6) // 10) + 1
+    assert small.get_seq_length() == len(ids)
+    tokens, logits = _generate(model, small, [prompt])
+    assert torch.isfinite(logits).all() and tokens.shape == (1, 8)
+    assert hf.generate(model, small, [prompt], max_new_tokens=8, do_sample=False)[0] == tokens[0].tolist()
+    texts = hf.answer(model, tok, text, ["Which crate holds rope?", "And salt?"], server=server_address, ratio=10,
+                      queries="context-prefill", max_new_tokens=5)
+    assert len(texts) == 2 and all(len(t) <= 5 for t in texts)
+
+
+def test_bad_arguments_are_refused_before_anything_is_sent():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="queries must be"):
+        hf.compact_ids(model, _ids(20, 1), server="127.0.0.1:1", queries="psychic")
+    with pytest.raises(ValueError, match="leave nothing"):
+        hf.compact_ids(model, _ids(20, 1), server="127.0.0.1:1", keep_first=15, keep_last=5)
+    with pytest.raises(ValueError, match="need the tokenizer"):
+        hf.compact_ids(model, _ids(20, 1), server="127.0.0.1:1", queries="repeat-prefill")
+    cache = keep_all_cache(model, _ids(20, 1))
+    with pytest.raises(ValueError, match="prompts for a cache of batch"):
+        cache.generate_inputs([[1], [2]])
+    with pytest.raises(ValueError, match="only 0 were appended"):
+        cache.layers[0].crop(-1)

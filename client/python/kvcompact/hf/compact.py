@@ -1,0 +1,220 @@
+"""One call from a context to a compacted cache, and the (context, question) -> answer helper.
+
+    from kvcompact.hf import compact_context, answer
+    cache = compact_context(model, tokenizer, context_text, server="localhost:50051", ratio=20)
+    inputs = cache.generate_inputs([question_ids])
+    out = model.generate(**inputs, past_key_values=cache.copy(), max_new_tokens=64)
+
+    answer(model, tokenizer, context_text, "Who signed the lease?", ratio=20)   # -> str
+
+Steps: prefill the context (capturing its queries), capture the chosen reference-query source,
+stream every full-attention layer's span [keep_first, T - keep_last) to the service over parallel
+streams (bf16/fp16 as the model holds them), and build a `CompactedCache` from the results with the
+first and last tokens exact (bias 0). Sliding-window layers stay exact.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from kvcompact.client import Client
+from kvcompact.hf.cache import CompactedCache
+from kvcompact.hf.capture import (compactable_layers, context_prefill, repeat_prefill, self_study, text_config)
+from kvcompact.types import Layer
+
+QUERY_SOURCES = ("context-prefill", "repeat-prefill", "self-study")
+REPEAT_PROMPT = "Repeat the previous context verbatim."
+SELF_STUDY_PROMPTS = (
+    "Summarize the text above in a few sentences.",
+    "List the key facts, names and numbers in the text above.",
+    "Ask a question about a detail of the text above, then answer it.",
+)
+
+
+class ChatFormat:
+    """Where a user turn's content goes in the tokenizer's chat template: context = head + text
+    (the user turn left open), a later instruction = "\\n\\n" + text + tail (turn closed, the
+    assistant's opened). Without a template: head is the BOS token, tail a newline."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        if getattr(tokenizer, "chat_template", None):
+            text = tokenizer.apply_chat_template([{"role": "user", "content": "@@"}], tokenize=False,
+                                                 add_generation_prompt=True)
+            self.head, self.tail = text.split("@@")
+        else:
+            self.head, self.tail = tokenizer.bos_token or "", "\n"
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def context(self, text: str) -> list[int]:
+        return self.encode(self.head + text)
+
+    def instruction(self, text: str) -> list[int]:
+        return self.encode("\n\n" + text + self.tail)
+
+
+def _sources(queries: str) -> list[str]:
+    parts = [q for q in queries.split("+") if q]
+    bad = [q for q in parts if q not in QUERY_SOURCES]
+    if bad or not parts:
+        raise ValueError(f"queries must be one or more of {QUERY_SOURCES} joined by '+', got {queries!r}")
+    return parts
+
+
+def capture_queries(model, ids: Sequence[int], queries: str, fmt: Optional[ChatFormat], max_queries: int,
+                    seed: int = 0, self_study_tokens: int = 64):
+    """Prefills `ids`; returns (its cache, per compactable layer the chosen sources' queries,
+    at most `max_queries` per KV head in all)."""
+    sources = _sources(queries)
+    c = text_config(model)
+    group = c.num_attention_heads // c.num_key_value_heads
+    keep = max(1, max_queries // (group * len(sources)))  # token positions per source
+    cache, own = context_prefill(model, ids, keep, seed)
+    picked = []
+    if "context-prefill" in sources:
+        picked.append(own)
+    if ("repeat-prefill" in sources or "self-study" in sources) and fmt is None:
+        raise ValueError("repeat-prefill and self-study queries need the tokenizer (their instructions are text)")
+    if "repeat-prefill" in sources:
+        picked.append(repeat_prefill(model, cache, ids, fmt.instruction(REPEAT_PROMPT), keep, seed))
+    if "self-study" in sources:
+        eos = fmt.tokenizer.eos_token_id
+        picked.append(self_study(model, cache, [fmt.instruction(p) for p in SELF_STUDY_PROMPTS],
+                                 self_study_tokens, eos_token_id=eos))
+    merged = {l: torch.cat([p[l] for p in picked], dim=1) for l in picked[0]}
+    m = next(iter(merged.values())).shape[1]
+    if m > max_queries:  # self-study's answers can run past the cap: the same random rows in every layer
+        rows = torch.sort(torch.randperm(m, generator=torch.Generator().manual_seed(seed))[:max_queries]).values
+        merged = {l: q[:, rows.to(q.device)].contiguous() for l, q in merged.items()}
+    return cache, merged
+
+
+def _logit_scale(model, layer: int) -> float:
+    """The attention modules' own scale (Gemma 3 uses query_pre_attn_scalar, not head_dim)."""
+    for m in model.modules():
+        if getattr(m, "layer_idx", None) == layer and hasattr(m, "scaling"):
+            return float(m.scaling)
+    return 0.0  # the service's default, 1/sqrt(head_dim)
+
+
+def compact_ids(model, ids: Sequence[int], *, server: str = "localhost:50051", client: Optional[Client] = None,
+                ratio: Optional[float] = 20.0, tokens: Optional[int] = None, method: str = "am",
+                queries: str = "repeat-prefill", tokenizer=None, keep_first: int = 4, keep_last: int = 0,
+                streams: int = 4, max_queries: int = 4096, seed: int = 0, timeout: Optional[float] = None,
+                **options) -> CompactedCache:
+    """Compacts the context `ids` (token ids, batch 1); returns the cache to generate from.
+    `ratio` or `tokens` (entries per head) set the budget of the compacted span; other keyword
+    arguments are the service's options (kvcompact.client.make_header)."""
+    if keep_first < 0 or keep_last < 0 or keep_first + keep_last >= len(ids):
+        raise ValueError(f"keep_first={keep_first} and keep_last={keep_last} leave nothing of {len(ids)} tokens")
+    fmt = ChatFormat(tokenizer) if tokenizer is not None else None
+    cache, refs = capture_queries(model, ids, queries, fmt, max_queries, seed)
+    layers = compactable_layers(model)
+    end = len(ids) - keep_last
+
+    def blocks():
+        for i, l in enumerate(layers):
+            layer = cache.layers[l]
+            yield Layer(i, layer.keys[0, :, keep_first:end], layer.values[0, :, keep_first:end], refs[l])
+
+    scale = _logit_scale(model, layers[0])
+    budget = {"tokens": tokens} if tokens is not None else {"ratio": ratio}
+    own = client is None
+    client = client or Client(server, streams=streams)
+    try:
+        result = client.compact(blocks(), num_layers=len(layers), method=method, logit_scale=scale,
+                                query_heads_per_kv_head=text_config(model).num_attention_heads //
+                                text_config(model).num_key_value_heads, return_indices=False, seed=seed,
+                                timeout=timeout, **budget, **options)
+    finally:
+        if own:
+            client.close()
+    if result.errors:
+        raise RuntimeError(f"compaction failed for layers {sorted(result.errors)}: {next(iter(result.errors.values()))}")
+    compacted = {}
+    for i, l in enumerate(layers):
+        layer = cache.layers[l]
+        dtype, device = layer.keys.dtype, layer.keys.device
+        heads = []
+        for g, head in enumerate(result.layers[i].heads):
+            k = torch.cat([layer.keys[0, g, :keep_first], torch.from_numpy(head.keys).to(device, dtype),
+                           layer.keys[0, g, end:]])
+            v = torch.cat([layer.values[0, g, :keep_first], torch.from_numpy(head.values).to(device, dtype),
+                           layer.values[0, g, end:]])
+            b = torch.cat([torch.zeros(keep_first, device=device), torch.from_numpy(head.beta).to(device),
+                           torch.zeros(keep_last, device=device)])
+            heads.append((k, v, b))
+        compacted[l] = heads
+    exact = {l: cache.layers[l] for l in range(len(cache.layers)) if l not in compacted}
+    return CompactedCache.from_layers(compacted, exact, len(cache.layers), len(ids))
+
+
+def compact_context(model, tokenizer, context: str, **kwargs) -> CompactedCache:
+    """`compact_ids` for a text context placed in an open user turn of the chat template (so a
+    question appended with `question_ids` continues that turn)."""
+    return compact_ids(model, ChatFormat(tokenizer).context(context), tokenizer=tokenizer, **kwargs)
+
+
+def question_ids(tokenizer, question: str) -> list[int]:
+    """A question closing the user turn that `compact_context` left open, the answer's turn opened."""
+    return ChatFormat(tokenizer).instruction(question)
+
+
+@torch.no_grad()
+def batch_inputs(model, caches: Sequence[CompactedCache], prompts: Sequence[Sequence[int]], pad_token_id: int = 0):
+    """A batch to `generate` from: each row's prompt but its last token run into a fork of its
+    cache, the rows stacked, and the last tokens as one-token prompts. Returns (cache, inputs) for
+    `model.generate(**inputs, past_key_values=cache)`; the caches passed in are not modified."""
+    from kvcompact.hf.capture import prefill
+
+    if len(caches) != len(prompts) or any(len(p) == 0 for p in prompts):
+        raise ValueError("one non-empty prompt per cache")
+    rows = []
+    for cache, prompt in zip(caches, prompts):
+        row = cache.copy()
+        if len(prompt) > 1:
+            prefill(model, list(prompt)[:-1], cache=row)
+        rows.append(row)
+    batch = CompactedCache.stack(rows) if len(rows) > 1 else rows[0]
+    return batch, batch.generate_inputs([[p[-1]] for p in prompts], pad_token_id=pad_token_id)
+
+
+def _pad_id(model) -> int:
+    g = model.generation_config
+    pad = g.pad_token_id if g.pad_token_id is not None else g.eos_token_id
+    pad = pad[0] if isinstance(pad, (list, tuple)) else pad
+    return 0 if pad is None else int(pad)
+
+
+@torch.no_grad()
+def generate(model, caches: CompactedCache | Sequence[CompactedCache], prompts: Sequence[Sequence[int]],
+             **generate_kwargs) -> list[list[int]]:
+    """`model.generate` for one prompt per cache (one cache: the same context for every prompt);
+    returns each row's new tokens. The caches are not modified."""
+    from kvcompact.hf.capture import cache_kwarg
+
+    if isinstance(caches, CompactedCache):
+        caches = [caches] * len(prompts)
+    pad = generate_kwargs.pop("pad_token_id", None)
+    pad = _pad_id(model) if pad is None else pad
+    batch, inputs = batch_inputs(model, caches, prompts, pad)
+    out = model.generate(**inputs, pad_token_id=pad, **{cache_kwarg(model): batch}, **generate_kwargs)
+    width = inputs["input_ids"].shape[1]
+    return [row[width:].tolist() for row in out]
+
+
+def answer(model, tokenizer, context: str, question: str | Sequence[str], max_new_tokens: int = 64,
+           generate_kwargs: Optional[dict] = None, **compact_kwargs) -> str | list[str]:
+    """Compacts `context` once and answers `question` (or each of a list, as one batch) greedily
+    unless `generate_kwargs` says otherwise; the compaction options as in `compact_ids`."""
+    cache = compact_context(model, tokenizer, context, **compact_kwargs)
+    many = not isinstance(question, str)
+    questions = list(question) if many else [question]
+    kw = {"do_sample": False, "max_new_tokens": max_new_tokens, **(generate_kwargs or {})}
+    outs = generate(model, cache, [question_ids(tokenizer, q) for q in questions], **kw)
+    stop = {tokenizer.eos_token_id}
+    texts = [tokenizer.decode([t for t in o if t not in stop], skip_special_tokens=True).strip() for o in outs]
+    return texts if many else texts[0]
