@@ -1,8 +1,8 @@
 """The "kvcompact" attention for transformers: SDPA with the compacted cache's per-key bias.
 
-A compacted layer's keys arrive from `CompactedLayer.update` carrying their bias (beta for the
-compacted entries, the dtype's minimum for padding of ragged heads, 0 for appended tokens) as the
-attribute `_kvcompact_bias` [batch, kv_heads, keys]. The bias is shared by the query heads of a
+A compacted layer's keys arrive from `CompactedLayer.update` carrying their layer (attribute
+`_kvcompact_layer`), whose bias is beta for the compacted entries, the dtype's minimum for padding
+of ragged heads and 0 for appended tokens, [batch, kv_heads, keys]. The bias is shared by the query heads of a
 KV head and is added to the logits in the query's dtype (an fp32 mask with bf16 q/k/v gives NaN on
 some SDPA backends). New tokens see every compacted entry and, among the appended entries, what
 transformers' own mask lets them see (causality and padding): its last columns are the appended
@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 
 ATTENTION_NAME = "kvcompact"
+# SDPA backends for compacted layers on CUDA, in order of preference (empty: SDPA's own choice).
+SDPA_BACKENDS: list = []
 _local = threading.local()
 
 
@@ -45,15 +47,22 @@ def _allowed_appended(attention_mask, batch: int, n: int, appended: int, device)
     return (cols <= rows)[None, None]
 
 
-def biased_mask(bias: torch.Tensor, compacted: int, attention_mask, n: int, group: int, dtype) -> torch.Tensor:
-    """The additive mask [batch, query_heads, n, keys] in `dtype` for a compacted layer."""
-    batch, _, total = bias.shape
-    mask = bias.to(dtype).clamp_min(torch.finfo(dtype).min).repeat_interleave(group, dim=1)[:, :, None, :].expand(-1, -1, n, -1).clone()
+def query_head_bias(bias: torch.Tensor, group: int, dtype) -> torch.Tensor:
+    """[batch, kv_heads, keys] fp32 -> [batch, query_heads, 1, keys] in `dtype` (padding at its minimum)."""
+    return bias.to(dtype).clamp_min(torch.finfo(dtype).min).repeat_interleave(group, dim=1)[:, :, None, :]
+
+
+def biased_mask(head_bias: torch.Tensor, compacted: int, attention_mask, n: int) -> torch.Tensor:
+    """The additive mask [batch, query_heads, n or 1, keys] for a compacted layer from its
+    `query_head_bias`: appended entries a new token may not see (later tokens, padding) get the
+    dtype's minimum. One new token that may see everything (decoding) uses the bias as it is."""
+    batch, _, _, total = head_bias.shape
     appended = total - compacted
-    if appended:
-        allowed = _allowed_appended(attention_mask, batch, n, appended, bias.device)
-        tail = mask[..., compacted:]
-        mask[..., compacted:] = tail.masked_fill(~allowed, torch.finfo(dtype).min)
+    if appended == 0 or (n == 1 and not isinstance(attention_mask, torch.Tensor)):
+        return head_bias  # no mask from transformers: no padding, and one token sees all before it
+    allowed = _allowed_appended(attention_mask, batch, n, appended, head_bias.device)
+    mask = head_bias.expand(-1, -1, n, -1).clone()
+    mask[..., compacted:] = mask[..., compacted:].masked_fill(~allowed, torch.finfo(head_bias.dtype).min)
     return mask
 
 
@@ -62,16 +71,36 @@ def kvcompact_attention(module, query, key, value, attention_mask, dropout: floa
     capture = active_capture()
     if capture is not None:
         capture.add(module.layer_idx, query)
-    bias = getattr(key, "_kvcompact_bias", None)
-    if bias is None:
+    layer = getattr(key, "_kvcompact_layer", None)
+    if layer is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     hq, hkv, n = query.shape[1], key.shape[1], query.shape[2]
-    mask = biased_mask(bias, key._kvcompact_compacted, attention_mask, n, hq // hkv, query.dtype)
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=hq != hkv)
+    mask = biased_mask(layer.head_bias(hq // hkv, query.dtype), layer.compacted, attention_mask, n)
+    if query.is_cuda and SDPA_BACKENDS:
+        # cuDNN's attention, which SDPA prefers for masked bf16 on Hopper, plans per shape: a new plan
+        # for every decoding step. Memory-efficient attention takes the mask and any length; it has
+        # no GQA, so the KV heads are repeated (decoding reads the small compacted cache anyway).
+        from torch.nn.attention import sdpa_kernel
+
+        if hq != hkv:
+            key, value = key.repeat_interleave(hq // hkv, dim=1), value.repeat_interleave(hq // hkv, dim=1)
+        with sdpa_kernel(SDPA_BACKENDS):
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
+    else:
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=hq != hkv)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _default_backends() -> list:
+    from torch.nn.attention import SDPBackend
+
+    return [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+SDPA_BACKENDS[:] = _default_backends()
 
 
 def enable(model) -> None:

@@ -38,13 +38,14 @@ class CompactedLayer(DynamicLayer):
         self.device, self.is_initialized = keys.device, True
         self.compacted = int(keys.shape[2])
         self.logical_length = int(logical_length)
+        self._head_bias = None  # bias per query head in the query dtype, built at the first attention
 
     def lazy_initialization(self, key_states, value_states) -> None:  # built initialised
         pass
 
     def _tagged(self) -> torch.Tensor:
         keys = self.keys
-        keys._kvcompact_bias, keys._kvcompact_compacted = self.bias, self.compacted
+        keys._kvcompact_layer = self  # read by the "kvcompact" attention
         return keys
 
     def update(self, key_states, value_states, *args, **kwargs):
@@ -52,7 +53,19 @@ class CompactedLayer(DynamicLayer):
         self.keys = torch.cat([self.keys, key_states.to(self.keys.dtype)], dim=-2)
         self.values = torch.cat([self.values, value_states.to(self.values.dtype)], dim=-2)
         self.bias = torch.cat([self.bias, self.bias.new_zeros(b, h, n)], dim=-1)
+        if self._head_bias is not None:  # appended entries: bias 0 (one cat per step, not a rebuild)
+            hb = self._head_bias
+            self._head_bias = torch.cat([hb, hb.new_zeros(hb.shape[0], hb.shape[1], 1, n)], dim=-1)
         return self._tagged(), self.values
+
+    def head_bias(self, group: int, dtype) -> torch.Tensor:
+        """The bias per query head [batch, query_heads, 1, keys] in `dtype`, kept between steps."""
+        hb = self._head_bias
+        if hb is None or hb.dtype != dtype or hb.shape[1] != self.bias.shape[1] * group or hb.shape[-1] != self.bias.shape[-1]:
+            from kvcompact.hf.attention import query_head_bias
+
+            self._head_bias = hb = query_head_bias(self.bias, group, dtype)
+        return hb
 
     def appended(self) -> int:
         return int(self.keys.shape[2]) - self.compacted
@@ -75,6 +88,7 @@ class CompactedLayer(DynamicLayer):
             raise ValueError(f"cannot crop {k} tokens: only {self.appended()} were appended after compaction")
         if k:
             self.keys, self.values, self.bias = self.keys[..., :-k, :], self.values[..., :-k, :], self.bias[..., :-k]
+            self._head_bias = None
 
     def reset(self) -> None:
         raise NotImplementedError("a compacted layer cannot be reset; build a new cache")
@@ -84,6 +98,7 @@ class CompactedLayer(DynamicLayer):
 
     def _rows(self, op) -> None:
         self.keys, self.values, self.bias = op(self.keys), op(self.values), op(self.bias)
+        self._head_bias = None
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         self._rows(lambda t: t.repeat_interleave(repeats, dim=0))
