@@ -2,7 +2,7 @@
 """Docs are code: every repository path and every command-line flag that README.md and docs/ name
 must exist. Paths: `code spans` and link targets that look like files or folders of this
 repository. Flags: `--name` in code spans and code blocks, checked against the flags the project's
-programs define (server, CLI, benchmarks, Python tools, scripts). Exit 1 with a list of what is
+programs define (server, CLI, benchmarks and their Python scripts, Python tools, scripts). Exit 1 with a list of what is
 missing.  scripts/check_docs.py [--root DIR]
 """
 from __future__ import annotations
@@ -73,7 +73,8 @@ def defined_flags(root: str) -> set[str]:
     sources = [p for p in glob.glob(os.path.join(root, "**", "*.cc"), recursive=True) if "/build" not in p]
     for path in sources:
         flags |= set(re.findall(r"ABSL_FLAG\(\s*[\w:<>, ]+?,\s*(\w+)\s*,", open(path, errors="replace").read()))
-    for path in glob.glob(os.path.join(root, "client", "python", "**", "*.py"), recursive=True):
+    for path in (glob.glob(os.path.join(root, "client", "python", "**", "*.py"), recursive=True)
+                 + glob.glob(os.path.join(root, "bench", "*.py"))):
         flags |= set(re.findall(r"add_argument\(\s*\"--([\w-]+)\"", open(path).read()))
     for path in glob.glob(os.path.join(root, "scripts", "*")) + glob.glob(os.path.join(root, "bench", "*.sh")):
         if os.path.isfile(path):

@@ -231,3 +231,62 @@ def test_bad_arguments_are_refused_before_anything_is_sent():
         cache.generate_inputs([[1], [2]])
     with pytest.raises(ValueError, match="only 0 were appended"):
         cache.layers[0].crop(-1)
+
+
+@pytest.mark.parametrize("family", ("llama", "qwen3"))
+def test_re_rotated_keys_at_physical_positions_decode_as_logical_positions_do(family):
+    model = tiny_model(family)
+    context, prompt = _ids(48, 11), _ids(4, 12)
+    full, _ = hf.prefill(model, context)
+    keep = torch.arange(0, 48, 3)  # a third of the entries, with some beta: P = 16 of T = 48
+    rng = torch.Generator().manual_seed(0)
+    compacted = {l: [(full.layers[l].keys[0, g, keep], full.layers[l].values[0, g, keep],
+                      torch.randn(len(keep), generator=rng)) for g in range(full.layers[l].keys.shape[1])]
+                 for l in hf.compactable_layers(model)}
+    logical = hf.CompactedCache.from_layers(compacted, {}, len(full.layers), len(context))
+    physical = hf.with_physical_positions(model, logical)
+    assert physical.get_seq_length() == len(keep)
+    tokens, logits = _generate(model, logical, [prompt])
+    tokens_p, logits_p = _generate(model, physical, [prompt])
+    assert tokens.tolist() == tokens_p.tolist()
+    assert (logits - logits_p).abs().max().item() < 1e-4
+
+
+def test_sampling_streamer_and_stopping_criteria_work_from_a_compacted_cache():
+    from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
+    from transformers.generation.streamers import BaseStreamer
+
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.chunks = []
+
+        def put(self, value):
+            self.chunks.append(value.tolist())
+
+        def end(self):
+            self.chunks.append("end")
+
+    class StopAfter(StoppingCriteria):
+        def __init__(self, width, n):
+            self.width, self.n = width, n
+
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), input_ids.shape[1] >= self.width + self.n, dtype=torch.bool)
+
+    model = tiny_model("llama")
+    cache = keep_all_cache(model, _ids(30, 13))
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        batch, inputs = hf.batch_inputs(model, [cache], [_ids(3, 14)])
+        streamer = Collect()
+        width = inputs["input_ids"].shape[1]
+        out = model.generate(**inputs, past_key_values=batch, do_sample=True, top_k=20, temperature=0.9,
+                             max_new_tokens=50, streamer=streamer,
+                             stopping_criteria=StoppingCriteriaList([StopAfter(width, 5)]))
+        new = out[0, width:].tolist()
+        assert len(new) == 5  # stopped by the criterion, not by max_new_tokens
+        streamed = [t for chunk in streamer.chunks[1:-1] for t in (chunk if isinstance(chunk, list) else [chunk])]
+        assert streamed == new and streamer.chunks[-1] == "end"  # the prompt first, then each new token
+        runs.append(new)
+    assert runs[0] == runs[1]  # sampling from the compacted cache is reproducible under a seed

@@ -1,7 +1,8 @@
 """The real SmolLM2-135M-Instruct GGUF loaded by transformers itself (the `gguf` package) against
 kvcompact.runtime on the same blocks: a context compacted by the real service with ragged
 per-head budgets gives the same teacher-forced log-probabilities and the same greedy answer
-through `model.generate()` as the numpy runtime. Skipped without torch and transformers."""
+through `model.generate()` as the numpy runtime, and the same logits without compaction.
+Skipped without torch and transformers."""
 import os
 
 import numpy as np
@@ -56,3 +57,15 @@ def test_transformers_on_service_blocks_matches_the_numpy_runtime(models, server
     compacted = hf.from_runtime_blocks(blocks, len(context), interleaved_rope=True)
     got_tokens = hf.generate(model, compacted, [question], max_new_tokens=len(want_tokens), do_sample=False)[0]
     assert got_tokens == want_tokens, (tok.decode(got_tokens), tok.decode(want_tokens))
+
+
+def test_transformers_and_the_numpy_runtime_give_the_same_logits(models):
+    runtime, model = models
+    tok = runtime.tokenizer
+    ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": TEXT[:300]}], add_generation_prompt=True))
+    want = runtime.forward(ids, runtime.new_cache())
+    with torch.no_grad():
+        got = model(input_ids=torch.tensor([ids])).logits[0].double().numpy()
+    print(f"max |dlogit| {np.abs(got - want).max():.2e} over {len(ids)} tokens")
+    assert np.abs(got - want).max() < 5e-4, np.abs(got - want).max()
+    assert (got.argmax(-1) == want.argmax(-1)).all()

@@ -12,9 +12,10 @@ from kvcompact.hf.cache import CompactedCache, CompactedLayer, cache_nbytes
 from kvcompact.hf.capture import QueryCapture, compactable_layers, context_prefill, prefill, repeat_prefill, self_study
 from kvcompact.hf.compact import (QUERY_SOURCES, ChatFormat, answer, batch_inputs, capture_queries, compact_context, compact_ids,
                                   generate, question_ids)
+from kvcompact.hf.positions import rerotate_keys, with_physical_positions
 from kvcompact.hf.runtime_blocks import from_runtime_blocks, log_probs
 
 __all__ = ["ATTENTION_NAME", "enable", "kvcompact_attention", "CompactedCache", "CompactedLayer", "cache_nbytes",
            "QueryCapture", "compactable_layers", "context_prefill", "prefill", "repeat_prefill", "self_study",
            "QUERY_SOURCES", "ChatFormat", "answer", "capture_queries", "compact_context", "compact_ids", "generate",
-           "question_ids", "batch_inputs", "from_runtime_blocks", "log_probs"]
+           "question_ids", "batch_inputs", "rerotate_keys", "with_physical_positions", "from_runtime_blocks", "log_probs"]
