@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from kvcompact.eval import quality
 
@@ -92,3 +93,23 @@ def test_probe_finds_every_run_of_tokens_that_spells_the_span():
     assert span_positions(pieces, "482") == [4, 5, 6, 8, 9, 11, 12]
     assert span_positions(pieces, "4821") == [11, 12, 13]
     assert span_positions(pieces, "999") == []
+
+
+def test_protected_numbers_are_the_digit_tokens_least_predictable_first():
+    from types import SimpleNamespace
+
+    from kvcompact.eval.quality import SINK_TOKENS, Prefix, protected_positions
+
+    words = ["<s>", "a", "b", "c", "The", " key", " is", " 7", "1", "4", " and", " 2", "0", " done"]
+
+    class Tok:
+        def decode(self, ids):
+            return "".join(words[i] for i in ids)
+
+    surprisal = np.array([0, 1, 1, 1, 5, 2, 1, 9.0, 2.5, 2.0, 1, 3.0, 0.5, 1])
+    prefix = Prefix(SimpleNamespace(tokenizer=Tok()), list(range(len(words))), None, 0, surprisal=surprisal)
+    assert SINK_TOKENS == 4
+    assert protected_positions(prefix, "numbers", budget=20, share=0.5).tolist() == [7, 8, 9, 11, 12]
+    assert protected_positions(prefix, "numbers", budget=6, share=0.5).tolist() == [7, 8, 11]  # 3 most surprising
+    with pytest.raises(ValueError, match="only 'numbers'"):
+        protected_positions(prefix, "names", budget=6, share=0.5)

@@ -104,3 +104,29 @@ def test_demo_reports_each_step_and_what_it_measured(server_address, capsys):
                           if l.strip().startswith("full ") and l.split()[1] == "1").replace(",", ""))
     assert all(float(r[2].replace(",", "")) < full_kib / 4 for r in rows)  # 5x smaller, beta included
     assert "5x: " in out and "paired difference" in out
+
+
+def test_protected_positions_stay_exact_and_count_against_the_budget(server_address):
+    rng = np.random.default_rng(5)
+    layers, heads, d, T = 2, 3, 16, 200
+    cache = KVCache.empty(layers, heads, d)
+    for layer in cache.heads:
+        for h in layer:
+            h.append(rng.normal(size=(T, d)).astype(np.float32), rng.normal(size=(T, d)).astype(np.float32))
+    queries = [rng.normal(size=(heads, 64, d)).astype(np.float32) for _ in range(layers)]
+    before = cache.copy()
+    protected = [17, 18, 150]
+    with Client(server_address) as client:
+        compact_cache(cache, client, queries, 4, T, protected=protected, ratio=10)
+    for l in range(layers):
+        for g in range(heads):
+            block = cache.heads[l][g]
+            assert len(block) == 4 + round((T - 4) / 10)  # sinks + the ratio's budget, protected included
+            exact = block.keys[-len(protected):]
+            np.testing.assert_array_equal(exact, before.heads[l][g].keys[protected])
+            np.testing.assert_array_equal(block.values[-len(protected):], before.heads[l][g].values[protected])
+            assert not block.bias[-len(protected):].any()
+    with pytest.raises(ValueError, match="lie in"):
+        compact_cache(before.copy(), Client(server_address), queries, 4, T, protected=[2], ratio=10)
+    with pytest.raises(ValueError, match="leave nothing"):
+        compact_cache(before.copy(), Client(server_address), queries, 4, T, protected=list(range(4, 30)), ratio=10)

@@ -137,8 +137,24 @@ def method_options(label: str) -> dict:
     options = {"method": name}
     for part in filter(None, rest.split(",")):
         key, _, value = part.partition("=")
-        options[key] = value if key in ("score", "queries", "allocation", "profile") else float(value)
+        options[key] = value if key in ("score", "queries", "allocation", "profile", "protect") else float(value)
     return options
+
+
+def protected_positions(prefix: Prefix, kind: str, budget: int, share: float) -> np.ndarray:
+    """Context positions kept exact by 'protect=numbers': tokens that hold a digit (lab values,
+    amounts, dates, keys), at most `share` of the budget, the least predictable first."""
+    if kind != "numbers":
+        raise ValueError(f"protect={kind!r}: only 'numbers' is defined")
+    tok = prefix.model.tokenizer
+    end = len(prefix.tokens)
+    digits = np.array([p for p in range(SINK_TOKENS, end) if any(c.isdigit() for c in tok.decode([prefix.tokens[p]]))],
+                      dtype=np.int64)
+    cap = int(share * budget)
+    if len(digits) > cap:
+        order = np.argsort(-prefix.surprisal[digits], kind="stable")[:cap]
+        digits = np.sort(digits[order])
+    return digits
 
 
 def default_queries(method: str) -> str:
@@ -173,13 +189,17 @@ def compacted(prefix: Prefix, client: Client, method: str, ratio: float, max_con
     cache = prefix.cache.copy()
     options = method_options(method)
     copy_values = bool(options.pop("copy_values", 0))
+    protect, share = options.pop("protect", None), float(options.pop("protect_share", 0.5))
     source = options.pop("queries", default_queries(options["method"]))
     queries = prefix.queries(source)  # capture stays out of the compaction timing
     capture = sum(prefix.capture_seconds.get(name, 0.0) for name in source.split("+"))
     start = time.time()
     layers = prefix.model.compactable_layers()
+    budget = max(1, int(round((len(prefix.tokens) - SINK_TOKENS) / ratio)))
+    kept = protected_positions(prefix, protect, budget, share) if protect else None
     result = compact_cache(cache, client, queries, SINK_TOKENS, len(prefix.tokens), layers=layers, ratio=ratio,
-                           holdout=0.1, return_indices=True, **options)
+                           holdout=0.1, return_indices=True, protected=kept if kept is not None and len(kept) else None,
+                           **options)
     if copy_values:
         for i, layer in result.layers.items():
             l = layers[i]

@@ -29,15 +29,45 @@ def cache_layers(cache: KVCache, queries: Optional[Sequence[np.ndarray]], start:
 
 
 def compact_cache(cache: KVCache, client: Client, queries: Optional[Sequence[np.ndarray]], start: int, end: int,
-                  layers: Optional[Sequence[int]] = None, **options) -> CompactResult:
+                  layers: Optional[Sequence[int]] = None, protected: Optional[Sequence[int]] = None,
+                  **options) -> CompactResult:
     """Compacts entries [start, end) of every head of `layers` (default: all; models with sliding
     windows pass their compactable_layers()) in place; returns the service result, whose layer i
-    is layers[i]."""
+    is layers[i]. `protected` (positions in [start, end)) stay exact, bias 0, and count against
+    the budget: the service compacts the rest of the span to `ratio`'s total less their number
+    (compacted blocks compose, so exact entries beside a compacted block change nothing in its fit)."""
     chosen = list(range(len(cache.heads))) if layers is None else list(layers)
-    result = client.compact(cache_layers(cache, queries, start, end, chosen), **options)
+    if protected is None or len(protected) == 0:
+        result = client.compact(cache_layers(cache, queries, start, end, chosen), **options)
+        exact = None
+    else:
+        keep = np.unique(np.asarray(protected, dtype=np.int64))
+        if keep.min() < start or keep.max() >= end:
+            raise ValueError(f"protected positions must lie in [{start}, {end})")
+        rest = np.setdiff1d(np.arange(start, end), keep)
+        if "ratio" not in options or options.get("allocation") or "tokens" in options or "per_head" in options:
+            raise ValueError("protected positions take a plain ratio budget")
+        total = max(1, int(round((end - start) / options.pop("ratio"))))
+        if len(keep) >= total:
+            raise ValueError(f"{len(keep)} protected positions leave nothing of a budget of {total}")
+        exact = keep
+        result = client.compact(_gathered_layers(cache, queries, rest, chosen), tokens=total - len(keep), **options)
     if result.errors:
         raise RuntimeError(f"compaction failed for layers {sorted(result.errors)}: {next(iter(result.errors.values()))}")
     for i, layer in result.layers.items():
         for g, head in enumerate(layer.heads):
-            cache.replace(chosen[i], g, start, end, head.keys, head.values, head.beta)
+            keys, values, beta = head.keys, head.values, head.beta
+            if exact is not None:
+                h = cache.heads[chosen[i]][g]
+                keys = np.concatenate([np.asarray(keys, np.float32), h.keys[exact]])
+                values = np.concatenate([np.asarray(values, np.float32), h.values[exact]])
+                beta = np.concatenate([np.asarray(beta, np.float32), np.zeros(len(exact), np.float32)])
+            cache.replace(chosen[i], g, start, end, keys, values, beta)
     return result
+
+
+def _gathered_layers(cache: KVCache, queries, positions: np.ndarray, chosen: Sequence[int]) -> list[Layer]:
+    """The entries at `positions` of every head of the chosen layers (plain tokens: bias 0)."""
+    return [Layer(i, np.stack([h.keys[positions] for h in cache.heads[l]]),
+                  np.stack([h.values[positions] for h in cache.heads[l]]),
+                  None if queries is None else queries[l]) for i, l in enumerate(chosen)]
