@@ -110,6 +110,10 @@ def test_protected_numbers_are_the_digit_tokens_least_predictable_first():
     prefix = Prefix(SimpleNamespace(tokenizer=Tok()), list(range(len(words))), None, 0, surprisal=surprisal)
     assert SINK_TOKENS == 4
     assert protected_positions(prefix, "numbers", budget=20, share=0.5).tolist() == [7, 8, 9, 11, 12]
-    assert protected_positions(prefix, "numbers", budget=6, share=0.5).tolist() == [7, 8, 11]  # 3 most surprising
+    # Whole numbers, the least predictable first, within the cap: "714" (3 tokens) fits 3, "20" does not join.
+    assert protected_positions(prefix, "numbers", budget=6, share=0.5).tolist() == [7, 8, 9]
+    assert protected_positions(prefix, "numbers", budget=4, share=0.5).tolist() == [11, 12]
+    # With the two tokens that name each number ("key is").
+    assert protected_positions(prefix, "numbers", budget=20, share=0.5, before=2).tolist() == [5, 6, 7, 8, 9, 10, 11, 12]
     with pytest.raises(ValueError, match="only 'numbers'"):
         protected_positions(prefix, "names", budget=6, share=0.5)

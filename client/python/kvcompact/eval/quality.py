@@ -141,20 +141,33 @@ def method_options(label: str) -> dict:
     return options
 
 
-def protected_positions(prefix: Prefix, kind: str, budget: int, share: float) -> np.ndarray:
-    """Context positions kept exact by 'protect=numbers': tokens that hold a digit (lab values,
-    amounts, dates, keys), at most `share` of the budget, the least predictable first."""
+def protected_positions(prefix: Prefix, kind: str, budget: int, share: float, before: int = 0) -> np.ndarray:
+    """Context positions kept exact by 'protect=numbers': each number (a run of tokens that hold a
+    digit: lab values, amounts, dates, keys) with the `before` tokens that name it ("pass key is"),
+    whole numbers the least predictable first, until `share` of the budget is used."""
     if kind != "numbers":
         raise ValueError(f"protect={kind!r}: only 'numbers' is defined")
     tok = prefix.model.tokenizer
     end = len(prefix.tokens)
-    digits = np.array([p for p in range(SINK_TOKENS, end) if any(c.isdigit() for c in tok.decode([prefix.tokens[p]]))],
-                      dtype=np.int64)
-    cap = int(share * budget)
-    if len(digits) > cap:
-        order = np.argsort(-prefix.surprisal[digits], kind="stable")[:cap]
-        digits = np.sort(digits[order])
-    return digits
+    digit = [any(c.isdigit() for c in tok.decode([prefix.tokens[p]])) for p in range(end)]
+    spans, p = [], SINK_TOKENS
+    while p < end:
+        if digit[p]:
+            q = p
+            while q < end and digit[q]:
+                q += 1
+            spans.append((max(SINK_TOKENS, p - before), p, q))  # (first kept, first digit, end)
+            p = q
+        else:
+            p += 1
+    spans.sort(key=lambda s: -float(np.max(prefix.surprisal[s[1]:s[2]])))
+    cap, kept = int(share * budget), []
+    for first, _, stop in spans:
+        new = [x for x in range(first, stop) if x not in kept]
+        if len(kept) + len(new) > cap:
+            continue
+        kept.extend(new)
+    return np.array(sorted(kept), dtype=np.int64)
 
 
 def default_queries(method: str) -> str:
@@ -190,13 +203,14 @@ def compacted(prefix: Prefix, client: Client, method: str, ratio: float, max_con
     options = method_options(method)
     copy_values = bool(options.pop("copy_values", 0))
     protect, share = options.pop("protect", None), float(options.pop("protect_share", 0.5))
+    before = int(options.pop("protect_before", 0))
     source = options.pop("queries", default_queries(options["method"]))
     queries = prefix.queries(source)  # capture stays out of the compaction timing
     capture = sum(prefix.capture_seconds.get(name, 0.0) for name in source.split("+"))
     start = time.time()
     layers = prefix.model.compactable_layers()
     budget = max(1, int(round((len(prefix.tokens) - SINK_TOKENS) / ratio)))
-    kept = protected_positions(prefix, protect, budget, share) if protect else None
+    kept = protected_positions(prefix, protect, budget, share, before) if protect else None
     result = compact_cache(cache, client, queries, SINK_TOKENS, len(prefix.tokens), layers=layers, ratio=ratio,
                            holdout=0.1, return_indices=True, protected=kept if kept is not None and len(kept) else None,
                            **options)
