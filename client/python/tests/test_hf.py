@@ -213,6 +213,19 @@ def test_compaction_through_the_real_server(family, server_address):
     tokens, logits = _generate(model, small, [prompt])
     assert torch.isfinite(logits).all() and tokens.shape == (1, 8)
     assert hf.generate(model, small, [prompt], max_new_tokens=8, do_sample=False)[0] == tokens[0].tolist()
+    # Named positions stay exact (bias 0) inside the same budget.
+    named = [10, 11, 12, 40]
+    guarded = hf.compact_ids(model, ids, server=server_address, ratio=10, queries="context-prefill", keep_first=2,
+                             protected=named)
+    layer_idx = hf.compactable_layers(model)[0]
+    layer, full_layer = guarded.layers[layer_idx], full.layers[layer_idx]
+    assert layer.keys.shape[2] == 2 + round((len(ids) - 2) / 10)
+    for g in range(layer.keys.shape[1]):
+        torch.testing.assert_close(layer.keys[0, g, -len(named):], full_layer.keys[0, g, torch.tensor(named)])  # the keep-all cache holds position p at p
+        assert not layer.bias[0, g, -len(named):].any()
+    with pytest.raises(ValueError, match="compacted span"):
+        hf.compact_ids(model, ids, server=server_address, ratio=10, queries="context-prefill", keep_first=2,
+                       protected=[0])
     texts = hf.answer(model, tok, text, ["Which crate holds rope?", "And salt?"], server=server_address, ratio=10,
                       queries="context-prefill", max_new_tokens=5)
     assert len(texts) == 2 and all(len(t) <= 5 for t in texts)

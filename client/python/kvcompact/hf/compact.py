@@ -104,21 +104,35 @@ def compact_ids(model, ids: Sequence[int], *, server: str = "localhost:50051", c
                 ratio: Optional[float] = 20.0, tokens: Optional[int] = None, method: str = "am",
                 queries: str = "repeat-prefill", tokenizer=None, keep_first: int = 4, keep_last: int = 0,
                 streams: int = 4, max_queries: int = 4096, seed: int = 0, timeout: Optional[float] = None,
-                **options) -> CompactedCache:
+                protected: Optional[Sequence[int]] = None, **options) -> CompactedCache:
     """Compacts the context `ids` (token ids, batch 1); returns the cache to generate from.
     `ratio` or `tokens` (entries per head) set the budget of the compacted span; other keyword
-    arguments are the service's options (kvcompact.client.make_header)."""
+    arguments are the service's options (kvcompact.client.make_header). `protected`: positions
+    of the span the caller names (the details a later question may need: numbers, names) kept
+    exact with bias 0; they count against the budget and the service compacts the rest."""
     if keep_first < 0 or keep_last < 0 or keep_first + keep_last >= len(ids):
         raise ValueError(f"keep_first={keep_first} and keep_last={keep_last} leave nothing of {len(ids)} tokens")
+    end = len(ids) - keep_last
+    span = torch.arange(keep_first, end)
+    exact = torch.empty(0, dtype=torch.long)
+    if protected is not None and len(protected):
+        exact = torch.unique(torch.as_tensor(list(protected), dtype=torch.long))
+        if exact.min() < keep_first or exact.max() >= end:
+            raise ValueError(f"protected positions must lie in the compacted span [{keep_first}, {end})")
+        total = tokens if tokens is not None else max(1, round((end - keep_first) / ratio))
+        if len(exact) >= total:
+            raise ValueError(f"{len(exact)} protected positions leave nothing of a budget of {total} per head")
+        span = span[~torch.isin(span, exact)]
+        tokens, ratio = total - len(exact), None
     fmt = ChatFormat(tokenizer) if tokenizer is not None else None
     cache, refs = capture_queries(model, ids, queries, fmt, max_queries, seed)
     layers = compactable_layers(model)
-    end = len(ids) - keep_last
 
     def blocks():
         for i, l in enumerate(layers):
             layer = cache.layers[l]
-            yield Layer(i, layer.keys[0, :, keep_first:end], layer.values[0, :, keep_first:end], refs[l])
+            rows = span.to(layer.keys.device)
+            yield Layer(i, layer.keys[0, :, rows], layer.values[0, :, rows], refs[l])
 
     scale = _logit_scale(model, layers[0])
     budget = {"tokens": tokens} if tokens is not None else {"ratio": ratio}
@@ -140,12 +154,13 @@ def compact_ids(model, ids: Sequence[int], *, server: str = "localhost:50051", c
         dtype, device = layer.keys.dtype, layer.keys.device
         heads = []
         for g, head in enumerate(result.layers[i].heads):
+            ex = exact.to(device)
             k = torch.cat([layer.keys[0, g, :keep_first], torch.from_numpy(head.keys).to(device, dtype),
-                           layer.keys[0, g, end:]])
+                           layer.keys[0, g, ex], layer.keys[0, g, end:]])
             v = torch.cat([layer.values[0, g, :keep_first], torch.from_numpy(head.values).to(device, dtype),
-                           layer.values[0, g, end:]])
+                           layer.values[0, g, ex], layer.values[0, g, end:]])
             b = torch.cat([torch.zeros(keep_first, device=device), torch.from_numpy(head.beta).to(device),
-                           torch.zeros(keep_last, device=device)])
+                           torch.zeros(len(ex) + keep_last, device=device)])
             heads.append((k, v, b))
         compacted[l] = heads
     exact = {l: cache.layers[l] for l in range(len(cache.layers)) if l not in compacted}
