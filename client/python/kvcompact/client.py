@@ -1,6 +1,7 @@
 """The kvcompact client: streams layers to kvcompact-server and collects the compacted blocks."""
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Sequence as SequenceABC
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
@@ -231,6 +232,15 @@ class Client:
         if failures:  # the client's own error (a bad layer) first, then the server's
             raise next((f for f in failures if not isinstance(f, CompactError)), failures[0])
         return collector.result()
+
+
+def ratio_budget(tokens: int, ratio: float) -> int:
+    """Entries per head the service keeps of `tokens` at `ratio`: round(T / ratio), halves away
+    from zero, in [1, T] (server/stream_plan.cc)."""
+    if not ratio > 0:
+        raise ValueError("ratio must be > 0")
+    return int(min(tokens, max(1, math.floor(tokens / ratio + 0.5))))
+
 
 
 def make_header(layers: Layer | Sequence[Layer], *, ratio: Optional[float] = None, tokens: Optional[int] = None,

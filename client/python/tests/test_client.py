@@ -198,3 +198,15 @@ def test_messages_stay_under_the_limit():
     assert sum((m.kv.head_end - m.kv.head_begin) * m.kv.keys.shape[1] for m in msgs if m.HasField("kv")) == 2 * 3000
     assert msgs[-1].HasField("layer_end")
     assert pb.CompactRequest.FromString(msgs[0].SerializeToString()) == msgs[0]
+
+
+def test_ratio_budget_rounds_as_the_server_does():
+    from kvcompact.client import ratio_budget
+
+    assert ratio_budget(200, 10) == 20
+    assert ratio_budget(25, 10) == 3      # 2.5: halves away from zero (llround), not to even
+    assert ratio_budget(15, 10) == 2
+    assert ratio_budget(7, 100) == 1      # never below one entry
+    assert ratio_budget(7, 1e-30) == 7    # nor above T
+    with pytest.raises(ValueError):
+        ratio_budget(10, 0)

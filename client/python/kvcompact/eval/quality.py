@@ -23,6 +23,7 @@ import numpy as np
 from kvcompact import Client
 from kvcompact.runtime import GemmaModel, KVCache, LlamaModel
 from kvcompact.runtime import queries as rq
+from kvcompact.client import ratio_budget
 from kvcompact.runtime.compaction import compact_cache
 
 SINK_TOKENS = 4  # the start of the chat template stays exact (attention sinks)
@@ -209,7 +210,7 @@ def compacted(prefix: Prefix, client: Client, method: str, ratio: float, max_con
     capture = sum(prefix.capture_seconds.get(name, 0.0) for name in source.split("+"))
     start = time.time()
     layers = prefix.model.compactable_layers()
-    budget = max(1, int(round((len(prefix.tokens) - SINK_TOKENS) / ratio)))
+    budget = ratio_budget(len(prefix.tokens) - SINK_TOKENS, ratio)
     kept = protected_positions(prefix, protect, budget, share, before) if protect else None
     result = compact_cache(cache, client, queries, SINK_TOKENS, len(prefix.tokens), layers=layers, ratio=ratio,
                            holdout=0.1, return_indices=True, protected=kept if kept is not None and len(kept) else None,

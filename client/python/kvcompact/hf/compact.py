@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from kvcompact.client import Client
+from kvcompact.client import Client, ratio_budget
 from kvcompact.hf.cache import CompactedCache
 from kvcompact.hf.capture import (compactable_layers, context_prefill, repeat_prefill, self_study, text_config)
 from kvcompact.types import Layer
@@ -119,7 +119,7 @@ def compact_ids(model, ids: Sequence[int], *, server: str = "localhost:50051", c
         exact = torch.unique(torch.as_tensor(list(protected), dtype=torch.long))
         if exact.min() < keep_first or exact.max() >= end:
             raise ValueError(f"protected positions must lie in the compacted span [{keep_first}, {end})")
-        total = tokens if tokens is not None else max(1, round((end - keep_first) / ratio))
+        total = tokens if tokens is not None else ratio_budget(end - keep_first, ratio)
         if len(exact) >= total:
             raise ValueError(f"{len(exact)} protected positions leave nothing of a budget of {total} per head")
         span = span[~torch.isin(span, exact)]

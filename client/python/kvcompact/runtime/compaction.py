@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from kvcompact.client import Client
+from kvcompact.client import Client, ratio_budget
 from kvcompact.runtime.cache import KVCache
 from kvcompact.types import CompactResult, Layer
 
@@ -47,7 +47,7 @@ def compact_cache(cache: KVCache, client: Client, queries: Optional[Sequence[np.
         rest = np.setdiff1d(np.arange(start, end), keep)
         if "ratio" not in options or options.get("allocation") or "tokens" in options or "per_head" in options:
             raise ValueError("protected positions take a plain ratio budget")
-        total = max(1, int(round((end - start) / options.pop("ratio"))))
+        total = ratio_budget(end - start, options.pop("ratio"))
         if len(keep) >= total:
             raise ValueError(f"{len(keep)} protected positions leave nothing of a budget of {total}")
         exact = keep
