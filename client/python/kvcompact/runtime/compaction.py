@@ -33,7 +33,7 @@ def compact_cache(cache: KVCache, client: Client, queries: Optional[Sequence[np.
                   **options) -> CompactResult:
     """Compacts entries [start, end) of every head of `layers` (default: all; models with sliding
     windows pass their compactable_layers()) in place; returns the service result, whose layer i
-    is layers[i]. `protected` (positions in [start, end)) stay exact, bias 0, and count against
+    is layers[i]. `protected` (positions in [start, end)) stay exact, with their bias, and count against
     the budget: the service compacts the rest of the span to `ratio`'s total less their number
     (compacted blocks compose, so exact entries beside a compacted block change nothing in its fit)."""
     chosen = list(range(len(cache.heads))) if layers is None else list(layers)
@@ -61,13 +61,17 @@ def compact_cache(cache: KVCache, client: Client, queries: Optional[Sequence[np.
                 h = cache.heads[chosen[i]][g]
                 keys = np.concatenate([np.asarray(keys, np.float32), h.keys[exact]])
                 values = np.concatenate([np.asarray(values, np.float32), h.values[exact]])
-                beta = np.concatenate([np.asarray(beta, np.float32), np.zeros(len(exact), np.float32)])
+                beta = np.concatenate([np.asarray(beta, np.float32), h.bias[exact]])  # 0 unless compacted before
             cache.replace(chosen[i], g, start, end, keys, values, beta)
     return result
 
 
 def _gathered_layers(cache: KVCache, queries, positions: np.ndarray, chosen: Sequence[int]) -> list[Layer]:
-    """The entries at `positions` of every head of the chosen layers (plain tokens: bias 0)."""
-    return [Layer(i, np.stack([h.keys[positions] for h in cache.heads[l]]),
-                  np.stack([h.values[positions] for h in cache.heads[l]]),
-                  None if queries is None else queries[l]) for i, l in enumerate(chosen)]
+    """The entries at `positions` of every head of the chosen layers, with their bias if any."""
+    out = []
+    for i, l in enumerate(chosen):
+        heads = cache.heads[l]
+        bias = np.stack([h.bias[positions] for h in heads])
+        out.append(Layer(i, np.stack([h.keys[positions] for h in heads]), np.stack([h.values[positions] for h in heads]),
+                         None if queries is None else queries[l], bias if np.any(bias) else None))
+    return out
