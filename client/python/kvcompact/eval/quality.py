@@ -520,7 +520,8 @@ def main(argv: list[str] | None = None) -> None:
                          "optionally with options: am:ridge=1e-3, am:queries=repeat "
                          "(query sources: context, repeat, repeat_detail[@share], self_study, question, joined by +; "
                          "default repeat+self_study for am, "
-                         "context for the baselines)")
+                         "context for the baselines); am:protect=numbers,protect_before=3[,protect_share=0.5] keeps "
+                         "numbers and the tokens that name them exact inside the budget")
     ap.add_argument("--facts", type=int, default=0, help="dense-fact items per family and length (0: none)")
     ap.add_argument("--facts-lengths", type=int, nargs="*", default=[1024], help="dense-fact document tokens")
     ap.add_argument("--facts-families", nargs="*", default=["records", "ledger", "labs", "agents"])
