@@ -96,7 +96,7 @@ def main() -> None:
         streams=args.streams))
     rows["compact_service_s"] = rows["compact_ids_total_s"] - rows["prefill_capture_s"]
     rows["bytes_full"] = hf.cache_nbytes(full)
-    rows["bytes_compacted"] = small.nbytes()
+    rows["bytes_compacted"] = hf.cache_nbytes(small)
     del repeat, refs
 
     for b in [int(x) for x in args.batch.split(",")]:

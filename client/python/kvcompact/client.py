@@ -242,6 +242,22 @@ def ratio_budget(tokens: int, ratio: float) -> int:
     return int(min(tokens, max(1, math.floor(tokens / ratio + 0.5))))
 
 
+def protected_plan(start: int, end: int, protected: Sequence[int], ratio: Optional[float] = None,
+                   tokens: Optional[int] = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """Splits the span [start, end) for compaction with `protected` positions kept exact: returns
+    (the rest, compacted; the protected, sorted and unique; entries per head left for the rest).
+    The protected count against the span's budget: `tokens`, else `ratio`'s round(T / ratio)."""
+    exact = np.unique(np.asarray(list(protected), dtype=np.int64))
+    if exact.size and (exact[0] < start or exact[-1] >= end):
+        raise ValueError(f"protected positions must lie in the compacted span [{start}, {end})")
+    if (ratio is None) == (tokens is None):
+        raise ValueError("protected positions take a budget of either ratio or tokens")
+    total = int(tokens) if tokens is not None else ratio_budget(end - start, ratio)
+    if exact.size >= total:
+        raise ValueError(f"{exact.size} protected positions leave nothing of a budget of {total} per head")
+    return np.setdiff1d(np.arange(start, end), exact), exact, total - int(exact.size)
+
+
 
 def make_header(layers: Layer | Sequence[Layer], *, ratio: Optional[float] = None, tokens: Optional[int] = None,
            per_head: Optional[Sequence[int]] = None, method: str = "am", holdout: float = 0.1,

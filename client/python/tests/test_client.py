@@ -210,3 +210,17 @@ def test_ratio_budget_rounds_as_the_server_does():
     assert ratio_budget(7, 1e-30) == 7    # nor above T
     with pytest.raises(ValueError):
         ratio_budget(10, 0)
+
+
+def test_protected_plan_splits_the_span_and_the_budget():
+    from kvcompact.client import protected_plan
+
+    rest, exact, left = protected_plan(4, 14, [9, 5, 9], ratio=2)
+    assert exact.tolist() == [5, 9] and rest.tolist() == [4, 6, 7, 8, 10, 11, 12, 13] and left == 3  # 5 - 2
+    assert protected_plan(4, 14, [5], tokens=4)[2] == 3
+    with pytest.raises(ValueError, match="either ratio or tokens"):
+        protected_plan(4, 14, [5])
+    with pytest.raises(ValueError, match="lie in"):
+        protected_plan(4, 14, [14], ratio=2)
+    with pytest.raises(ValueError, match="leave nothing"):
+        protected_plan(4, 14, [4, 5, 6, 7, 8], ratio=2)

@@ -162,12 +162,11 @@ def protected_positions(prefix: Prefix, kind: str, budget: int, share: float, be
         else:
             p += 1
     spans.sort(key=lambda s: -float(np.max(prefix.surprisal[s[1]:s[2]])))
-    cap, kept = int(share * budget), []
+    cap, kept = int(share * budget), set()
     for first, _, stop in spans:
-        new = [x for x in range(first, stop) if x not in kept]
-        if len(kept) + len(new) > cap:
-            continue
-        kept.extend(new)
+        new = set(range(first, stop)) - kept  # a span's naming tokens may overlap the previous number
+        if len(kept) + len(new) <= cap:
+            kept |= new
     return np.array(sorted(kept), dtype=np.int64)
 
 
@@ -213,7 +212,7 @@ def compacted(prefix: Prefix, client: Client, method: str, ratio: float, max_con
     budget = ratio_budget(len(prefix.tokens) - SINK_TOKENS, ratio)
     kept = protected_positions(prefix, protect, budget, share, before) if protect else None
     result = compact_cache(cache, client, queries, SINK_TOKENS, len(prefix.tokens), layers=layers, ratio=ratio,
-                           holdout=0.1, return_indices=True, protected=kept if kept is not None and len(kept) else None,
+                           holdout=0.1, return_indices=True, protected=kept,
                            **options)
     if copy_values:
         for i, layer in result.layers.items():

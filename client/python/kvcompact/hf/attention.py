@@ -33,7 +33,7 @@ def set_capture(capture) -> None:
     _local.capture = capture
 
 
-def _allowed_appended(attention_mask, batch: int, n: int, appended: int, device) -> torch.Tensor:
+def _allowed_appended(attention_mask, n: int, appended: int, device) -> torch.Tensor:
     """[batch or 1, 1, n, appended] bool: which appended entries each new token may see."""
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4 and attention_mask.shape[-1] >= appended:
         tail = attention_mask[..., -appended:]
@@ -56,11 +56,11 @@ def biased_mask(head_bias: torch.Tensor, compacted: int, attention_mask, n: int)
     """The additive mask [batch, query_heads, n or 1, keys] for a compacted layer from its
     `query_head_bias`: appended entries a new token may not see (later tokens, padding) get the
     dtype's minimum. One new token that may see everything (decoding) uses the bias as it is."""
-    batch, _, _, total = head_bias.shape
+    total = head_bias.shape[-1]
     appended = total - compacted
     if appended == 0 or (n == 1 and not isinstance(attention_mask, torch.Tensor)):
         return head_bias  # no mask from transformers: no padding, and one token sees all before it
-    allowed = _allowed_appended(attention_mask, batch, n, appended, head_bias.device)
+    allowed = _allowed_appended(attention_mask, n, appended, head_bias.device)
     mask = head_bias.expand(-1, -1, n, -1).clone()
     mask[..., compacted:] = mask[..., compacted:].masked_fill(~allowed, torch.finfo(head_bias.dtype).min)
     return mask

@@ -19,6 +19,8 @@ from typing import Optional, Sequence
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
+from kvcompact.hf.attention import query_head_bias
+
 
 def _neg(dtype) -> float:
     return torch.finfo(dtype).min
@@ -62,8 +64,6 @@ class CompactedLayer(DynamicLayer):
         """The bias per query head [batch, query_heads, 1, keys] in `dtype`, kept between steps."""
         hb = self._head_bias
         if hb is None or hb.dtype != dtype or hb.shape[1] != self.bias.shape[1] * group or hb.shape[-1] != self.bias.shape[-1]:
-            from kvcompact.hf.attention import query_head_bias
-
             self._head_bias = hb = query_head_bias(self.bias, group, dtype)
         return hb
 
@@ -209,18 +209,9 @@ class CompactedCache(Cache):
             mask[b, longest + width - len(prompt):] = 1
         return {"input_ids": ids, "attention_mask": mask}
 
-    def nbytes(self) -> int:
-        """Bytes held by keys, values and biases of every layer."""
-        total = 0
-        for layer in self.layers:
-            for name in ("keys", "values", "bias"):
-                t = getattr(layer, name, None)
-                if isinstance(t, torch.Tensor):
-                    total += t.numel() * t.element_size()
-        return total
 
 
 def cache_nbytes(cache) -> int:
-    """Bytes of keys and values in any transformers cache (for comparisons with a full cache)."""
-    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
-               if isinstance(t, torch.Tensor))
+    """Bytes of keys, values and (compacted layers) biases in any transformers cache."""
+    tensors = (getattr(layer, name, None) for layer in cache.layers for name in ("keys", "values", "bias"))
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))

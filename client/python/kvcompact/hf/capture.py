@@ -14,6 +14,7 @@ not hold 32k queries per head; the caches passed in are never modified.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 from typing import Optional, Sequence
@@ -115,20 +116,11 @@ def prefill(model, ids: Sequence[int], cache=None, chunk: int = 4096, capture: O
     cache = cache if cache is not None else DynamicCache(config=model.config)
     ids = torch.as_tensor(list(ids), device=device)[None]
     logits = None
-    guard = capture if capture is not None else _NoCapture()
-    with guard:
+    with capture if capture is not None else contextlib.nullcontext():
         for s in range(0, ids.shape[1], chunk):
             out = model(input_ids=ids[:, s:s + chunk], use_cache=True, logits_to_keep=1, **{cache_kwarg(model): cache})
             logits = out.logits[0, -1]
     return cache, logits
-
-
-class _NoCapture:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
 
 
 def context_prefill(model, ids: Sequence[int], keep: int, seed: int = 0, chunk: int = 4096):

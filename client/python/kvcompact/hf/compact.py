@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from kvcompact.client import Client, ratio_budget
+from kvcompact.client import Client, protected_plan
 from kvcompact.hf.cache import CompactedCache
 from kvcompact.hf.capture import (compactable_layers, context_prefill, repeat_prefill, self_study, text_config)
 from kvcompact.types import Layer
@@ -113,17 +113,10 @@ def compact_ids(model, ids: Sequence[int], *, server: str = "localhost:50051", c
     if keep_first < 0 or keep_last < 0 or keep_first + keep_last >= len(ids):
         raise ValueError(f"keep_first={keep_first} and keep_last={keep_last} leave nothing of {len(ids)} tokens")
     end = len(ids) - keep_last
-    span = torch.arange(keep_first, end)
-    exact = torch.empty(0, dtype=torch.long)
+    span, exact = torch.arange(keep_first, end), torch.empty(0, dtype=torch.long)
     if protected is not None and len(protected):
-        exact = torch.unique(torch.as_tensor(list(protected), dtype=torch.long))
-        if exact.min() < keep_first or exact.max() >= end:
-            raise ValueError(f"protected positions must lie in the compacted span [{keep_first}, {end})")
-        total = tokens if tokens is not None else ratio_budget(end - keep_first, ratio)
-        if len(exact) >= total:
-            raise ValueError(f"{len(exact)} protected positions leave nothing of a budget of {total} per head")
-        span = span[~torch.isin(span, exact)]
-        tokens, ratio = total - len(exact), None
+        rest, kept, tokens = protected_plan(keep_first, end, protected, None if tokens is not None else ratio, tokens)
+        span, exact, ratio = torch.from_numpy(rest), torch.from_numpy(kept), None
     fmt = ChatFormat(tokenizer) if tokenizer is not None else None
     cache, refs = capture_queries(model, ids, queries, fmt, max_queries, seed)
     layers = compactable_layers(model)
@@ -152,9 +145,9 @@ def compact_ids(model, ids: Sequence[int], *, server: str = "localhost:50051", c
     for i, l in enumerate(layers):
         layer = cache.layers[l]
         dtype, device = layer.keys.dtype, layer.keys.device
+        ex = exact.to(device)
         heads = []
         for g, head in enumerate(result.layers[i].heads):
-            ex = exact.to(device)
             k = torch.cat([layer.keys[0, g, :keep_first], torch.from_numpy(head.keys).to(device, dtype),
                            layer.keys[0, g, ex], layer.keys[0, g, end:]])
             v = torch.cat([layer.values[0, g, :keep_first], torch.from_numpy(head.values).to(device, dtype),
@@ -163,8 +156,8 @@ def compact_ids(model, ids: Sequence[int], *, server: str = "localhost:50051", c
                            torch.zeros(len(ex) + keep_last, device=device)])
             heads.append((k, v, b))
         compacted[l] = heads
-    exact = {l: cache.layers[l] for l in range(len(cache.layers)) if l not in compacted}
-    return CompactedCache.from_layers(compacted, exact, len(cache.layers), len(ids))
+    whole = {l: cache.layers[l] for l in range(len(cache.layers)) if l not in compacted}  # sliding-window layers
+    return CompactedCache.from_layers(compacted, whole, len(cache.layers), len(ids))
 
 
 def compact_context(model, tokenizer, context: str, **kwargs) -> CompactedCache:

@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from kvcompact.client import Client, ratio_budget
+from kvcompact.client import Client, protected_plan
 from kvcompact.runtime.cache import KVCache
 from kvcompact.types import CompactResult, Layer
 
@@ -41,17 +41,10 @@ def compact_cache(cache: KVCache, client: Client, queries: Optional[Sequence[np.
         result = client.compact(cache_layers(cache, queries, start, end, chosen), **options)
         exact = None
     else:
-        keep = np.unique(np.asarray(protected, dtype=np.int64))
-        if keep.min() < start or keep.max() >= end:
-            raise ValueError(f"protected positions must lie in [{start}, {end})")
-        rest = np.setdiff1d(np.arange(start, end), keep)
-        if "ratio" not in options or options.get("allocation") or "tokens" in options or "per_head" in options:
-            raise ValueError("protected positions take a plain ratio budget")
-        total = ratio_budget(end - start, options.pop("ratio"))
-        if len(keep) >= total:
-            raise ValueError(f"{len(keep)} protected positions leave nothing of a budget of {total}")
-        exact = keep
-        result = client.compact(_gathered_layers(cache, queries, rest, chosen), tokens=total - len(keep), **options)
+        if options.get("allocation") or options.get("per_head"):
+            raise ValueError("protected positions take a budget of either ratio or tokens")
+        rest, exact, left = protected_plan(start, end, protected, options.pop("ratio", None), options.pop("tokens", None))
+        result = client.compact(_gathered_layers(cache, queries, rest, chosen), tokens=left, **options)
     if result.errors:
         raise RuntimeError(f"compaction failed for layers {sorted(result.errors)}: {next(iter(result.errors.values()))}")
     for i, layer in result.layers.items():
