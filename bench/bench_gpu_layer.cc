@@ -12,6 +12,7 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
+#include "core/dtype.h"
 #include "core/method.h"
 #include "core/synthetic.h"
 #include "kernels/cuda_backend.h"
@@ -26,10 +27,32 @@ ABSL_FLAG(std::string, method, "am", "method name");
 ABSL_FLAG(uint32_t, omp_keys_per_step, 0, "OMP methods: k (0: the method's)");
 ABSL_FLAG(double, omp_progressive, 0, "OMP methods: progressive schedule fraction (0: off)");
 ABSL_FLAG(bool, allow_tf32, false, "TF32 tensor-op math in cuBLAS");
+ABSL_FLAG(bool, fused_stats, true,
+          "with --allow_tf32 and --dtype=bf16/fp16: attention statistics by the fused kernels (false: cuBLAS over logit chunks)");
+ABSL_FLAG(std::string, dtype, "fp32",
+          "the wire dtype of keys, values and queries (fp32, bf16, fp16): the generated layer is rounded through it, as the "
+          "server's decode yields it");
 ABSL_FLAG(int, mass_fit_iterations, 0, "the mass fit's iteration bound (0: the service's, kMassFitMaxIterations)");
 ABSL_FLAG(uint32_t, distinct, 2, "distinct generated layers, reused round-robin");
 ABSL_FLAG(double, holdout, 0.1, "held-out share of queries");
 ABSL_FLAG(bool, prefetch, true, "hand the next layer to Backend::Prefetch before each layer, as the server's worker does");
+
+namespace {
+
+// Rounds the layer's keys, values and queries through `wire`, as the server's decode yields them,
+// and records the dtype they are exact in.
+void RoundThroughWire(kvcompact::LayerData& data, kvcompact::DType wire) {
+  using namespace kvcompact;
+  if (wire == DType::kFloat32) return;
+  for (auto* v : {&data.keys, &data.values, &data.query_data}) {
+    std::vector<uint8_t> bytes(v->size() * DTypeSize(wire));
+    EncodeFromFloat(v->data(), v->size(), wire, bytes.data());
+    (void)DecodeToFloat(bytes.data(), wire, v->size(), v->data());
+  }
+  data.inputs_dtype = wire;
+}
+
+}  // namespace
 
 int main(int argc, char** argv) {
   absl::ParseCommandLine(argc, argv);
@@ -37,6 +60,7 @@ int main(int argc, char** argv) {
   using Clock = std::chrono::steady_clock;
   kernels::CudaBackendOptions options;
   options.allow_tf32 = absl::GetFlag(FLAGS_allow_tf32);
+  options.fused_stats = absl::GetFlag(FLAGS_fused_stats);
   options.mass_fit_max_iterations = absl::GetFlag(FLAGS_mass_fit_iterations);
   auto backend = kernels::MakeCudaBackend(options);
   if (!backend.ok()) {
@@ -45,6 +69,13 @@ int main(int argc, char** argv) {
   }
   cudaDeviceProp prop{};
   cudaGetDeviceProperties(&prop, 0);
+  DType wire = DType::kFloat32;
+  const std::string dtype_flag = absl::GetFlag(FLAGS_dtype);
+  if (!ParseDTypeName(dtype_flag == "fp32" ? "F32" : dtype_flag == "fp16" ? "F16" : dtype_flag == "bf16" ? "BF16" : "",
+                      &wire)) {
+    fprintf(stderr, "--dtype: %s is not fp32, bf16 or fp16\n", dtype_flag.c_str());
+    return 1;
+  }
   SyntheticShape shape;
   shape.heads = absl::GetFlag(FLAGS_kv_heads);
   shape.tokens = absl::GetFlag(FLAGS_tokens);
@@ -55,6 +86,7 @@ int main(int argc, char** argv) {
   for (size_t i = 0; i < jobs.size(); ++i) {
     jobs[i] = std::make_shared<LayerJob>();
     jobs[i]->data = MakeSyntheticLayer(shape, 1, static_cast<int32_t>(i));
+    RoundThroughWire(jobs[i]->data, wire);
     jobs[i]->options.method = *MethodFromName(absl::GetFlag(FLAGS_method));
     jobs[i]->options.holdout_fraction = absl::GetFlag(FLAGS_holdout);
     jobs[i]->options.omp_keys_per_step = static_cast<int>(absl::GetFlag(FLAGS_omp_keys_per_step));
@@ -135,8 +167,8 @@ int main(int argc, char** argv) {
   printf("%-28s %10d\n", "NNLS iterations max", iterations_max);
   printf("%-28s %10d\n", "NNLS not converged heads", not_converged);
   printf("%-28s %10.1f\n", "GPU memory in use GiB", (total_b - free_b) / 1073741824.0);
-  printf("{\"bench\":\"BENCH-A\",\"gpu\":\"%s\",\"math\":\"%s\",\"prefetch\":%s,\"total_s\":%.4f,\"without_h2d_s\":%.4f,\"tflop\":%.2f,\"score_s\":%.4f,\"mass_fit_s\":%.4f,"
+  printf("{\"bench\":\"BENCH-A\",\"gpu\":\"%s\",\"math\":\"%s\",\"dtype\":\"%s\",\"fused_stats\":%s,\"prefetch\":%s,\"total_s\":%.4f,\"without_h2d_s\":%.4f,\"tflop\":%.2f,\"score_s\":%.4f,\"mass_fit_s\":%.4f,"
          "\"value_fit_s\":%.4f,\"evaluate_s\":%.4f,\"upload_s\":%.4f,\"nnls_s\":%.4f,\"mean_output_rel_error\":%.5f,\"tokens\":%lld,\"t\":%lld,\"nnls_iter_mean\":%.1f,\"nnls_iter_max\":%d,\"not_converged\":%d}\n",
-         prop.name, options.allow_tf32 ? "tf32" : "fp32", absl::GetFlag(FLAGS_prefetch) ? "true" : "false", total, total - sum.upload, flops / 1e12, sum.score, sum.mass_fit, sum.value_fit, sum.evaluate, sum.upload, sum.mass_solve, err, (long long)shape.tokens, (long long)std::llround(shape.tokens / absl::GetFlag(FLAGS_ratio)), static_cast<double>(iterations_sum) / (shape.heads * layers), iterations_max, not_converged);
+         prop.name, options.allow_tf32 ? "tf32" : "fp32", dtype_flag.c_str(), options.fused_stats ? "true" : "false", absl::GetFlag(FLAGS_prefetch) ? "true" : "false", total, total - sum.upload, flops / 1e12, sum.score, sum.mass_fit, sum.value_fit, sum.evaluate, sum.upload, sum.mass_solve, err, (long long)shape.tokens, (long long)std::llround(shape.tokens / absl::GetFlag(FLAGS_ratio)), static_cast<double>(iterations_sum) / (shape.heads * layers), iterations_max, not_converged);
   return 0;
 }

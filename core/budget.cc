@@ -232,7 +232,7 @@ absl::Status AllocateLayer(Backend& backend, LayerJob* job, const LayerAllocatio
     probe.first_head = job->first_head;
     probe.cancelled = job->cancelled;
     probe.data = LayerData{d.layer, d.heads, d.tokens, m, d.head_dim, d.value_dim, d.scale,
-                           d.keys, d.values, d.bias, std::move(sampled)};
+                           d.keys, d.values, d.bias, std::move(sampled), d.inputs_dtype};
     if (GetMethodSpec(probe.options.method).selection == Selection::kOmp) probe.options.method = Method::kAmHighestAttention;
     if (probe.options.holdout_fraction <= 0) probe.options.holdout_fraction = 0.25;
     const int64_t nominal = std::max<int64_t>(1, total / H);

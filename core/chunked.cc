@@ -18,7 +18,7 @@ LayerJob ChunkJob(const LayerJob& job, int64_t begin, int64_t end) {
   out.options = job.options;
   out.first_head = job.first_head;  // same seeds per head in every chunk: one held-out split
   out.cancelled = job.cancelled;
-  out.data = LayerData{d.layer, d.heads, rows, d.queries, d.head_dim, d.value_dim, d.scale, {}, {}, {}, d.query_data};
+  out.data = LayerData{d.layer, d.heads, rows, d.queries, d.head_dim, d.value_dim, d.scale, {}, {}, {}, d.query_data, d.inputs_dtype};
   auto rows_of = [&](const std::vector<float>& v, int64_t width) {
     std::vector<float> o;
     if (v.empty()) return o;

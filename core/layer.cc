@@ -48,6 +48,7 @@ LayerJob SliceHeads(const LayerJob& job, int64_t begin, int64_t end) {
   out.data.values = slice(d.values, d.tokens * d.value_dim);
   out.data.bias = slice(d.bias, d.tokens);
   out.data.query_data = slice(d.query_data, d.queries * d.head_dim);
+  out.data.inputs_dtype = d.inputs_dtype;
   return out;
 }
 

@@ -10,6 +10,7 @@
 
 #include "absl/status/statusor.h"
 #include "core/compact_head.h"
+#include "core/dtype.h"
 
 namespace kvcompact {
 
@@ -21,6 +22,9 @@ struct LayerData {
   std::vector<float> values;       // heads x tokens x value_dim
   std::vector<float> bias;         // empty (fresh cache) or heads x tokens
   std::vector<float> query_data;   // heads x queries x head_dim (pooled over the GQA group)
+  // A dtype every element of keys, values and queries is exact in: the wire's when all three
+  // arrived in one 16-bit dtype, else kFloat32. A backend may compute the products in it.
+  DType inputs_dtype = DType::kFloat32;
 
   void Allocate(bool with_bias);   // sizes the buffers from the dimensions
   BlockView HeadBlock(int64_t head) const;

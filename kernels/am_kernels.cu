@@ -305,4 +305,18 @@ void ErrorSums(const float* yhat, const float* y, int64_t n, int64_t dv, const f
   ErrorSumsKernel<<<static_cast<unsigned>(blocks), kBlock, 0, stream>>>(yhat, y, n, dv, mhat, m, sums, mhat_max, true_max);
 }
 
+namespace {
+__global__ void WidenBf16Kernel(const uint16_t* in, int64_t count, float* out) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < count; i += int64_t{gridDim.x} * blockDim.x) {
+    out[i] = __uint_as_float(static_cast<uint32_t>(in[i]) << 16);
+  }
+}
+}  // namespace
+
+void WidenBf16(const uint16_t* in, int64_t count, float* out, cudaStream_t stream) {
+  if (count <= 0) return;
+  const int64_t blocks = std::min<int64_t>((count + kBlock - 1) / kBlock, 1 << 16);
+  WidenBf16Kernel<<<static_cast<unsigned>(blocks), kBlock, 0, stream>>>(in, count, out);
+}
+
 }  // namespace kvcompact::kernels

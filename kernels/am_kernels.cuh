@@ -44,6 +44,9 @@ void RowSums(const float* x, int64_t rows, int64_t cols, float* out, cudaStream_
 // In place: x[i][:] /= max(d[i], floor).
 void DivideRows(float* x, int64_t rows, int64_t cols, const float* d, float floor, cudaStream_t stream);
 
+// out[i] = the float of bf16 in[i] (exact).
+void WidenBf16(const uint16_t* in, int64_t count, float* out, cudaStream_t stream);
+
 // out[r][:] = in[index[r]][:]  (gather of `count` rows of width `cols`).
 void GatherRows(const float* in, const int32_t* index, int64_t count, int64_t cols, float* out, cudaStream_t stream);
 

@@ -23,6 +23,7 @@
 #include "kernels/am_kernels.cuh"
 #include "kernels/device_buffer.h"
 #include "kernels/device_lsq.h"
+#include "kernels/fused_attention.cuh"
 #include "kernels/layer_inputs.h"
 #include "kernels/gemm.h"
 
@@ -162,10 +163,12 @@ class CudaBackend final : public Backend {
   // Layer inputs and statistics.
   int64_t H_ = 0, T_ = 0, d_ = 0, dv_ = 0;
   float scale_ = 0;
+  DType inputs_dtype_ = DType::kFloat32;
   bool has_bias_ = false;
   InputStager inputs_;
   const LayerInputs* in_ = nullptr;  // this layer's inputs (a slot of inputs_)
   DeviceBuffer<float> logits_, scores_;
+  DeviceBuffer<float> fused_ws_;  // 16-bit copies of Q, K and V for the fused statistics
   DeviceStats fit_, eval_;
   // Per-head fit buffers.
   DeviceBuffer<int32_t> idx_;
@@ -199,11 +202,27 @@ absl::Status CudaBackend::Stats(const float* queries, int64_t n, const std::opti
   if (auto s = out->row_max.Reserve(H_ * n); !s.ok()) return s;
   if (auto s = out->mass.Reserve(H_ * n); !s.ok()) return s;
   if (auto s = out->outputs.Reserve(H_ * n * dv_); !s.ok()) return s;
+  if (reduce) {
+    if (auto s = scores_.Reserve(H_ * T_); !s.ok()) return s;
+  }
+  // With tensor-core math allowed and inputs that arrived in bf16 or fp16, the fused kernels: the
+  // logits never reach device memory.
+  const bool fused = options_.allow_tf32 && options_.fused_stats && FusedStatsSupported(inputs_dtype_, d_, dv_) && n > 0;
+  if (fused) {
+    if (auto s = fused_ws_.Reserve(FusedStatsWorkspaceBytes(H_, n, T_, d_, dv_) / sizeof(float) + 1); !s.ok()) return s;
+  }
+  if (fused &&
+      FusedAttentionStats(inputs_dtype_, queries, n, in_->keys.get(), in_->values.get(), has_bias_ ? in_->bias.get() : nullptr, H_, T_, d_,
+                          dv_, scale_, out->row_max.get(), out->mass.get(), out->outputs.get(),
+                          reduce ? std::optional(ToKind(*reduce)) : std::nullopt, scores_.get(), fused_ws_.get(),
+                          stream_)) {
+    KVC_LAUNCHED("FusedAttentionStats");
+    return absl::OkStatus();
+  }
   const int64_t per_row = H_ * T_;
   const int64_t chunk = std::clamp<int64_t>(static_cast<int64_t>(options_.workspace_bytes / sizeof(float)) / per_row, 1, n);
   if (auto s = logits_.Reserve(chunk * per_row); !s.ok()) return s;
   if (reduce) {
-    if (auto s = scores_.Reserve(H_ * T_); !s.ok()) return s;
     KVC_CUDA(cudaMemsetAsync(scores_.get(), 0, H_ * T_ * sizeof(float), stream_));
   }
   for (int64_t r0 = 0; r0 < n; r0 += chunk) {
@@ -448,9 +467,12 @@ DeviceBytes EstimateDeviceBytesImpl(const LayerJob& job, size_t workspace_bytes)
   }
   DeviceBytes bytes;
   // Per head: K, V, bias and queries in two input slots (the next layer uploads while this one
-  // computes); scores; row max, mass and outputs of both query sets; at least one logit row.
+  // computes); scores; row max, mass and outputs of both query sets; at least one logit row; the
+  // fused statistics' 16-bit copies; bf16 inputs on their way in (two slots).
   bytes.per_head = sizeof(float) * static_cast<size_t>(2 * T * (d.head_dim + d.value_dim + 1) + 2 * T + 2 * n * d.head_dim +
-                                                       n * (2 + d.value_dim));
+                                                       n * (2 + d.value_dim)) +
+                   FusedStatsWorkspaceBytes(1, n, T, d.head_dim, d.value_dim) +
+                   2 * sizeof(uint16_t) * static_cast<size_t>(std::max(T, n) * wide);
   // Per layer: the logit workspace, one head's fit buffers, the NNLS batch (bounded by the
   // workspace but at least one head), the Cholesky workspace of the value fit.
   bytes.fixed = workspace_bytes +
@@ -481,7 +503,7 @@ absl::StatusOr<LayerResult> CudaBackend::RunWithinLimit(const LayerJob& job) {
 
 void CudaBackend::ReleaseBuffers() {
   inputs_.Release();
-  for (auto* b : {&logits_, &scores_, &fit_.row_max, &fit_.mass,
+  for (auto* b : {&logits_, &scores_, &fused_ws_, &fit_.row_max, &fit_.mass,
                   &fit_.outputs, &eval_.row_max, &eval_.mass, &eval_.outputs, &ck_, &beta_, &subset_, &gram_,
                   &rhs_, &cvec_, &yhat_, &mhat_, &work_, &sel_cv_}) {
     b->Release();
@@ -551,6 +573,7 @@ absl::StatusOr<LayerResult> CudaBackend::Run(const LayerJob& job) {
   if (static_cast<int64_t>(job.budgets.size()) != data.heads) return absl::InvalidArgumentError("one budget per head is required");
   const MethodSpec& spec = GetMethodSpec(job.options.method);
   H_ = data.heads, T_ = data.tokens, d_ = data.head_dim, dv_ = data.value_dim, scale_ = data.scale;
+  inputs_dtype_ = data.inputs_dtype;
   has_bias_ = !data.bias.empty();
   const bool has_queries = data.queries > 0;
   if (spec.needs_queries && !has_queries) {

@@ -14,6 +14,9 @@ namespace kvcompact::kernels {
 struct CudaBackendOptions {
   int device = 0;
   bool allow_tf32 = false;                 // cuBLAS TF32 tensor-op math for the large products
+  // With allow_tf32, for layers whose inputs arrived in bf16 or fp16: the attention statistics by
+  // the fused kernels (kernels/fused_attention.cuh); off: cuBLAS products over logit chunks.
+  bool fused_stats = true;
   size_t workspace_bytes = size_t{2} << 30;  // bound on the logit chunk (heads x rows x T floats)
   // Bound on the backend's device memory; a layer that would exceed it is compacted in groups of
   // heads. 0: 90% of the device memory free at start-up.

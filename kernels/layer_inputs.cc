@@ -6,14 +6,23 @@
 #include <vector>
 
 #include "core/compact_head.h"
+#include "kernels/am_kernels.cuh"
 #include "kernels/cuda_check.h"
 
 namespace kvcompact::kernels {
 namespace {
 
-absl::Status Stage(PinnedUploader& uploader, DeviceBuffer<float>& buf, const float* host, size_t count) {
+// host -> buf; with `wire16`, as bf16 through it (half the bytes; exact for bf16 inputs) and
+// widened on the copy stream.
+absl::Status Stage(PinnedUploader& uploader, DeviceBuffer<float>& buf, const float* host, size_t count,
+                   DeviceBuffer<uint16_t>* wire16, cudaStream_t copy) {
   if (auto s = buf.Reserve(std::max<size_t>(count, 1)); !s.ok()) return s;
-  return uploader.Upload(buf.get(), host, count * sizeof(float));
+  if (wire16 == nullptr) return uploader.Upload(buf.get(), host, count * sizeof(float));
+  if (auto s = wire16->Reserve(std::max<size_t>(count, 1)); !s.ok()) return s;
+  if (auto s = uploader.UploadAsBf16(wire16->get(), host, count); !s.ok()) return s;
+  WidenBf16(wire16->get(), static_cast<int64_t>(count), buf.get(), copy);
+  KVC_CUDA(cudaGetLastError());
+  return absl::OkStatus();
 }
 
 }  // namespace
@@ -52,13 +61,15 @@ absl::Status InputStager::Upload(const LayerJob& job, Slot& slot) {
   LayerInputs& in = slot.inputs;
   in.nf = nf, in.ne = ne;
   in.distinct_fit = std::move(distinct);
-  if (auto s = Stage(slot.uploader, in.keys, data.keys.data(), data.keys.size()); !s.ok()) return s;
-  if (auto s = Stage(slot.uploader, in.values, data.values.data(), data.values.size()); !s.ok()) return s;
+  // Inputs that arrived in bf16 cross host memory and the link in bf16.
+  DeviceBuffer<uint16_t>* wire16 = data.inputs_dtype == DType::kBFloat16 ? &slot.wire16 : nullptr;
+  if (auto s = Stage(slot.uploader, in.keys, data.keys.data(), data.keys.size(), wire16, slot.copy); !s.ok()) return s;
+  if (auto s = Stage(slot.uploader, in.values, data.values.data(), data.values.size(), wire16, slot.copy); !s.ok()) return s;
   if (!data.bias.empty()) {
-    if (auto s = Stage(slot.uploader, in.bias, data.bias.data(), data.bias.size()); !s.ok()) return s;
+    if (auto s = Stage(slot.uploader, in.bias, data.bias.data(), data.bias.size(), nullptr, slot.copy); !s.ok()) return s;
   }
-  if (auto s = Stage(slot.uploader, in.q_fit, q_fit.data(), q_fit.size()); !s.ok()) return s;
-  if (auto s = Stage(slot.uploader, in.q_eval, q_eval.data(), q_eval.size()); !s.ok()) return s;
+  if (auto s = Stage(slot.uploader, in.q_fit, q_fit.data(), q_fit.size(), wire16, slot.copy); !s.ok()) return s;
+  if (auto s = Stage(slot.uploader, in.q_eval, q_eval.data(), q_eval.size(), wire16, slot.copy); !s.ok()) return s;
   KVC_CUDA(cudaStreamSynchronize(slot.copy));
   return absl::OkStatus();
 }
@@ -110,6 +121,7 @@ void InputStager::Release() {
   ready_ = Staging{};
   for (Slot& s : slots_) {
     for (auto* b : {&s.inputs.keys, &s.inputs.values, &s.inputs.bias, &s.inputs.q_fit, &s.inputs.q_eval}) b->Release();
+    s.wire16.Release();
   }
 }
 

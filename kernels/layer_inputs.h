@@ -43,6 +43,7 @@ class InputStager {
   struct Slot {
     LayerInputs inputs;
     PinnedUploader uploader;
+    DeviceBuffer<uint16_t> wire16;  // bf16 inputs on their way to the fp32 buffers
     cudaStream_t copy = nullptr;
   };
   struct Staging {

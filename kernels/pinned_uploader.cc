@@ -27,6 +27,22 @@ absl::Status PinnedUploader::Init(cudaStream_t stream, size_t chunk_bytes, int t
 
 absl::Status PinnedUploader::Upload(void* dst, const void* src, size_t bytes) {
   const auto* from = static_cast<const char*>(src);
+  return Staged(dst, bytes, [from](char* stage, size_t begin, size_t end) { std::memcpy(stage, from + begin, end - begin); });
+}
+
+absl::Status PinnedUploader::UploadAsBf16(uint16_t* dst, const float* src, size_t count) {
+  return Staged(dst, count * 2, [src](char* stage, size_t begin, size_t end) {
+    auto* out = reinterpret_cast<uint16_t*>(stage);
+    for (size_t i = begin / 2, e = end / 2; i < e; ++i) {
+      uint32_t bits;
+      std::memcpy(&bits, &src[i], 4);
+      // Round to nearest even; NaN stays NaN (the inputs were checked finite before this).
+      *out++ = static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+    }
+  });
+}
+
+absl::Status PinnedUploader::Staged(void* dst, size_t bytes, const std::function<void(char*, size_t, size_t)>& fill) {
   auto* to = static_cast<char*>(dst);
   const int64_t pieces = pool_->size();
   for (size_t offset = 0, k = 0; offset < bytes; offset += chunk_bytes_, ++k) {
@@ -34,10 +50,10 @@ absl::Status PinnedUploader::Upload(void* dst, const void* src, size_t bytes) {
     const size_t n = std::min(chunk_bytes_, bytes - offset);
     KVC_CUDA(cudaEventSynchronize(free_[b]));  // the DMA out of this buffer has finished
     char* stage = static_cast<char*>(staging_[b]);
-    const size_t piece = (n + pieces - 1) / pieces;
+    const size_t piece = (n + pieces - 1) / pieces / 16 * 16 + 16;  // whole elements in every piece
     pool_->ParallelFor(pieces, [&](int64_t i) {
       const size_t begin = std::min(n, i * piece), end = std::min(n, begin + piece);
-      if (end > begin) std::memcpy(stage + begin, from + offset + begin, end - begin);
+      if (end > begin) fill(stage + begin, offset + begin, offset + end);
     });
     KVC_CUDA(cudaMemcpyAsync(to + offset, stage, n, cudaMemcpyHostToDevice, stream_));
     KVC_CUDA(cudaEventRecord(free_[b], stream_));

@@ -6,6 +6,8 @@
 #include <cuda_runtime.h>
 
 #include <cstddef>
+#include <cstdint>
+#include <functional>
 #include <memory>
 
 #include "absl/status/status.h"
@@ -23,8 +25,15 @@ class PinnedUploader {
   absl::Status Init(cudaStream_t stream, size_t chunk_bytes, int threads);
   // Enqueues dst <- src on the stream; returns once src may be reused (the last chunk is staged).
   absl::Status Upload(void* dst, const void* src, size_t bytes);
+  // The same for `count` floats sent as bf16 (rounded to nearest even while staging): half the
+  // bytes through host memory and the link, and exact for values that arrived in bf16.
+  absl::Status UploadAsBf16(uint16_t* dst, const float* src, size_t count);
 
  private:
+  // Copies `bytes` to dst through the staging buffers; fill(stage, begin, end) writes staged bytes
+  // [begin, end) of the whole transfer.
+  absl::Status Staged(void* dst, size_t bytes, const std::function<void(char*, size_t, size_t)>& fill);
+
   cudaStream_t stream_ = nullptr;
   size_t chunk_bytes_ = 0;
   void* staging_[2] = {nullptr, nullptr};

@@ -32,7 +32,7 @@ ABSL_FLAG(double, max_connection_age_seconds, 0,
 ABSL_FLAG(double, max_connection_age_grace_seconds, 300, "Time streams get to finish after max_connection_age");
 ABSL_FLAG(std::string, backend, "auto", "Compute backend: auto (cuda when built in and a device is usable, else cpu), cpu, cuda");
 ABSL_FLAG(int, cuda_device, 0, "CUDA device ordinal");
-ABSL_FLAG(bool, allow_tf32, false, "Let cuBLAS use TF32 tensor cores for the large fp32 products (faster, less exact)");
+ABSL_FLAG(bool, allow_tf32, false, "Tensor-core math for the attention statistics (faster, less exact): cuBLAS TF32 for fp32 inputs, fused 16-bit kernels for inputs sent in bf16 or fp16");
 ABSL_FLAG(uint64_t, cuda_workspace_bytes, uint64_t{2} << 30, "GPU memory bound for the logit chunk of one layer");
 ABSL_FLAG(uint64_t, cuda_memory_limit_bytes, 0,
           "Bound on the CUDA backend's GPU memory; larger layers are compacted in groups of heads. 0 = 90% of the memory free at start-up");

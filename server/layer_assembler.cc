@@ -14,6 +14,11 @@ namespace {
 using absl::InvalidArgumentError;
 using absl::StrCat;
 
+// The one dtype a layer's keys, values and queries arrived in, or kFloat32 once two differ.
+void NoteWireDType(std::optional<DType>& wire, DType dtype) {
+  wire = !wire || *wire == dtype ? dtype : DType::kFloat32;
+}
+
 std::string ShapeString(const v1::Tensor& t) {
   std::string s = "[";
   for (int i = 0; i < t.shape_size(); ++i) s += StrCat(i ? ", " : "", t.shape(i));
@@ -193,6 +198,8 @@ absl::StatusOr<uint64_t> LayerAssembler::AddKV(const v1::KVChunk& c) {
   if (!key_type.ok()) return key_type.status();
   auto value_type = CheckTensor(c.values(), "values", {heads, rows, d.value_dim});
   if (!value_type.ok()) return value_type.status();
+  NoteWireDType(p.wire, *key_type);
+  NoteWireDType(p.wire, *value_type);
   absl::StatusOr<DType> bias_type = DType::kFloat32;
   if (has_bias && !(bias_type = CheckTensor(c.bias(), "bias", {heads, rows})).ok()) return bias_type.status();
   // Rows are marked before they are written: a chunk that overlaps an earlier one is refused
@@ -257,6 +264,7 @@ absl::StatusOr<uint64_t> LayerAssembler::AddQueries(const v1::QueryChunk& c) {
   }
   auto query_type = CheckTensor(c.queries(), "queries", {heads, rows, d.head_dim});
   if (!query_type.ok()) return query_type.status();
+  NoteWireDType(p.wire, *query_type);
   if (auto s = MarkRows(p.query_seen, d.queries, c.head_begin(), c.head_end(), c.query_begin(), rows, "query");
       !s.ok()) {
     return s;
@@ -310,6 +318,7 @@ absl::StatusOr<LayerJob> LayerAssembler::EndLayer(uint32_t layer, MemoryReservat
     if (absl::Status s = Reserve(p, method_bytes, "its method's working memory"); !s.ok()) return s;
   }
   job.data = std::move(p.data);
+  job.data.inputs_dtype = p.wire.value_or(DType::kFloat32);
   if (memory != nullptr) *memory = std::move(p.memory);
   open_.erase(it);
   ended_.insert(layer);

@@ -8,6 +8,7 @@
 #include <string>
 #include <utility>
 #include <map>
+#include <optional>
 #include <set>
 #include <vector>
 
@@ -52,6 +53,7 @@ class LayerAssembler {
     LayerData data;
     std::vector<uint8_t> kv_seen;     // heads x tokens
     std::vector<uint8_t> query_seen;  // heads x queries
+    std::optional<DType> wire;        // the one dtype keys, values and queries arrived in, if one
     MemoryReservation memory;
     std::chrono::steady_clock::time_point opened, last_chunk;
   };

@@ -12,48 +12,10 @@
 #include "core/synthetic.h"
 #include "kernels/am_kernels.cuh"
 #include "kernels/cuda_backend.h"
+#include "tests/gpu/gpu_test_util.h"
 
 namespace kvcompact {
 namespace {
-
-#define SKIP_WITHOUT_GPU()                                                     \
-  do {                                                                         \
-    if (std::string why = kernels::CudaUnavailableReason(); !why.empty()) {    \
-      GTEST_SKIP() << "no CUDA device: " << why;                               \
-    }                                                                          \
-  } while (0)
-
-constexpr float kGuard = -12345.f;
-
-// Device copy of a host vector with `pad` guard values on each side.
-struct Guarded {
-  float* base = nullptr;
-  size_t n = 0, pad = 64;
-  explicit Guarded(const std::vector<float>& host) : n(host.size()) {
-    std::vector<float> all(n + 2 * pad, kGuard);
-    std::copy(host.begin(), host.end(), all.begin() + pad);
-    cudaMalloc(&base, all.size() * sizeof(float));
-    cudaMemcpy(base, all.data(), all.size() * sizeof(float), cudaMemcpyHostToDevice);
-  }
-  ~Guarded() { cudaFree(base); }
-  float* data() { return base + pad; }
-  std::vector<float> Read(bool* guards_intact) const {
-    std::vector<float> all(n + 2 * pad);
-    cudaMemcpy(all.data(), base, all.size() * sizeof(float), cudaMemcpyDeviceToHost);
-    *guards_intact = true;
-    for (size_t i = 0; i < pad; ++i) *guards_intact &= all[i] == kGuard && all[pad + n + i] == kGuard;
-    return std::vector<float>(all.begin() + pad, all.begin() + pad + n);
-  }
-};
-
-double RelErr(const float* a, const float* b, size_t n) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < n; ++i) {
-    num += double(a[i] - b[i]) * (a[i] - b[i]);
-    den += double(b[i]) * b[i];
-  }
-  return std::sqrt(num / std::max(den, 1e-300));
-}
 
 // RowSoftmaxStats alone, and SoftmaxWithScores with every reduction, against Eigen: rows that do
 // not fill a score tile (17) and several tiles (70), short and long rows, a per-column bias.
@@ -366,6 +328,30 @@ TEST(CudaBackend, PrefetchedLayersGiveTheSameResults) {
   expect_same(b.CompactLayer(*jobs[2]), 2, "2 (prefetched)");
   expect_same(b.CompactLayer(*jobs[1]), 1, "1 again (stale hints around)");
   expect_same(b.CompactLayer(*jobs[0]), 0, "0 (the old hint)");
+}
+
+// Layers whose inputs arrived in bf16 cross the host and the link as bf16 and are widened on the
+// device: exact, so the results are bit for bit those of the same values uploaded as fp32.
+TEST(CudaBackend, Bf16UploadIsExact) {
+  SKIP_WITHOUT_GPU();
+  for (bool prefetch : {false, true}) {
+    auto a = kernels::MakeCudaBackend({});
+    auto b = kernels::MakeCudaBackend({});
+    ASSERT_TRUE(a.ok() && b.ok());
+    auto as_fp32 = std::make_shared<LayerJob>(MakeJob({1000, 64, 10, Method::kAmHighestAttention, DType::kBFloat16, true, 0.1f}, 41));
+    auto as_bf16 = std::make_shared<LayerJob>(*as_fp32);
+    as_bf16->data.inputs_dtype = DType::kBFloat16;
+    if (prefetch) (*b)->Prefetch(as_bf16);
+    auto want = (*a)->CompactLayer(*as_fp32);
+    auto got = (*b)->CompactLayer(*as_bf16);
+    ASSERT_TRUE(want.ok() && got.ok());
+    for (size_t h = 0; h < want->heads.size(); ++h) {
+      EXPECT_EQ(got->heads[h].indices, want->heads[h].indices) << "head " << h;
+      EXPECT_EQ(got->heads[h].beta, want->heads[h].beta) << "head " << h;
+      EXPECT_EQ(got->heads[h].values, want->heads[h].values) << "head " << h;
+      EXPECT_EQ(got->heads[h].quality.output_rel_error, want->heads[h].quality.output_rel_error) << "head " << h;
+    }
+  }
 }
 
 }  // namespace
