@@ -258,6 +258,38 @@ def protected_plan(start: int, end: int, protected: Sequence[int], ratio: Option
     return np.setdiff1d(np.arange(start, end), exact), exact, total - int(exact.size)
 
 
+def number_positions(pieces: Sequence[str], budget: int, *, surprisal: Optional[Sequence[float]] = None,
+                     share: float = 0.5, before: int = 3, start: int = 0, end: Optional[int] = None) -> np.ndarray:
+    """Positions in [start, end) to keep exact so that numbers survive compaction: each number (a
+    run of tokens whose text holds a digit: lab values, amounts, dates, keys) with the `before`
+    tokens that name it ("pass key is", "glucose:"); whole numbers, the least predictable first
+    (highest `surprisal` of their digits; in order of appearance without it), until `share` of
+    `budget` is used. `pieces`: each token's text."""
+    end = len(pieces) if end is None else end
+    if not 0 <= share < 1:
+        raise ValueError("share must be in [0, 1): the rest of the budget is compacted")
+    digit = [any(c.isdigit() for c in pieces[p]) for p in range(end)]
+    spans, p = [], start
+    while p < end:
+        if digit[p]:
+            q = p
+            while q < end and digit[q]:
+                q += 1
+            spans.append((max(start, p - before), p, q))  # (first kept, first digit, end)
+            p = q
+        else:
+            p += 1
+    if surprisal is not None:
+        s = np.asarray(surprisal, dtype=np.float64)
+        spans.sort(key=lambda sp: -float(np.max(s[sp[1]:sp[2]])))
+    cap, kept = int(share * budget), set()
+    for first, _, stop in spans:
+        new = set(range(first, stop)) - kept  # a span's naming tokens may overlap the previous number
+        if len(kept) + len(new) <= cap:
+            kept |= new
+    return np.array(sorted(kept), dtype=np.int64)
+
+
 
 def make_header(layers: Layer | Sequence[Layer], *, ratio: Optional[float] = None, tokens: Optional[int] = None,
            per_head: Optional[Sequence[int]] = None, method: str = "am", holdout: float = 0.1,

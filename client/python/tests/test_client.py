@@ -212,6 +212,24 @@ def test_ratio_budget_rounds_as_the_server_does():
         ratio_budget(10, 0)
 
 
+def test_number_positions_keep_whole_numbers_with_their_names_least_predictable_first():
+    from kvcompact.client import number_positions
+    #          0    1      2      3    4    5     6    7    8      9     10   11    12
+    pieces = ["<s>", "key", " is", " 4", "82", ".", " the", "a", " 7", " and", " x", "9", "9"]
+    # Every number with the 2 tokens before it; spans start no earlier than `start`.
+    assert number_positions(pieces, 100, before=2, start=1).tolist() == [1, 2, 3, 4, 6, 7, 8, 9, 10, 11, 12]
+    assert number_positions(pieces, 100, before=0, start=0).tolist() == [3, 4, 8, 11, 12]
+    assert number_positions(pieces, 100, before=0, start=0, end=12).tolist() == [3, 4, 8, 11]
+    # The cap (share x budget) takes whole numbers, the most surprising first; no half numbers.
+    surprisal = [0, 0, 0, 1, 1, 0, 0, 0, 9, 0, 0, 5, 0]
+    assert number_positions(pieces, 8, surprisal=surprisal, share=0.5, before=0).tolist() == [8, 11, 12]
+    assert number_positions(pieces, 8, share=0.5, before=0).tolist() == [3, 4, 8]  # in order without surprisal
+    assert number_positions(pieces, 8, share=0.25, before=0, surprisal=surprisal).tolist() == [8]
+    assert number_positions(["a", "b"], 10).size == 0
+    with pytest.raises(ValueError, match="share"):
+        number_positions(pieces, 8, share=1.0)
+
+
 def test_protected_plan_splits_the_span_and_the_budget():
     from kvcompact.client import protected_plan
 

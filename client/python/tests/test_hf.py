@@ -187,8 +187,8 @@ class _Tokenizer:
     def encode(self, text, add_special_tokens=False):
         return [1 + (ord(ch) % (VOCAB - 1)) for ch in text]
 
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join(chr(96 + (i % 26)) for i in ids)
+    def decode(self, ids, skip_special_tokens=True):  # digits come back as digits (ids 49-58)
+        return "".join(chr(i - 1) if 49 <= i <= 58 else chr(96 + (i % 26)) for i in ids)
 
 
 @pytest.mark.parametrize("family", ("llama", "gemma3"))
@@ -229,6 +229,32 @@ def test_compaction_through_the_real_server(family, server_address):
     texts = hf.answer(model, tok, text, ["Which crate holds rope?", "And salt?"], server=server_address, ratio=10,
                       queries="context-prefill", max_new_tokens=5)
     assert len(texts) == 2 and all(len(t) <= 5 for t in texts)
+
+
+def test_numbers_are_kept_exact_by_default_for_text_contexts(server_address):
+    from kvcompact.client import number_positions, ratio_budget
+
+    model = tiny_model("llama")
+    tok = _Tokenizer()
+    text = "Crate 41 holds salt and the rope lies in the shed by the gate. " * 3
+    ids = hf.ChatFormat(tok).context(text)
+    budget = ratio_budget(len(ids) - 2, 4)
+    want = number_positions([tok.decode([t]) for t in ids], budget, before=3, start=2)
+    assert len(want) == 3 * 5 and len(want) <= budget // 2  # each "41" with " te" before it: the cap does not bind
+    full = hf.compact_ids(model, ids, server=server_address, tokens=len(ids), queries="context-prefill", keep_first=2)
+    kept = hf.compact_context(model, tok, text, server=server_address, ratio=4, queries="context-prefill",
+                              keep_first=2)
+    plain = hf.compact_context(model, tok, text, server=server_address, ratio=4, queries="context-prefill",
+                               keep_first=2, protect=None)
+    l = hf.compactable_layers(model)[0]
+    assert kept.layers[l].keys.shape[2] == plain.layers[l].keys.shape[2] == 2 + budget
+    for g in range(kept.layers[l].keys.shape[1]):
+        torch.testing.assert_close(kept.layers[l].keys[0, g, -len(want):], full.layers[l].keys[0, g, torch.from_numpy(want)])
+        assert not kept.layers[l].bias[0, g, -len(want):].any()
+    with pytest.raises(ValueError, match="needs the tokenizer"):
+        hf.compact_ids(model, ids, server=server_address, ratio=4, queries="context-prefill", protect="numbers")
+    with pytest.raises(ValueError, match="only 'numbers'"):
+        hf.compact_ids(model, ids, server=server_address, ratio=4, tokenizer=tok, protect="names")
 
 
 def test_bad_arguments_are_refused_before_anything_is_sent():

@@ -23,7 +23,7 @@ import numpy as np
 from kvcompact import Client
 from kvcompact.runtime import GemmaModel, KVCache, LlamaModel
 from kvcompact.runtime import queries as rq
-from kvcompact.client import ratio_budget
+from kvcompact.client import number_positions, ratio_budget
 from kvcompact.runtime.compaction import compact_cache
 
 SINK_TOKENS = 4  # the start of the chat template stays exact (attention sinks)
@@ -143,31 +143,13 @@ def method_options(label: str) -> dict:
 
 
 def protected_positions(prefix: Prefix, kind: str, budget: int, share: float, before: int = 0) -> np.ndarray:
-    """Context positions kept exact by 'protect=numbers': each number (a run of tokens that hold a
-    digit: lab values, amounts, dates, keys) with the `before` tokens that name it ("pass key is"),
-    whole numbers the least predictable first, until `share` of the budget is used."""
+    """Context positions kept exact by 'protect=numbers' (kvcompact.client.number_positions, after
+    the attention sinks)."""
     if kind != "numbers":
         raise ValueError(f"protect={kind!r}: only 'numbers' is defined")
     tok = prefix.model.tokenizer
-    end = len(prefix.tokens)
-    digit = [any(c.isdigit() for c in tok.decode([prefix.tokens[p]])) for p in range(end)]
-    spans, p = [], SINK_TOKENS
-    while p < end:
-        if digit[p]:
-            q = p
-            while q < end and digit[q]:
-                q += 1
-            spans.append((max(SINK_TOKENS, p - before), p, q))  # (first kept, first digit, end)
-            p = q
-        else:
-            p += 1
-    spans.sort(key=lambda s: -float(np.max(prefix.surprisal[s[1]:s[2]])))
-    cap, kept = int(share * budget), set()
-    for first, _, stop in spans:
-        new = set(range(first, stop)) - kept  # a span's naming tokens may overlap the previous number
-        if len(kept) + len(new) <= cap:
-            kept |= new
-    return np.array(sorted(kept), dtype=np.int64)
+    pieces = [tok.decode([t]) for t in prefix.tokens]
+    return number_positions(pieces, budget, surprisal=prefix.surprisal, share=share, before=before, start=SINK_TOKENS)
 
 
 def default_queries(method: str) -> str:
@@ -514,13 +496,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--answer-tokens", type=int, default=40)
     ap.add_argument("--queries-per-head", type=int, default=2048)
     ap.add_argument("--ratios", type=float, nargs="+", default=[5, 10, 20, 50, 100])
-    ap.add_argument("--methods", nargs="+", default=["am", "h2o", "snapkv", "recent", "streaming_llm", "random", "summary"],
+    ap.add_argument("--methods", nargs="+", default=["am", "am:protect=numbers,protect_before=3", "h2o", "snapkv", "recent",
+                                                      "streaming_llm", "random", "summary"],
                     help="service methods (and 'summary', the text-summarization baseline run on the client), "
                          "optionally with options: am:ridge=1e-3, am:queries=repeat "
                          "(query sources: context, repeat, repeat_detail[@share], self_study, question, joined by +; "
                          "default repeat+self_study for am, "
                          "context for the baselines); am:protect=numbers,protect_before=3[,protect_share=0.5] keeps "
-                         "numbers and the tokens that name them exact inside the budget")
+                         "numbers and the tokens that name them exact inside the budget (kvcompact.hf's default for "
+                         "text contexts)")
     ap.add_argument("--facts", type=int, default=0, help="dense-fact items per family and length (0: none)")
     ap.add_argument("--facts-lengths", type=int, nargs="*", default=[1024], help="dense-fact document tokens")
     ap.add_argument("--facts-families", nargs="*", default=["records", "ledger", "labs", "agents"])

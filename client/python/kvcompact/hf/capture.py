@@ -107,27 +107,42 @@ def sample_positions(count: int, keep: int, seed: int, offset: int = 0) -> Optio
     return torch.sort(torch.randperm(count, generator=g)[:keep]).values + offset
 
 
+SURPRISAL_CHUNK = 512  # tokens per forward pass when every position's logits are kept
+
+
 @torch.no_grad()
-def prefill(model, ids: Sequence[int], cache=None, chunk: int = 4096, capture: Optional[QueryCapture] = None):
+def prefill(model, ids: Sequence[int], cache=None, chunk: int = 4096, capture: Optional[QueryCapture] = None,
+            surprisal: Optional[list] = None):
     """Runs `ids` through the model in chunks into `cache` (a new DynamicCache by default);
-    returns the cache and the last token's logits [vocab]."""
+    returns the cache and the last token's logits [vocab]. With a list `surprisal`, appends each
+    token's -log p(token | what precedes it) (nats, fp32 on the CPU; 0 for the first token)."""
     enable(model)
     device = model.get_input_embeddings().weight.device
     cache = cache if cache is not None else DynamicCache(config=model.config)
     ids = torch.as_tensor(list(ids), device=device)[None]
     logits = None
+    if surprisal is not None:
+        chunk = min(chunk, SURPRISAL_CHUNK)  # bounds the chunk x vocab logits held at once
+        surprisal.append(0.0)
     with capture if capture is not None else contextlib.nullcontext():
         for s in range(0, ids.shape[1], chunk):
-            out = model(input_ids=ids[:, s:s + chunk], use_cache=True, logits_to_keep=1, **{cache_kwarg(model): cache})
+            out = model(input_ids=ids[:, s:s + chunk], use_cache=True, logits_to_keep=0 if surprisal is not None else 1,
+                        **{cache_kwarg(model): cache})
             logits = out.logits[0, -1]
+            if surprisal is not None:
+                nxt = ids[0, s + 1:s + chunk + 1]  # what each position predicts
+                logp = torch.log_softmax(out.logits[0, :len(nxt)].float(), dim=-1)
+                surprisal.extend((-logp.gather(1, nxt[:, None])[:, 0]).cpu().tolist())
     return cache, logits
 
 
-def context_prefill(model, ids: Sequence[int], keep: int, seed: int = 0, chunk: int = 4096):
-    """Prefills the context; returns (cache, its queries at `keep` random positions per layer)."""
+def context_prefill(model, ids: Sequence[int], keep: int, seed: int = 0, chunk: int = 4096,
+                    surprisal: Optional[list] = None):
+    """Prefills the context; returns (cache, its queries at `keep` random positions per layer);
+    each token's surprisal into the list `surprisal` if given (see prefill)."""
     layers = compactable_layers(model)
     cap = QueryCapture(layers, sample_positions(len(ids), keep, seed))
-    cache, _ = prefill(model, ids, chunk=chunk, capture=cap)
+    cache, _ = prefill(model, ids, chunk=chunk, capture=cap, surprisal=surprisal)
     return cache, cap.queries(text_config(model).num_key_value_heads)
 
 

@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from kvcompact.client import Client, protected_plan
+from kvcompact.client import Client, number_positions, protected_plan, ratio_budget
 from kvcompact.hf.cache import CompactedCache
 from kvcompact.hf.capture import (compactable_layers, context_prefill, repeat_prefill, self_study, text_config)
 from kvcompact.types import Layer
@@ -65,14 +65,14 @@ def _sources(queries: str) -> list[str]:
 
 
 def capture_queries(model, ids: Sequence[int], queries: str, fmt: Optional[ChatFormat], max_queries: int,
-                    seed: int = 0, self_study_tokens: int = 64):
+                    seed: int = 0, self_study_tokens: int = 64, surprisal: Optional[list] = None):
     """Prefills `ids`; returns (its cache, per compactable layer the chosen sources' queries,
-    at most `max_queries` per KV head in all)."""
+    at most `max_queries` per KV head in all); each token's surprisal into `surprisal` if given."""
     sources = _sources(queries)
     c = text_config(model)
     group = c.num_attention_heads // c.num_key_value_heads
     keep = max(1, max_queries // (group * len(sources)))  # token positions per source
-    cache, own = context_prefill(model, ids, keep, seed)
+    cache, own = context_prefill(model, ids, keep, seed, surprisal=surprisal)
     picked = []
     if "context-prefill" in sources:
         picked.append(own)
@@ -104,21 +104,36 @@ def compact_ids(model, ids: Sequence[int], *, server: str = "localhost:50051", c
                 ratio: Optional[float] = 20.0, tokens: Optional[int] = None, method: str = "am",
                 queries: str = "repeat-prefill", tokenizer=None, keep_first: int = 4, keep_last: int = 0,
                 streams: int = 4, max_queries: int = 4096, seed: int = 0, timeout: Optional[float] = None,
-                protected: Optional[Sequence[int]] = None, **options) -> CompactedCache:
+                protected: Optional[Sequence[int]] = None, protect: Optional[str] = None, protect_share: float = 0.5,
+                protect_before: int = 3, **options) -> CompactedCache:
     """Compacts the context `ids` (token ids, batch 1); returns the cache to generate from.
     `ratio` or `tokens` (entries per head) set the budget of the compacted span; other keyword
     arguments are the service's options (kvcompact.client.make_header). `protected`: positions
     of the span the caller names (the details a later question may need: numbers, names) kept
-    exact with bias 0; they count against the budget and the service compacts the rest."""
+    exact with bias 0; they count against the budget and the service compacts the rest.
+    `protect="numbers"` (needs `tokenizer`) adds every number with the `protect_before` tokens
+    that name it, the least predictable first, up to `protect_share` of the budget
+    (kvcompact.client.number_positions; docs/QUALITY.md)."""
     if keep_first < 0 or keep_last < 0 or keep_first + keep_last >= len(ids):
         raise ValueError(f"keep_first={keep_first} and keep_last={keep_last} leave nothing of {len(ids)} tokens")
+    if protect not in (None, "numbers"):
+        raise ValueError(f"protect={protect!r}: only 'numbers' is defined")
+    if protect and tokenizer is None:
+        raise ValueError("protect='numbers' needs the tokenizer (numbers are found in the tokens' text)")
     end = len(ids) - keep_last
-    span, exact = torch.arange(keep_first, end), torch.empty(0, dtype=torch.long)
-    if protected is not None and len(protected):
-        rest, kept, tokens = protected_plan(keep_first, end, protected, None if tokens is not None else ratio, tokens)
-        span, exact, ratio = torch.from_numpy(rest), torch.from_numpy(kept), None
     fmt = ChatFormat(tokenizer) if tokenizer is not None else None
-    cache, refs = capture_queries(model, ids, queries, fmt, max_queries, seed)
+    surprisal = [] if protect else None
+    cache, refs = capture_queries(model, ids, queries, fmt, max_queries, seed, surprisal=surprisal)
+    named = set(int(p) for p in protected) if protected is not None else set()
+    if protect:
+        total = int(tokens) if tokens is not None else ratio_budget(end - keep_first, ratio)
+        pieces = [tokenizer.decode([int(t)]) for t in ids]
+        named |= set(number_positions(pieces, total, surprisal=surprisal, share=protect_share, before=protect_before,
+                                      start=keep_first, end=end).tolist())
+    span, exact = torch.arange(keep_first, end), torch.empty(0, dtype=torch.long)
+    if named:
+        rest, kept, tokens = protected_plan(keep_first, end, sorted(named), None if tokens is not None else ratio, tokens)
+        span, exact, ratio = torch.from_numpy(rest), torch.from_numpy(kept), None
     layers = compactable_layers(model)
 
     def blocks():
@@ -160,10 +175,12 @@ def compact_ids(model, ids: Sequence[int], *, server: str = "localhost:50051", c
     return CompactedCache.from_layers(compacted, whole, len(cache.layers), len(ids))
 
 
-def compact_context(model, tokenizer, context: str, **kwargs) -> CompactedCache:
+def compact_context(model, tokenizer, context: str, protect: Optional[str] = "numbers", **kwargs) -> CompactedCache:
     """`compact_ids` for a text context placed in an open user turn of the chat template (so a
-    question appended with `question_ids` continues that turn)."""
-    return compact_ids(model, ChatFormat(tokenizer).context(context), tokenizer=tokenizer, **kwargs)
+    question appended with `question_ids` continues that turn). Numbers are kept exact by default
+    (`protect="numbers"`; None turns it off): level on narrative answers, and the pass keys and
+    lab values plain AM loses (docs/QUALITY.md)."""
+    return compact_ids(model, ChatFormat(tokenizer).context(context), tokenizer=tokenizer, protect=protect, **kwargs)
 
 
 def question_ids(tokenizer, question: str) -> list[int]:
