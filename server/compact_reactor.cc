@@ -188,7 +188,8 @@ void CompactReactor::HandleHeaderLocked() {
     return;
   }
   plan_ = std::make_shared<const StreamPlan>(*std::move(plan));
-  assembler_ = std::make_unique<LayerAssembler>(plan_.get(), &context_->limits, context_->memory, context_->threads);
+  assembler_ = std::make_unique<LayerAssembler>(plan_.get(), &context_->limits, context_->memory, context_->threads,
+                                                context_->buffers);
   summary_.set_request_id(plan_->request_id);
   summary_.set_backend(std::string(context_->worker->backend_name()));
   started_ = Clock::now();
@@ -241,6 +242,7 @@ void CompactReactor::SubmitLocked(LayerJob job, MemoryReservation memory, double
   LayerTask task;
   task.job = std::make_shared<LayerJob>(std::move(job));
   task.plan = {plan_->chunk_tokens, plan_->layer_rule, plan_->output_dtype};
+  task.buffers = context_->buffers;
   std::shared_ptr<const StreamPlan> plan = plan_;
   Metrics* metrics = context_->metrics;
   const uint64_t max_bytes = context_->limits.max_message_bytes;

@@ -43,6 +43,9 @@ ABSL_FLAG(uint64_t, max_queries_per_layer, 1u << 18, "Largest reference-query co
 ABSL_FLAG(uint64_t, max_host_memory_bytes, 0,
           "Host memory admitted to layers in flight (estimate per layer); over it a layer gets RESOURCE_EXHAUSTED. "
           "0 = 70% of the container's memory limit (or of RAM)");
+ABSL_FLAG(uint64_t, host_buffer_pool_bytes, 0,
+          "Idle layer buffers kept for reuse (a fresh multi-GB allocation faults its pages in at about 2 GB/s); "
+          "0 = 10% of the host-memory budget, at most 4 GiB");
 ABSL_FLAG(uint32_t, max_concurrent_streams, 64, "Compact streams served at once; more get RESOURCE_EXHAUSTED");
 ABSL_FLAG(uint32_t, max_open_layers_per_stream, 4, "Layers one stream may have half-sent at once");
 ABSL_FLAG(double, idle_timeout_seconds, 60,

@@ -31,6 +31,7 @@ ABSL_DECLARE_FLAG(uint64_t, max_message_bytes);
 ABSL_DECLARE_FLAG(uint64_t, max_tokens_per_block);
 ABSL_DECLARE_FLAG(uint64_t, max_queries_per_layer);
 ABSL_DECLARE_FLAG(uint64_t, max_host_memory_bytes);
+ABSL_DECLARE_FLAG(uint64_t, host_buffer_pool_bytes);
 ABSL_DECLARE_FLAG(uint32_t, max_concurrent_streams);
 ABSL_DECLARE_FLAG(uint32_t, max_open_layers_per_stream);
 ABSL_DECLARE_FLAG(double, idle_timeout_seconds);

@@ -163,6 +163,11 @@ absl::StatusOr<LayerAssembler::Pending*> LayerAssembler::OpenLayer(uint32_t laye
   return &p;
 }
 
+std::vector<float> LayerAssembler::Zeroed(int64_t count) {
+  const size_t n = static_cast<size_t>(count);
+  return buffers_ != nullptr ? buffers_->TakeZeroed(n) : std::vector<float>(n, 0.f);
+}
+
 absl::StatusOr<uint64_t> LayerAssembler::AddKV(const v1::KVChunk& c) {
   auto opened = OpenLayer(c.layer());
   if (!opened.ok()) return opened.status();
@@ -179,8 +184,8 @@ absl::StatusOr<uint64_t> LayerAssembler::AddKV(const v1::KVChunk& c) {
     if (d.queries > 0) need += LayerQueryBytes(d.heads, T, d.queries, d.head_dim, d.value_dim, threads_);
     if (absl::Status s = Reserve(p, need, StrCat(T, " tokens")); !s.ok()) return s;
     d.tokens = T;
-    d.keys.assign(d.heads * d.tokens * d.head_dim, 0.f);
-    d.values.assign(d.heads * d.tokens * d.value_dim, 0.f);
+    d.keys = Zeroed(d.heads * d.tokens * d.head_dim);
+    d.values = Zeroed(d.heads * d.tokens * d.value_dim);
     p.kv_seen.assign(d.heads * d.tokens, 0);
   } else if (d.tokens != static_cast<int64_t>(c.layer_tokens())) {
     return InvalidArgumentError(StrCat("layer_tokens ", c.layer_tokens(), " differs from ", d.tokens,
@@ -220,7 +225,7 @@ absl::StatusOr<uint64_t> LayerAssembler::AddKV(const v1::KVChunk& c) {
     return s;
   }
   if (has_bias) {
-    if (d.bias.empty()) d.bias.assign(d.heads * d.tokens, 0.f);  // unsent rows keep b = 0
+    if (d.bias.empty()) d.bias = Zeroed(d.heads * d.tokens);  // unsent rows keep b = 0
     if (auto s = DecodeRowsInto(c.bias(), *bias_type, "bias", heads, rows, 1, kMaxBiasMagnitude, d.bias.data(),
                                 c.head_begin(), d.tokens, t0);
         !s.ok()) {
@@ -247,7 +252,7 @@ absl::StatusOr<uint64_t> LayerAssembler::AddQueries(const v1::QueryChunk& c) {
                                        : static_cast<uint64_t>(d.heads * n) * (4 * d.head_dim + 1);
     if (absl::Status s = Reserve(p, need, StrCat(n, " queries")); !s.ok()) return s;
     d.queries = n;
-    d.query_data.assign(d.heads * d.queries * d.head_dim, 0.f);
+    d.query_data = Zeroed(d.heads * d.queries * d.head_dim);
     p.query_seen.assign(d.heads * d.queries, 0);
   } else if (d.queries != static_cast<int64_t>(c.layer_queries())) {
     return InvalidArgumentError(StrCat("layer_queries ", c.layer_queries(), " differs from ", d.queries,

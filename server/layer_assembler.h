@@ -15,6 +15,7 @@
 #include "absl/status/statusor.h"
 #include "core/layer.h"
 #include "kvcompact/v1/kvcompact.pb.h"
+#include "server/host_buffers.h"
 #include "server/limits.h"
 #include "server/memory_budget.h"
 #include "server/stream_plan.h"
@@ -25,8 +26,10 @@ class LayerAssembler {
  public:
   // `memory` (optional) admits each layer's buffers before they are allocated; `threads`: heads
   // compacted at once, for the working-set estimate.
-  LayerAssembler(const StreamPlan* plan, const Limits* limits, MemoryBudget* memory = nullptr, int threads = 1)
-      : plan_(plan), limits_(limits), memory_(memory), threads_(threads) {}
+  // `buffers`: where the layer buffers come from (null: allocated afresh).
+  LayerAssembler(const StreamPlan* plan, const Limits* limits, MemoryBudget* memory = nullptr, int threads = 1,
+                 HostBufferPool* buffers = nullptr)
+      : plan_(plan), limits_(limits), memory_(memory), threads_(threads), buffers_(buffers) {}
 
   // Each returns the payload bytes decoded. On error the layer is dropped (see IsClosed).
   absl::StatusOr<uint64_t> AddKV(const v1::KVChunk& chunk);
@@ -58,6 +61,7 @@ class LayerAssembler {
     std::chrono::steady_clock::time_point opened, last_chunk;
   };
   absl::StatusOr<Pending*> OpenLayer(uint32_t layer);
+  std::vector<float> Zeroed(int64_t count);  // a layer buffer of zeros, from buffers_ when set
   absl::Status Reserve(Pending& p, uint64_t bytes, absl::string_view what);
 
   const StreamPlan* plan_;
@@ -65,6 +69,7 @@ class LayerAssembler {
   const Limits* limits_;
   MemoryBudget* memory_;
   int threads_;
+  HostBufferPool* buffers_;
   std::map<uint32_t, Pending> open_;
   std::set<uint32_t> failed_, ended_;
 };

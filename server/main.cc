@@ -281,6 +281,10 @@ int Run(int argc, char** argv) {
   MemoryBudget memory(host_memory, [&metrics](uint64_t bytes) { metrics.host_memory_reserved.Set(static_cast<double>(bytes)); });
   metrics.host_memory_limit.Set(static_cast<double>(host_memory));
   context.memory = &memory;
+  const uint64_t pool_bytes = absl::GetFlag(FLAGS_host_buffer_pool_bytes) > 0 ? absl::GetFlag(FLAGS_host_buffer_pool_bytes)
+                                                                               : std::min<uint64_t>(host_memory / 10, uint64_t{4} << 30);
+  HostBufferPool buffers(pool_bytes);
+  context.buffers = &buffers;
   context.limits.max_host_memory_bytes = host_memory;
   ProfileRegistry profiles;
   if (absl::Status s = profiles.LoadDir(ProfilesDir()); absl::IsNotFound(s)) {

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "kvcompact/v1/kvcompact.grpc.pb.h"
+#include "server/host_buffers.h"
 #include "server/limits.h"
 #include "server/log_limiter.h"
 #include "server/memory_budget.h"
@@ -28,6 +29,7 @@ struct ServiceContext {
   const TokenAuthenticator* auth = nullptr;   // null or disabled: no token needed
   const ClientIdentityFilter* identities = nullptr;  // null or disabled: any client certificate
   MemoryBudget* memory = nullptr;             // null: no host-memory admission control
+  HostBufferPool* buffers = nullptr;          // null: layer buffers are allocated afresh
   StreamWatchdog* watchdog = nullptr;         // null: no timeouts
   LogLimiter log_limiter;                     // lines that clients can cause
   std::atomic<int> open_streams{0};           // Compact and Sink streams (max_concurrent_streams)

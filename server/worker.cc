@@ -103,7 +103,10 @@ void Worker::Run(WorkItem& item, Backend* backend, double queue_seconds) {
   LayerOutcome outcome;
   outcome.result = absl::CancelledError("stream cancelled or server shutting down");
   if (backend) outcome = RunLayer(*backend, task.job.get(), task.plan);
-  task.job.reset();  // free the layer's inputs before its owner encodes the outputs
+  // Free the layer's inputs before its owner encodes the outputs: into the pool for the next
+  // layer when nothing else holds the job (a backend's prefetch may still read a job it holds).
+  if (task.buffers != nullptr && task.job.use_count() == 1) task.buffers->GiveLayer(task.job->data);
+  task.job.reset();
   task.done(std::move(outcome), queue_seconds,
             std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
 }

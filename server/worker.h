@@ -16,6 +16,7 @@
 #include "absl/status/statusor.h"
 #include "core/layer.h"
 #include "core/layer_task.h"
+#include "server/host_buffers.h"
 #include "server/metrics.h"
 
 namespace kvcompact::server {
@@ -24,6 +25,7 @@ namespace kvcompact::server {
 struct LayerTask {
   std::shared_ptr<LayerJob> job;
   LayerPlan plan;
+  HostBufferPool* buffers = nullptr;  // where the layer's input buffers go once it is compacted
   // Called on the worker thread once the layer's inputs are released: the outcome (CANCELLED
   // when the item was dropped: cancelled stream, shutdown, unhealthy backend), the seconds it
   // waited in the queue and the seconds it ran.

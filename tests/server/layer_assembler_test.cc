@@ -2,9 +2,11 @@
 // 16-bit dtype only when every key, value and query of the layer arrived in it.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
+#include "server/host_buffers.h"
 #include "server/layer_assembler.h"
 #include "server/limits.h"
 #include "server/memory_budget.h"
@@ -68,6 +70,30 @@ TEST(LayerAssembler, InputsDTypeIsTheOneDTypeEverythingArrivedIn) {
   EXPECT_EQ(AssembledDType(bf16, fp16, bf16, bf16), DType::kFloat32);  // values in another 16-bit dtype
   EXPECT_EQ(AssembledDType(bf16, bf16, fp16, bf16), DType::kFloat32);  // a later chunk in another dtype
   EXPECT_EQ(AssembledDType(fp16, fp16, fp16, bf16), DType::kFloat32);
+}
+
+TEST(HostBufferPool, ReusesIdleStorageZeroedAndStaysWithinItsBound) {
+  HostBufferPool pool(10000 * sizeof(float));
+  std::vector<float> a = pool.TakeZeroed(6000);
+  std::fill(a.begin(), a.end(), 7.f);
+  const float* storage = a.data();
+  pool.Give(std::move(a));
+  EXPECT_EQ(pool.idle_bytes(), 6000 * sizeof(float));
+  std::vector<float> b = pool.TakeZeroed(5000);  // fits in the idle buffer: same storage, zeros
+  EXPECT_EQ(b.data(), storage);
+  EXPECT_EQ(b.size(), 5000u);
+  EXPECT_TRUE(std::all_of(b.begin(), b.end(), [](float x) { return x == 0.f; }));
+  EXPECT_EQ(pool.idle_bytes(), 0u);
+  std::vector<float> small(3000), big(8000);
+  pool.Give(std::move(b));      // 6000 idle
+  pool.Give(std::move(small));  // 9000 idle
+  pool.Give(std::move(big));    // over the bound: freed
+  EXPECT_EQ(pool.idle_bytes(), 9000 * sizeof(float));
+  EXPECT_EQ(pool.TakeZeroed(2500).capacity(), 3000u);  // the smallest that fits
+  EXPECT_EQ(pool.TakeZeroed(7000).capacity(), 7000u);  // none fits: allocated
+  EXPECT_EQ(pool.idle_bytes(), 6000 * sizeof(float));
+  pool.Give(std::vector<float>());  // nothing to keep
+  EXPECT_EQ(pool.idle_bytes(), 6000 * sizeof(float));
 }
 
 }  // namespace

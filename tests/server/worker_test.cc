@@ -33,6 +33,7 @@ class FakeBackend final : public Backend {
   void Prefetch(std::shared_ptr<const LayerJob> next) override {
     std::lock_guard<std::mutex> lock(mu);
     log.push_back("prefetch " + std::to_string(next->data.layer));
+    held = std::move(next);  // as the CUDA backend's stager does while it uploads
   }
   void Release(int n) {
     std::lock_guard<std::mutex> lock(mu);
@@ -45,6 +46,7 @@ class FakeBackend final : public Backend {
   std::atomic<int> entered{0};
   std::atomic<bool> healthy_{true};
   std::vector<std::string> log;
+  std::shared_ptr<const LayerJob> held;
 };
 
 struct Counter {
@@ -110,6 +112,34 @@ TEST(Worker, NextQueuedLayerIsHandedToPrefetchBeforeTheCurrentRuns) {
   EXPECT_EQ(c.ran.load(), 4);
   const std::vector<std::string> want = {"compact -1", "prefetch 2", "compact 1", "prefetch 3", "compact 2", "compact 3"};
   EXPECT_EQ(fake->log, want);
+}
+
+// A compacted layer's buffers go to the pool for the next layer, except while a prefetch still
+// holds the job (its upload may be reading them).
+TEST(Worker, CompactedLayersGiveTheirBuffersBackUnlessAPrefetchHoldsThem) {
+  auto backend = std::make_unique<FakeBackend>();
+  FakeBackend* fake = backend.get();
+  Worker worker(std::move(backend), 4, &TestMetrics());
+  HostBufferPool pool(size_t{1} << 30);
+  Counter c;
+  std::vector<WorkItem> items;
+  for (int32_t layer : {0, 1, 2}) {
+    items.push_back(c.Item({}, layer));
+    items.back().layer->job->data.keys.resize(1000 << layer);
+    items.back().layer->buffers = &pool;
+  }
+  ASSERT_TRUE(worker.SubmitOrWait(items[0], [] {}));
+  while (fake->entered.load() == 0) std::this_thread::yield();
+  ASSERT_TRUE(worker.SubmitOrWait(items[1], [] {}));  // when it starts, layer 2 is prefetched and held
+  ASSERT_TRUE(worker.SubmitOrWait(items[2], [] {}));
+  fake->Release(10);
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (c.ran.load() < 3 && std::chrono::steady_clock::now() < deadline) std::this_thread::yield();
+  worker.Stop();
+  ASSERT_EQ(c.ran.load(), 3);
+  ASSERT_TRUE(fake->held && fake->held->data.layer == 2);
+  EXPECT_EQ(fake->held->data.keys.size(), 4000u);             // not taken from under the prefetch
+  EXPECT_EQ(pool.idle_bytes(), (1000 + 2000) * sizeof(float));  // layers 0 and 1
 }
 
 TEST(Worker, CancelledItemsAreDroppedNotRun) {
