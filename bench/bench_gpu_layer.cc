@@ -42,13 +42,7 @@ namespace {
 // Rounds the layer's keys, values and queries through `wire`, as the server's decode yields them,
 // and records the dtype they are exact in.
 void RoundThroughWire(kvcompact::LayerData& data, kvcompact::DType wire) {
-  using namespace kvcompact;
-  if (wire == DType::kFloat32) return;
-  for (auto* v : {&data.keys, &data.values, &data.query_data}) {
-    std::vector<uint8_t> bytes(v->size() * DTypeSize(wire));
-    EncodeFromFloat(v->data(), v->size(), wire, bytes.data());
-    (void)DecodeToFloat(bytes.data(), wire, v->size(), v->data());
-  }
+  for (auto* v : {&data.keys, &data.values, &data.query_data}) kvcompact::RoundThrough(*v, wire);
   data.inputs_dtype = wire;
 }
 

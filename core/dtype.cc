@@ -79,4 +79,12 @@ void EncodeFromFloat(const float* src, size_t count, DType dtype, void* dst) {
   }
 }
 
+void RoundThrough(std::vector<float>& values, DType dtype) {
+  if (dtype == DType::kFloat32) return;
+  std::vector<uint8_t> wire(values.size() * DTypeSize(dtype));
+  EncodeFromFloat(values.data(), values.size(), dtype, wire.data());
+  // Every value decodes: the encoder rounds to the nearest representable, Inf for overflow.
+  (void)DecodeToFloat(wire.data(), dtype, values.size(), values.data(), std::numeric_limits<float>::infinity());
+}
+
 }  // namespace kvcompact

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <limits>
 #include <string_view>
+#include <vector>
 
 #include "absl/status/status.h"
 
@@ -23,5 +24,7 @@ absl::Status DecodeToFloat(const void* src, DType dtype, size_t count, float* ds
                            float max_abs = std::numeric_limits<float>::max());
 // Converts fp32 into `dtype` with round-to-nearest-even.
 void EncodeFromFloat(const float* src, size_t count, DType dtype, void* dst);
+// In place: each value as the server's decode of it sent in `dtype` yields it (tests, benchmarks).
+void RoundThrough(std::vector<float>& values, DType dtype);
 
 }  // namespace kvcompact

@@ -24,6 +24,19 @@ TEST(DType, HalfAndBFloat16RoundTripWithinTheirPrecision) {
   }
 }
 
+TEST(DType, RoundThroughGivesWhatTheDecodeOfTheEncodingGives) {
+  const float tie = 1.f + 1.f / 256;  // halfway between two bf16 values: to even, 1
+  std::vector<float> v = {tie, 3.f, 1.f + 1.f / 128, 70000.f};
+  std::vector<float> bf = v, hf = v, f32 = v;
+  RoundThrough(bf, DType::kBFloat16);
+  RoundThrough(hf, DType::kFloat16);
+  RoundThrough(f32, DType::kFloat32);
+  EXPECT_EQ(bf, (std::vector<float>{1.f, 3.f, 1.f + 1.f / 128, 70144.f}));
+  EXPECT_EQ(hf[0], tie);  // fp16 holds it exactly
+  EXPECT_TRUE(std::isinf(hf[3]));  // over fp16's range
+  EXPECT_EQ(f32, v);
+}
+
 TEST(DType, DecodeRejectsNanAndInf) {
   for (float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
     std::vector<float> in = {1.f, bad, 2.f};

@@ -118,13 +118,6 @@ std::string Name(const Case& c) {
          " holdout=" + std::to_string(c.holdout);
 }
 
-// Rounds a buffer through a wire dtype, as the server's decode does.
-void RoundTrip(std::vector<float>& v, DType dtype) {
-  std::vector<uint8_t> wire(v.size() * DTypeSize(dtype));
-  EncodeFromFloat(v.data(), v.size(), dtype, wire.data());
-  ASSERT_TRUE(DecodeToFloat(wire.data(), dtype, v.size(), v.data()).ok());
-}
-
 LayerJob MakeJob(const Case& c, uint64_t seed) {
   SyntheticShape shape;
   shape.heads = 3;
@@ -133,7 +126,7 @@ LayerJob MakeJob(const Case& c, uint64_t seed) {
   shape.head_dim = shape.value_dim = c.head_dim;
   LayerJob job;
   job.data = MakeSyntheticLayer(shape, seed, 2);
-  for (auto* v : {&job.data.keys, &job.data.values, &job.data.query_data}) RoundTrip(*v, c.dtype);
+  for (auto* v : {&job.data.keys, &job.data.values, &job.data.query_data}) RoundThrough(*v, c.dtype);
   if (c.bias) {
     std::mt19937 rng(seed);
     std::normal_distribution<float> g(0, 0.5f);

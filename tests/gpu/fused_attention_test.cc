@@ -22,13 +22,6 @@ namespace {
 
 using kernels::ScoreReduceKind;
 
-// Rounds values through a 16-bit dtype, as the server's decode of a bf16 or fp16 tensor yields them.
-void RoundThrough(std::vector<float>& v, DType dtype) {
-  std::vector<uint8_t> wire(v.size() * DTypeSize(dtype));
-  EncodeFromFloat(v.data(), v.size(), dtype, wire.data());
-  ASSERT_TRUE(DecodeToFloat(wire.data(), dtype, v.size(), v.data()).ok());
-}
-
 struct Shape {
   DType dtype;
   int64_t n, T, d, dv;
