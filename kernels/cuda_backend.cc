@@ -207,17 +207,15 @@ absl::Status CudaBackend::Stats(const float* queries, int64_t n, const std::opti
   }
   // With tensor-core math allowed and inputs that arrived in bf16 or fp16, the fused kernels: the
   // logits never reach device memory.
-  const bool fused = options_.allow_tf32 && options_.fused_stats && FusedStatsSupported(inputs_dtype_, d_, dv_) && n > 0;
-  if (fused) {
+  if (options_.allow_tf32 && options_.fused_stats && FusedStatsSupported(inputs_dtype_, d_, dv_) && n > 0) {
     if (auto s = fused_ws_.Reserve(FusedStatsWorkspaceBytes(H_, n, T_, d_, dv_) / sizeof(float) + 1); !s.ok()) return s;
-  }
-  if (fused &&
-      FusedAttentionStats(inputs_dtype_, queries, n, in_->keys.get(), in_->values.get(), has_bias_ ? in_->bias.get() : nullptr, H_, T_, d_,
-                          dv_, scale_, out->row_max.get(), out->mass.get(), out->outputs.get(),
-                          reduce ? std::optional(ToKind(*reduce)) : std::nullopt, scores_.get(), fused_ws_.get(),
-                          stream_)) {
-    KVC_LAUNCHED("FusedAttentionStats");
-    return absl::OkStatus();
+    if (FusedAttentionStats(inputs_dtype_, queries, n, in_->keys.get(), in_->values.get(),
+                            has_bias_ ? in_->bias.get() : nullptr, H_, T_, d_, dv_, scale_, out->row_max.get(),
+                            out->mass.get(), out->outputs.get(), reduce ? std::optional(ToKind(*reduce)) : std::nullopt,
+                            scores_.get(), fused_ws_.get(), stream_)) {
+      KVC_LAUNCHED("FusedAttentionStats");
+      return absl::OkStatus();
+    }
   }
   const int64_t per_row = H_ * T_;
   const int64_t chunk = std::clamp<int64_t>(static_cast<int64_t>(options_.workspace_bytes / sizeof(float)) / per_row, 1, n);
