@@ -81,10 +81,11 @@ class CudaBackend final : public Backend {
       KVC_CUDA(cudaMemGetInfo(&free, &total));
       limit_ = free / 10 * 9;
     }
+    limit_ = static_cast<size_t>(static_cast<double>(limit_) * std::clamp(options_.memory_share, 0.0, 1.0));
     lsq_ = std::make_unique<DeviceBoundedLsq>(blas_, stream_);
     if (auto s = lsq_->Init(); !s.ok()) return s;
     const int copy_threads = static_cast<int>(std::clamp(std::thread::hardware_concurrency(), 1u, 16u));
-    if (auto s = inputs_.Init(options_.device, copy_threads); !s.ok()) return s;
+    if (auto s = inputs_.Init(options_.device, copy_threads, &account_); !s.ok()) return s;
     return absl::OkStatus();
   }
 
@@ -93,6 +94,7 @@ class CudaBackend final : public Backend {
   size_t device_bytes_peak() const override { return g_device_bytes_peak.load(); }
 
   absl::StatusOr<LayerResult> CompactLayer(const LayerJob& job) override {
+    const DeviceAccountScope charged(&account_);
     absl::StatusOr<LayerResult> result = RunWithinLimit(job);
     if (!result.ok()) {
       // Leave no work in flight; a sticky error (the context is lost) makes the backend unhealthy.
@@ -155,7 +157,8 @@ class CudaBackend final : public Backend {
   absl::Status EvaluateHead(int64_t h, int64_t t, int64_t nf, int64_t ne, const float* cv, double* sums);
 
   CudaBackendOptions options_;
-  size_t limit_ = 0;
+  size_t limit_ = 0;                // this backend's bound (its share of the device's)
+  DeviceMemoryAccount account_{0};  // what its buffers hold (declared before them: they release into it)
   std::atomic<bool> healthy_{true};
   cudaStream_t stream_ = nullptr;
   cublasHandle_t blas_ = nullptr;
@@ -259,6 +262,7 @@ absl::Status CudaBackend::MassSystem(int64_t h, int64_t nf, int64_t t, const Vec
   KVC_LAUNCHED("AddPriorTowardOne");
   return absl::OkStatus();
 }
+
 
 namespace {
 
@@ -487,7 +491,7 @@ absl::StatusOr<LayerResult> CudaBackend::RunWithinLimit(const LayerJob& job) {
   if (fit < 1) return CheckFits(job);
   const int64_t group = std::min(H, fit);
   // Grow-only buffers shaped by earlier layers may not leave room for this one: start afresh.
-  if (g_device_bytes.load() + need.fixed + group * need.per_head > limit_) ReleaseBuffers();
+  if (account_.load() + need.fixed + group * need.per_head > limit_) ReleaseBuffers();
   if (group == H) return Run(job);
   LayerResult all;
   for (int64_t begin = 0; begin < H; begin += group) {

@@ -21,6 +21,8 @@ struct CudaBackendOptions {
   // Bound on the backend's device memory; a layer that would exceed it is compacted in groups of
   // heads. 0: 90% of the device memory free at start-up.
   size_t memory_limit_bytes = 0;
+  // This backend's share of that bound, where several backends share the device (layers in flight).
+  double memory_share = 1.0;
   // The mass fit's iteration bound; 0: kMassFitMaxIterations (core/fit.h). For benchmarks only.
   int mass_fit_max_iterations = 0;
 };

@@ -34,8 +34,9 @@ InputStager::~InputStager() {
   }
 }
 
-absl::Status InputStager::Init(int device, int copy_threads) {
+absl::Status InputStager::Init(int device, int copy_threads, DeviceMemoryAccount* account) {
   device_ = device;
+  account_ = account;
   upload_thread_ = std::make_unique<ThreadPool>(1);
   for (Slot& s : slots_) {
     KVC_CUDA(cudaStreamCreateWithFlags(&s.copy, cudaStreamNonBlocking));
@@ -87,6 +88,7 @@ void InputStager::Prefetch(std::shared_ptr<const LayerJob> job) {
   auto done = std::make_shared<std::promise<absl::Status>>();
   pending_.done = done->get_future().share();
   upload_thread_->Submit([this, raw, slot, done] {
+    const DeviceAccountScope charged(account_);
     if (cudaError_t e = cudaSetDevice(device_); e != cudaSuccess) {
       done->set_value(CudaStatus(e, "cudaSetDevice", __FILE__, __LINE__));
       return;

@@ -29,7 +29,8 @@ class InputStager {
   InputStager(const InputStager&) = delete;
   InputStager& operator=(const InputStager&) = delete;
 
-  absl::Status Init(int device, int copy_threads);
+  // `account`: charged with the device buffers uploads allocate (also on the upload thread).
+  absl::Status Init(int device, int copy_threads, DeviceMemoryAccount* account = nullptr);
   // Starts uploading `job` into a free slot on the stager's upload thread; returns at once. The stager
   // keeps the job alive until it is acquired or superseded.
   void Prefetch(std::shared_ptr<const LayerJob> job);
@@ -54,6 +55,7 @@ class InputStager {
   absl::Status Upload(const LayerJob& job, Slot& slot);
 
   int device_ = 0;
+  DeviceMemoryAccount* account_ = nullptr;
   Slot slots_[2];
   std::unique_ptr<ThreadPool> upload_thread_;  // one long-lived thread runs the prefetches
   Staging ready_, pending_;  // a finished upload not yet acquired; one in flight

@@ -36,6 +36,9 @@ ABSL_FLAG(bool, allow_tf32, false, "Tensor-core math for the attention statistic
 ABSL_FLAG(uint64_t, cuda_workspace_bytes, uint64_t{2} << 30, "GPU memory bound for the logit chunk of one layer");
 ABSL_FLAG(uint64_t, cuda_memory_limit_bytes, 0,
           "Bound on the CUDA backend's GPU memory; larger layers are compacted in groups of heads. 0 = 90% of the memory free at start-up");
+ABSL_FLAG(uint32_t, cuda_layers_in_flight, 3,
+          "Layers the CUDA backend compacts at once on the device, each on its own thread, streams and share of "
+          "--cuda_memory_limit_bytes (one layer's solver steps are latency-bound; others fill the device meanwhile); 1-16");
 ABSL_FLAG(int, threads, 0, "CPU threads for the CPU backend; 0 = all cores");
 ABSL_FLAG(uint64_t, max_message_bytes, 16u << 20, "Largest gRPC message accepted and sent");
 ABSL_FLAG(uint64_t, max_tokens_per_block, 1u << 20, "Largest T of one layer's block");

@@ -69,9 +69,15 @@ std::string ProfilesDir() {
   return (bin.parent_path() / "share" / "kvcompact" / "profiles").string();
 }
 
-// `fell_back`: set when "auto" wanted CUDA (built in) and got the CPU backend.
-std::unique_ptr<Backend> MakeBackend(const std::string& name, int threads, std::string* error, bool* fell_back) {
-  if (name == "cpu") return MakeCpuBackend(threads);
+// The worker's backends (one per layer in flight); `fell_back`: set when "auto" wanted CUDA
+// (built in) and got the CPU backend.
+std::vector<std::unique_ptr<Backend>> MakeBackends(const std::string& name, int threads, std::string* error,
+                                                   bool* fell_back) {
+  std::vector<std::unique_ptr<Backend>> out;
+  if (name == "cpu") {
+    out.push_back(MakeCpuBackend(threads));
+    return out;
+  }
 #ifdef KVCOMPACT_WITH_CUDA
   if (name == "cuda" || name == "auto") {
     kernels::CudaBackendOptions options;
@@ -79,25 +85,40 @@ std::unique_ptr<Backend> MakeBackend(const std::string& name, int threads, std::
     options.allow_tf32 = absl::GetFlag(FLAGS_allow_tf32);
     options.workspace_bytes = absl::GetFlag(FLAGS_cuda_workspace_bytes);
     options.memory_limit_bytes = absl::GetFlag(FLAGS_cuda_memory_limit_bytes);
-    auto cuda = kernels::MakeCudaBackend(options);
-    if (cuda.ok()) {
-      spdlog::info("CUDA backend on device {}; math: {}", options.device,
-                   options.allow_tf32 ? "TF32 tensor cores allowed" : "fp32 (no TF32)");
-      return *std::move(cuda);
+    const uint32_t lanes = absl::GetFlag(FLAGS_cuda_layers_in_flight);
+    options.memory_share = 1.0 / lanes;
+    absl::Status status;
+    for (uint32_t i = 0; i < lanes && status.ok(); ++i) {
+      auto cuda = kernels::MakeCudaBackend(options);
+      if (cuda.ok()) {
+        out.push_back(*std::move(cuda));
+      } else {
+        status = cuda.status();
+      }
     }
+    if (status.ok()) {
+      spdlog::info("CUDA backend on device {}, {} layer(s) in flight; math: {}", options.device, lanes,
+                   options.allow_tf32 ? "TF32 tensor cores allowed" : "fp32 (no TF32)");
+      return out;
+    }
+    out.clear();
+    auto cuda = status;
     if (name == "cuda") {
-      *error = "backend cuda: " + cuda.status().ToString();
-      return nullptr;
+      *error = "backend cuda: " + cuda.ToString();
+      return out;
     }
     spdlog::warn("--backend=auto: no usable CUDA device ({}); running on the CPU backend "
                  "(kvcompact_backend_fallback = 1; --backend=cuda makes this a start failure)",
-                 std::string(cuda.status().message()));
+                 std::string(cuda.message()));
     *fell_back = true;
   }
 #endif
-  if (name == "auto") return MakeCpuBackend(threads);
+  if (name == "auto") {
+    out.push_back(MakeCpuBackend(threads));
+    return out;
+  }
   *error = "unknown or unavailable backend '" + name + "' (built in: " + absl::StrJoin(BuiltInBackends(), ", ") + ")";
-  return nullptr;
+  return out;
 }
 
 // Blocks until SIGTERM or SIGINT. The signals are blocked in every thread (set before any thread
@@ -141,6 +162,9 @@ std::string CheckFlagBounds() {
   for (double v : {absl::GetFlag(FLAGS_idle_timeout_seconds), absl::GetFlag(FLAGS_layer_receive_timeout_seconds),
                    absl::GetFlag(FLAGS_drain_delay_seconds), absl::GetFlag(FLAGS_shutdown_timeout_seconds)}) {
     if (!(v >= 0 && v <= 1e6)) return "timeouts and delays must be in [0, 1e6] seconds";
+  }
+  if (absl::GetFlag(FLAGS_cuda_layers_in_flight) < 1 || absl::GetFlag(FLAGS_cuda_layers_in_flight) > 16) {
+    return "--cuda_layers_in_flight must be in [1, 16]";
   }
   return "";
 }
@@ -199,18 +223,24 @@ bool WarmUp(Worker& worker) {
   request.set_seed(1);
   request.add_methods(v1::METHOD_AM_HIGHEST_ATTENTION);
   request.add_methods(v1::METHOD_H2O);
-  bool ok = false;
-  worker.RunBlocking([&](Backend* backend) {
-    if (!backend) return;
-    auto result = RunSelfTest(*backend, *NormalizeSelfTest(request));
-    if (!result.ok()) {
-      spdlog::error("warm-up self-test failed: {}", result.status().ToString());
-      return;
-    }
-    const float am = result->results(0).output_rel_error(), h2o = result->results(1).output_rel_error();
-    spdlog::info("warm-up self-test: held-out output error am={:.4f} h2o={:.4f}", am, h2o);
-    ok = am < h2o && am < 0.5f;  // the backend must actually compact, and better than eviction
-  });
+  bool ok = true;
+  for (int lane = 0; lane < worker.lanes(); ++lane) {  // every backend loads its kernels before the first stream
+    bool lane_ok = false;
+    worker.RunBlocking(
+        [&](Backend* backend) {
+          if (!backend) return;
+          auto result = RunSelfTest(*backend, *NormalizeSelfTest(request));
+          if (!result.ok()) {
+            spdlog::error("warm-up self-test failed: {}", result.status().ToString());
+            return;
+          }
+          const float am = result->results(0).output_rel_error(), h2o = result->results(1).output_rel_error();
+          spdlog::info("warm-up self-test: held-out output error am={:.4f} h2o={:.4f}", am, h2o);
+          lane_ok = am < h2o && am < 0.5f;  // the backend must actually compact, and better than eviction
+        },
+        lane);
+    ok = ok && lane_ok;
+  }
   return ok;
 }
 
@@ -243,12 +273,12 @@ int Run(int argc, char** argv) {
                                                       : static_cast<int>(std::thread::hardware_concurrency());
   std::string error;
   bool fell_back = false;
-  std::unique_ptr<Backend> backend = MakeBackend(absl::GetFlag(FLAGS_backend), threads, &error, &fell_back);
-  if (!backend) {
+  std::vector<std::unique_ptr<Backend>> backends = MakeBackends(absl::GetFlag(FLAGS_backend), threads, &error, &fell_back);
+  if (backends.empty()) {
     spdlog::critical("{}", error);
     return 2;
   }
-  const std::string backend_name(backend->name());
+  const std::string backend_name(backends[0]->name());
 
   Metrics metrics(kVersion, backend_name);
   metrics.backend_fallback.Set(fell_back ? 1 : 0);
@@ -329,7 +359,7 @@ int Run(int argc, char** argv) {
   // A backend that can no longer work (sticky CUDA error) turns health NOT_SERVING and stops the
   // process with exit code 1 so that the orchestrator restarts it.
   std::atomic<bool> backend_failed{false};
-  Worker worker(std::move(backend), context.limits.worker_queue_depth, &metrics, [&backend_failed] {
+  Worker worker(std::move(backends), context.limits.worker_queue_depth, &metrics, [&backend_failed] {
     spdlog::critical("backend unhealthy (sticky device error): shutting down for a restart");
     backend_failed = true;
     kill(getpid(), SIGTERM);

@@ -1,11 +1,34 @@
 #include "server/worker.h"
 
+#include <algorithm>
+
 namespace kvcompact::server {
+
+namespace {
+
+std::vector<std::unique_ptr<Backend>> One(std::unique_ptr<Backend> backend) {
+  std::vector<std::unique_ptr<Backend>> v;
+  v.push_back(std::move(backend));
+  return v;
+}
+
+}  // namespace
 
 Worker::Worker(std::unique_ptr<Backend> backend, size_t capacity, Metrics* metrics,
                std::function<void()> on_unhealthy)
-    : backend_(std::move(backend)), capacity_(capacity), metrics_(metrics), on_unhealthy_(std::move(on_unhealthy)),
-      thread_([this] { Loop(); }) {}
+    : Worker(One(std::move(backend)), capacity, metrics, std::move(on_unhealthy)) {}
+
+Worker::Worker(std::vector<std::unique_ptr<Backend>> backends, size_t capacity, Metrics* metrics,
+               std::function<void()> on_unhealthy)
+    : capacity_(capacity), metrics_(metrics), on_unhealthy_(std::move(on_unhealthy)) {
+  for (auto& backend : backends) {
+    auto lane = std::make_unique<Lane>();
+    lane->index = static_cast<int>(lanes_.size());
+    lane->backend = std::move(backend);
+    lanes_.push_back(std::move(lane));
+  }
+  for (auto& lane : lanes_) lane->thread = std::thread([this, l = lane.get()] { Loop(*l); });
+}
 
 Worker::~Worker() { Stop(); }
 
@@ -20,11 +43,11 @@ bool Worker::SubmitOrWait(WorkItem& item, std::function<void()> on_space) {
   item.submitted = std::chrono::steady_clock::now();
   queue_.push_back(std::move(item));
   metrics_->queue_depth.Set(static_cast<double>(queue_.size()));
-  cv_.notify_one();
+  cv_.notify_all();  // an item for one lane must not wake only another
   return true;
 }
 
-void Worker::RunBlocking(std::function<void(Backend*)> run) {
+void Worker::RunBlocking(std::function<void(Backend*)> run, int lane) {
   std::mutex mu;
   std::condition_variable cv;
   bool done = false;
@@ -35,6 +58,7 @@ void Worker::RunBlocking(std::function<void(Backend*)> run) {
     done = true;
     cv.notify_one();
   };
+  item.lane = lane;
   while (!SubmitOrWait(item, [&] { cv.notify_one(); })) {
     std::unique_lock<std::mutex> lock(mu);
     cv.wait_for(lock, std::chrono::milliseconds(50));
@@ -56,21 +80,31 @@ void Worker::Stop() {
   }
   for (WorkItem& item : dropped) Run(item, nullptr, 0);
   for (auto& w : waiters) w();
-  if (thread_.joinable()) thread_.join();
+  for (auto& lane : lanes_) {
+    if (lane->thread.joinable()) lane->thread.join();
+  }
 }
 
-void Worker::Loop() {
+void Worker::Loop(Lane& lane) {
+  const bool alone = lanes_.size() == 1;
   for (;;) {
     WorkItem item;
     std::function<void()> waiter;
     std::shared_ptr<const LayerJob> next;
     {
       std::unique_lock<std::mutex> lock(mu_);
-      cv_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
-      if (queue_.empty()) return;  // stopping
-      item = std::move(queue_.front());
-      queue_.pop_front();
-      if (!queue_.empty() && queue_.front().layer) next = queue_.front().layer->job;
+      auto mine = [&] {
+        return std::find_if(queue_.begin(), queue_.end(),
+                            [&](const WorkItem& w) { return w.lane < 0 || w.lane == lane.index; });
+      };
+      cv_.wait(lock, [&] { return stopping_ || mine() != queue_.end(); });
+      const auto it = mine();
+      if (it == queue_.end()) return;  // stopping
+      item = std::move(*it);
+      queue_.erase(it);
+      // Alone, this lane runs the next item too: upload it while this one computes. With several
+      // lanes another may take it, and the lanes overlap uploads with each other's work anyway.
+      if (alone && !queue_.empty() && queue_.front().layer) next = queue_.front().layer->job;
       metrics_->queue_depth.Set(static_cast<double>(queue_.size()));
       if (!space_waiters_.empty()) {
         waiter = std::move(space_waiters_.front());
@@ -78,17 +112,15 @@ void Worker::Loop() {
       }
     }
     if (waiter) waiter();
+    Backend& backend = *lane.backend;
     const auto start = std::chrono::steady_clock::now();
     const double queued = std::chrono::duration<double>(start - item.submitted).count();
     const bool dropped = unhealthy_ || (item.cancelled && item.cancelled());
-    if (next && !unhealthy_) backend_->Prefetch(std::move(next));  // overlaps the next upload with this layer
-    Run(item, dropped ? nullptr : backend_.get(), queued);
-    metrics_->gpu_memory_reserved.Set(static_cast<double>(backend_->device_bytes_reserved()));
-    metrics_->gpu_memory_peak.Set(static_cast<double>(backend_->device_bytes_peak()));
-    if (!unhealthy_ && !backend_->healthy()) {
-      unhealthy_ = true;
-      if (on_unhealthy_) on_unhealthy_();
-    }
+    if (next && !unhealthy_) backend.Prefetch(std::move(next));
+    Run(item, dropped ? nullptr : &backend, queued);
+    metrics_->gpu_memory_reserved.Set(static_cast<double>(backend.device_bytes_reserved()));
+    metrics_->gpu_memory_peak.Set(static_cast<double>(backend.device_bytes_peak()));
+    if (!backend.healthy() && !unhealthy_.exchange(true) && on_unhealthy_) on_unhealthy_();
   }
 }
 

@@ -1,4 +1,5 @@
-// The worker: bounded queue with wake-ups, cancellation, and the unhealthy-backend path.
+// The worker: bounded queue with wake-ups, cancellation, the unhealthy-backend path, and several
+// lanes (layers in flight) taking from one queue.
 #include "server/worker.h"
 
 #include <atomic>
@@ -193,6 +194,64 @@ TEST(Worker, OtherWorkRunsOnTheBackendThreadAndIsDroppedOnStop) {
   stop.join();
   EXPECT_EQ(dropped.load(), 1);
   EXPECT_EQ(c.ran.load(), 1);
+}
+
+TEST(Worker, LanesRunLayersAtOnceAndPinnedWorkRunsOnItsLane) {
+  std::vector<std::unique_ptr<Backend>> backends;
+  std::vector<FakeBackend*> fakes;
+  for (int i = 0; i < 3; ++i) {
+    backends.push_back(std::make_unique<FakeBackend>());
+    fakes.push_back(static_cast<FakeBackend*>(backends.back().get()));
+  }
+  Worker worker(std::move(backends), 8, &TestMetrics());
+  ASSERT_EQ(worker.lanes(), 3);
+  for (int lane : {2, 0, 1}) {  // warm-up style: each lane's own backend, whatever the order
+    Backend* seen = nullptr;
+    worker.RunBlocking([&](Backend* b) { seen = b; }, lane);
+    EXPECT_EQ(seen, fakes[lane]) << "lane " << lane;
+  }
+  Counter c;
+  std::vector<WorkItem> items;
+  for (int32_t layer = 0; layer < 5; ++layer) items.push_back(c.Item({}, layer));
+  for (WorkItem& item : items) ASSERT_TRUE(worker.SubmitOrWait(item, [] {}));
+  // Three layers are inside the backends at once, one per lane; none has finished.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  auto inside = [&] { return fakes[0]->entered.load() + fakes[1]->entered.load() + fakes[2]->entered.load(); };
+  while (inside() < 3 && std::chrono::steady_clock::now() < deadline) std::this_thread::yield();
+  EXPECT_EQ(inside(), 3);
+  for (FakeBackend* f : fakes) EXPECT_EQ(f->entered.load(), 1);
+  EXPECT_EQ(c.ran.load(), 0);
+  for (FakeBackend* f : fakes) f->Release(10);
+  while (c.ran.load() < 5 && std::chrono::steady_clock::now() < deadline) std::this_thread::yield();
+  worker.Stop();
+  EXPECT_EQ(c.ran.load(), 5);
+  // With several lanes nothing is prefetched: the next item may go to another lane.
+  for (FakeBackend* f : fakes) EXPECT_EQ(f->held, nullptr);
+}
+
+TEST(Worker, OneUnhealthyLaneStopsEveryLane) {
+  std::vector<std::unique_ptr<Backend>> backends;
+  for (int i = 0; i < 2; ++i) {
+    auto fake = std::make_unique<FakeBackend>();
+    fake->fail_after = 0;  // every call fails with a sticky error
+    fake->Release(10);
+    backends.push_back(std::move(fake));
+  }
+  std::atomic<int> fired{0};
+  Worker worker(std::move(backends), 8, &TestMetrics(), [&] { ++fired; });
+  Counter c;
+  WorkItem first = c.Item();
+  ASSERT_TRUE(worker.SubmitOrWait(first, [] {}));
+  while (fired.load() == 0) std::this_thread::yield();  // the failing lane has marked the worker unhealthy
+  for (int i = 0; i < 4; ++i) {
+    WorkItem item = c.Item();
+    ASSERT_TRUE(worker.SubmitOrWait(item, [] {}));
+  }
+  while (c.ran.load() + c.dropped.load() < 5) std::this_thread::yield();
+  worker.Stop();
+  EXPECT_EQ(fired.load(), 1);
+  EXPECT_EQ(c.ran.load(), 1);      // the layer that failed
+  EXPECT_EQ(c.dropped.load(), 4);  // the rest reach neither backend
 }
 
 }  // namespace
