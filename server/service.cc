@@ -93,6 +93,7 @@ grpc::ServerUnaryReactor* KVCompactService::GetServerInfo(grpc::CallbackServerCo
   limits->set_worker_queue_depth(context_->limits.worker_queue_depth);
   limits->set_max_host_memory_bytes(context_->limits.max_host_memory_bytes);
   limits->set_max_open_layers_per_stream(context_->limits.max_open_layers_per_stream);
+  limits->set_layers_in_flight(static_cast<uint32_t>(context_->worker->lanes()));
   response->set_threads(context_->threads);
   response->set_device_bytes_reserved(context_->worker->backend().device_bytes_reserved());
   response->set_device_bytes_peak(context_->worker->backend().device_bytes_peak());

@@ -278,6 +278,23 @@ TEST(E2EConfig, EnvironmentMirrorsFlagsAndCommandLineWins) {
   EXPECT_NE(server.Log().find("max_concurrent_streams=7"), std::string::npos) << "effective config is logged";
 }
 
+TEST(E2EConfig, LayersInFlightAreReportedAndBounded) {
+  setenv("KVCOMPACT_CUDA_LAYERS_IN_FLIGHT", "2", 1);
+  ServerProcess server(std::vector<std::string>{});
+  unsetenv("KVCOMPACT_CUDA_LAYERS_IN_FLIGHT");
+  ASSERT_TRUE(server.ok()) << server.Log();
+  auto info = client::Client(server.address()).GetServerInfo();
+  ASSERT_TRUE(info.ok());
+  // The CUDA backend runs that many lanes; the CPU backend one (its threads share each layer).
+  EXPECT_EQ(info->limits().layers_in_flight(), info->backend() == "cuda" ? 2u : 1u);
+  for (const char* bad : {"--cuda_layers_in_flight=0", "--cuda_layers_in_flight=17"}) {
+    std::string log;
+    const int code = RunCommand({ServerBinary(), "--listen=127.0.0.1:0", "--metrics_listen=", bad}, &log);
+    EXPECT_EQ(code, 2) << bad << ": " << log;
+    EXPECT_NE(log.find("--cuda_layers_in_flight must be in [1, 16]"), std::string::npos) << log;
+  }
+}
+
 TEST(E2EConfig, BadEnvironmentValueExitsWithAClearMessage) {
   setenv("KVCOMPACT_THREADS", "many", 1);
   std::string log;
