@@ -1,6 +1,7 @@
 // The CUDA backend: the same Backend interface and the same results (within fp32 tolerance) as
-// the CPU backend. It owns one device, one stream and the cuBLAS/cuSOLVER handles; the server's
-// single worker thread is its only caller.
+// the CPU backend. It owns one stream and the cuBLAS/cuSOLVER handles on its device; one thread
+// calls it (a lane of the server's worker). Several backends may share a device, each bounding its
+// own buffers (`memory_share`).
 #pragma once
 
 #include <memory>
