@@ -117,6 +117,7 @@ int main(int argc, char** argv) {
   double err = 0;
   int64_t iterations_sum = 0;
   int iterations_max = 0, not_converged = 0;
+  int64_t weights = 0, at_bound = 0;  // mass weights, and those the fit left at a bound of beta
   std::mutex mu;
   bool failed = false;
   // Backend i takes layers i, i + K, i + 2K, ... (K = --concurrent_layers), prefetching its next.
@@ -143,6 +144,11 @@ int main(int argc, char** argv) {
         iterations_sum += h.mass_fit_iterations;
         iterations_max = std::max(iterations_max, h.mass_fit_iterations);
         not_converged += !h.mass_fit_converged;
+        const MethodSpec& spec = GetMethodSpec(jobs[l % jobs.size()]->options.method);
+        for (float b : h.beta) {  // no bias in the generated layers: beta = log w
+          ++weights;
+          at_bound += std::abs(b - spec.default_beta_min) < 1e-4 || std::abs(b - spec.default_beta_max) < 1e-4;
+        }
       }
     }
   };
@@ -184,6 +190,7 @@ int main(int argc, char** argv) {
   printf("%-28s %10.1f\n", "NNLS iterations mean", static_cast<double>(iterations_sum) / (shape.heads * layers));
   printf("%-28s %10d\n", "NNLS iterations max", iterations_max);
   printf("%-28s %10d\n", "NNLS not converged heads", not_converged);
+  printf("%-28s %10.3f\n", "mass weights at a bound", weights ? static_cast<double>(at_bound) / weights : 0.0);
   printf("%-28s %10.1f\n", "GPU memory in use GiB", (total_b - free_b) / 1073741824.0);
   printf("{\"bench\":\"BENCH-A\",\"gpu\":\"%s\",\"math\":\"%s\",\"dtype\":\"%s\",\"fused_stats\":%s,\"prefetch\":%s,\"concurrent_layers\":%u,\"total_s\":%.4f,\"without_h2d_s\":%.4f,\"tflop\":%.2f,\"score_s\":%.4f,\"mass_fit_s\":%.4f,"
          "\"value_fit_s\":%.4f,\"evaluate_s\":%.4f,\"upload_s\":%.4f,\"nnls_s\":%.4f,\"mean_output_rel_error\":%.5f,\"tokens\":%lld,\"t\":%lld,\"nnls_iter_mean\":%.1f,\"nnls_iter_max\":%d,\"not_converged\":%d}\n",

@@ -76,7 +76,12 @@ absl::Status DeviceBoundedLsq::ReadStates() {
   return absl::OkStatus();
 }
 
-absl::Status DeviceBoundedLsq::FactorAndSolve(const std::vector<int>& which) {
+absl::Status DeviceBoundedLsq::FactorAndSolve(const std::vector<int>& all, const std::vector<int>& orders) {
+  std::vector<int> which;  // a system with no free variable has nothing to factor
+  for (int i : all) {
+    if (orders[i] > 0) which.push_back(i);
+  }
+  if (which.empty()) return absl::OkStatus();
   KVC_CUDA(cudaEventRecord(ready_, stream_));
   const size_t used = std::min(lane_.size(), which.size());
   for (size_t k = 0; k < used; ++k) {
@@ -85,7 +90,7 @@ absl::Status DeviceBoundedLsq::FactorAndSolve(const std::vector<int>& which) {
     for (size_t q = k; q < which.size(); q += used) {
       const int i = which[q];
       const LsqProblem& p = host_problems_[i];
-      const int t = static_cast<int>(p.t);
+      const int t = orders[i];
       int lwork = 0;
       KVC_CUSOLVER(cusolverDnDpotrf_bufferSize(lane.solver, CUBLAS_FILL_MODE_LOWER, t, p.system, t, &lwork));
       if (static_cast<size_t>(lwork) > lane.work.capacity()) {
@@ -116,7 +121,9 @@ absl::Status DeviceBoundedLsq::Solve(const BoundedLsqOptions& options, std::vect
   // Start from the clamped unconstrained solution (Cholesky of G + 1e-12 (tr G / t) I).
   LsqPrepare(problems_.get(), states_.get(), count, t_max_, stream_);
   KVC_LAUNCHED("LsqPrepare");
-  if (auto s = FactorAndSolve(all); !s.ok()) return s;
+  std::vector<int> orders(count);
+  for (int i = 0; i < count; ++i) orders[i] = static_cast<int>(host_problems_[i].t);
+  if (auto s = FactorAndSolve(all, orders); !s.ok()) return s;
   LsqStart(problems_.get(), info_.get(), count, stream_);
   KVC_LAUNCHED("LsqStart");
 
@@ -147,7 +154,8 @@ absl::Status DeviceBoundedLsq::Solve(const BoundedLsqOptions& options, std::vect
 
     LsqBuildSystem(problems_.get(), states_.get(), count, t_max_, stream_);
     KVC_LAUNCHED("LsqBuildSystem");
-    if (auto s = FactorAndSolve(active); !s.ok()) return s;
+    for (int i : active) orders[i] = host_states_[i].nfree;  // as Analyze left them (read above)
+    if (auto s = FactorAndSolve(active, orders); !s.ok()) return s;
     LsqDirection(problems_.get(), states_.get(), info_.get(), count, stream_);
     KVC_LAUNCHED("LsqDirection");
 

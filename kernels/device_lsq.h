@@ -1,7 +1,8 @@
 // Bounded least squares  min_w ||A w - y||^2, lo <= w <= hi  for a batch of problems on the
 // device: the projected Newton method of core/bounded_lsq.h (the same start, binding set, Armijo
 // search along the projection arc and tolerance), in fp64, every problem of the batch advanced
-// together. The free-set Newton systems are solved by cuSOLVER Cholesky; where one is not positive
+// together. The free-set Newton systems, packed to the free variables only (most bind at high
+// ratios, and the factorisation costs the cube of the order), are solved by cuSOLVER Cholesky; where one is not positive
 // definite the step falls back to the scaled gradient (the CPU solver tries LDLT there), so on
 // rank-deficient problems the two may stop at different minimisers of the same objective.
 #pragma once
@@ -59,8 +60,9 @@ class DeviceBoundedLsq {
   }
 
  private:
-  // Cholesky factorisation and solve of every listed problem's system against its kLsqSol vector.
-  absl::Status FactorAndSolve(const std::vector<int>& which);
+  // Cholesky factorisation and solve of every listed problem's system, of order `orders[i]` for
+  // problem i, against its kLsqSol vector.
+  absl::Status FactorAndSolve(const std::vector<int>& which, const std::vector<int>& orders);
   absl::Status ReadStates();
 
   struct Lane {

@@ -45,6 +45,7 @@ __global__ void PrepareKernel(const LsqProblem* problems, LsqState* states) {
     Vec(p, kLsqInvDiag)[j] = 1.0 / fmax(g, 1e-300);
     Vec(p, kLsqSol)[j] = Vec(p, kLsqRhs)[j];
     Vec(p, kLsqFree)[j] = 1.0;
+    Vec(p, kLsqPos)[j] = static_cast<double>(j);
   }
   trace = BlockReduce(trace, shared, Sum(), 0.0);
   if (threadIdx.x == 0) {
@@ -84,23 +85,44 @@ __global__ void AnalyzeKernel(const LsqProblem* problems, LsqState* states, doub
     if (threadIdx.x == 0) state->status = kLsqConverged;
     return;
   }
-  // Epsilon-binding set: at (or within eps of) a bound with the gradient pushing outward.
+  // Epsilon-binding set: at (or within eps of) a bound with the gradient pushing outward. Each
+  // thread takes a contiguous run of variables, so that the free ones are numbered in order.
   const double eps = fmin(pg, 1e-3 * (p.hi - p.lo));
-  double trace = 0, nfree = 0, f = 0;
-  for (int64_t j = threadIdx.x; j < p.t; j += blockDim.x) {
+  const int64_t per_thread = (p.t + blockDim.x - 1) / blockDim.x;
+  const int64_t begin = threadIdx.x * per_thread, end = begin + per_thread < p.t ? begin + per_thread : p.t;
+  double trace = 0, f = 0;
+  int count = 0;
+  for (int64_t j = begin; j < end; ++j) {
     const bool at_lo = w[j] <= p.lo + eps && g[j] > 0;
     const bool at_hi = w[j] >= p.hi - eps && g[j] < 0;
     const bool is_free = !at_lo && !at_hi;
     Vec(p, kLsqFree)[j] = is_free ? 1.0 : 0.0;
-    Vec(p, kLsqSol)[j] = is_free ? -g[j] : 0.0;
     if (is_free) {
       trace += p.gram[j * p.t + j];
-      nfree += 1;
+      ++count;
     }
     f += 0.5 * w[j] * g[j] - 0.5 * w[j] * c[j];  // 0.5 w'Gw - c'w with G w = g + c
   }
+  // Exclusive scan of the threads' counts (blockDim.x <= 1024).
+  __shared__ int offsets[1024];
+  offsets[threadIdx.x] = count;
+  __syncthreads();
+  for (int step = 1; step < blockDim.x; step <<= 1) {
+    const int add = threadIdx.x >= step ? offsets[threadIdx.x - step] : 0;
+    __syncthreads();
+    offsets[threadIdx.x] += add;
+    __syncthreads();
+  }
+  int next = offsets[threadIdx.x] - count;
+  for (int64_t j = begin; j < end; ++j) {
+    if (Vec(p, kLsqFree)[j] != 0) {
+      Vec(p, kLsqPos)[j] = next;
+      Vec(p, kLsqSol)[next] = -g[j];
+      ++next;
+    }
+  }
+  const double nfree = offsets[blockDim.x - 1];
   trace = BlockReduce(trace, shared, Sum(), 0.0);
-  nfree = BlockReduce(nfree, shared, Sum(), 0.0);
   f = BlockReduce(f, shared, Sum(), 0.0);
   if (threadIdx.x == 0) {
     state->nfree = static_cast<int>(nfree);
@@ -116,14 +138,12 @@ __global__ void BuildSystemKernel(const LsqProblem* problems, const LsqState* st
   const LsqProblem p = problems[blockIdx.y];
   const LsqState& s = states[blockIdx.y];
   if (s.status != kLsqActive) return;
-  const double* is_free = Vec(p, kLsqFree);
-  const int64_t n = p.t * p.t;
+  const double *is_free = Vec(p, kLsqFree), *pos = Vec(p, kLsqPos);
+  const int64_t n = p.t * p.t, nf = s.nfree;
   for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < n; e += int64_t(gridDim.x) * blockDim.x) {
     const int64_t a = e / p.t, b = e % p.t;
-    const bool both = is_free[a] != 0 && is_free[b] != 0;
-    double v = both ? p.gram[e] : 0.0;
-    if (a == b) v = both ? v + s.jitter : 1.0;
-    p.system[e] = v;
+    if (is_free[a] == 0 || is_free[b] == 0) continue;
+    p.system[static_cast<int64_t>(pos[a]) * nf + static_cast<int64_t>(pos[b])] = a == b ? p.gram[e] + s.jitter : p.gram[e];
   }
 }
 
@@ -132,13 +152,14 @@ __global__ void DirectionKernel(const LsqProblem* problems, const LsqState* stat
   const LsqProblem p = problems[blockIdx.x];
   const LsqState& s = states[blockIdx.x];
   if (s.status != kLsqActive) return;
-  const double *sol = Vec(p, kLsqSol), *is_free = Vec(p, kLsqFree), *g = Vec(p, kLsqGrad), *inv = Vec(p, kLsqInvDiag);
+  const double *sol = Vec(p, kLsqSol), *is_free = Vec(p, kLsqFree), *pos = Vec(p, kLsqPos), *g = Vec(p, kLsqGrad),
+               *inv = Vec(p, kLsqInvDiag);
   double bad = 0;
-  for (int64_t j = threadIdx.x; j < p.t; j += blockDim.x) bad += (is_free[j] != 0 && !isfinite(sol[j])) ? 1.0 : 0.0;
+  for (int64_t j = threadIdx.x; j < s.nfree; j += blockDim.x) bad += isfinite(sol[j]) ? 0.0 : 1.0;
   // A failed factorisation (not positive definite) or a non-finite step: scaled gradient everywhere.
   const bool newton = s.nfree > 0 && info[blockIdx.x] == 0 && BlockReduce(bad, shared, Sum(), 0.0) == 0;
   for (int64_t j = threadIdx.x; j < p.t; j += blockDim.x) {
-    Vec(p, kLsqDir)[j] = newton && is_free[j] != 0 ? sol[j] : -g[j] * inv[j];
+    Vec(p, kLsqDir)[j] = newton && is_free[j] != 0 ? sol[static_cast<int64_t>(pos[j])] : -g[j] * inv[j];
   }
 }
 

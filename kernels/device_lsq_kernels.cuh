@@ -9,12 +9,15 @@
 namespace kvcompact::kernels {
 
 // Per-problem vectors, each `t` long, stored one after the other at LsqProblem::vec.
-enum LsqVector : int { kLsqRhs, kLsqW, kLsqGrad, kLsqDir, kLsqTrial, kLsqGt, kLsqInvDiag, kLsqSol, kLsqFree, kLsqVectors };
+// kLsqPos: where a free variable sits in the compacted Newton system (its rank among the free ones).
+enum LsqVector : int {
+  kLsqRhs, kLsqW, kLsqGrad, kLsqDir, kLsqTrial, kLsqGt, kLsqInvDiag, kLsqSol, kLsqFree, kLsqPos, kLsqVectors
+};
 
 struct LsqProblem {
   int64_t t = 0;
   double* gram = nullptr;    // t x t, symmetric (G = A^T A)
-  double* system = nullptr;  // t x t scratch: the Newton system of the free variables
+  double* system = nullptr;  // t x t scratch: the Newton system of the free variables, nfree x nfree packed
   double* vec = nullptr;     // kLsqVectors x t
   double lo = 0, hi = 0;
 };
@@ -26,16 +29,20 @@ struct LsqState {
   int nfree = 0, status = kLsqActive, searching = 0, moved = 0;
 };
 
-// inv_diag, lipschitz; the unconstrained start: system = G + 1e-12 (tr G / t) I, sol = c.
+// inv_diag, lipschitz; the unconstrained start (every variable free): system = G + 1e-12 (tr G / t) I,
+// sol = c.
 void LsqPrepare(const LsqProblem* problems, LsqState* states, int count, int64_t t_max, cudaStream_t stream);
 // w = clamp(sol) if the start's Cholesky succeeded (info == 0) and is finite, else clamp(1).
 void LsqStart(const LsqProblem* problems, const int* info, int count, cudaStream_t stream);
 // From grad = G w - c: the KKT residual pg, convergence against `tolerance`, the epsilon-binding
-// set, the free-set right-hand side (sol = -grad on free, 0 elsewhere), f(w), alpha = 1.
+// set, each free variable's position among the free ones, the free-set right-hand side packed
+// (sol[pos_j] = -grad_j), f(w), alpha = 1.
 void LsqAnalyze(const LsqProblem* problems, LsqState* states, int count, double tolerance, cudaStream_t stream);
-// system = G on the free set (+ jitter on its diagonal), identity elsewhere; active problems only.
+// system = G on the free set (+ jitter on its diagonal), packed as an nfree x nfree matrix: the
+// Newton systems shrink as variables bind (most do at high ratios); active problems only.
 void LsqBuildSystem(const LsqProblem* problems, const LsqState* states, int count, int64_t t_max, cudaStream_t stream);
-// dir = Newton step on the free set (if its Cholesky succeeded and is finite), -grad / diag(G) elsewhere.
+// dir = Newton step on the free set (sol[pos_j], if its Cholesky succeeded and is finite),
+// -grad / diag(G) elsewhere.
 void LsqDirection(const LsqProblem* problems, const LsqState* states, const int* info, int count, cudaStream_t stream);
 // trial = clamp(w + alpha dir) for problems still searching.
 void LsqTrial(const LsqProblem* problems, const LsqState* states, int count, cudaStream_t stream);
