@@ -113,7 +113,8 @@ class CudaBackend final : public Backend {
     return absl::ResourceExhaustedError(absl::StrCat(
         "layer ", job.data.layer, ": one KV head of ", job.data.tokens, " tokens needs about ",
         (need.fixed + need.per_head) >> 20, " MiB of GPU memory, over the bound of ", limit_ >> 20,
-        " MiB; raise --cuda_memory_limit_bytes, lower --cuda_workspace_bytes, or send fewer tokens or queries per layer"));
+        " MiB; raise --cuda_memory_limit_bytes, lower --cuda_workspace_bytes or --cuda_layers_in_flight (each layer in ",
+        "flight gets an equal share), or send fewer tokens or queries per layer"));
   }
   void Prefetch(std::shared_ptr<const LayerJob> job) override {
     // Only layers compacted in one piece: a layer split into head groups uploads per group.
