@@ -14,6 +14,7 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
+#include "core/budget.h"
 #include "core/dtype.h"
 #include "core/method.h"
 #include "core/synthetic.h"
@@ -95,7 +96,7 @@ int main(int argc, char** argv) {
     jobs[i]->options.holdout_fraction = absl::GetFlag(FLAGS_holdout);
     jobs[i]->options.omp_keys_per_step = static_cast<int>(absl::GetFlag(FLAGS_omp_keys_per_step));
     jobs[i]->options.omp_progressive = absl::GetFlag(FLAGS_omp_progressive);
-    jobs[i]->budgets.assign(shape.heads, std::llround(shape.tokens / absl::GetFlag(FLAGS_ratio)));
+    jobs[i]->budgets.assign(shape.heads, RatioBudget(shape.tokens, absl::GetFlag(FLAGS_ratio)));
   }
   const double gen_s = std::chrono::duration<double>(Clock::now() - gen_start).count();
   // Warm-up on a small problem: module load and handle creation stay out of the numbers.
@@ -194,6 +195,6 @@ int main(int argc, char** argv) {
   printf("%-28s %10.1f\n", "GPU memory in use GiB", (total_b - free_b) / 1073741824.0);
   printf("{\"bench\":\"BENCH-A\",\"gpu\":\"%s\",\"math\":\"%s\",\"dtype\":\"%s\",\"fused_stats\":%s,\"prefetch\":%s,\"concurrent_layers\":%u,\"total_s\":%.4f,\"without_h2d_s\":%.4f,\"tflop\":%.2f,\"score_s\":%.4f,\"mass_fit_s\":%.4f,"
          "\"value_fit_s\":%.4f,\"evaluate_s\":%.4f,\"upload_s\":%.4f,\"nnls_s\":%.4f,\"mean_output_rel_error\":%.5f,\"tokens\":%lld,\"t\":%lld,\"nnls_iter_mean\":%.1f,\"nnls_iter_max\":%d,\"not_converged\":%d}\n",
-         prop.name, options.allow_tf32 ? "tf32" : "fp32", dtype_flag.c_str(), options.fused_stats ? "true" : "false", absl::GetFlag(FLAGS_prefetch) ? "true" : "false", concurrent, total, concurrent == 1 ? total - sum.upload : total, flops / 1e12, sum.score, sum.mass_fit, sum.value_fit, sum.evaluate, sum.upload, sum.mass_solve, err, (long long)shape.tokens, (long long)std::llround(shape.tokens / absl::GetFlag(FLAGS_ratio)), static_cast<double>(iterations_sum) / (shape.heads * layers), iterations_max, not_converged);
+         prop.name, options.allow_tf32 ? "tf32" : "fp32", dtype_flag.c_str(), options.fused_stats ? "true" : "false", absl::GetFlag(FLAGS_prefetch) ? "true" : "false", concurrent, total, concurrent == 1 ? total - sum.upload : total, flops / 1e12, sum.score, sum.mass_fit, sum.value_fit, sum.evaluate, sum.upload, sum.mass_solve, err, (long long)shape.tokens, (long long)RatioBudget(shape.tokens, absl::GetFlag(FLAGS_ratio)), static_cast<double>(iterations_sum) / (shape.heads * layers), iterations_max, not_converged);
   return 0;
 }

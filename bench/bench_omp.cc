@@ -14,6 +14,7 @@
 #include "absl/flags/parse.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "core/budget.h"
 #include "core/layer.h"
 #include "core/omp.h"
 #include "core/synthetic.h"
@@ -80,7 +81,7 @@ int main(int argc, char** argv) {
   shape.head_dim = shape.value_dim = absl::GetFlag(FLAGS_head_dim);
   LayerJob job;
   job.data = MakeSyntheticLayer(shape, 5);
-  const int64_t t = std::max<int64_t>(1, std::llround(shape.tokens / absl::GetFlag(FLAGS_ratio)));
+  const int64_t t = RatioBudget(shape.tokens, absl::GetFlag(FLAGS_ratio));
   job.budgets.assign(shape.heads, t);
   job.options.holdout_fraction = 0.1;
   if (absl::GetFlag(FLAGS_beta_min) != 0 || absl::GetFlag(FLAGS_beta_max) != 0) {

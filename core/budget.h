@@ -12,6 +12,13 @@
 
 namespace kvcompact {
 
+// The one rule for a ratio's budget: round(T / ratio) within [1, T] (0 when T is 0). A ratio that
+// makes T / ratio at least T, infinite or NaN (a tiny, denormal, zero or NaN ratio) keeps all T.
+int64_t RatioBudget(int64_t tokens, double ratio);
+
+// Keys a head keeps: its budget, at most the block's T.
+inline int64_t KeptKeys(int64_t budget, int64_t tokens) { return budget < tokens ? budget : tokens; }
+
 // Integers t_h proportional to `shares` (water-filling: t_h = clamp(lambda * s_h, 1, cap_h) with
 // lambda chosen so the sum is `total`), rounded by largest remainder. Needs heads <= total <= sum(caps).
 absl::StatusOr<std::vector<int64_t>> WaterFill(const std::vector<double>& shares,

@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/attention.h"
+#include "core/budget.h"
 #include "core/compact_head.h"
 
 namespace kvcompact {
@@ -71,7 +72,7 @@ absl::StatusOr<LayerResult> CompactLayerInChunks(Backend& backend, const LayerJo
   // budget[c][h]: head h's t split over the chunks in proportion to their lengths.
   std::vector<std::vector<int64_t>> budget(chunks, std::vector<int64_t>(d.heads));
   for (int64_t h = 0; h < d.heads; ++h) {
-    const int64_t t = std::min(job.budgets[h], d.tokens);
+    const int64_t t = KeptKeys(job.budgets[h], d.tokens);
     if (t < chunks) {
       return absl::InvalidArgumentError(absl::StrCat("head ", h, ": a budget of ", t, " cannot cover ", chunks,
                                                      " chunks of ", chunk_tokens, " tokens (raise chunk_tokens)"));

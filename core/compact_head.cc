@@ -9,6 +9,7 @@
 #include <unordered_set>
 
 #include "absl/strings/str_cat.h"
+#include "core/budget.h"
 #include "core/fit.h"
 #include "core/selection.h"
 
@@ -198,7 +199,7 @@ absl::StatusOr<CompactedHead> CompactHead(const BlockView& block, const MatrixF*
         absl::StrCat("method ", std::string(spec.name), " needs reference queries and none were given"));
   }
   const bool unchanged = KeepsBlockUnchanged(options, T);
-  const int64_t t = std::min(options.budget, T);
+  const int64_t t = KeptKeys(options.budget, T);
 
   auto start = std::chrono::steady_clock::now();
   MatrixF fit_q, eval_q;

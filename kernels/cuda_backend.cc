@@ -18,6 +18,7 @@
 #include <cmath>
 #include <vector>
 
+#include "core/budget.h"
 #include "core/fit.h"
 #include "core/selection.h"
 #include "kernels/am_kernels.cuh"
@@ -327,7 +328,7 @@ absl::Status CudaBackend::SelectByOmp(const LayerJob& job, const std::vector<int
   int64_t p_max = 1;
   for (size_t k = 0; k < heads.size(); ++k) {
     const HeadOptions o = HeadOptionsFor(job, heads[k]);
-    const int64_t t = std::min<int64_t>(o.budget, T_);
+    const int64_t t = KeptKeys(o.budget, T_);
     pools[k] = OmpCandidates(VectorF(ConstVectorMapF(scores.data() + heads[k] * T_, T_)), T_, t, o.omp_pool);
     params[k] = OmpParamsFor(o, spec, t);
     p_max = std::max<int64_t>(p_max, static_cast<int64_t>(pools[k].size()));
@@ -462,11 +463,11 @@ DeviceBytes EstimateDeviceBytesImpl(const LayerJob& job, size_t workspace_bytes)
   const LayerData& d = job.data;
   const int64_t T = d.tokens, n = std::max<int64_t>(d.queries, 1);
   int64_t t = 1;
-  for (int64_t b : job.budgets) t = std::max(t, std::min(b, T));
+  for (int64_t b : job.budgets) t = std::max(t, KeptKeys(b, T));
   const int64_t wide = std::max(d.head_dim, d.value_dim);
   if (GetMethodSpec(job.options.method).selection == Selection::kOmp) {
     // OMP builds each head's candidate-pool system in the same per-head buffers, pool-sized.
-    for (int64_t b : job.budgets) t = std::max(t, OmpPoolSize(job.options.omp_pool, std::min(b, T), T));
+    for (int64_t b : job.budgets) t = std::max(t, OmpPoolSize(job.options.omp_pool, KeptKeys(b, T), T));
   }
   DeviceBytes bytes;
   // Per head: K, V, bias and queries in two input slots (the next layer uploads while this one
@@ -637,7 +638,7 @@ absl::StatusOr<LayerResult> CudaBackend::Run(const LayerJob& job) {
     const HeadOptions& o = head_options[h];
     if (o.budget <= 0) return absl::InvalidArgumentError(absl::StrCat("head ", h, ": budget must be > 0"));
     const bool unchanged = KeepsBlockUnchanged(o, T_);
-    const int64_t t = std::min<int64_t>(o.budget, T_);
+    const int64_t t = KeptKeys(o.budget, T_);
     CompactedHead& head = result.heads[h];
     start = Clock::now();
     if (unchanged) {

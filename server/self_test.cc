@@ -6,6 +6,7 @@
 #include <set>
 
 #include "absl/strings/str_cat.h"
+#include "core/budget.h"
 #include "core/synthetic.h"
 
 namespace kvcompact::server {
@@ -58,8 +59,7 @@ absl::StatusOr<v1::SelfTestResponse> RunSelfTest(Backend& backend, const v1::Sel
     job.data = MakeSyntheticLayer(shape, request.seed());
     job.options.method = static_cast<Method>(m);
     job.options.seed = request.seed();
-    const double t = std::min(static_cast<double>(shape.tokens) / request.ratio(), static_cast<double>(shape.tokens));
-    job.budgets.assign(shape.heads, std::max<int64_t>(1, std::llround(t)));
+    job.budgets.assign(shape.heads, RatioBudget(shape.tokens, request.ratio()));
     const auto start = std::chrono::steady_clock::now();
     absl::StatusOr<LayerResult> result = backend.CompactLayer(job);
     if (!result.ok()) return result.status();

@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
+#include "core/budget.h"
 #include "proto/wire.h"
 #include "server/limits.h"
 
@@ -11,13 +12,7 @@ namespace kvcompact::server {
 
 absl::StatusOr<std::vector<int64_t>> StreamPlan::LayerBudgets(uint32_t layer, int64_t tokens) const {
   const int64_t H = num_kv_heads;
-  // round(T / ratio) in [1, T]: a tiny or denormal ratio makes T / ratio huge or infinite, which
-  // must mean "keep everything", not wrap through llround.
-  auto nominal = [&](double ratio) {
-    const double t = static_cast<double>(tokens) / ratio;
-    if (!(t < static_cast<double>(tokens))) return tokens;
-    return std::clamp<int64_t>(std::llround(t), 1, tokens);
-  };
+  auto nominal = [&](double ratio) { return RatioBudget(tokens, ratio); };
   switch (budget.kind_case()) {
     case v1::Budget::kRatio: return std::vector<int64_t>(H, nominal(budget.ratio()));
     case v1::Budget::kTokens: return std::vector<int64_t>(H, budget.tokens());

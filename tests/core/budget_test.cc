@@ -2,6 +2,7 @@
 #include "core/budget.h"
 
 #include <algorithm>
+#include <cmath>
 #include <numeric>
 #include <random>
 
@@ -13,6 +14,25 @@ namespace kvcompact {
 namespace {
 
 int64_t Sum(const std::vector<int64_t>& v) { return std::accumulate(v.begin(), v.end(), int64_t{0}); }
+
+TEST(RatioBudget, RoundsWithinOneAndTAcrossTheRange) {
+  EXPECT_EQ(RatioBudget(60000, 50), 1200);
+  EXPECT_EQ(RatioBudget(1074, 20), 54);          // 53.7 rounds up
+  EXPECT_EQ(RatioBudget(100, 40), 3);            // 2.5 rounds half away from zero
+  EXPECT_EQ(RatioBudget(100, 1e9), 1);           // never below one key
+  EXPECT_EQ(RatioBudget(100, 1), 100);           // equal
+  EXPECT_EQ(RatioBudget(100, 0.5), 100);         // a ratio below one keeps everything
+  EXPECT_EQ(RatioBudget(100, 4.9e-324), 100);    // denormal: T / ratio is infinite
+  EXPECT_EQ(RatioBudget(100, 0.0), 100);
+  EXPECT_EQ(RatioBudget(100, std::nan("")), 100);
+  EXPECT_EQ(RatioBudget(0, 20), 0);
+  EXPECT_EQ(RatioBudget(1, 20), 1);
+  const int64_t big = (int64_t{1} << 31) - 1;
+  EXPECT_EQ(RatioBudget(big, 2), (big + 1) / 2);  // 2^30 - 0.5 rounds up
+  EXPECT_EQ(KeptKeys(1200, 60000), 1200);
+  EXPECT_EQ(KeptKeys(70000, 60000), 60000);
+  EXPECT_EQ(KeptKeys(60000, 60000), 60000);
+}
 
 TEST(WaterFill, ProportionalWithoutCapsAndExcessRedistributed) {
   auto t = WaterFill({1, 2, 3, 4}, {1000, 1000, 1000, 1000}, 100);
