@@ -86,37 +86,61 @@ void Worker::Stop() {
 }
 
 void Worker::Loop(Lane& lane) {
-  const bool alone = lanes_.size() == 1;
+  // The layer this lane runs next, taken from the queue and handed to its backend's Prefetch while
+  // the current one computes (the next layer's upload overlaps this one's work).
+  std::optional<WorkItem> claimed;
   for (;;) {
     WorkItem item;
-    std::function<void()> waiter;
+    std::vector<std::function<void()>> wake;
     std::shared_ptr<const LayerJob> next;
     {
       std::unique_lock<std::mutex> lock(mu_);
-      auto mine = [&] {
-        return std::find_if(queue_.begin(), queue_.end(),
-                            [&](const WorkItem& w) { return w.lane < 0 || w.lane == lane.index; });
+      auto mine = [&](bool layers_only) {
+        return std::find_if(queue_.begin(), queue_.end(), [&](const WorkItem& w) {
+          return (w.lane < 0 || w.lane == lane.index) && (!layers_only || w.layer);
+        });
       };
-      cv_.wait(lock, [&] { return stopping_ || mine() != queue_.end(); });
-      const auto it = mine();
-      if (it == queue_.end()) return;  // stopping
-      item = std::move(*it);
-      queue_.erase(it);
-      // Alone, this lane runs the next item too: upload it while this one computes. With several
-      // lanes another may take it, and the lanes overlap uploads with each other's work anyway.
-      if (alone && !queue_.empty() && queue_.front().layer) next = queue_.front().layer->job;
-      metrics_->queue_depth.Set(static_cast<double>(queue_.size()));
-      if (!space_waiters_.empty()) {
-        waiter = std::move(space_waiters_.front());
+      auto take_waiter = [&] {
+        if (space_waiters_.empty()) return;
+        wake.push_back(std::move(space_waiters_.front()));
         space_waiters_.pop_front();
+      };
+      if (claimed && !stopping_) {
+        item = std::move(*claimed);
+        claimed.reset();
+      } else {
+        if (claimed) {  // stopping: a claimed layer is dropped like the queued ones
+          lock.unlock();
+          Run(*claimed, nullptr, 0);
+          return;
+        }
+        ++idle_lanes_;
+        cv_.wait(lock, [&] { return stopping_ || mine(false) != queue_.end(); });
+        --idle_lanes_;
+        const auto it = mine(false);
+        if (it == queue_.end()) return;  // stopping
+        item = std::move(*it);
+        queue_.erase(it);
+        take_waiter();
       }
+      // Claim the next layer only when it is surplus: every idle lane still has an item to take.
+      if (item.layer && !unhealthy_ && queue_.size() > idle_lanes_) {
+        const auto it = mine(true);
+        if (it != queue_.end()) {
+          claimed = std::move(*it);
+          queue_.erase(it);
+          next = claimed->layer->job;
+          take_waiter();
+        }
+      }
+      metrics_->queue_depth.Set(static_cast<double>(queue_.size()));
     }
-    if (waiter) waiter();
+    for (auto& w : wake) w();
     Backend& backend = *lane.backend;
     const auto start = std::chrono::steady_clock::now();
     const double queued = std::chrono::duration<double>(start - item.submitted).count();
     const bool dropped = unhealthy_ || (item.cancelled && item.cancelled());
-    if (next && !unhealthy_) backend.Prefetch(std::move(next));
+    if (next) backend.Prefetch(std::move(next));
     Run(item, dropped ? nullptr : &backend, queued);
     metrics_->gpu_memory_reserved.Set(static_cast<double>(backend.device_bytes_reserved()));
     metrics_->gpu_memory_peak.Set(static_cast<double>(backend.device_bytes_peak()));

@@ -1,8 +1,9 @@
 // The threads that own the compute backends and run the compaction pipeline on them: one lane
 // (thread + backend) per layer in flight. Streams post whole layers (typed tasks: job, plan,
-// completion) into one bounded queue that every lane takes from; when the queue is full they stop
-// reading (so HTTP/2 flow control pushes back on the client) and register a callback that runs
-// when a slot frees up. Several lanes on one GPU overlap one layer's latency-bound solver steps
+// completion) into one bounded queue that every lane takes from; a lane also claims the next layer
+// when no idle lane is left to take it, and uploads it while it computes the current one. When the
+// queue is full streams stop reading (so HTTP/2 flow control pushes back on the client) and
+// register a callback that runs when a slot frees up. Several lanes on one GPU overlap one layer's latency-bound solver steps
 // with another's attention statistics (docs/BENCHMARKS.md); a stream's layers may then finish out
 // of order, which the protocol allows (each layer is answered as soon as it is done).
 #pragma once
@@ -94,6 +95,7 @@ class Worker {
   std::deque<WorkItem> queue_;
   std::deque<std::function<void()>> space_waiters_;
   bool stopping_ = false;
+  size_t idle_lanes_ = 0;  // lanes waiting for work
 };
 
 }  // namespace kvcompact::server

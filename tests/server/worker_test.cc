@@ -2,6 +2,7 @@
 // lanes (layers in flight) taking from one queue.
 #include "server/worker.h"
 
+#include <algorithm>
 #include <atomic>
 #include <future>
 #include <string>
@@ -225,8 +226,45 @@ TEST(Worker, LanesRunLayersAtOnceAndPinnedWorkRunsOnItsLane) {
   while (c.ran.load() < 5 && std::chrono::steady_clock::now() < deadline) std::this_thread::yield();
   worker.Stop();
   EXPECT_EQ(c.ran.load(), 5);
-  // With several lanes nothing is prefetched: the next item may go to another lane.
-  for (FakeBackend* f : fakes) EXPECT_EQ(f->held, nullptr);
+  // Each layer ran once, and a layer a lane claimed (prefetched) ran on that lane's backend after.
+  int compacted = 0;
+  for (FakeBackend* f : fakes) {
+    for (size_t i = 0; i < f->log.size(); ++i) {
+      if (f->log[i].rfind("compact ", 0) == 0 && f->log[i] != "compact -1") ++compacted;
+      if (f->log[i].rfind("prefetch ", 0) != 0) continue;
+      const std::string want = "compact " + f->log[i].substr(9);
+      EXPECT_NE(std::find(f->log.begin() + i, f->log.end(), want), f->log.end()) << f->log[i];
+    }
+  }
+  EXPECT_EQ(compacted, 5);
+}
+
+// Five layers queued before two lanes start: the surplus is claimed, each layer still runs once,
+// and the claimed ones are dropped, not run, when the worker stops first.
+TEST(Worker, ClaimedLayersAreDroppedOnStop) {
+  std::vector<std::unique_ptr<Backend>> backends;
+  std::vector<FakeBackend*> fakes;
+  for (int i = 0; i < 2; ++i) {
+    backends.push_back(std::make_unique<FakeBackend>());
+    fakes.push_back(static_cast<FakeBackend*>(backends.back().get()));
+  }
+  Worker worker(std::move(backends), 8, &TestMetrics());
+  Counter c;
+  std::vector<WorkItem> items;
+  for (int32_t layer = 0; layer < 6; ++layer) items.push_back(c.Item({}, layer));
+  for (WorkItem& item : items) ASSERT_TRUE(worker.SubmitOrWait(item, [] {}));
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (fakes[0]->entered.load() + fakes[1]->entered.load() < 2 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::yield();
+  }
+  std::thread stop([&] { worker.Stop(); });  // drops the queued and claimed layers
+  // Two run and at most two are claimed, so at least two were still queued: once those are
+  // dropped the worker is stopping, and the running layers may finish.
+  while (c.dropped.load() < 2 && std::chrono::steady_clock::now() < deadline) std::this_thread::yield();
+  for (FakeBackend* f : fakes) f->Release(10);
+  stop.join();
+  EXPECT_EQ(c.ran.load(), 2);      // the two running when Stop came
+  EXPECT_EQ(c.dropped.load(), 4);  // queued or claimed: none reached a backend
 }
 
 TEST(Worker, OneUnhealthyLaneStopsEveryLane) {
