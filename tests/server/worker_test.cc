@@ -72,6 +72,16 @@ struct Counter {
   }
 };
 
+// `n` fake backends for a worker's lanes; `fakes` points at them.
+std::vector<std::unique_ptr<Backend>> Fakes(int n, std::vector<FakeBackend*>* fakes) {
+  std::vector<std::unique_ptr<Backend>> backends;
+  for (int i = 0; i < n; ++i) {
+    backends.push_back(std::make_unique<FakeBackend>());
+    fakes->push_back(static_cast<FakeBackend*>(backends.back().get()));
+  }
+  return backends;
+}
+
 Metrics& TestMetrics() {
   static Metrics metrics("test", "fake");
   return metrics;
@@ -198,13 +208,8 @@ TEST(Worker, OtherWorkRunsOnTheBackendThreadAndIsDroppedOnStop) {
 }
 
 TEST(Worker, LanesRunLayersAtOnceAndPinnedWorkRunsOnItsLane) {
-  std::vector<std::unique_ptr<Backend>> backends;
   std::vector<FakeBackend*> fakes;
-  for (int i = 0; i < 3; ++i) {
-    backends.push_back(std::make_unique<FakeBackend>());
-    fakes.push_back(static_cast<FakeBackend*>(backends.back().get()));
-  }
-  Worker worker(std::move(backends), 8, &TestMetrics());
+  Worker worker(Fakes(3, &fakes), 8, &TestMetrics());
   ASSERT_EQ(worker.lanes(), 3);
   for (int lane : {2, 0, 1}) {  // warm-up style: each lane's own backend, whatever the order
     Backend* seen = nullptr;
@@ -239,16 +244,11 @@ TEST(Worker, LanesRunLayersAtOnceAndPinnedWorkRunsOnItsLane) {
   EXPECT_EQ(compacted, 5);
 }
 
-// Five layers queued before two lanes start: the surplus is claimed, each layer still runs once,
+// Six layers queued before two lanes start: the surplus is claimed, each layer still runs once,
 // and the claimed ones are dropped, not run, when the worker stops first.
 TEST(Worker, ClaimedLayersAreDroppedOnStop) {
-  std::vector<std::unique_ptr<Backend>> backends;
   std::vector<FakeBackend*> fakes;
-  for (int i = 0; i < 2; ++i) {
-    backends.push_back(std::make_unique<FakeBackend>());
-    fakes.push_back(static_cast<FakeBackend*>(backends.back().get()));
-  }
-  Worker worker(std::move(backends), 8, &TestMetrics());
+  Worker worker(Fakes(2, &fakes), 8, &TestMetrics());
   Counter c;
   std::vector<WorkItem> items;
   for (int32_t layer = 0; layer < 6; ++layer) items.push_back(c.Item({}, layer));
@@ -268,12 +268,11 @@ TEST(Worker, ClaimedLayersAreDroppedOnStop) {
 }
 
 TEST(Worker, OneUnhealthyLaneStopsEveryLane) {
-  std::vector<std::unique_ptr<Backend>> backends;
-  for (int i = 0; i < 2; ++i) {
-    auto fake = std::make_unique<FakeBackend>();
+  std::vector<FakeBackend*> fakes;
+  std::vector<std::unique_ptr<Backend>> backends = Fakes(2, &fakes);
+  for (FakeBackend* fake : fakes) {
     fake->fail_after = 0;  // every call fails with a sticky error
     fake->Release(10);
-    backends.push_back(std::move(fake));
   }
   std::atomic<int> fired{0};
   Worker worker(std::move(backends), 8, &TestMetrics(), [&] { ++fired; });
