@@ -63,15 +63,13 @@ int main(int argc, char** argv) {
   options.fused_stats = absl::GetFlag(FLAGS_fused_stats);
   options.mass_fit_max_iterations = absl::GetFlag(FLAGS_mass_fit_iterations);
   const uint32_t concurrent = std::max(1u, absl::GetFlag(FLAGS_concurrent_layers));
-  std::vector<std::unique_ptr<Backend>> backends;
-  for (uint32_t i = 0; i < concurrent; ++i) {
-    auto backend = kernels::MakeCudaBackend(options);
-    if (!backend.ok()) {
-      fprintf(stderr, "%s\n", backend.status().ToString().c_str());
-      return 1;
-    }
-    backends.push_back(std::move(*backend));
+  // As the server makes its lanes: each backend with an equal share of the memory bound.
+  auto made = kernels::MakeCudaBackends(options, static_cast<int>(concurrent));
+  if (!made.ok()) {
+    fprintf(stderr, "%s\n", made.status().ToString().c_str());
+    return 1;
   }
+  std::vector<std::unique_ptr<Backend>> backends = *std::move(made);
   cudaDeviceProp prop{};
   cudaGetDeviceProperties(&prop, 0);
   DType wire = DType::kFloat32;

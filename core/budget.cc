@@ -15,6 +15,7 @@ int64_t RatioBudget(int64_t tokens, double ratio) {
   if (!(t < static_cast<double>(tokens))) return tokens;  // also inf and NaN: never through llround
   return std::clamp<int64_t>(std::llround(t), 1, tokens);
 }
+
 namespace {
 
 absl::Status CheckTotal(size_t heads, const std::vector<int64_t>& caps, int64_t total) {

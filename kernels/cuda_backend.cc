@@ -265,7 +265,6 @@ absl::Status CudaBackend::MassSystem(int64_t h, int64_t nf, int64_t t, const Vec
   return absl::OkStatus();
 }
 
-
 namespace {
 
 // cuBLAS math mode for a scope, restored after.
@@ -798,6 +797,18 @@ absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend(const CudaBackendOption
   auto backend = std::make_unique<CudaBackend>(options);
   if (absl::Status s = backend->Init(); !s.ok()) return s;
   return std::unique_ptr<Backend>(std::move(backend));
+}
+
+absl::StatusOr<std::vector<std::unique_ptr<Backend>>> MakeCudaBackends(CudaBackendOptions options, int lanes) {
+  if (lanes < 1) return absl::InvalidArgumentError("at least one CUDA backend is needed");
+  options.memory_share = 1.0 / lanes;
+  std::vector<std::unique_ptr<Backend>> out;
+  for (int i = 0; i < lanes; ++i) {
+    absl::StatusOr<std::unique_ptr<Backend>> backend = MakeCudaBackend(options);
+    if (!backend.ok()) return backend.status();
+    out.push_back(*std::move(backend));
+  }
+  return out;
 }
 
 }  // namespace kvcompact::kernels

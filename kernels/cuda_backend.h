@@ -6,6 +6,7 @@
 
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "core/layer.h"
@@ -38,5 +39,8 @@ DeviceBytes EstimateDeviceBytes(const LayerJob& job, size_t workspace_bytes);
 // "" when a CUDA device is usable, else why not.
 std::string CudaUnavailableReason();
 absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend(const CudaBackendOptions& options);
+// `lanes` backends on one device for that many layers in flight, each with an equal share of the
+// memory bound (`memory_share` = 1 / lanes).
+absl::StatusOr<std::vector<std::unique_ptr<Backend>>> MakeCudaBackends(CudaBackendOptions options, int lanes);
 
 }  // namespace kvcompact::kernels

@@ -2,9 +2,10 @@
 // device: the projected Newton method of core/bounded_lsq.h (the same start, binding set, Armijo
 // search along the projection arc and tolerance), in fp64, every problem of the batch advanced
 // together. The free-set Newton systems, packed to the free variables only (most bind at high
-// ratios, and the factorisation costs the cube of the order), are solved by cuSOLVER Cholesky; where one is not positive
-// definite the step falls back to the scaled gradient (the CPU solver tries LDLT there), so on
-// rank-deficient problems the two may stop at different minimisers of the same objective.
+// ratios, and the factorisation costs the cube of the order), are solved by cuSOLVER Cholesky;
+// where one is not positive definite the step falls back to the scaled gradient (the CPU solver
+// tries LDLT there), so on rank-deficient problems the two may stop at different minimisers of
+// the same objective.
 #pragma once
 
 #include <cublas_v2.h>

@@ -85,31 +85,20 @@ std::vector<std::unique_ptr<Backend>> MakeBackends(const std::string& name, int 
     options.allow_tf32 = absl::GetFlag(FLAGS_allow_tf32);
     options.workspace_bytes = absl::GetFlag(FLAGS_cuda_workspace_bytes);
     options.memory_limit_bytes = absl::GetFlag(FLAGS_cuda_memory_limit_bytes);
-    const uint32_t lanes = absl::GetFlag(FLAGS_cuda_layers_in_flight);
-    options.memory_share = 1.0 / lanes;
-    absl::Status status;
-    for (uint32_t i = 0; i < lanes && status.ok(); ++i) {
-      auto cuda = kernels::MakeCudaBackend(options);
-      if (cuda.ok()) {
-        out.push_back(*std::move(cuda));
-      } else {
-        status = cuda.status();
-      }
-    }
-    if (status.ok()) {
+    const int lanes = static_cast<int>(absl::GetFlag(FLAGS_cuda_layers_in_flight));
+    auto cuda = kernels::MakeCudaBackends(options, lanes);
+    if (cuda.ok()) {
       spdlog::info("CUDA backend on device {}, {} layer(s) in flight; math: {}", options.device, lanes,
                    options.allow_tf32 ? "TF32 tensor cores allowed" : "fp32 (no TF32)");
-      return out;
+      return *std::move(cuda);
     }
-    out.clear();
-    auto cuda = status;
     if (name == "cuda") {
-      *error = "backend cuda: " + cuda.ToString();
+      *error = "backend cuda: " + cuda.status().ToString();
       return out;
     }
     spdlog::warn("--backend=auto: no usable CUDA device ({}); running on the CPU backend "
                  "(kvcompact_backend_fallback = 1; --backend=cuda makes this a start failure)",
-                 std::string(cuda.message()));
+                 std::string(cuda.status().message()));
     *fell_back = true;
   }
 #endif

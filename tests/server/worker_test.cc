@@ -244,27 +244,28 @@ TEST(Worker, LanesRunLayersAtOnceAndPinnedWorkRunsOnItsLane) {
   EXPECT_EQ(compacted, 5);
 }
 
-// Six layers queued before two lanes start: the surplus is claimed, each layer still runs once,
-// and the claimed ones are dropped, not run, when the worker stops first.
-TEST(Worker, ClaimedLayersAreDroppedOnStop) {
+// A lane that starts a layer with another queued behind it (and no idle lane to take it) claims
+// that one and uploads it; a stop before it runs drops it, like the queued ones.
+TEST(Worker, ClaimedLayerIsPrefetchedAndDroppedOnStop) {
   std::vector<FakeBackend*> fakes;
-  Worker worker(Fakes(2, &fakes), 8, &TestMetrics());
+  Worker worker(Fakes(1, &fakes), 8, &TestMetrics());
+  FakeBackend* fake = fakes[0];
   Counter c;
   std::vector<WorkItem> items;
-  for (int32_t layer = 0; layer < 6; ++layer) items.push_back(c.Item({}, layer));
-  for (WorkItem& item : items) ASSERT_TRUE(worker.SubmitOrWait(item, [] {}));
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
-  while (fakes[0]->entered.load() + fakes[1]->entered.load() < 2 && std::chrono::steady_clock::now() < deadline) {
-    std::this_thread::yield();
-  }
-  std::thread stop([&] { worker.Stop(); });  // drops the queued and claimed layers
-  // Two run and at most two are claimed, so at least two were still queued: once those are
-  // dropped the worker is stopping, and the running layers may finish.
-  while (c.dropped.load() < 2 && std::chrono::steady_clock::now() < deadline) std::this_thread::yield();
-  for (FakeBackend* f : fakes) f->Release(10);
+  for (int32_t layer = 0; layer < 4; ++layer) items.push_back(c.Item({}, layer));
+  ASSERT_TRUE(worker.SubmitOrWait(items[0], [] {}));
+  while (fake->entered.load() < 1) std::this_thread::yield();
+  for (int k = 1; k < 4; ++k) ASSERT_TRUE(worker.SubmitOrWait(items[k], [] {}));
+  fake->Release(1);  // layer 0 ends; layer 1 starts and layer 2 is claimed behind it
+  while (fake->entered.load() < 2) std::this_thread::yield();
+  std::thread stop([&] { worker.Stop(); });
+  while (c.dropped.load() < 1) std::this_thread::yield();  // layer 3, still queued, is dropped: stopping
+  fake->Release(10);
   stop.join();
-  EXPECT_EQ(c.ran.load(), 2);      // the two running when Stop came
-  EXPECT_EQ(c.dropped.load(), 4);  // queued or claimed: none reached a backend
+  EXPECT_EQ(c.ran.load(), 2);      // layers 0 and 1
+  EXPECT_EQ(c.dropped.load(), 2);  // layer 3 (queued) and layer 2 (claimed)
+  const std::vector<std::string> want = {"compact 0", "prefetch 2", "compact 1"};
+  EXPECT_EQ(fake->log, want);
 }
 
 TEST(Worker, OneUnhealthyLaneStopsEveryLane) {
