@@ -290,6 +290,19 @@ def number_positions(pieces: Sequence[str], budget: int, *, surprisal: Optional[
     return np.array(sorted(kept), dtype=np.int64)
 
 
+def detail_positions(surprisal: Sequence[float], share: float = 0.25) -> np.ndarray:
+    """Positions j of a context whose next token is among the `share` least predictable
+    (surprisal[j + 1] highest): in a pass that repeats the context, the query at j must retrieve
+    that token from the cache (a detail: a number, a name, a rare word), not continue the text."""
+    if not 0 < share <= 1:
+        raise ValueError("share must be in (0, 1]")
+    nxt = np.asarray(surprisal[1:], dtype=np.float64)
+    if nxt.size == 0:
+        return np.empty(0, dtype=np.int64)
+    keep = max(1, int(round(share * len(nxt))))
+    return np.sort(np.argsort(-nxt, kind="stable")[:keep]).astype(np.int64)
+
+
 
 def make_header(layers: Layer | Sequence[Layer], *, ratio: Optional[float] = None, tokens: Optional[int] = None,
            per_head: Optional[Sequence[int]] = None, method: str = "am", holdout: float = 0.1,

@@ -230,6 +230,20 @@ def test_number_positions_keep_whole_numbers_with_their_names_least_predictable_
         number_positions(pieces, 8, share=1.0)
 
 
+def test_detail_positions_are_the_ones_before_the_least_predictable_tokens_at_every_share():
+    from kvcompact.client import detail_positions
+    surprisal = [0.0, 0.1, 5.0, 0.2, 0.3, 9.0, 0.1, 0.0]  # position j predicts token j + 1
+    assert detail_positions(surprisal, 1 / 7).tolist() == [4]
+    assert detail_positions(surprisal, 2 / 7).tolist() == [1, 4]
+    assert detail_positions(surprisal, 1e-9).tolist() == [4]     # never fewer than one
+    assert detail_positions(surprisal, 1.0).tolist() == list(range(7))
+    assert detail_positions([0.0], 0.5).size == 0                 # one token predicts nothing
+    assert detail_positions([0.0, 1.0, 1.0, 1.0], 2 / 3).tolist() == [0, 1]  # ties: the earlier first
+    for bad in (0.0, -0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="share"):
+            detail_positions(surprisal, bad)
+
+
 def test_protected_plan_splits_the_span_and_the_budget():
     from kvcompact.client import protected_plan
 

@@ -170,6 +170,33 @@ def test_query_capture_pools_query_heads_per_kv_head_at_the_chosen_positions():
         torch.testing.assert_close(queries[l], full.reshape(cfg.num_key_value_heads, group * 6, -1))
 
 
+def test_repeat_detail_counts_the_repeat_queries_before_the_least_predictable_tokens_twice():
+    from kvcompact.client import detail_positions
+    from kvcompact.hf.compact import ChatFormat, capture_queries
+
+    model = tiny_model("llama")
+    fmt = ChatFormat(_Tokenizer())
+    ids = _ids(40, 5)
+    cfg = model.config
+    kv, group = cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads
+    surprisal = []
+    _, every = capture_queries(model, ids, "repeat-prefill", fmt, max_queries=10_000, surprisal=surprisal)
+    assert len(surprisal) == 40 and surprisal[0] == 0 and min(surprisal[1:]) > 0
+    detail = detail_positions(surprisal, 0.1)
+    assert len(detail) == 4 and max(surprisal[p + 1] for p in detail) == max(surprisal[1:])
+    _, both = capture_queries(model, ids, "repeat-prefill+repeat-detail", fmt, max_queries=10_000, detail_share=0.1)
+    _, alone = capture_queries(model, ids, "repeat-detail", fmt, max_queries=10_000, detail_share=0.1)
+    twice = np.sort(np.concatenate([np.arange(40), detail]))
+    for l in hf.compactable_layers(model):
+        rows = every[l].reshape(kv, group, 40, -1)
+        torch.testing.assert_close(both[l], rows[:, :, twice].reshape(kv, group * 44, -1))
+        torch.testing.assert_close(alone[l], rows[:, :, detail].reshape(kv, group * 4, -1))
+    # Below the context's length the cap still holds (the details sampled at repeat-prefill's rate).
+    _, capped = capture_queries(model, ids, "repeat-prefill+repeat-detail", fmt, max_queries=10 * group,
+                                detail_share=0.1)
+    assert capped[hf.compactable_layers(model)[0]].shape[1] == group * 10
+
+
 def test_gemma3_sliding_layers_stay_exact_and_only_global_layers_are_compactable():
     model = tiny_model("gemma3")
     assert hf.compactable_layers(model) == [2]
@@ -263,8 +290,9 @@ def test_bad_arguments_are_refused_before_anything_is_sent():
         hf.compact_ids(model, _ids(20, 1), server="127.0.0.1:1", queries="psychic")
     with pytest.raises(ValueError, match="leave nothing"):
         hf.compact_ids(model, _ids(20, 1), server="127.0.0.1:1", keep_first=15, keep_last=5)
-    with pytest.raises(ValueError, match="need the tokenizer"):
-        hf.compact_ids(model, _ids(20, 1), server="127.0.0.1:1", queries="repeat-prefill")
+    for queries in ("repeat-prefill", "repeat-detail", "self-study"):
+        with pytest.raises(ValueError, match="need the tokenizer"):
+            hf.compact_ids(model, _ids(20, 1), server="127.0.0.1:1", queries=queries)
     cache = keep_all_cache(model, _ids(20, 1))
     with pytest.raises(ValueError, match="prompts for a cache of batch"):
         cache.generate_inputs([[1], [2]])

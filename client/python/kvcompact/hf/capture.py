@@ -7,6 +7,8 @@ GQA group stacked) as `kvcompact.Layer.queries` takes them. Sources, as in kvcom
 - context-prefill: the context's own queries, recorded during its prefill (free);
 - repeat-prefill: an instruction to repeat the context, then the context teacher-forced after it
   (one extra prefill): queries of tokens that look back at the whole context;
+- repeat-detail: of the same pass, the queries before the context's least predictable tokens
+  (numbers, names, rare words: the ones that must be copied from the cache), counted again;
 - self-study: the model's own greedy answers to prompts about the context (slowest).
 
 Only `positions` (indices into the captured token stream) are kept, so a 32k-token context does
@@ -146,11 +148,11 @@ def context_prefill(model, ids: Sequence[int], keep: int, seed: int = 0, chunk: 
     return cache, cap.queries(text_config(model).num_key_value_heads)
 
 
-def repeat_prefill(model, cache, context: Sequence[int], instruction: Sequence[int], keep: int, seed: int = 0,
+def repeat_prefill(model, cache, context: Sequence[int], instruction: Sequence[int], positions: torch.Tensor,
                    chunk: int = 4096) -> dict[int, torch.Tensor]:
-    """Queries of `context` teacher-forced again after `instruction` (on a fork of `cache`)."""
-    positions = sample_positions(len(context), keep, seed, offset=len(instruction))
-    cap = QueryCapture(compactable_layers(model), positions)
+    """Queries of `context` teacher-forced again after `instruction` (on a fork of `cache`), at
+    `positions` (indices into `context`, sorted; a repeated index records its query again)."""
+    cap = QueryCapture(compactable_layers(model), positions + len(instruction))
     prefill(model, list(instruction) + list(context), cache=fork(cache), chunk=chunk, capture=cap)
     return cap.queries(text_config(model).num_key_value_heads)
 

@@ -18,12 +18,14 @@ from typing import Optional, Sequence
 
 import torch
 
-from kvcompact.client import Client, number_positions, protected_plan, ratio_budget
+from kvcompact.client import Client, detail_positions, number_positions, protected_plan, ratio_budget
 from kvcompact.hf.cache import CompactedCache
-from kvcompact.hf.capture import (compactable_layers, context_prefill, repeat_prefill, self_study, text_config)
+from kvcompact.hf.capture import (compactable_layers, context_prefill, repeat_prefill, sample_positions, self_study,
+                                  text_config)
 from kvcompact.types import Layer
 
-QUERY_SOURCES = ("context-prefill", "repeat-prefill", "self-study")
+QUERY_SOURCES = ("context-prefill", "repeat-prefill", "repeat-detail", "self-study")
+DETAIL_SHARE = 0.02  # repeat-detail: the share of positions whose next token is least predictable
 REPEAT_PROMPT = "Repeat the previous context verbatim."
 SELF_STUDY_PROMPTS = (
     "Summarize the text above in a few sentences.",
@@ -64,29 +66,54 @@ def _sources(queries: str) -> list[str]:
     return parts
 
 
+def _repeat_positions(sources: list[str], count: int, keep: int, seed: int, surprisal: Optional[list],
+                      detail_share: float) -> torch.Tensor:
+    """Positions of the context whose queries the repeat pass keeps: `keep` random ones for
+    repeat-prefill, and for repeat-detail those before the least predictable tokens (a share of
+    them at repeat-prefill's sampling rate when both are asked for, so that each detail's query
+    counts twice, as the harness's repeat+repeat_detail does)."""
+    parts = []
+    if "repeat-prefill" in sources:
+        every = sample_positions(count, keep, seed)
+        parts.append(torch.arange(count) if every is None else every)
+    if "repeat-detail" in sources:
+        detail = torch.from_numpy(detail_positions(surprisal, detail_share))
+        take = min(keep, len(detail)) if len(parts) == 0 else max(1, round(len(detail) * min(1.0, keep / count)))
+        chosen = sample_positions(len(detail), take, seed + 1)
+        parts.append(detail if chosen is None else detail[chosen])
+    return torch.sort(torch.cat(parts)).values
+
+
 def capture_queries(model, ids: Sequence[int], queries: str, fmt: Optional[ChatFormat], max_queries: int,
-                    seed: int = 0, self_study_tokens: int = 64, surprisal: Optional[list] = None):
+                    seed: int = 0, self_study_tokens: int = 64, surprisal: Optional[list] = None,
+                    detail_share: float = DETAIL_SHARE):
     """Prefills `ids`; returns (its cache, per compactable layer the chosen sources' queries,
-    at most `max_queries` per KV head in all); each token's surprisal into `surprisal` if given."""
+    at most `max_queries` per KV head in all); each token's surprisal into `surprisal` if given
+    (repeat-detail needs it: pass a list)."""
     sources = _sources(queries)
     c = text_config(model)
     group = c.num_attention_heads // c.num_key_value_heads
-    keep = max(1, max_queries // (group * len(sources)))  # token positions per source
+    counted = [s for s in sources if s != "repeat-detail" or "repeat-prefill" not in sources]
+    keep = max(1, max_queries // (group * len(counted)))  # token positions per source
+    if "repeat-detail" in sources and surprisal is None:
+        surprisal = []
     cache, own = context_prefill(model, ids, keep, seed, surprisal=surprisal)
     picked = []
     if "context-prefill" in sources:
         picked.append(own)
-    if ("repeat-prefill" in sources or "self-study" in sources) and fmt is None:
-        raise ValueError("repeat-prefill and self-study queries need the tokenizer (their instructions are text)")
-    if "repeat-prefill" in sources:
-        picked.append(repeat_prefill(model, cache, ids, fmt.instruction(REPEAT_PROMPT), keep, seed))
+    if any(s != "context-prefill" for s in sources) and fmt is None:
+        raise ValueError("repeat-prefill, repeat-detail and self-study queries need the tokenizer "
+                         "(their instructions are text)")
+    if "repeat-prefill" in sources or "repeat-detail" in sources:
+        positions = _repeat_positions(sources, len(ids), keep, seed, surprisal, detail_share)
+        picked.append(repeat_prefill(model, cache, ids, fmt.instruction(REPEAT_PROMPT), positions))
     if "self-study" in sources:
         eos = fmt.tokenizer.eos_token_id
         picked.append(self_study(model, cache, [fmt.instruction(p) for p in SELF_STUDY_PROMPTS],
                                  self_study_tokens, eos_token_id=eos))
     merged = {l: torch.cat([p[l] for p in picked], dim=1) for l in picked[0]}
     m = next(iter(merged.values())).shape[1]
-    if m > max_queries:  # self-study's answers can run past the cap: the same random rows in every layer
+    if m > max_queries:  # self-study's answers and repeated details run past it: the same random rows in every layer
         rows = torch.sort(torch.randperm(m, generator=torch.Generator().manual_seed(seed))[:max_queries]).values
         merged = {l: q[:, rows.to(q.device)].contiguous() for l, q in merged.items()}
     return cache, merged
@@ -102,13 +129,17 @@ def _logit_scale(model, layer: int) -> float:
 
 def compact_ids(model, ids: Sequence[int], *, server: str = "localhost:50051", client: Optional[Client] = None,
                 ratio: Optional[float] = 20.0, tokens: Optional[int] = None, method: str = "am",
-                queries: str = "repeat-prefill", tokenizer=None, keep_first: int = 4, keep_last: int = 0,
-                streams: int = 4, max_queries: int = 4096, seed: int = 0, timeout: Optional[float] = None,
-                protected: Optional[Sequence[int]] = None, protect: Optional[str] = None, protect_share: float = 0.5,
-                protect_before: int = 3, **options) -> CompactedCache:
+                queries: str = "repeat-prefill+repeat-detail", tokenizer=None, keep_first: int = 4,
+                keep_last: int = 0, streams: int = 4, max_queries: int = 4096, seed: int = 0,
+                timeout: Optional[float] = None, protected: Optional[Sequence[int]] = None,
+                protect: Optional[str] = None, protect_share: float = 0.5, protect_before: int = 3,
+                detail_share: float = DETAIL_SHARE, **options) -> CompactedCache:
     """Compacts the context `ids` (token ids, batch 1); returns the cache to generate from.
     `ratio` or `tokens` (entries per head) set the budget of the compacted span; other keyword
-    arguments are the service's options (kvcompact.client.make_header). `protected`: positions
+    arguments are the service's options (kvcompact.client.make_header). `queries`: the reference
+    queries' sources joined by '+' (QUERY_SOURCES); the default, one extra prefill that repeats
+    the context with the queries before its `detail_share` least predictable tokens counted twice,
+    is the best measured for contexts of details and level on narrative ones (docs/QUALITY.md). `protected`: positions
     of the span the caller names (the details a later question may need: numbers, names) kept
     exact with bias 0; they count against the budget and the service compacts the rest.
     `protect="numbers"` (needs `tokenizer`) adds every number with the `protect_before` tokens
@@ -123,7 +154,8 @@ def compact_ids(model, ids: Sequence[int], *, server: str = "localhost:50051", c
     end = len(ids) - keep_last
     fmt = ChatFormat(tokenizer) if tokenizer is not None else None
     surprisal = [] if protect else None
-    cache, refs = capture_queries(model, ids, queries, fmt, max_queries, seed, surprisal=surprisal)
+    cache, refs = capture_queries(model, ids, queries, fmt, max_queries, seed, surprisal=surprisal,
+                                  detail_share=detail_share)
     named = set(int(p) for p in protected) if protected is not None else set()
     if protect:
         total = int(tokens) if tokens is not None else ratio_budget(end - keep_first, ratio)

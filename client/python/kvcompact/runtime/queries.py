@@ -21,6 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
+from kvcompact.client import detail_positions  # noqa: F401 (the harness's repeat_detail source)
 from kvcompact.runtime.cache import KVCache
 
 REPEAT_PROMPT = "Repeat the previous context verbatim."
@@ -62,14 +63,6 @@ def context_prefill(model, tokens: Sequence[int], surprisal: bool = False):
     logp = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
     nats = np.concatenate([[0.0], -logp[np.arange(len(tokens) - 1), np.asarray(tokens[1:])]])
     return cache, queries, nats
-
-
-def detail_positions(surprisal: np.ndarray, share: float = 0.25) -> np.ndarray:
-    """Positions j of a context whose next token is among the `share` least predictable
-    (surprisal[j + 1] highest): in a repeat pass, the query at j must retrieve that token."""
-    nxt = np.asarray(surprisal[1:], dtype=np.float64)
-    keep = max(1, int(round(share * len(nxt))))
-    return np.sort(np.argsort(-nxt, kind="stable")[:keep])
 
 
 def repeat_prefill(model, cache: KVCache, context: Sequence[int], positions: np.ndarray | None = None
