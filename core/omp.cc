@@ -11,12 +11,35 @@
 namespace kvcompact {
 namespace {
 
-// `Gram` is MatrixD, or a map of an fp32 matrix (as the CUDA backend copies it back): entries are
-// read as float64, so weights, residuals and the factor are float64 either way.
-template <typename Gram>
+// A host matrix as the loop reads it: MatrixD, or a map of an fp32 matrix; entries are read as
+// float64. G is symmetric: its rows (contiguous, row-major) stand for its columns.
+template <typename Matrix>
+class HostOmpGram : public OmpGram {
+ public:
+  explicit HostOmpGram(const Matrix& g) : g_(g) {}
+  int64_t size() const override { return g_.rows(); }
+  double MeanDiagonal() override {
+    return g_.rows() > 0 ? static_cast<double>(g_.diagonal().template cast<double>().mean()) : 0.0;
+  }
+  void Accumulate(const std::vector<int32_t>& cols, const VectorD& w, VectorD* into) override {
+    for (size_t a = 0; a < cols.size(); ++a) *into += g_.row(cols[a]).transpose().template cast<double>() * w[a];
+  }
+  MatrixD Block(const std::vector<int32_t>& rows, const std::vector<int32_t>& cols) override {
+    MatrixD out(rows.size(), cols.size());
+    for (size_t r = 0; r < rows.size(); ++r) {
+      const auto row = g_.row(rows[r]);
+      for (size_t c = 0; c < cols.size(); ++c) out(r, c) = row[cols[c]];
+    }
+    return out;
+  }
+
+ private:
+  const Matrix& g_;
+};
+
 struct OmpState {
-  OmpState(const Gram& g, const VectorD& c) : gram(g), rhs(c), taken(c.size(), 0), fitted(VectorD::Zero(c.size())) {}
-  const Gram& gram;
+  OmpState(OmpGram& g, const VectorD& c) : gram(g), rhs(c), taken(c.size(), 0), fitted(VectorD::Zero(c.size())) {}
+  OmpGram& gram;
   const VectorD& rhs;
   std::vector<int32_t> selected;
   std::vector<uint8_t> taken;  // selected or dropped: no longer a candidate
@@ -31,8 +54,7 @@ struct OmpState {
 };
 
 // Extends the factor to every selected key; false if the new block is not positive definite.
-template <typename Gram>
-bool ExtendFactor(OmpState<Gram>& s) {
+bool ExtendFactor(OmpState& s) {
   const Eigen::Index k = static_cast<Eigen::Index>(s.selected.size()), m = s.factored, r = k - m;
   if (r == 0) return true;
   if (s.chol.rows() < k) {  // grown geometrically: refits write into it in place
@@ -40,14 +62,11 @@ bool ExtendFactor(OmpState<Gram>& s) {
     bigger.topLeftCorner(m, m) = s.chol.topLeftCorner(m, m);
     s.chol = std::move(bigger);
   }
-  // G_{S_old, S_new} and G_{S_new, S_new}, read row by row (G is row-major and symmetric).
-  MatrixD b(m, r), c(r, r);
-  for (Eigen::Index a = 0; a < k; ++a) {
-    const auto row = s.gram.row(s.selected[a]);
-    for (Eigen::Index j = 0; j < r; ++j) (a < m ? b(a, j) : c(a - m, j)) = row[s.selected[m + j]];
-  }
+  // G_{S_old, S_new} and G_{S_new, S_new} in one read.
+  const MatrixD block = s.gram.Block(s.selected, std::vector<int32_t>(s.selected.begin() + m, s.selected.end()));
+  MatrixD b = block.topRows(m), c = block.bottomRows(r);
   c.diagonal().array() += s.jitter;
-  if (m > 0) s.chol.topLeftCorner(m, m).template triangularView<Eigen::Lower>().solveInPlace(b);  // L11^{-1} B
+  if (m > 0) s.chol.topLeftCorner(m, m).triangularView<Eigen::Lower>().solveInPlace(b);  // L11^{-1} B
   MatrixD schur = c - b.transpose() * b;
   Eigen::LLT<MatrixD> l22(schur);
   // A new key (numerically) in the span of the selected ones leaves a Schur complement that fp32
@@ -68,14 +87,13 @@ bool ExtendFactor(OmpState<Gram>& s) {
 // is the bounded optimum whenever it lies inside the box. Otherwise it is taken clamped (it
 // steers the next selection and the drop rule; the mass fit after selection is exact), unless
 // `exact` asks for the bounded solve.
-template <typename Gram>
-void Refit(OmpState<Gram>& s, const OmpParams& p, bool exact) {
+void Refit(OmpState& s, const OmpParams& p, bool exact) {
   const Eigen::Index k = static_cast<Eigen::Index>(s.selected.size());
   VectorD c(k);
   for (Eigen::Index a = 0; a < k; ++a) c[a] = s.rhs[s.selected[a]];
   bool solved = false;
   if (ExtendFactor(s)) {
-    const auto lower = s.chol.topLeftCorner(k, k).template triangularView<Eigen::Lower>();
+    const auto lower = s.chol.topLeftCorner(k, k).triangularView<Eigen::Lower>();
     VectorD w = lower.solve(c);
     lower.transpose().solveInPlace(w);
     const bool inside = w.allFinite() && w.minCoeff() >= p.w_lo && w.maxCoeff() <= p.w_hi;
@@ -88,23 +106,17 @@ void Refit(OmpState<Gram>& s, const OmpParams& p, bool exact) {
     s.factored = 0;  // refactor from scratch next time
   }
   if (!solved) {
-    MatrixD sub(k, k);
-    for (Eigen::Index a = 0; a < k; ++a) {
-      for (Eigen::Index b = 0; b < k; ++b) sub(a, b) = s.gram(s.selected[a], s.selected[b]);
-    }
     BoundedLsqOptions options;
     options.warm_start = &s.w;
-    s.w = SolveBoundedLsq(sub, c, p.w_lo, p.w_hi, options).w;
+    s.w = SolveBoundedLsq(s.gram.Block(s.selected, s.selected), c, p.w_lo, p.w_hi, options).w;
   }
-  // G is symmetric: rows (contiguous in the row-major matrix) stand for its columns.
   s.fitted.setZero();
-  for (Eigen::Index a = 0; a < k; ++a) s.fitted += s.gram.row(s.selected[a]).transpose().template cast<double>() * s.w[a];
+  s.gram.Accumulate(s.selected, s.w, &s.fitted);
 }
 
 // Adds up to `count` untaken candidates with the largest residual correlation; new weights start
 // at the lower bound until the next refit. Returns how many were added.
-template <typename Gram>
-int64_t AddBest(OmpState<Gram>& s, int64_t count, const OmpParams& p) {
+int64_t AddBest(OmpState& s, int64_t count, const OmpParams& p) {
   std::vector<int32_t> open;
   for (int32_t j = 0; j < static_cast<int32_t>(s.taken.size()); ++j) {
     if (!s.taken[j]) open.push_back(j);
@@ -116,21 +128,21 @@ int64_t AddBest(OmpState<Gram>& s, int64_t count, const OmpParams& p) {
     return sa != sb ? sa > sb : a < b;
   };
   std::partial_sort(open.begin(), open.begin() + count, open.end(), better);
+  open.resize(count);
   const Eigen::Index old = s.w.size();
   s.w.conservativeResize(old + count);
-  for (int64_t i = 0; i < count; ++i) {
-    s.selected.push_back(open[i]);
-    s.taken[open[i]] = 1;
-    s.w[old + i] = p.w_lo;
-    s.fitted += s.gram.row(open[i]).transpose().template cast<double>() * p.w_lo;
+  s.w.tail(count).setConstant(p.w_lo);
+  for (int32_t j : open) {
+    s.selected.push_back(j);
+    s.taken[j] = 1;
   }
+  s.gram.Accumulate(open, s.w.tail(count), &s.fitted);
   return count;
 }
 
 // Drops selected keys whose weight is negligible, keeping at least enough candidates to refill:
 // the budget stays met exactly. Returns how many were dropped.
-template <typename Gram>
-int64_t DropNegligible(OmpState<Gram>& s, const OmpParams& p, int64_t open_candidates) {
+int64_t DropNegligible(OmpState& s, const OmpParams& p, int64_t open_candidates) {
   std::vector<Eigen::Index> weak;
   for (Eigen::Index a = 0; a < s.w.size(); ++a) {
     if (std::log(s.w[a]) < p.drop_log_weight) weak.push_back(a);
@@ -153,12 +165,13 @@ int64_t DropNegligible(OmpState<Gram>& s, const OmpParams& p, int64_t open_candi
   return static_cast<int64_t>(weak.size());
 }
 
-template <typename Gram>
-OmpResult SelectOmpImpl(const Gram& gram, const VectorD& rhs, const OmpParams& params) {
+}  // namespace
+
+OmpResult SelectOmp(OmpGram& gram, const VectorD& rhs, const OmpParams& params) {
   const int64_t pool = rhs.size();
   const int64_t t = std::min<int64_t>(params.budget, pool);
-  OmpState<Gram> s(gram, rhs);
-  s.mean_diagonal = pool > 0 ? static_cast<double>(gram.diagonal().template cast<double>().mean()) : 0.0;
+  OmpState s(gram, rhs);
+  s.mean_diagonal = gram.MeanDiagonal();
   s.jitter = 1e-7 * s.mean_diagonal;  // above the rounding of an fp32-accumulated Gram matrix
   OmpResult result;
   const int interval = std::max(1, params.refit_interval);
@@ -194,8 +207,6 @@ OmpResult SelectOmpImpl(const Gram& gram, const VectorD& rhs, const OmpParams& p
   return result;
 }
 
-}  // namespace
-
 std::vector<int32_t> SelectedPositions(const OmpResult& result, const std::vector<int32_t>& pool) {
   std::vector<int32_t> kept;
   kept.reserve(result.selected.size());
@@ -205,11 +216,13 @@ std::vector<int32_t> SelectedPositions(const OmpResult& result, const std::vecto
 }
 
 OmpResult SelectOmp(const MatrixD& gram, const VectorD& rhs, const OmpParams& params) {
-  return SelectOmpImpl(gram, rhs, params);
+  HostOmpGram<MatrixD> g(gram);
+  return SelectOmp(g, rhs, params);
 }
 
 OmpResult SelectOmp(const ConstMatrixMapF& gram, const VectorD& rhs, const OmpParams& params) {
-  return SelectOmpImpl(gram, rhs, params);
+  HostOmpGram<ConstMatrixMapF> g(gram);
+  return SelectOmp(g, rhs, params);
 }
 
 }  // namespace kvcompact

@@ -39,10 +39,25 @@ struct OmpResult {
 // The token positions of a selection over `pool` (pool[i] = token of candidate i), ascending.
 std::vector<int32_t> SelectedPositions(const OmpResult& result, const std::vector<int32_t>& pool);
 
-// Greedy selection of params.budget of the gram.rows() candidates.
+// The reads the greedy loop makes of the pool's Gram matrix G (symmetric), wherever G lives: it
+// only ever touches the rows of keys it selected (and the diagonal), so a backend that built G on
+// its device answers them there and G never travels (the CUDA backend: kernels/device_omp_gram.h).
+class OmpGram {
+ public:
+  virtual ~OmpGram() = default;
+  virtual int64_t size() const = 0;
+  virtual double MeanDiagonal() = 0;
+  // *into += G[:, cols[0]] w[0] + G[:, cols[1]] w[1] + ..., added in this order, in float64.
+  virtual void Accumulate(const std::vector<int32_t>& cols, const VectorD& w, VectorD* into) = 0;
+  // G[rows, cols] in float64.
+  virtual MatrixD Block(const std::vector<int32_t>& rows, const std::vector<int32_t>& cols) = 0;
+};
+
+// Greedy selection of params.budget of the gram.size() candidates.
+OmpResult SelectOmp(OmpGram& gram, const VectorD& rhs, const OmpParams& params);
+// The same on a host matrix, float64 (the CPU backend) or fp32 (half the memory traffic; weights,
+// residuals and the factor stay float64).
 OmpResult SelectOmp(const MatrixD& gram, const VectorD& rhs, const OmpParams& params);
-// The same on an fp32 Gram matrix (as the CUDA backend builds it): half the memory traffic of the
-// loop; weights, residuals and the factor stay float64.
 OmpResult SelectOmp(const ConstMatrixMapF& gram, const VectorD& rhs, const OmpParams& params);
 
 }  // namespace kvcompact

@@ -24,6 +24,7 @@
 #include "kernels/am_kernels.cuh"
 #include "kernels/device_buffer.h"
 #include "kernels/device_lsq.h"
+#include "kernels/device_omp_gram.h"
 #include "kernels/fused_attention.cuh"
 #include "kernels/layer_inputs.h"
 #include "kernels/gemm.h"
@@ -62,7 +63,6 @@ class CudaBackend final : public Backend {
   explicit CudaBackend(const CudaBackendOptions& options) : options_(options), limit_(options.memory_limit_bytes) {}
   ~CudaBackend() override {
     for (cudaEvent_t e : events_) cudaEventDestroy(e);
-    for (cudaEvent_t e : omp_copied_) cudaEventDestroy(e);
     if (solver_) cusolverDnDestroy(solver_);
     if (blas_) cublasDestroy(blas_);
     if (stream_) cudaStreamDestroy(stream_);
@@ -136,11 +136,14 @@ class CudaBackend final : public Backend {
   // Mass system of head h on the device (C_k in ck_): G = Phi^T Phi and c = Phi^T m, into the
   // solver's fp64 slots.
   absl::Status MassSystem(int64_t h, int64_t nf, int64_t t, const VectorF& bias_s, double prior, double* gram, double* rhs);
-  // The same system in fp32 into gram_ (t x t) and cvec_ (t), for the keys in ck_.
-  absl::Status MassSystemF32(int64_t h, int64_t nf, int64_t t, const VectorF& bias_s);
+  // The same system in fp32 into `gram` (t x t) and `rhs` (t; device), for the keys in ck_. With
+  // `symmetric`, G by a symmetric rank-k update and a mirror (half the products: OMP's pool-sized
+  // systems, where the Gram product is most of the selection's device time).
+  absl::Status MassSystemF32(int64_t h, int64_t nf, int64_t t, const VectorF& bias_s, float* gram, float* rhs,
+                             bool symmetric = false);
   // OMP key selection of `heads` (core/omp.h): each head's candidate-pool Gram system is built on
-  // the device (the part that reads the queries) and copied back; the greedy loop then runs in
-  // Gram space on a host thread per head, overlapping the device's work on the next head.
+  // the device (the part that reads the queries) and stays there; the greedy loop runs on a host
+  // thread per head, overlapping the device's work on the next head, and reads G on the device.
   absl::Status SelectByOmp(const LayerJob& job, const std::vector<int64_t>& heads, int64_t nf,
                            const std::vector<float>& scores, LayerResult* result);
   // Bounded NNLS for the mass weights of `heads` (indices selected, C_k gathered per head) in
@@ -186,10 +189,22 @@ class CudaBackend final : public Backend {
   DeviceBuffer<double> err_all_;
   std::vector<cudaEvent_t> events_;
   std::unique_ptr<DeviceBoundedLsq> lsq_;
-  std::vector<std::unique_ptr<PinnedBuffer<float>>> omp_host_;  // per head of a layer: its OMP Gram system
+  // Per head of a layer's OMP selection: its pool's system [G | c] on the device, the greedy loop's
+  // reads of G (on the head's own stream), c on the host, and the event of the system's completion.
+  struct OmpHead {
+    DeviceBuffer<float> system;
+    DeviceOmpGram reads;
+    PinnedBuffer<float> rhs;
+    cudaStream_t stream = nullptr;
+    cudaEvent_t built = nullptr;
+    ~OmpHead() {
+      if (built) cudaEventDestroy(built);
+      if (stream) cudaStreamDestroy(stream);
+    }
+  };
+  std::vector<std::unique_ptr<OmpHead>> omp_heads_;
   // Long-lived threads for the OMP greedy loops (one per core), instead of a thread per head and layer.
   std::unique_ptr<ThreadPool> omp_pool_;
-  std::vector<cudaEvent_t> omp_copied_;                          // ...and the event of its copy
 };
 
 absl::Status CudaBackend::ReserveHeadBuffers(int64_t t, int64_t n_max) {
@@ -256,7 +271,7 @@ absl::Status CudaBackend::Stats(const float* queries, int64_t n, const std::opti
 
 absl::Status CudaBackend::MassSystem(int64_t h, int64_t nf, int64_t t, const VectorF& bias_s, double prior, double* gram,
                                      double* rhs) {
-  if (auto s = MassSystemF32(h, nf, t, bias_s); !s.ok()) return s;
+  if (auto s = MassSystemF32(h, nf, t, bias_s, gram_.get(), cvec_.get()); !s.ok()) return s;
   CastToDouble(gram_.get(), t * t, gram, stream_);
   CastToDouble(cvec_.get(), t, rhs, stream_);
   KVC_LAUNCHED("CastToDouble");
@@ -283,7 +298,8 @@ class ScopedMathMode {
 
 }  // namespace
 
-absl::Status CudaBackend::MassSystemF32(int64_t h, int64_t nf, int64_t t, const VectorF& bias_s) {
+absl::Status CudaBackend::MassSystemF32(int64_t h, int64_t nf, int64_t t, const VectorF& bias_s, float* gram,
+                                        float* rhs, bool symmetric) {
   // Phi = exp(s Q K_S^T + b_S - M)   (nf x t);  G = Phi^T Phi;  c = Phi^T m  (fp32 products, as on
   // the CPU; the solvers work in fp64). Always plain fp32, also with --allow_tf32: built from TF32
   // products the system sent the bounded NNLS to its iteration bound on 208 of 256 BENCH-A heads
@@ -298,12 +314,20 @@ absl::Status CudaBackend::MassSystemF32(int64_t h, int64_t nf, int64_t t, const 
   if (auto s = ToDevice(beta_, bias_s.data(), t, stream_); !s.ok()) return s;
   ExpShifted(subset_.get(), nf, t, beta_.get(), fit_.row_max.get() + h * nf, stream_);
   KVC_LAUNCHED("ExpShifted");
-  if (auto s = Gemm(blas_, t, t, nf, 1.f, {subset_.get(), t, 0, true}, {subset_.get(), t, 0, false}, 0.f, gram_.get(), t, 0, 1);
-      !s.ok()) {
+  if (symmetric) {
+    // Phi (nf x t row-major) is t x nf column-major: G = A A^T, its column-major lower triangle
+    // (the row-major upper one) written, then mirrored.
+    const float one = 1.f, zero = 0.f;
+    KVC_CUBLAS(cublasSsyrk(blas_, CUBLAS_FILL_MODE_LOWER, CUBLAS_OP_N, static_cast<int>(t), static_cast<int>(nf), &one,
+                           subset_.get(), static_cast<int>(t), &zero, gram, static_cast<int>(t)));
+    MirrorUpperToLower(gram, t, stream_);
+    KVC_LAUNCHED("MirrorUpperToLower");
+  } else if (auto s = Gemm(blas_, t, t, nf, 1.f, {subset_.get(), t, 0, true}, {subset_.get(), t, 0, false}, 0.f, gram, t, 0, 1);
+             !s.ok()) {
     return s;
   }
   if (auto s = Gemm(blas_, t, 1, nf, 1.f, {subset_.get(), t, 0, true}, {fit_.mass.get() + h * nf, 1, 0, false}, 0.f,
-                    cvec_.get(), 1, 0, 1);
+                    rhs, 1, 0, 1);
       !s.ok()) {
     return s;
   }
@@ -315,11 +339,11 @@ absl::Status CudaBackend::SelectByOmp(const LayerJob& job, const std::vector<int
   const LayerData& data = job.data;
   const MethodSpec& spec = GetMethodSpec(job.options.method);
   if (!omp_pool_) omp_pool_ = std::make_unique<ThreadPool>(std::max(1u, std::thread::hardware_concurrency()));
-  while (omp_host_.size() < heads.size()) {
-    omp_host_.push_back(std::make_unique<PinnedBuffer<float>>());
-    cudaEvent_t e;
-    KVC_CUDA(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
-    omp_copied_.push_back(e);
+  while (omp_heads_.size() < heads.size()) {
+    auto head = std::make_unique<OmpHead>();
+    KVC_CUDA(cudaStreamCreateWithFlags(&head->stream, cudaStreamNonBlocking));
+    KVC_CUDA(cudaEventCreateWithFlags(&head->built, cudaEventDisableTiming));
+    omp_heads_.push_back(std::move(head));
   }
   // Host side first: each head's candidate pool (top RMS attention) and loop parameters.
   std::vector<std::vector<int32_t>> pools(heads.size());
@@ -332,56 +356,72 @@ absl::Status CudaBackend::SelectByOmp(const LayerJob& job, const std::vector<int
     params[k] = OmpParamsFor(o, spec, t);
     p_max = std::max<int64_t>(p_max, static_cast<int64_t>(pools[k].size()));
   }
-  if (auto s = ReserveHeadBuffers(p_max, nf); !s.ok()) return s;  // no reallocation while queued
+  // Every buffer before anything is queued: no allocation (an implicit synchronisation) while
+  // loops run, and all of them charged to this backend's account by this thread.
+  if (auto s = ReserveHeadBuffers(p_max, nf); !s.ok()) return s;
   if (auto s = idx_.Reserve(p_max); !s.ok()) return s;
-  // Device side, queued back to back: head k's pool system, then its copy into head k's pinned
-  // buffer [G (P x P) | c (P)] and an event; stream order keeps the shared device buffers safe.
-  // A pool thread per head waits for its event and runs the greedy loop.
-  std::vector<std::future<std::vector<int32_t>>> loops;
+  for (size_t k = 0; k < heads.size(); ++k) {
+    const int64_t P = static_cast<int64_t>(pools[k].size());
+    OmpHead& oh = *omp_heads_[k];
+    if (auto s = oh.system.Reserve(P * P + P); !s.ok()) return s;
+    if (auto s = oh.rhs.Reserve(P); !s.ok()) return s;
+    if (auto s = oh.reads.Reserve(P, params[k].budget); !s.ok()) return s;
+  }
+  // Device side, queued back to back: head k's pool system [G (P x P) | c (P)] into its own
+  // buffer, c copied to the host, an event. A pool thread per head waits for the event and runs
+  // the greedy loop, whose reads of G run on the device on the head's own stream.
+  std::vector<std::future<absl::StatusOr<std::vector<int32_t>>>> loops;
   absl::Status status;
   for (size_t k = 0; k < heads.size() && status.ok(); ++k) {
     const int64_t h = heads[k], P = static_cast<int64_t>(pools[k].size());
     const BlockView block = data.HeadBlock(h);
     VectorF bias_p(P);
     for (int64_t j = 0; j < P; ++j) bias_p[j] = block.bias ? block.bias[pools[k][j]] : 0.f;
-    PinnedBuffer<float>& host = *omp_host_[k];
-    status = host.Reserve(P * P + P);
-    if (status.ok()) status = ToDevice(idx_, pools[k].data(), P, stream_);
+    OmpHead& oh = *omp_heads_[k];
+    status = ToDevice(idx_, pools[k].data(), P, stream_);
     if (!status.ok()) break;
     GatherRows(in_->keys.get() + h * T_ * d_, idx_.get(), P, d_, ck_.get(), stream_);
     if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) {
       status = absl::InternalError(absl::StrCat("GatherRows(pool): ", cudaGetErrorString(e)));
       break;
     }
-    status = MassSystemF32(h, nf, P, bias_p);
+    status = MassSystemF32(h, nf, P, bias_p, oh.system.get(), oh.system.get() + P * P, /*symmetric=*/true);
     if (!status.ok()) break;
-    if (cudaError_t e = cudaMemcpyAsync(host.get(), gram_.get(), P * P * sizeof(float), cudaMemcpyDeviceToHost, stream_);
-        e != cudaSuccess) {
-      status = absl::InternalError(absl::StrCat("copy of the OMP Gram matrix: ", cudaGetErrorString(e)));
-      break;
-    }
-    if (cudaError_t e = cudaMemcpyAsync(host.get() + P * P, cvec_.get(), P * sizeof(float), cudaMemcpyDeviceToHost, stream_);
+    if (cudaError_t e = cudaMemcpyAsync(oh.rhs.get(), oh.system.get() + P * P, P * sizeof(float), cudaMemcpyDeviceToHost,
+                                        stream_);
         e != cudaSuccess) {
       status = absl::InternalError(absl::StrCat("copy of the OMP right-hand side: ", cudaGetErrorString(e)));
       break;
     }
-    KVC_CUDA(cudaEventRecord(omp_copied_[k], stream_));
-    auto selected = std::make_shared<std::promise<std::vector<int32_t>>>();
+    KVC_CUDA(cudaEventRecord(oh.built, stream_));
+    auto selected = std::make_shared<std::promise<absl::StatusOr<std::vector<int32_t>>>>();
     loops.push_back(selected->get_future());
-    omp_pool_->Submit([selected, g = host.get(), copied = omp_copied_[k], params = params[k], P, pool = std::move(pools[k])] {
-      if (cudaEventSynchronize(copied) != cudaSuccess) {
-        selected->set_value({});
+    omp_pool_->Submit([selected, &oh, params = params[k], P, pool = std::move(pools[k])] {
+      if (cudaError_t e = cudaEventSynchronize(oh.built); e != cudaSuccess) {
+        selected->set_value(CudaStatus(e, "cudaEventSynchronize(OMP system)", __FILE__, __LINE__));
         return;
       }
-      const VectorD c = ConstVectorMapF(g + P * P, P).cast<double>();
-      selected->set_value(SelectedPositions(SelectOmp(ConstMatrixMapF(g, P, P), c, params), pool));
+      const VectorD c = ConstVectorMapF(oh.rhs.get(), P).cast<double>();
+      oh.reads.Bind(oh.system.get(), P, oh.stream);
+      const OmpResult r = SelectOmp(oh.reads, c, params);
+      if (!oh.reads.status().ok()) {
+        selected->set_value(oh.reads.status());
+        return;
+      }
+      selected->set_value(SelectedPositions(r, pool));
     });
   }
-  // Every started loop is joined (they read the pinned buffers) before returning, even on errors.
+  // Every started loop is joined (they read the heads' buffers) before returning, even on errors.
   for (size_t k = 0; k < loops.size(); ++k) {
-    result->heads[heads[k]].indices = loops[k].get();
+    absl::StatusOr<std::vector<int32_t>> got = loops[k].get();
+    if (!got.ok()) {
+      if (status.ok()) status = absl::Status(got.status().code(), absl::StrCat("head ", heads[k], ": OMP selection: ",
+                                                                                got.status().message()));
+      continue;
+    }
+    result->heads[heads[k]].indices = *std::move(got);
     if (status.ok() && result->heads[heads[k]].indices.size() != static_cast<size_t>(params[k].budget)) {
-      status = absl::InternalError(absl::StrCat("head ", heads[k], ": OMP selection did not complete (device error)"));
+      status = absl::InternalError(absl::StrCat("head ", heads[k], ": OMP selection did not complete"));
     }
   }
   return status;
@@ -464,9 +504,14 @@ DeviceBytes EstimateDeviceBytesImpl(const LayerJob& job, size_t workspace_bytes)
   int64_t t = 1;
   for (int64_t b : job.budgets) t = std::max(t, KeptKeys(b, T));
   const int64_t wide = std::max(d.head_dim, d.value_dim);
+  size_t omp_per_head = 0;
   if (GetMethodSpec(job.options.method).selection == Selection::kOmp) {
-    // OMP builds each head's candidate-pool system in the same per-head buffers, pool-sized.
+    // OMP builds each head's candidate-pool system in the same per-head buffers, pool-sized, and
+    // keeps it on the device while the head's greedy loop runs (with the loop's read buffers).
+    const int64_t budget = t;
     for (int64_t b : job.budgets) t = std::max(t, OmpPoolSize(job.options.omp_pool, KeptKeys(b, T), T));
+    omp_per_head = sizeof(float) * static_cast<size_t>(t * t + t + budget * budget) +
+                   sizeof(double) * static_cast<size_t>(t + budget) + sizeof(int32_t) * static_cast<size_t>(2 * budget);
   }
   DeviceBytes bytes;
   // Per head: K, V, bias and queries in two input slots (the next layer uploads while this one
@@ -475,7 +520,7 @@ DeviceBytes EstimateDeviceBytesImpl(const LayerJob& job, size_t workspace_bytes)
   bytes.per_head = sizeof(float) * static_cast<size_t>(2 * T * (d.head_dim + d.value_dim + 1) + 2 * T + 2 * n * d.head_dim +
                                                        n * (2 + d.value_dim)) +
                    FusedStatsWorkspaceBytes(1, n, T, d.head_dim, d.value_dim) +
-                   2 * sizeof(uint16_t) * static_cast<size_t>(std::max(T, n) * wide);
+                   2 * sizeof(uint16_t) * static_cast<size_t>(std::max(T, n) * wide) + omp_per_head;
   // Per layer: the logit workspace, one head's fit buffers, the NNLS batch (bounded by the
   // workspace but at least one head), the Cholesky workspace of the value fit.
   bytes.fixed = workspace_bytes +
@@ -513,6 +558,7 @@ void CudaBackend::ReleaseBuffers() {
   }
   sel_err_.Release();
   idx_.Release();
+  omp_heads_.clear();  // no loop runs here: SelectByOmp joins them before it returns
   lsq_->Release();
 }
 

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <numeric>
 #include <random>
+#include <set>
 
 #include <gtest/gtest.h>
 
@@ -244,6 +245,70 @@ TEST(Omp, MassObjectiveBelowTopAttentionSelection) {
     EXPECT_LT(ExactObjective(sys, omp.selected, p.w_lo, p.w_hi), 0.9 * ExactObjective(sys, top, p.w_lo, p.w_hi))
         << "seed " << seed;
   }
+}
+
+// An OmpGram over a host matrix that records what the loop reads: a backend may keep G where it
+// built it only because the loop never reads a row of a key it has not selected.
+class RecordingGram : public OmpGram {
+ public:
+  explicit RecordingGram(const MatrixD& g) : g_(g) {}
+  int64_t size() const override { return g_.rows(); }
+  double MeanDiagonal() override { return g_.diagonal().mean(); }
+  void Accumulate(const std::vector<int32_t>& cols, const VectorD& w, VectorD* into) override {
+    EXPECT_EQ(static_cast<int64_t>(cols.size()), w.size());
+    for (size_t a = 0; a < cols.size(); ++a) {
+      read.insert(cols[a]);
+      *into += g_.col(cols[a]) * w[a];
+    }
+  }
+  MatrixD Block(const std::vector<int32_t>& rows, const std::vector<int32_t>& cols) override {
+    MatrixD out(rows.size(), cols.size());
+    for (size_t r = 0; r < rows.size(); ++r) {
+      read.insert(rows[r]);
+      for (size_t c = 0; c < cols.size(); ++c) {
+        read.insert(cols[c]);
+        out(r, c) = g_(rows[r], cols[c]);
+      }
+    }
+    return out;
+  }
+  std::set<int32_t> read;
+
+ private:
+  const MatrixD& g_;
+};
+
+TEST(Omp, ReadsOnlyTheSelectedKeysOfTheGramAndMatchesTheHostMatrix) {
+  int dropped = 0;
+  for (uint64_t seed : {4, 5, 6}) {
+    const MassSystem sys = RandomMassSystem(seed, 120, 160, 8);
+    const MatrixD gram = sys.phi.transpose() * sys.phi;
+    const VectorD rhs = sys.phi.transpose() * sys.mass;
+    for (double progressive : {0.0, 0.1}) {
+      OmpParams p;
+      p.budget = 24;
+      p.keys_per_step = 2;
+      p.progressive = progressive;
+      // A drop threshold at the median weight: keys dropped and replaced, their rows read too.
+      p.drop_rounds = 0;
+      const VectorD plain = SelectOmp(gram, rhs, p).w;
+      std::vector<double> logs(plain.size());
+      for (Eigen::Index a = 0; a < plain.size(); ++a) logs[a] = std::log(plain[a]);
+      std::nth_element(logs.begin(), logs.begin() + logs.size() / 2, logs.end());
+      p.drop_log_weight = logs[logs.size() / 2];
+      p.drop_rounds = 3;
+      RecordingGram recording(gram);
+      const OmpResult lazy = SelectOmp(recording, rhs, p);
+      const OmpResult host = SelectOmp(gram, rhs, p);
+      EXPECT_EQ(lazy.selected, host.selected);
+      EXPECT_LT((lazy.w - host.w).cwiseAbs().maxCoeff(), 1e-9 * host.w.cwiseAbs().maxCoeff());
+      // Every row read belongs to a key that was selected at some point (kept or dropped).
+      EXPECT_EQ(static_cast<int64_t>(recording.read.size()), p.budget + lazy.dropped) << "seed " << seed;
+      for (int32_t j : lazy.selected) EXPECT_TRUE(recording.read.count(j));
+      dropped += lazy.dropped;
+    }
+  }
+  EXPECT_GT(dropped, 0);  // the drop rule ran: rows of dropped keys are the other reads allowed
 }
 
 TEST(Omp, PoolSizeDefaultsAndClamps) {

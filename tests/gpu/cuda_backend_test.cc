@@ -1,7 +1,10 @@
 // The CUDA backend against the CPU backend (the reference) on random inputs, and each kernel
 // against its CPU counterpart. Math mode: fp32 (cuBLAS pedantic; TF32 off) unless a test says
 // otherwise. Skipped when no CUDA device is usable. Label: gpu.
+#include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <iterator>
 #include <optional>
 #include <random>
 
@@ -9,9 +12,11 @@
 
 #include "core/attention.h"
 #include "core/dtype.h"
+#include "core/omp.h"
 #include "core/synthetic.h"
 #include "kernels/am_kernels.cuh"
 #include "kernels/cuda_backend.h"
+#include "kernels/device_omp_gram.h"
 #include "tests/gpu/gpu_test_util.h"
 
 namespace kvcompact {
@@ -220,6 +225,86 @@ TEST(CudaBackend, OmpMatchesCpuBackend) {
       EXPECT_NEAR(gh.quality.output_rel_error, ch.quality.output_rel_error, 0.005f + 0.05f * ch.quality.output_rel_error) << where;
       EXPECT_NEAR(gh.quality.mass_rel_error, ch.quality.mass_rel_error, 0.005f + 0.05f * ch.quality.mass_rel_error) << where;
     }
+  }
+}
+
+// The greedy loop reading G on the device (DeviceOmpGram) against the same fp32 matrix on the
+// host: every read agrees to float64 rounding, and the selections are the same keys.
+TEST(DeviceOmpGram, ReadsAndSelectionsMatchTheHostMatrix) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937_64 rng(11);
+  std::exponential_distribution<double> e(1.0);
+  for (int64_t pool : {1, 37, 700, 2100}) {
+    MatrixD phi(300, pool);
+    for (Eigen::Index i = 0; i < phi.size(); ++i) phi.data()[i] = std::pow(e(rng), 3.0) * 1e-2;
+    const MatrixF gram = (phi.transpose() * phi).cast<float>();
+    const VectorD rhs = phi.transpose() * VectorD(phi.rowwise().sum() * 0.9);
+    kernels::DeviceBuffer<float> device_gram;
+    ASSERT_TRUE(device_gram.Reserve(pool * pool).ok());
+    ASSERT_EQ(cudaMemcpy(device_gram.get(), gram.data(), pool * pool * sizeof(float), cudaMemcpyHostToDevice), cudaSuccess);
+    cudaStream_t stream;
+    ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
+    const int64_t budget = std::max<int64_t>(1, pool / 5);
+    kernels::DeviceOmpGram reads;
+    ASSERT_TRUE(reads.Reserve(pool, budget).ok());
+    reads.Bind(device_gram.get(), pool, stream);
+    // Single reads against the host matrix.
+    EXPECT_NEAR(reads.MeanDiagonal(), gram.diagonal().cast<double>().mean(), 1e-12 * gram.diagonal().cast<double>().mean());
+    std::vector<int32_t> cols;
+    for (int64_t j = 0; j < budget; ++j) cols.push_back(static_cast<int32_t>((j * 7919) % pool));
+    const VectorD w = VectorD::LinSpaced(budget, 0.5, 2.0);
+    VectorD into = VectorD::LinSpaced(pool, -1.0, 1.0), want = into;
+    for (int64_t a = 0; a < budget; ++a) want += gram.row(cols[a]).transpose().cast<double>() * w[a];
+    reads.Accumulate(cols, w, &into);
+    EXPECT_LT((into - want).cwiseAbs().maxCoeff(), 1e-12 * want.cwiseAbs().maxCoeff() + 1e-300);
+    const MatrixD block = reads.Block(cols, std::vector<int32_t>(cols.rbegin(), cols.rend()));
+    for (int64_t r = 0; r < budget; ++r) {
+      for (int64_t c = 0; c < budget; ++c) ASSERT_EQ(block(r, c), double(gram(cols[r], cols[budget - 1 - c])));
+    }
+    ASSERT_TRUE(reads.status().ok()) << reads.status();
+    // Whole selections, with the progressive schedule and drop rounds the service uses.
+    OmpParams p;
+    p.budget = budget;
+    p.keys_per_step = 4;
+    p.progressive = 0.1;
+    const OmpResult device = SelectOmp(reads, rhs, p);
+    const OmpResult host = SelectOmp(ConstMatrixMapF(gram.data(), pool, pool), rhs, p);
+    ASSERT_TRUE(reads.status().ok()) << reads.status();
+    // The device sums in another order: a near-tie may go the other way, so the same keys up to a
+    // few; with identical selections, the same weights.
+    ASSERT_EQ(device.selected.size(), host.selected.size());
+    std::vector<int32_t> a = device.selected, b = host.selected, both;
+    std::sort(a.begin(), a.end());
+    std::sort(b.begin(), b.end());
+    std::set_intersection(a.begin(), a.end(), b.begin(), b.end(), std::back_inserter(both));
+    EXPECT_GE(both.size(), 0.95 * b.size()) << "pool " << pool;
+    std::printf("pool %ld: %zu of %zu keys the same, order %s\n", long(pool), both.size(), b.size(),
+                device.selected == host.selected ? "the same" : "differs");
+    if (device.selected == host.selected) {
+      EXPECT_LT((device.w - host.w).cwiseAbs().maxCoeff(), 1e-6 * host.w.cwiseAbs().maxCoeff()) << "pool " << pool;
+    }
+    // A read beyond the reserved budget is an error, not an overflow.
+    std::vector<int32_t> too_many(2 * budget + 1, 0);
+    reads.Accumulate(too_many, VectorD::Ones(too_many.size()), &into);
+    EXPECT_FALSE(reads.status().ok());
+    cudaStreamDestroy(stream);
+  }
+}
+
+TEST(DeviceOmpGram, MirrorCompletesTheUpperTriangle) {
+  SKIP_WITHOUT_GPU();
+  for (int64_t P : {1, 2, 33, 1000}) {
+    MatrixF upper = MatrixF::Constant(P, P, -1.f), want(P, P);
+    for (int64_t i = 0; i < P; ++i) {
+      for (int64_t j = i; j < P; ++j) want(i, j) = want(j, i) = upper(i, j) = static_cast<float>(i * 3 + j * 7);
+    }
+    kernels::DeviceBuffer<float> g;
+    ASSERT_TRUE(g.Reserve(P * P).ok());
+    ASSERT_EQ(cudaMemcpy(g.get(), upper.data(), P * P * sizeof(float), cudaMemcpyHostToDevice), cudaSuccess);
+    kernels::MirrorUpperToLower(g.get(), P, nullptr);
+    MatrixF got(P, P);
+    ASSERT_EQ(cudaMemcpy(got.data(), g.get(), P * P * sizeof(float), cudaMemcpyDeviceToHost), cudaSuccess);
+    EXPECT_EQ(got, want) << "P = " << P;
   }
 }
 
