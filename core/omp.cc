@@ -115,8 +115,9 @@ void Refit(OmpState& s, const OmpParams& p, bool exact) {
 }
 
 // Adds up to `count` untaken candidates with the largest residual correlation; new weights start
-// at the lower bound until the next refit. Returns how many were added.
-int64_t AddBest(OmpState& s, int64_t count, const OmpParams& p) {
+// at the lower bound until the next refit. With `refit_next`, the fit their weights add to is left
+// alone: the refit that follows recomputes it from zero. Returns how many were added.
+int64_t AddBest(OmpState& s, int64_t count, const OmpParams& p, bool refit_next) {
   std::vector<int32_t> open;
   for (int32_t j = 0; j < static_cast<int32_t>(s.taken.size()); ++j) {
     if (!s.taken[j]) open.push_back(j);
@@ -136,7 +137,7 @@ int64_t AddBest(OmpState& s, int64_t count, const OmpParams& p) {
     s.selected.push_back(j);
     s.taken[j] = 1;
   }
-  s.gram.Accumulate(open, s.w.tail(count), &s.fitted);
+  if (!refit_next) s.gram.Accumulate(open, s.w.tail(count), &s.fitted);
   return count;
 }
 
@@ -183,7 +184,8 @@ OmpResult SelectOmp(OmpGram& gram, const VectorD& rhs, const OmpParams& params) 
         k = std::max<int64_t>(k, static_cast<int64_t>(std::ceil(params.progressive * s.selected.size())));
       }
       k = std::min<int64_t>(k, t - static_cast<int64_t>(s.selected.size()));
-      if (AddBest(s, k, params) == 0) break;
+      const bool refit_due = since_refit + 1 >= interval;
+      if (AddBest(s, k, params, refit_due || static_cast<int64_t>(s.selected.size()) + k == t) == 0) break;
       ++result.steps;
       const bool full = static_cast<int64_t>(s.selected.size()) == t;
       if (++since_refit >= interval || full) {

@@ -4,7 +4,8 @@
 // logits, Phi^T Phi and Phi^T m on the GPU; the bounded NNLS for all heads at once on the GPU in
 // fp64 (kernels/device_lsq.h: the CPU solver's method); X^T X and X^T Y on the GPU and the ridge
 // solve by cuSOLVER Cholesky in fp32. Key selection runs on the host from the GPU's scores, with the CPU
-// backend's code, so both backends pick the same keys.
+// backend's code, so both backends pick the same keys; OMP's greedy loop (core/omp.h) runs on a
+// host thread per head and reads its Gram matrix on the device from the pool's features.
 #include "kernels/cuda_backend.h"
 
 #include <algorithm>
@@ -136,11 +137,12 @@ class CudaBackend final : public Backend {
   // Mass system of head h on the device (C_k in ck_): G = Phi^T Phi and c = Phi^T m, into the
   // solver's fp64 slots.
   absl::Status MassSystem(int64_t h, int64_t nf, int64_t t, const VectorF& bias_s, double prior, double* gram, double* rhs);
-  // The same system in fp32 into `gram` (t x t) and `rhs` (t; device), for the keys in ck_. With
-  // `symmetric`, G by a symmetric rank-k update and a mirror (half the products: OMP's pool-sized
-  // systems, where the Gram product is most of the selection's device time).
-  absl::Status MassSystemF32(int64_t h, int64_t nf, int64_t t, const VectorF& bias_s, float* gram, float* rhs,
-                             bool symmetric = false);
+  // The same system in fp32 into `gram` (t x t) and `rhs` (t; device), for the keys in ck_.
+  absl::Status MassSystemF32(int64_t h, int64_t nf, int64_t t, const VectorF& bias_s, float* gram, float* rhs);
+  // Phi = exp(s Q K_S^T + b_S - M) (nf x t) into subset_, for the keys in ck_ (fp32 products).
+  absl::Status MassFeatures(int64_t h, int64_t nf, int64_t t, const VectorF& bias_s);
+  // OMP's pool system without G: Phi^T (t x nf) into `phi_t` and c = Phi^T m into `rhs` (device).
+  absl::Status PoolFeatures(int64_t h, int64_t nf, int64_t t, const VectorF& bias_s, float* phi_t, float* rhs);
   // OMP key selection of `heads` (core/omp.h): each head's candidate-pool Gram system is built on
   // the device (the part that reads the queries) and stays there; the greedy loop runs on a host
   // thread per head, overlapping the device's work on the next head, and reads G on the device.
@@ -189,15 +191,18 @@ class CudaBackend final : public Backend {
   DeviceBuffer<double> err_all_;
   std::vector<cudaEvent_t> events_;
   std::unique_ptr<DeviceBoundedLsq> lsq_;
-  // Per head of a layer's OMP selection: its pool's system [G | c] on the device, the greedy loop's
-  // reads of G (on the head's own stream), c on the host, and the event of the system's completion.
+  // Per head of a layer's OMP selection: its pool's system [Phi^T | c] on the device, the greedy
+  // loop's reads of G (on the head's own stream and cuBLAS handle), c on the host, and the event
+  // of the system's completion.
   struct OmpHead {
     DeviceBuffer<float> system;
     DeviceOmpGram reads;
     PinnedBuffer<float> rhs;
     cudaStream_t stream = nullptr;
+    cublasHandle_t blas = nullptr;
     cudaEvent_t built = nullptr;
     ~OmpHead() {
+      if (blas) cublasDestroy(blas);
       if (built) cudaEventDestroy(built);
       if (stream) cudaStreamDestroy(stream);
     }
@@ -298,14 +303,7 @@ class ScopedMathMode {
 
 }  // namespace
 
-absl::Status CudaBackend::MassSystemF32(int64_t h, int64_t nf, int64_t t, const VectorF& bias_s, float* gram,
-                                        float* rhs, bool symmetric) {
-  // Phi = exp(s Q K_S^T + b_S - M)   (nf x t);  G = Phi^T Phi;  c = Phi^T m  (fp32 products, as on
-  // the CPU; the solvers work in fp64). Always plain fp32, also with --allow_tf32: built from TF32
-  // products the system sent the bounded NNLS to its iteration bound on 208 of 256 BENCH-A heads
-  // at T = 120,000, t = 2,400 (2 s per layer instead of 0.16 s), for a few percent of the layer's
-  // time saved.
-  ScopedMathMode fp32(blas_, CUBLAS_PEDANTIC_MATH);
+absl::Status CudaBackend::MassFeatures(int64_t h, int64_t nf, int64_t t, const VectorF& bias_s) {
   if (auto s = Gemm(blas_, nf, t, d_, scale_, {in_->q_fit.get() + h * nf * d_, d_, 0, false}, {ck_.get(), d_, 0, true}, 0.f,
                     subset_.get(), t, 0, 1);
       !s.ok()) {
@@ -314,23 +312,39 @@ absl::Status CudaBackend::MassSystemF32(int64_t h, int64_t nf, int64_t t, const 
   if (auto s = ToDevice(beta_, bias_s.data(), t, stream_); !s.ok()) return s;
   ExpShifted(subset_.get(), nf, t, beta_.get(), fit_.row_max.get() + h * nf, stream_);
   KVC_LAUNCHED("ExpShifted");
-  if (symmetric) {
-    // Phi (nf x t row-major) is t x nf column-major: G = A A^T, its column-major lower triangle
-    // (the row-major upper one) written, then mirrored.
-    const float one = 1.f, zero = 0.f;
-    KVC_CUBLAS(cublasSsyrk(blas_, CUBLAS_FILL_MODE_LOWER, CUBLAS_OP_N, static_cast<int>(t), static_cast<int>(nf), &one,
-                           subset_.get(), static_cast<int>(t), &zero, gram, static_cast<int>(t)));
-    MirrorUpperToLower(gram, t, stream_);
-    KVC_LAUNCHED("MirrorUpperToLower");
-  } else if (auto s = Gemm(blas_, t, t, nf, 1.f, {subset_.get(), t, 0, true}, {subset_.get(), t, 0, false}, 0.f, gram, t, 0, 1);
-             !s.ok()) {
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::MassSystemF32(int64_t h, int64_t nf, int64_t t, const VectorF& bias_s, float* gram,
+                                        float* rhs) {
+  // Phi = exp(s Q K_S^T + b_S - M)   (nf x t);  G = Phi^T Phi;  c = Phi^T m  (fp32 products, as on
+  // the CPU; the solvers work in fp64). Always plain fp32, also with --allow_tf32: built from TF32
+  // products the system sent the bounded NNLS to its iteration bound on 208 of 256 BENCH-A heads
+  // at T = 120,000, t = 2,400 (2 s per layer instead of 0.16 s), for a few percent of the layer's
+  // time saved.
+  ScopedMathMode fp32(blas_, CUBLAS_PEDANTIC_MATH);
+  if (auto s = MassFeatures(h, nf, t, bias_s); !s.ok()) return s;
+  if (auto s = Gemm(blas_, t, t, nf, 1.f, {subset_.get(), t, 0, true}, {subset_.get(), t, 0, false}, 0.f, gram, t, 0, 1);
+      !s.ok()) {
     return s;
   }
+  return Gemm(blas_, t, 1, nf, 1.f, {subset_.get(), t, 0, true}, {fit_.mass.get() + h * nf, 1, 0, false}, 0.f, rhs, 1, 0, 1);
+}
+
+absl::Status CudaBackend::PoolFeatures(int64_t h, int64_t nf, int64_t t, const VectorF& bias_s, float* phi_t,
+                                       float* rhs) {
+  ScopedMathMode fp32(blas_, CUBLAS_PEDANTIC_MATH);  // as MassSystemF32
+  if (auto s = MassFeatures(h, nf, t, bias_s); !s.ok()) return s;
   if (auto s = Gemm(blas_, t, 1, nf, 1.f, {subset_.get(), t, 0, true}, {fit_.mass.get() + h * nf, 1, 0, false}, 0.f,
                     rhs, 1, 0, 1);
       !s.ok()) {
     return s;
   }
+  // Phi (nf x t row-major) is t x nf column-major; its transpose, nf x t column-major, is Phi^T
+  // row-major.
+  const float one = 1.f, zero = 0.f;
+  KVC_CUBLAS(cublasSgeam(blas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(nf), static_cast<int>(t), &one, subset_.get(),
+                         static_cast<int>(t), &zero, phi_t, static_cast<int>(nf), phi_t, static_cast<int>(nf)));
   return absl::OkStatus();
 }
 
@@ -343,6 +357,9 @@ absl::Status CudaBackend::SelectByOmp(const LayerJob& job, const std::vector<int
     auto head = std::make_unique<OmpHead>();
     KVC_CUDA(cudaStreamCreateWithFlags(&head->stream, cudaStreamNonBlocking));
     KVC_CUDA(cudaEventCreateWithFlags(&head->built, cudaEventDisableTiming));
+    KVC_CUBLAS(cublasCreate(&head->blas));
+    KVC_CUBLAS(cublasSetStream(head->blas, head->stream));
+    KVC_CUBLAS(cublasSetMathMode(head->blas, CUBLAS_PEDANTIC_MATH));
     omp_heads_.push_back(std::move(head));
   }
   // Host side first: each head's candidate pool (top RMS attention) and loop parameters.
@@ -358,18 +375,21 @@ absl::Status CudaBackend::SelectByOmp(const LayerJob& job, const std::vector<int
   }
   // Every buffer before anything is queued: no allocation (an implicit synchronisation) while
   // loops run, and all of them charged to this backend's account by this thread.
-  if (auto s = ReserveHeadBuffers(p_max, nf); !s.ok()) return s;
+  // The pool's keys, biases and features (nf x P; no P x P Gram matrix).
+  for (auto [buf, count] : {std::pair{&ck_, p_max * d_}, {&beta_, p_max}, {&subset_, std::max<int64_t>(nf, 1) * p_max}}) {
+    if (auto s = buf->Reserve(count); !s.ok()) return s;
+  }
   if (auto s = idx_.Reserve(p_max); !s.ok()) return s;
   for (size_t k = 0; k < heads.size(); ++k) {
     const int64_t P = static_cast<int64_t>(pools[k].size());
     OmpHead& oh = *omp_heads_[k];
-    if (auto s = oh.system.Reserve(P * P + P); !s.ok()) return s;
+    if (auto s = oh.system.Reserve(P * nf + P); !s.ok()) return s;
     if (auto s = oh.rhs.Reserve(P); !s.ok()) return s;
-    if (auto s = oh.reads.Reserve(P, params[k].budget); !s.ok()) return s;
+    if (auto s = oh.reads.Reserve(P, nf, params[k].budget); !s.ok()) return s;
   }
-  // Device side, queued back to back: head k's pool system [G (P x P) | c (P)] into its own
+  // Device side, queued back to back: head k's pool system [Phi^T (P x nf) | c (P)] into its own
   // buffer, c copied to the host, an event. A pool thread per head waits for the event and runs
-  // the greedy loop, whose reads of G run on the device on the head's own stream.
+  // the greedy loop, whose reads of G = Phi^T Phi run on the device on the head's own stream.
   std::vector<std::future<absl::StatusOr<std::vector<int32_t>>>> loops;
   absl::Status status;
   for (size_t k = 0; k < heads.size() && status.ok(); ++k) {
@@ -385,9 +405,9 @@ absl::Status CudaBackend::SelectByOmp(const LayerJob& job, const std::vector<int
       status = absl::InternalError(absl::StrCat("GatherRows(pool): ", cudaGetErrorString(e)));
       break;
     }
-    status = MassSystemF32(h, nf, P, bias_p, oh.system.get(), oh.system.get() + P * P, /*symmetric=*/true);
+    status = PoolFeatures(h, nf, P, bias_p, oh.system.get(), oh.system.get() + P * nf);
     if (!status.ok()) break;
-    if (cudaError_t e = cudaMemcpyAsync(oh.rhs.get(), oh.system.get() + P * P, P * sizeof(float), cudaMemcpyDeviceToHost,
+    if (cudaError_t e = cudaMemcpyAsync(oh.rhs.get(), oh.system.get() + P * nf, P * sizeof(float), cudaMemcpyDeviceToHost,
                                         stream_);
         e != cudaSuccess) {
       status = absl::InternalError(absl::StrCat("copy of the OMP right-hand side: ", cudaGetErrorString(e)));
@@ -396,13 +416,13 @@ absl::Status CudaBackend::SelectByOmp(const LayerJob& job, const std::vector<int
     KVC_CUDA(cudaEventRecord(oh.built, stream_));
     auto selected = std::make_shared<std::promise<absl::StatusOr<std::vector<int32_t>>>>();
     loops.push_back(selected->get_future());
-    omp_pool_->Submit([selected, &oh, params = params[k], P, pool = std::move(pools[k])] {
+    omp_pool_->Submit([selected, &oh, params = params[k], P, nf, pool = std::move(pools[k])] {
       if (cudaError_t e = cudaEventSynchronize(oh.built); e != cudaSuccess) {
         selected->set_value(CudaStatus(e, "cudaEventSynchronize(OMP system)", __FILE__, __LINE__));
         return;
       }
       const VectorD c = ConstVectorMapF(oh.rhs.get(), P).cast<double>();
-      oh.reads.Bind(oh.system.get(), P, oh.stream);
+      oh.reads.Bind(oh.system.get(), P, nf, oh.stream, oh.blas);
       const OmpResult r = SelectOmp(oh.reads, c, params);
       if (!oh.reads.status().ok()) {
         selected->set_value(oh.reads.status());
@@ -510,8 +530,9 @@ DeviceBytes EstimateDeviceBytesImpl(const LayerJob& job, size_t workspace_bytes)
     // keeps it on the device while the head's greedy loop runs (with the loop's read buffers).
     const int64_t budget = t;
     for (int64_t b : job.budgets) t = std::max(t, OmpPoolSize(job.options.omp_pool, KeptKeys(b, T), T));
-    omp_per_head = sizeof(float) * static_cast<size_t>(t * t + t + budget * budget) +
-                   sizeof(double) * static_cast<size_t>(t + budget) + sizeof(int32_t) * static_cast<size_t>(2 * budget);
+    // Phi^T and c, the reads' gathered rows and block, their vectors (DeviceOmpGram::Reserve).
+    omp_per_head = sizeof(float) * static_cast<size_t>(t * n + t + 2 * budget * n + budget * budget) +
+                   sizeof(double) * static_cast<size_t>(t + budget + n) + sizeof(int32_t) * static_cast<size_t>(2 * budget);
   }
   DeviceBytes bytes;
   // Per head: K, V, bias and queries in two input slots (the next layer uploads while this one

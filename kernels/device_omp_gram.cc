@@ -4,30 +4,39 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
+#include "kernels/am_kernels.cuh"
 #include "kernels/cuda_check.h"
+#include "kernels/gemm.h"
 
 namespace kvcompact::kernels {
 
-absl::Status DeviceOmpGram::Reserve(int64_t pool, int64_t budget) {
+absl::Status DeviceOmpGram::Reserve(int64_t pool, int64_t queries, int64_t budget) {
   pool = std::max<int64_t>(pool, 1);
+  queries = std::max<int64_t>(queries, 1);
   budget = std::clamp<int64_t>(budget, 1, pool);
   if (auto s = index_.Reserve(2 * budget); !s.ok()) return s;
-  if (auto s = vec_.Reserve(pool + budget); !s.ok()) return s;
+  if (auto s = vec_.Reserve(pool + budget + queries); !s.ok()) return s;
+  if (auto s = gathered_.Reserve(2 * budget * queries); !s.ok()) return s;
   if (auto s = block_.Reserve(budget * budget); !s.ok()) return s;
   if (auto s = host_index_.Reserve(2 * budget); !s.ok()) return s;
   if (auto s = host_vec_.Reserve(pool + budget); !s.ok()) return s;
   if (auto s = host_block_.Reserve(budget * budget); !s.ok()) return s;
   pool_ = std::max(pool_, pool);
+  queries_ = std::max(queries_, queries);
   budget_ = std::max(budget_, budget);
   return absl::OkStatus();
 }
 
-void DeviceOmpGram::Bind(const float* gram, int64_t P, cudaStream_t stream) {
-  gram_ = gram;
+void DeviceOmpGram::Bind(const float* phi_t, int64_t P, int64_t n, cudaStream_t stream, cublasHandle_t blas) {
+  phi_t_ = phi_t;
   P_ = P;
+  n_ = n;
   stream_ = stream;
-  status_ = P <= pool_ ? absl::OkStatus()
-                       : absl::InternalError(absl::StrCat("OMP pool of ", P, " keys over the reserved ", pool_));
+  blas_ = blas;
+  status_ = P <= pool_ && n <= queries_
+                ? absl::OkStatus()
+                : absl::InternalError(absl::StrCat("OMP pool of ", P, " keys x ", n, " queries over the reserved ", pool_,
+                                                   " x ", queries_));
 }
 
 bool DeviceOmpGram::Fail(absl::Status s) {
@@ -35,71 +44,84 @@ bool DeviceOmpGram::Fail(absl::Status s) {
   return !status_.ok();
 }
 
-bool DeviceOmpGram::Fits(size_t indices, size_t block) {
-  if (indices <= static_cast<size_t>(2 * budget_) && block <= static_cast<size_t>(budget_ * budget_)) return true;
-  Fail(absl::InternalError(absl::StrCat("OMP read of ", indices, " indices over the reserved budget of ", budget_)));
+bool DeviceOmpGram::Within(size_t indices, int64_t max_indices) {
+  if (static_cast<int64_t>(indices) <= max_indices) return true;
+  Fail(absl::InternalError(absl::StrCat("OMP read of ", indices, " keys over the reserved budget of ", budget_)));
   return false;
 }
 
-#define KVC_OMP(call)                                                       \
-  do {                                                                      \
-    const cudaError_t kvc_e = (call);                                       \
-    if (kvc_e != cudaSuccess) return Fail(CudaStatus(kvc_e, #call, __FILE__, __LINE__)); \
+// Inside the lambdas below: a failed call records its status and makes the lambda return true.
+#define KVC_OMP(call)                                                                      \
+  do {                                                                                     \
+    const cudaError_t kvc_e = (call);                                                      \
+    if (kvc_e != cudaSuccess) return Fail(CudaStatus(kvc_e, #call, __FILE__, __LINE__));   \
   } while (0)
 
 double DeviceOmpGram::MeanDiagonal() {
   if (!status_.ok() || P_ == 0) return 0;
-  auto run = [&]() -> bool {
-    SumGramDiagonal(gram_, P_, vec_.get(), stream_);
+  auto failed = [&]() -> bool {
+    SumOfSquares(phi_t_, P_, n_, vec_.get(), stream_);  // trace(Phi^T Phi)
     KVC_OMP(cudaGetLastError());
     KVC_OMP(cudaMemcpyAsync(host_vec_.get(), vec_.get(), sizeof(double), cudaMemcpyDeviceToHost, stream_));
     KVC_OMP(cudaStreamSynchronize(stream_));
     return false;
   };
-  return run() ? 0 : host_vec_.get()[0] / static_cast<double>(P_);
+  return failed() ? 0 : host_vec_.get()[0] / static_cast<double>(P_);
 }
 
 void DeviceOmpGram::Accumulate(const std::vector<int32_t>& cols, const VectorD& w, VectorD* into) {
   const int64_t k = static_cast<int64_t>(cols.size());
-  if (k == 0 || !status_.ok() || !Fits(2 * cols.size(), 0)) return;  // the weights' room is one budget
+  if (k == 0 || !status_.ok() || !Within(cols.size(), budget_)) return;
   double* host_into = host_vec_.get();
   double* host_w = host_vec_.get() + P_;
+  double* device_into = vec_.get();
+  double* device_w = vec_.get() + P_;
+  double* device_v = vec_.get() + P_ + budget_;  // Phi_S w over the n queries
   std::memcpy(host_index_.get(), cols.data(), k * sizeof(int32_t));
   std::memcpy(host_w, w.data(), k * sizeof(double));
   const bool zero = into->isZero(0);  // a refit starts from zero: nothing to send
   if (!zero) std::memcpy(host_into, into->data(), P_ * sizeof(double));
-  auto run = [&]() -> bool {
+  auto failed = [&]() -> bool {
     KVC_OMP(cudaMemcpyAsync(index_.get(), host_index_.get(), k * sizeof(int32_t), cudaMemcpyHostToDevice, stream_));
-    KVC_OMP(cudaMemcpyAsync(vec_.get() + P_, host_w, k * sizeof(double), cudaMemcpyHostToDevice, stream_));
+    KVC_OMP(cudaMemcpyAsync(device_w, host_w, k * sizeof(double), cudaMemcpyHostToDevice, stream_));
     if (zero) {
-      KVC_OMP(cudaMemsetAsync(vec_.get(), 0, P_ * sizeof(double), stream_));
+      KVC_OMP(cudaMemsetAsync(device_into, 0, P_ * sizeof(double), stream_));
     } else {
-      KVC_OMP(cudaMemcpyAsync(vec_.get(), host_into, P_ * sizeof(double), cudaMemcpyHostToDevice, stream_));
+      KVC_OMP(cudaMemcpyAsync(device_into, host_into, P_ * sizeof(double), cudaMemcpyHostToDevice, stream_));
     }
-    AccumulateGramRows(gram_, P_, index_.get(), vec_.get() + P_, k, vec_.get(), stream_);
+    KVC_OMP(cudaMemsetAsync(device_v, 0, n_ * sizeof(double), stream_));
+    AccumulateRows(phi_t_, n_, index_.get(), device_w, k, device_v, stream_);  // v = Phi_S w
+    AddRowDots(phi_t_, P_, n_, device_v, device_into, stream_);               // into += Phi^T v
     KVC_OMP(cudaGetLastError());
-    KVC_OMP(cudaMemcpyAsync(host_into, vec_.get(), P_ * sizeof(double), cudaMemcpyDeviceToHost, stream_));
+    KVC_OMP(cudaMemcpyAsync(host_into, device_into, P_ * sizeof(double), cudaMemcpyDeviceToHost, stream_));
     KVC_OMP(cudaStreamSynchronize(stream_));
     return false;
   };
-  if (!run()) std::memcpy(into->data(), host_into, P_ * sizeof(double));
+  if (!failed()) std::memcpy(into->data(), host_into, P_ * sizeof(double));
 }
 
 MatrixD DeviceOmpGram::Block(const std::vector<int32_t>& rows, const std::vector<int32_t>& cols) {
   const int64_t nr = static_cast<int64_t>(rows.size()), nc = static_cast<int64_t>(cols.size());
   MatrixD out = MatrixD::Zero(nr, nc);
-  if (nr * nc == 0 || !status_.ok() || !Fits(rows.size() + cols.size(), rows.size() * cols.size())) return out;
+  if (nr * nc == 0 || !status_.ok() || !Within(rows.size(), budget_) || !Within(cols.size(), budget_)) return out;
   std::memcpy(host_index_.get(), rows.data(), nr * sizeof(int32_t));
   std::memcpy(host_index_.get() + nr, cols.data(), nc * sizeof(int32_t));
-  auto run = [&]() -> bool {
+  float* a = gathered_.get();
+  float* b = gathered_.get() + nr * n_;
+  auto failed = [&]() -> bool {
     KVC_OMP(cudaMemcpyAsync(index_.get(), host_index_.get(), (nr + nc) * sizeof(int32_t), cudaMemcpyHostToDevice, stream_));
-    GatherGramBlock(gram_, P_, index_.get(), nr, index_.get() + nr, nc, block_.get(), stream_);
+    GatherRows(phi_t_, index_.get(), nr, n_, a, stream_);
+    GatherRows(phi_t_, index_.get() + nr, nc, n_, b, stream_);
     KVC_OMP(cudaGetLastError());
+    if (absl::Status s = Gemm(blas_, nr, nc, n_, 1.f, {a, n_, 0, false}, {b, n_, 0, true}, 0.f, block_.get(), nc, 0, 1);
+        !s.ok()) {
+      return Fail(std::move(s));
+    }
     KVC_OMP(cudaMemcpyAsync(host_block_.get(), block_.get(), nr * nc * sizeof(float), cudaMemcpyDeviceToHost, stream_));
     KVC_OMP(cudaStreamSynchronize(stream_));
     return false;
   };
-  if (!run()) out = Eigen::Map<const Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>(host_block_.get(), nr, nc).cast<double>();
+  if (!failed()) out = Eigen::Map<const MatrixF>(host_block_.get(), nr, nc).cast<double>();
   return out;
 }
 
