@@ -174,6 +174,7 @@ OmpResult SelectOmp(OmpGram& gram, const VectorD& rhs, const OmpParams& params) 
   OmpState s(gram, rhs);
   s.mean_diagonal = gram.MeanDiagonal();
   s.jitter = 1e-7 * s.mean_diagonal;  // above the rounding of an fp32-accumulated Gram matrix
+  s.chol = MatrixD::Zero(t, t);        // its final size, once: growing it cost a sixth of the loop's host time
   OmpResult result;
   const int interval = std::max(1, params.refit_interval);
   for (int round = 0;; ++round) {
