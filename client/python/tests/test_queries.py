@@ -100,3 +100,32 @@ def test_detail_positions_pick_the_queries_before_the_least_predictable_tokens(m
     for l in (0, c.num_layers - 1):
         want = every[l].reshape(c.num_kv_heads, group, len(doc), c.head_dim)[:, :, positions]
         np.testing.assert_array_equal(some[l], want.reshape(c.num_kv_heads, group * len(positions), c.head_dim))
+
+
+def test_detail_questions_ask_about_the_least_predictable_named_numbers(model, prefix):
+    head, _ = prefix
+    tok = model.tokenizer
+    doc = tok.encode("The harbour ledger says the locker code is 4417, and crate 12 holds rope.")
+    tokens = head + doc
+    cache, _, nats = rq.context_prefill(model, tokens, surprisal=True)
+    pieces = [tok.decode([t]) for t in tokens]
+    spans = rq.number_spans(pieces, nats, before=3, start=len(head))
+    assert sorted("".join(pieces[d:e]).strip() for _, d, e in spans) == ["12", "4417"]
+    assert [max(nats[d:e]) for _, d, e in spans] == sorted((max(nats[d:e]) for _, d, e in spans), reverse=True)
+    assert all(e - d >= 1 and d - f <= 3 and f >= len(head) for f, d, e in spans)
+    entries = cache.entries()
+    c = model.config
+    group = c.num_heads // c.num_kv_heads
+    one = rq.detail_questions(model, cache, tokens, nats, count=1, answer_tokens=4, start=len(head))
+    both = rq.detail_questions(model, cache, tokens, nats, count=2, answer_tokens=4, start=len(head))
+    assert cache.entries() == entries
+    m1, m2 = one[0].shape[1], both[0].shape[1]
+    assert 0 < m1 < m2 and m1 % group == 0 and m2 % group == 0  # a question's tokens, then its answer's
+    assert all(q.shape == (c.num_kv_heads, m2, c.head_dim) and np.isfinite(q).all() for q in both)
+    # The first question's queries are the same whether or not a second one is asked.
+    np.testing.assert_allclose(both[0][:, :m1 // group], one[0][:, :m1 // group], rtol=1e-5, atol=1e-5)
+    # A context without a named number gives no queries (and no error).
+    plain = head + tok.encode("The harbour town had three bridges and a green lighthouse.")
+    cache2, _, nats2 = rq.context_prefill(model, plain, surprisal=True)
+    none = rq.detail_questions(model, cache2, plain, nats2, start=len(head))
+    assert all(q.shape == (c.num_kv_heads, 0, c.head_dim) for q in none)

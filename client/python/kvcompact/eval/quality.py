@@ -75,6 +75,10 @@ class Prefix:
                                                            self.model.config.num_heads // self.model.config.num_kv_heads)
                 elif name == "self_study":
                     self.pools[name] = rq.self_study(self.model, self.cache)
+                elif name.startswith("detail_questions"):  # detail_questions or detail_questions@8 (count)
+                    count = int(name.split("@")[1]) if "@" in name else 8
+                    self.pools[name] = rq.detail_questions(self.model, self.cache, self.tokens, self.surprisal, count,
+                                                           start=SINK_TOKENS)
                 elif name == "question":
                     if not self.question:
                         raise ValueError("'question' queries exist only where the question is known before compaction "
@@ -82,7 +86,7 @@ class Prefix:
                     _, self.pools[name] = self.model.forward(self.question, self.cache.copy(), capture_queries=True)
                 else:
                     raise ValueError(f"unknown query source {name!r} (context, repeat, repeat_detail[@share], "
-                                     "self_study, question)")
+                                     "self_study, detail_questions[@count], question)")
                 self.capture_seconds[name] = time.time() - start
             parts.append(self.pools[name])
         return rq.subsample(rq.combine(*parts), self.queries_per_head, np.random.default_rng(0))
@@ -500,7 +504,8 @@ def main(argv: list[str] | None = None) -> None:
                                                       "streaming_llm", "random", "summary"],
                     help="service methods (and 'summary', the text-summarization baseline run on the client), "
                          "optionally with options: am:ridge=1e-3, am:queries=repeat "
-                         "(query sources: context, repeat, repeat_detail[@share], self_study, question, joined by +; "
+                         "(query sources: context, repeat, repeat_detail[@share], self_study, detail_questions[@count], "
+                         "question, joined by +; "
                          "default repeat+self_study for am, "
                          "context for the baselines); am:protect=numbers,protect_before=3[,protect_share=0.5] keeps "
                          "numbers and the tokens that name them exact inside the budget (kvcompact.hf's default for "

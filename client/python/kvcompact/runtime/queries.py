@@ -10,7 +10,9 @@ Every function returns, per layer, the post-RoPE queries pooled per KV head, sha
   highest surprisal in the context's own prefill: numbers, names, rare words), the ones that must
   look back at a detail rather than continue the text;
 - self-study: the model answers prompts about the context; the queries of its answers (slowest,
-  closest to what later questions ask of the cache).
+  closest to what later questions ask of the cache);
+- detail-questions: questions about the context's least predictable numbers, each named by the
+  words in front of it, and the model's answers: queries that find and copy a detail.
 
 The cache passed in is never modified (work happens on copies). The instruction helpers assume a
 ChatML model whose cache ends inside an open user turn (the context), as the evaluation builds it.
@@ -91,21 +93,77 @@ def select_positions(queries: list[np.ndarray], n: int, positions: np.ndarray, g
 def self_study(model, cache: KVCache, prompts: Sequence[str] = SELF_STUDY_PROMPTS, max_new_tokens: int = 64
                ) -> list[np.ndarray]:
     """Queries of the model's own greedy answers to `prompts` about the cached context."""
-    stop = model.stop_ids()
     per_layer: list[list[np.ndarray]] = [[] for _ in range(model.config.num_layers)]
     for prompt in prompts:
-        c = cache.copy()
-        logits, _ = model.forward(instruction_tokens(model, prompt), c, capture_queries=True)
-        tok = int(np.argmax(logits[-1]))
-        for _ in range(max_new_tokens):
-            if tok in stop:
-                break
-            logits, queries = model.forward([tok], c, capture_queries=True)
-            for l, q in enumerate(queries):
-                per_layer[l].append(q)
-            tok = int(np.argmax(logits[-1]))
+        _answer(model, cache, instruction_tokens(model, prompt), max_new_tokens, per_layer, with_prompt=False)
     if not per_layer[0]:
         raise ValueError("self-study produced no answer tokens")
+    return [np.concatenate(qs, axis=1) for qs in per_layer]
+
+
+def _answer(model, cache: KVCache, prompt: list[int], max_new_tokens: int, per_layer: list[list[np.ndarray]],
+            with_prompt: bool) -> None:
+    """Runs `prompt` on a copy of `cache` and answers greedily; appends per layer the queries of
+    the answer's tokens (and of the prompt's, `with_prompt`)."""
+    stop = model.stop_ids()
+    c = cache.copy()
+    logits, queries = model.forward(prompt, c, capture_queries=True)
+    if with_prompt:
+        for l, q in enumerate(queries):
+            per_layer[l].append(q)
+    tok = int(np.argmax(logits[-1]))
+    for _ in range(max_new_tokens):
+        if tok in stop:
+            break
+        logits, queries = model.forward([tok], c, capture_queries=True)
+        for l, q in enumerate(queries):
+            per_layer[l].append(q)
+        tok = int(np.argmax(logits[-1]))
+
+
+DETAIL_QUESTION = 'What is the number after "{name}" in the text above?'
+
+
+def number_spans(pieces: Sequence[str], surprisal: np.ndarray, before: int = 4, start: int = 0
+                 ) -> list[tuple[int, int, int]]:
+    """Every number of the context (a run of tokens whose text holds a digit) as (first naming
+    token, first digit, end), the least predictable first (highest surprisal of its digits)."""
+    spans, p, end = [], start, len(pieces)
+    while p < end:
+        if any(c.isdigit() for c in pieces[p]):
+            q = p
+            while q < end and any(c.isdigit() for c in pieces[q]):
+                q += 1
+            spans.append((max(start, p - before), p, q))
+            p = q
+        else:
+            p += 1
+    spans.sort(key=lambda sp: -float(np.max(surprisal[sp[1]:sp[2]])))
+    return spans
+
+
+def detail_questions(model, cache: KVCache, tokens: Sequence[int], surprisal: np.ndarray, count: int = 8,
+                     before: int = 4, answer_tokens: int = 8, start: int = 0) -> list[np.ndarray]:
+    """Queries of questions about the context's `count` least predictable numbers, each named by
+    the `before` tokens in front of it ('What is the number after "pass key is" ...?'), and of the
+    model's greedy answers: the queries that must find a detail and copy it, the kind a later
+    question about a detail makes. Numbers with no word in front of them are skipped; a context
+    without a named number gives no queries."""
+    pieces = [model.tokenizer.decode([t]) for t in tokens]
+    per_layer: list[list[np.ndarray]] = [[] for _ in range(model.config.num_layers)]
+    asked = 0
+    for first, digit, _ in number_spans(pieces, surprisal, before, start):
+        name = "".join(pieces[first:digit]).strip()
+        if asked == count:
+            break
+        if not any(c.isalpha() for c in name):
+            continue
+        asked += 1
+        prompt = instruction_tokens(model, DETAIL_QUESTION.format(name=name))
+        _answer(model, cache, prompt, answer_tokens, per_layer, with_prompt=True)
+    if not per_layer[0]:  # no named number: no queries from this source
+        c = model.config
+        return [np.zeros((c.num_kv_heads, 0, c.head_dim), dtype=np.float32) for _ in range(c.num_layers)]
     return [np.concatenate(qs, axis=1) for qs in per_layer]
 
 
