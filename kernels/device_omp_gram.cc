@@ -11,20 +11,18 @@
 namespace kvcompact::kernels {
 
 absl::Status DeviceOmpGram::Reserve(int64_t pool, int64_t queries, int64_t budget) {
-  pool = std::max<int64_t>(pool, 1);
-  queries = std::max<int64_t>(queries, 1);
-  budget = std::clamp<int64_t>(budget, 1, pool);
-  if (auto s = index_.Reserve(2 * budget); !s.ok()) return s;
-  if (auto s = vec_.Reserve(pool + budget + queries); !s.ok()) return s;
-  if (auto s = gathered_.Reserve(2 * budget * queries); !s.ok()) return s;
-  if (auto s = block_.Reserve(budget * budget); !s.ok()) return s;
-  if (auto s = host_index_.Reserve(2 * budget); !s.ok()) return s;
-  if (auto s = host_vec_.Reserve(pool + budget); !s.ok()) return s;
-  if (auto s = host_block_.Reserve(budget * budget); !s.ok()) return s;
-  pool_ = std::max(pool_, pool);
-  queries_ = std::max(queries_, queries);
-  budget_ = std::max(budget_, budget);
-  return absl::OkStatus();
+  // The buffers' layouts use the largest of each size reserved so far: sized from those, not from
+  // this call's (a larger pool with a smaller budget must not shrink what a budget needs).
+  pool_ = std::max({pool_, pool, int64_t{1}});
+  queries_ = std::max({queries_, queries, int64_t{1}});
+  budget_ = std::max(budget_, std::clamp<int64_t>(budget, 1, std::max<int64_t>(pool, 1)));
+  if (auto s = index_.Reserve(2 * budget_); !s.ok()) return s;
+  if (auto s = vec_.Reserve(pool_ + budget_ + queries_); !s.ok()) return s;
+  if (auto s = gathered_.Reserve(2 * budget_ * queries_); !s.ok()) return s;
+  if (auto s = block_.Reserve(budget_ * budget_); !s.ok()) return s;
+  if (auto s = host_index_.Reserve(2 * budget_); !s.ok()) return s;
+  if (auto s = host_vec_.Reserve(pool_ + budget_); !s.ok()) return s;
+  return host_block_.Reserve(budget_ * budget_);
 }
 
 void DeviceOmpGram::Bind(const float* phi_t, int64_t P, int64_t n, cudaStream_t stream, cublasHandle_t blas) {

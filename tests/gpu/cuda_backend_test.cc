@@ -293,6 +293,16 @@ TEST(DeviceOmpGram, ReadsAndSelectionsMatchTheHostGramOfTheSameFeatures) {
     std::vector<int32_t> too_many(budget + 1, 0);
     reads.Accumulate(too_many, VectorD::Ones(too_many.size()), &into);
     EXPECT_FALSE(reads.status().ok());
+    // Reused across sizes (as a backend reuses it across layers): a larger pool with a smaller
+    // budget after a smaller pool with a larger budget still holds the larger budget's reads.
+    kernels::DeviceOmpGram reused;
+    ASSERT_TRUE(reused.Reserve(budget, n, budget).ok());
+    ASSERT_TRUE(reused.Reserve(pool, n, 1).ok());
+    reused.Bind(device_phi_t.get(), pool, n, stream, blas);
+    VectorD again = VectorD::LinSpaced(pool, -1.0, 1.0);
+    reused.Accumulate(cols, w, &again);
+    ASSERT_TRUE(reused.status().ok()) << reused.status();
+    EXPECT_LT((again - want).cwiseAbs().maxCoeff(), 1e-12 * want.cwiseAbs().maxCoeff());
   }
   cublasDestroy(blas);
   cudaStreamDestroy(stream);
