@@ -413,7 +413,10 @@ absl::Status CudaBackend::SelectByOmp(const LayerJob& job, const std::vector<int
       status = absl::InternalError(absl::StrCat("copy of the OMP right-hand side: ", cudaGetErrorString(e)));
       break;
     }
-    KVC_CUDA(cudaEventRecord(oh.built, stream_));
+    if (cudaError_t e = cudaEventRecord(oh.built, stream_); e != cudaSuccess) {  // no early return: loops run
+      status = CudaStatus(e, "cudaEventRecord(OMP system)", __FILE__, __LINE__);
+      break;
+    }
     auto selected = std::make_shared<std::promise<absl::StatusOr<std::vector<int32_t>>>>();
     loops.push_back(selected->get_future());
     omp_pool_->Submit([selected, &oh, params = params[k], P, nf, pool = std::move(pools[k])] {
