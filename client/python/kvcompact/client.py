@@ -258,16 +258,13 @@ def protected_plan(start: int, end: int, protected: Sequence[int], ratio: Option
     return np.setdiff1d(np.arange(start, end), exact), exact, total - int(exact.size)
 
 
-def number_positions(pieces: Sequence[str], budget: int, *, surprisal: Optional[Sequence[float]] = None,
-                     share: float = 0.5, before: int = 3, start: int = 0, end: Optional[int] = None) -> np.ndarray:
-    """Positions in [start, end) to keep exact so that numbers survive compaction: each number (a
-    run of tokens whose text holds a digit: lab values, amounts, dates, keys) with the `before`
-    tokens that name it ("pass key is", "glucose:"); whole numbers, the least predictable first
-    (highest `surprisal` of their digits; in order of appearance without it), until `share` of
-    `budget` is used. `pieces`: each token's text."""
+def number_spans(pieces: Sequence[str], *, surprisal: Optional[Sequence[float]] = None, before: int = 3,
+                 start: int = 0, end: Optional[int] = None) -> list[tuple[int, int, int]]:
+    """Every number in [start, end) (a run of tokens whose text holds a digit: lab values, amounts,
+    dates, keys) as (first of the `before` tokens that name it, first digit, end); the least
+    predictable first (highest `surprisal` of its digits), in order of appearance without it.
+    `pieces`: each token's text."""
     end = len(pieces) if end is None else end
-    if not 0 <= share < 1:
-        raise ValueError("share must be in [0, 1): the rest of the budget is compacted")
     digit = [any(c.isdigit() for c in pieces[p]) for p in range(end)]
     spans, p = [], start
     while p < end:
@@ -275,19 +272,48 @@ def number_positions(pieces: Sequence[str], budget: int, *, surprisal: Optional[
             q = p
             while q < end and digit[q]:
                 q += 1
-            spans.append((max(start, p - before), p, q))  # (first kept, first digit, end)
+            spans.append((max(start, p - before), p, q))
             p = q
         else:
             p += 1
     if surprisal is not None:
         s = np.asarray(surprisal, dtype=np.float64)
         spans.sort(key=lambda sp: -float(np.max(s[sp[1]:sp[2]])))
+    return spans
+
+
+def number_positions(pieces: Sequence[str], budget: int, *, surprisal: Optional[Sequence[float]] = None,
+                     share: float = 0.5, before: int = 3, start: int = 0, end: Optional[int] = None) -> np.ndarray:
+    """Positions in [start, end) to keep exact so that numbers survive compaction: each number
+    (number_spans) with the `before` tokens that name it ("pass key is", "glucose:"); whole
+    numbers, the least predictable first, until `share` of `budget` is used."""
+    if not 0 <= share < 1:
+        raise ValueError("share must be in [0, 1): the rest of the budget is compacted")
     cap, kept = int(share * budget), set()
-    for first, _, stop in spans:
+    for first, _, stop in number_spans(pieces, surprisal=surprisal, before=before, start=start, end=end):
         new = set(range(first, stop)) - kept  # a span's naming tokens may overlap the previous number
         if len(kept) + len(new) <= cap:
             kept |= new
     return np.array(sorted(kept), dtype=np.int64)
+
+
+DETAIL_QUESTION = 'What is the number after "{name}" in the text above?'
+
+
+def detail_questions(pieces: Sequence[str], surprisal: Sequence[float], count: int = 8, before: int = 4,
+                     start: int = 0) -> list[str]:
+    """Questions about the context's `count` least predictable numbers, each named by the words in
+    the `before` tokens in front of it ('What is the number after "pass key is" in the text
+    above?'); numbers with no word in front are skipped. Their queries and those of the model's
+    answers are reference queries that find a detail and copy it (docs/QUALITY.md)."""
+    out = []
+    for first, digit, _ in number_spans(pieces, surprisal=surprisal, before=before, start=start):
+        if len(out) == count:
+            break
+        name = "".join(pieces[first:digit]).strip()
+        if any(c.isalpha() for c in name):
+            out.append(DETAIL_QUESTION.format(name=name))
+    return out
 
 
 def detail_positions(surprisal: Sequence[float], share: float = 0.25) -> np.ndarray:

@@ -197,6 +197,36 @@ def test_repeat_detail_counts_the_repeat_queries_before_the_least_predictable_to
     assert capped[hf.compactable_layers(model)[0]].shape[1] == group * 10
 
 
+def test_detail_questions_add_the_queries_of_questions_about_named_numbers_and_their_answers():
+    from kvcompact.client import detail_questions
+    from kvcompact.hf.compact import ChatFormat, capture_queries
+
+    model = tiny_model("llama")
+    tok = _Tokenizer()
+    fmt = ChatFormat(tok)
+    cfg = model.config
+    group = cfg.num_attention_heads // cfg.num_key_value_heads
+    ids = fmt.context("the crate code is 41 and the gate code is 77 " * 2)
+    surprisal = []
+    _, alone = capture_queries(model, ids, "repeat-prefill", fmt, max_queries=10_000, surprisal=surprisal)
+    asked = detail_questions([tok.decode([t]) for t in ids], surprisal, count=8)
+    assert 1 <= len(asked) <= 4 and all(q.startswith("What is the number after") for q in asked)
+    _, both = capture_queries(model, ids, "repeat-prefill+detail-questions", fmt, max_queries=10_000)
+    l = hf.compactable_layers(model)[0]
+    extra = both[l].shape[1] - alone[l].shape[1]
+    # Each question's own tokens at least, and at most 8 answer tokens each, per query head.
+    assert extra % group == 0
+    assert sum(len(fmt.instruction(q)) for q in asked) <= extra // group <= sum(len(fmt.instruction(q)) + 8 for q in asked)
+    torch.testing.assert_close(both[l][:, :alone[l].shape[1]], alone[l])
+    # No named number: the source adds nothing, and alone it is an error rather than an empty fit.
+    plain = fmt.context("the crate holds salt and the gate is green " * 2)
+    _, a = capture_queries(model, plain, "repeat-prefill", fmt, max_queries=10_000)
+    _, b = capture_queries(model, plain, "repeat-prefill+detail-questions", fmt, max_queries=10_000)
+    torch.testing.assert_close(a[l], b[l])
+    with pytest.raises(ValueError, match="captured no queries"):
+        capture_queries(model, plain, "detail-questions", fmt, max_queries=10_000)
+
+
 def test_gemma3_sliding_layers_stay_exact_and_only_global_layers_are_compactable():
     model = tiny_model("gemma3")
     assert hf.compactable_layers(model) == [2]

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from kvcompact.runtime import LlamaModel
+from kvcompact.client import number_spans
 from kvcompact.runtime import queries as rq
 
 
@@ -109,7 +110,7 @@ def test_detail_questions_ask_about_the_least_predictable_named_numbers(model, p
     tokens = head + doc
     cache, _, nats = rq.context_prefill(model, tokens, surprisal=True)
     pieces = [tok.decode([t]) for t in tokens]
-    spans = rq.number_spans(pieces, nats, before=3, start=len(head))
+    spans = number_spans(pieces, surprisal=nats, before=3, start=len(head))
     assert sorted("".join(pieces[d:e]).strip() for _, d, e in spans) == ["12", "4417"]
     assert [max(nats[d:e]) for _, d, e in spans] == sorted((max(nats[d:e]) for _, d, e in spans), reverse=True)
     assert all(e - d >= 1 and d - f <= 3 and f >= len(head) for f, d, e in spans)

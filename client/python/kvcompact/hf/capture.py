@@ -9,7 +9,9 @@ GQA group stacked) as `kvcompact.Layer.queries` takes them. Sources, as in kvcom
   (one extra prefill): queries of tokens that look back at the whole context;
 - repeat-detail: of the same pass, the queries before the context's least predictable tokens
   (numbers, names, rare words: the ones that must be copied from the cache), counted again;
-- self-study: the model's own greedy answers to prompts about the context (slowest).
+- self-study: the model's own greedy answers to prompts about the context (slowest);
+- detail-questions: questions about the context's least predictable named numbers and the
+  model's answers (kvcompact.client.detail_questions), prompts and answers both captured.
 
 Only `positions` (indices into the captured token stream) are kept, so a 32k-token context does
 not hold 32k queries per head; the caches passed in are never modified.
@@ -159,11 +161,12 @@ def repeat_prefill(model, cache, context: Sequence[int], instruction: Sequence[i
 
 @torch.no_grad()
 def self_study(model, cache, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64,
-               eos_token_id=None) -> dict[int, torch.Tensor]:
-    """Queries of the model's greedy answers to `prompts` (token ids) about the cached context."""
+               eos_token_id=None, with_prompts: bool = False) -> dict[int, torch.Tensor]:
+    """Queries of the model's greedy answers to `prompts` (token ids) about the cached context
+    (and of the prompts' own tokens, `with_prompts`)."""
     enable(model)
     layers = compactable_layers(model)
-    cap = QueryCapture(layers, decode_only=True)
+    cap = QueryCapture(layers, decode_only=not with_prompts)
     device = model.get_input_embeddings().weight.device
     with cap:
         for prompt in prompts:

@@ -18,14 +18,16 @@ from typing import Optional, Sequence
 
 import torch
 
-from kvcompact.client import Client, detail_positions, number_positions, protected_plan, ratio_budget
+from kvcompact.client import (Client, detail_positions, detail_questions, number_positions, protected_plan,
+                              ratio_budget)
 from kvcompact.hf.cache import CompactedCache
 from kvcompact.hf.capture import (compactable_layers, context_prefill, repeat_prefill, sample_positions, self_study,
                                   text_config)
 from kvcompact.types import Layer
 
-QUERY_SOURCES = ("context-prefill", "repeat-prefill", "repeat-detail", "self-study")
+QUERY_SOURCES = ("context-prefill", "repeat-prefill", "repeat-detail", "detail-questions", "self-study")
 DETAIL_SHARE = 0.02  # repeat-detail: the share of positions whose next token is least predictable
+DETAIL_QUESTIONS, DETAIL_ANSWER_TOKENS = 8, 8  # detail-questions: numbers asked about, answer tokens
 REPEAT_PROMPT = "Repeat the previous context verbatim."
 SELF_STUDY_PROMPTS = (
     "Summarize the text above in a few sentences.",
@@ -93,24 +95,33 @@ def capture_queries(model, ids: Sequence[int], queries: str, fmt: Optional[ChatF
     sources = _sources(queries)
     c = text_config(model)
     group = c.num_attention_heads // c.num_key_value_heads
-    counted = [s for s in sources if s != "repeat-detail" or "repeat-prefill" not in sources]
-    keep = max(1, max_queries // (group * len(counted)))  # token positions per source
-    if "repeat-detail" in sources and surprisal is None:
+    # Token positions per source; the detail sources add a few queries to the others' share.
+    counted = [s for s in sources if s != "detail-questions" and (s != "repeat-detail" or "repeat-prefill" not in sources)]
+    keep = max(1, max_queries // (group * max(1, len(counted))))
+    if ("repeat-detail" in sources or "detail-questions" in sources) and surprisal is None:
         surprisal = []
     cache, own = context_prefill(model, ids, keep, seed, surprisal=surprisal)
     picked = []
     if "context-prefill" in sources:
         picked.append(own)
     if any(s != "context-prefill" for s in sources) and fmt is None:
-        raise ValueError("repeat-prefill, repeat-detail and self-study queries need the tokenizer "
-                         "(their instructions are text)")
+        raise ValueError("repeat-prefill, repeat-detail, detail-questions and self-study queries need the "
+                         "tokenizer (their instructions are text)")
     if "repeat-prefill" in sources or "repeat-detail" in sources:
         positions = _repeat_positions(sources, len(ids), keep, seed, surprisal, detail_share)
         picked.append(repeat_prefill(model, cache, ids, fmt.instruction(REPEAT_PROMPT), positions))
+    eos = fmt.tokenizer.eos_token_id if fmt is not None else None
+    if "detail-questions" in sources:
+        pieces = [fmt.tokenizer.decode([int(t)]) for t in ids]
+        questions = detail_questions(pieces, surprisal, count=DETAIL_QUESTIONS)
+        if questions:  # a context without a named number adds none
+            picked.append(self_study(model, cache, [fmt.instruction(q) for q in questions], DETAIL_ANSWER_TOKENS,
+                                     eos_token_id=eos, with_prompts=True))
     if "self-study" in sources:
-        eos = fmt.tokenizer.eos_token_id
         picked.append(self_study(model, cache, [fmt.instruction(p) for p in SELF_STUDY_PROMPTS],
                                  self_study_tokens, eos_token_id=eos))
+    if not picked:
+        raise ValueError(f"queries={queries!r} captured no queries (detail-questions alone, and no named number)")
     merged = {l: torch.cat([p[l] for p in picked], dim=1) for l in picked[0]}
     m = next(iter(merged.values())).shape[1]
     if m > max_queries:  # self-study's answers and repeated details run past it: the same random rows in every layer

@@ -24,6 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from kvcompact.client import detail_positions  # noqa: F401 (the harness's repeat_detail source)
+from kvcompact.client import detail_questions as client_detail_questions
 from kvcompact.runtime.cache import KVCache
 
 REPEAT_PROMPT = "Repeat the previous context verbatim."
@@ -121,47 +122,17 @@ def _answer(model, cache: KVCache, prompt: list[int], max_new_tokens: int, per_l
         tok = int(np.argmax(logits[-1]))
 
 
-DETAIL_QUESTION = 'What is the number after "{name}" in the text above?'
-
-
-def number_spans(pieces: Sequence[str], surprisal: np.ndarray, before: int = 4, start: int = 0
-                 ) -> list[tuple[int, int, int]]:
-    """Every number of the context (a run of tokens whose text holds a digit) as (first naming
-    token, first digit, end), the least predictable first (highest surprisal of its digits)."""
-    spans, p, end = [], start, len(pieces)
-    while p < end:
-        if any(c.isdigit() for c in pieces[p]):
-            q = p
-            while q < end and any(c.isdigit() for c in pieces[q]):
-                q += 1
-            spans.append((max(start, p - before), p, q))
-            p = q
-        else:
-            p += 1
-    spans.sort(key=lambda sp: -float(np.max(surprisal[sp[1]:sp[2]])))
-    return spans
-
-
 def detail_questions(model, cache: KVCache, tokens: Sequence[int], surprisal: np.ndarray, count: int = 8,
                      before: int = 4, answer_tokens: int = 8, start: int = 0) -> list[np.ndarray]:
-    """Queries of questions about the context's `count` least predictable numbers, each named by
-    the `before` tokens in front of it ('What is the number after "pass key is" ...?'), and of the
-    model's greedy answers: the queries that must find a detail and copy it, the kind a later
-    question about a detail makes. Numbers with no word in front of them are skipped; a context
-    without a named number gives no queries."""
+    """Queries of questions about the context's `count` least predictable named numbers
+    (kvcompact.client.detail_questions) and of the model's greedy answers: the queries that must
+    find a detail and copy it, the kind a later question about a detail makes. A context without
+    a named number gives no queries."""
     pieces = [model.tokenizer.decode([t]) for t in tokens]
     per_layer: list[list[np.ndarray]] = [[] for _ in range(model.config.num_layers)]
-    asked = 0
-    for first, digit, _ in number_spans(pieces, surprisal, before, start):
-        name = "".join(pieces[first:digit]).strip()
-        if asked == count:
-            break
-        if not any(c.isalpha() for c in name):
-            continue
-        asked += 1
-        prompt = instruction_tokens(model, DETAIL_QUESTION.format(name=name))
-        _answer(model, cache, prompt, answer_tokens, per_layer, with_prompt=True)
-    if not per_layer[0]:  # no named number: no queries from this source
+    for question in client_detail_questions(pieces, surprisal, count, before, start):
+        _answer(model, cache, instruction_tokens(model, question), answer_tokens, per_layer, with_prompt=True)
+    if not per_layer[0]:
         c = model.config
         return [np.zeros((c.num_kv_heads, 0, c.head_dim), dtype=np.float32) for _ in range(c.num_layers)]
     return [np.concatenate(qs, axis=1) for qs in per_layer]
