@@ -20,7 +20,7 @@ void StreamWatchdog::Add(Tick tick) {
 
 size_t StreamWatchdog::size() const {
   std::lock_guard<std::mutex> lock(mu_);
-  return ticks_.size();
+  return ticks_.size() + ticking_;
 }
 
 void StreamWatchdog::Loop() {
@@ -29,6 +29,7 @@ void StreamWatchdog::Loop() {
     // Ticks run without mu_ (they take their stream's lock, and a stream may Add meanwhile).
     std::vector<Tick> current;
     current.swap(ticks_);
+    ticking_ = current.size();  // still registered while they run: size() counts them
     lock.unlock();
     const Clock::time_point now = Clock::now();
     std::vector<Tick> alive;
@@ -40,6 +41,7 @@ void StreamWatchdog::Loop() {
     lock.lock();
     for (Tick& tick : ticks_) alive.push_back(std::move(tick));
     ticks_.swap(alive);
+    ticking_ = 0;
   }
 }
 

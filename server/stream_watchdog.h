@@ -32,6 +32,7 @@ class StreamWatchdog {
   mutable std::mutex mu_;
   std::condition_variable cv_;
   std::vector<Tick> ticks_;
+  size_t ticking_ = 0;  // ticks taken out of ticks_ for the pass in progress
   bool stopping_ = false;
   std::thread thread_;
 };
