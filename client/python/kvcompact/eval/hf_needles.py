@@ -4,7 +4,7 @@ the greedy answer. The harness (kvcompact.eval.quality) runs the numpy runtime; 
 the HF integration's capture and cache give the same kind of result.
 
     python -m kvcompact.eval.hf_needles --server 127.0.0.1:50051 --data ../shared/data \\
-        --ratios 10 20 --queries repeat-prefill+repeat-detail repeat-prefill
+        --ratios 10 20 --queries repeat-prefill+repeat-detail+detail-questions repeat-prefill
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--length", type=int, default=1024, help="haystack tokens")
     ap.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
     ap.add_argument("--ratios", type=float, nargs="+", default=[10, 20])
-    ap.add_argument("--queries", nargs="+", default=["repeat-prefill+repeat-detail", "repeat-prefill"],
+    ap.add_argument("--queries", nargs="+", default=["repeat-prefill+repeat-detail+detail-questions", "repeat-prefill"],
                     help="kvcompact.hf query sources to compare (compact_ids' `queries`)")
     ap.add_argument("--seed", type=int, default=7)
     args = ap.parse_args(argv)

@@ -140,7 +140,7 @@ def _logit_scale(model, layer: int) -> float:
 
 def compact_ids(model, ids: Sequence[int], *, server: str = "localhost:50051", client: Optional[Client] = None,
                 ratio: Optional[float] = 20.0, tokens: Optional[int] = None, method: str = "am",
-                queries: str = "repeat-prefill+repeat-detail", tokenizer=None, keep_first: int = 4,
+                queries: str = "repeat-prefill+repeat-detail+detail-questions", tokenizer=None, keep_first: int = 4,
                 keep_last: int = 0, streams: int = 4, max_queries: int = 4096, seed: int = 0,
                 timeout: Optional[float] = None, protected: Optional[Sequence[int]] = None,
                 protect: Optional[str] = None, protect_share: float = 0.5, protect_before: int = 3,
@@ -150,7 +150,9 @@ def compact_ids(model, ids: Sequence[int], *, server: str = "localhost:50051", c
     arguments are the service's options (kvcompact.client.make_header). `queries`: the reference
     queries' sources joined by '+' (QUERY_SOURCES); the default, one extra prefill that repeats
     the context with the queries before its `detail_share` least predictable tokens counted twice,
-    is the best measured for contexts of details and level on narrative ones (docs/QUALITY.md). `protected`: positions
+    and short questions about its least predictable named numbers with their answers, is the best
+    measured for contexts of details (every pass key at 20x) and level on narrative ones with
+    repeat-prefill alone (docs/QUALITY.md). `protected`: positions
     of the span the caller names (the details a later question may need: numbers, names) kept
     exact with bias 0; they count against the budget and the service compacts the rest.
     `protect="numbers"` (needs `tokenizer`) adds every number with the `protect_before` tokens
