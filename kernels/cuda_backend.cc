@@ -137,8 +137,8 @@ class CudaBackend final : public Backend {
   // Mass system of head h on the device (C_k in ck_): G = Phi^T Phi and c = Phi^T m, into the
   // solver's fp64 slots.
   absl::Status MassSystem(int64_t h, int64_t nf, int64_t t, const VectorF& bias_s, double prior, double* gram, double* rhs);
-  // The same system in fp32 into `gram` (t x t) and `rhs` (t; device), for the keys in ck_.
-  absl::Status MassSystemF32(int64_t h, int64_t nf, int64_t t, const VectorF& bias_s, float* gram, float* rhs);
+  // The same system in fp32 into gram_ (t x t) and cvec_ (t), for the keys in ck_.
+  absl::Status MassSystemF32(int64_t h, int64_t nf, int64_t t, const VectorF& bias_s);
   // Phi = exp(s Q K_S^T + b_S - M) (nf x t) into subset_, for the keys in ck_ (fp32 products).
   absl::Status MassFeatures(int64_t h, int64_t nf, int64_t t, const VectorF& bias_s);
   // OMP's pool system without G: Phi^T (t x nf) into `phi_t` and c = Phi^T m into `rhs` (device).
@@ -276,7 +276,7 @@ absl::Status CudaBackend::Stats(const float* queries, int64_t n, const std::opti
 
 absl::Status CudaBackend::MassSystem(int64_t h, int64_t nf, int64_t t, const VectorF& bias_s, double prior, double* gram,
                                      double* rhs) {
-  if (auto s = MassSystemF32(h, nf, t, bias_s, gram_.get(), cvec_.get()); !s.ok()) return s;
+  if (auto s = MassSystemF32(h, nf, t, bias_s); !s.ok()) return s;
   CastToDouble(gram_.get(), t * t, gram, stream_);
   CastToDouble(cvec_.get(), t, rhs, stream_);
   KVC_LAUNCHED("CastToDouble");
@@ -315,8 +315,7 @@ absl::Status CudaBackend::MassFeatures(int64_t h, int64_t nf, int64_t t, const V
   return absl::OkStatus();
 }
 
-absl::Status CudaBackend::MassSystemF32(int64_t h, int64_t nf, int64_t t, const VectorF& bias_s, float* gram,
-                                        float* rhs) {
+absl::Status CudaBackend::MassSystemF32(int64_t h, int64_t nf, int64_t t, const VectorF& bias_s) {
   // Phi = exp(s Q K_S^T + b_S - M)   (nf x t);  G = Phi^T Phi;  c = Phi^T m  (fp32 products, as on
   // the CPU; the solvers work in fp64). Always plain fp32, also with --allow_tf32: built from TF32
   // products the system sent the bounded NNLS to its iteration bound on 208 of 256 BENCH-A heads
@@ -324,11 +323,13 @@ absl::Status CudaBackend::MassSystemF32(int64_t h, int64_t nf, int64_t t, const 
   // time saved.
   ScopedMathMode fp32(blas_, CUBLAS_PEDANTIC_MATH);
   if (auto s = MassFeatures(h, nf, t, bias_s); !s.ok()) return s;
-  if (auto s = Gemm(blas_, t, t, nf, 1.f, {subset_.get(), t, 0, true}, {subset_.get(), t, 0, false}, 0.f, gram, t, 0, 1);
+  if (auto s = Gemm(blas_, t, t, nf, 1.f, {subset_.get(), t, 0, true}, {subset_.get(), t, 0, false}, 0.f, gram_.get(), t,
+                    0, 1);
       !s.ok()) {
     return s;
   }
-  return Gemm(blas_, t, 1, nf, 1.f, {subset_.get(), t, 0, true}, {fit_.mass.get() + h * nf, 1, 0, false}, 0.f, rhs, 1, 0, 1);
+  return Gemm(blas_, t, 1, nf, 1.f, {subset_.get(), t, 0, true}, {fit_.mass.get() + h * nf, 1, 0, false}, 0.f,
+              cvec_.get(), 1, 0, 1);
 }
 
 absl::Status CudaBackend::PoolFeatures(int64_t h, int64_t nf, int64_t t, const VectorF& bias_s, float* phi_t,
@@ -527,15 +528,14 @@ DeviceBytes EstimateDeviceBytesImpl(const LayerJob& job, size_t workspace_bytes)
   int64_t t = 1;
   for (int64_t b : job.budgets) t = std::max(t, KeptKeys(b, T));
   const int64_t wide = std::max(d.head_dim, d.value_dim);
+  int64_t pool = t;  // the widest per-head fit buffers: the budget, or OMP's candidate pool
   size_t omp_per_head = 0;
   if (GetMethodSpec(job.options.method).selection == Selection::kOmp) {
-    // OMP builds each head's candidate-pool system in the same per-head buffers, pool-sized, and
-    // keeps it on the device while the head's greedy loop runs (with the loop's read buffers).
-    const int64_t budget = t;
-    for (int64_t b : job.budgets) t = std::max(t, OmpPoolSize(job.options.omp_pool, KeptKeys(b, T), T));
-    // Phi^T and c, the reads' gathered rows and block, their vectors (DeviceOmpGram::Reserve).
-    omp_per_head = sizeof(float) * static_cast<size_t>(t * n + t + 2 * budget * n + budget * budget) +
-                   sizeof(double) * static_cast<size_t>(t + budget + n) + sizeof(int32_t) * static_cast<size_t>(2 * budget);
+    for (int64_t b : job.budgets) pool = std::max(pool, OmpPoolSize(job.options.omp_pool, KeptKeys(b, T), T));
+    // Kept on the device while each head's greedy loop runs: Phi^T and c, the reads' gathered
+    // rows, block and vectors (DeviceOmpGram::Reserve). No pool x pool matrix is formed.
+    omp_per_head = sizeof(float) * static_cast<size_t>(pool * n + pool + 2 * t * n + t * t) +
+                   sizeof(double) * static_cast<size_t>(pool + t + n) + sizeof(int32_t) * static_cast<size_t>(2 * t);
   }
   DeviceBytes bytes;
   // Per head: K, V, bias and queries in two input slots (the next layer uploads while this one
@@ -545,10 +545,12 @@ DeviceBytes EstimateDeviceBytesImpl(const LayerJob& job, size_t workspace_bytes)
                                                        n * (2 + d.value_dim)) +
                    FusedStatsWorkspaceBytes(1, n, T, d.head_dim, d.value_dim) +
                    2 * sizeof(uint16_t) * static_cast<size_t>(std::max(T, n) * wide) + omp_per_head;
-  // Per layer: the logit workspace, one head's fit buffers, the NNLS batch (bounded by the
-  // workspace but at least one head), the Cholesky workspace of the value fit.
+  // Per layer: the logit workspace, one head's fit buffers (keys and features pool-sized, the
+  // t x t systems budget-sized), the NNLS batch (bounded by the workspace but at least one head),
+  // the Cholesky workspace of the value fit.
   bytes.fixed = workspace_bytes +
-                sizeof(float) * static_cast<size_t>(5 * std::max(t * wide, n) + n * t + 2 * t * t + t * d.value_dim + n * d.value_dim) +
+                sizeof(float) * static_cast<size_t>(5 * std::max(pool * wide, n) + n * pool + 2 * t * t + t * d.value_dim +
+                                                    n * d.value_dim) +
                 std::max(workspace_bytes, DeviceBoundedLsq::BytesFor({t})) + (size_t{64} << 20);
   return bytes;
 }

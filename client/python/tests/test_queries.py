@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from kvcompact.runtime import LlamaModel
-from kvcompact.client import number_spans
+from kvcompact.client import detail_positions, number_spans
 from kvcompact.runtime import queries as rq
 
 
@@ -90,10 +90,10 @@ def test_surprisal_matches_teacher_forced_log_probs(model, prefix):
 def test_detail_positions_pick_the_queries_before_the_least_predictable_tokens(model, prefix):
     nats = np.array([0.0, 0.1, 5.0, 0.2, 0.3, 9.0, 0.1, 0.0])
     # Position j predicts token j + 1: tokens 5 and 2 are the surprising ones.
-    assert list(rq.detail_positions(nats, share=2 / 7)) == [1, 4]
+    assert list(detail_positions(nats, share=2 / 7)) == [1, 4]
     head, doc = prefix
     cache, _, s = rq.context_prefill(model, head + doc, surprisal=True)
-    positions = rq.detail_positions(s[len(head):], 0.25)
+    positions = detail_positions(s[len(head):], 0.25)
     every = rq.repeat_prefill(model, cache, doc)
     some = rq.repeat_prefill(model, cache, doc, positions=positions)
     c = model.config

@@ -23,7 +23,7 @@ import numpy as np
 from kvcompact import Client
 from kvcompact.runtime import GemmaModel, KVCache, LlamaModel
 from kvcompact.runtime import queries as rq
-from kvcompact.client import number_positions, ratio_budget
+from kvcompact.client import detail_positions, number_positions, ratio_budget
 from kvcompact.runtime.compaction import compact_cache
 
 SINK_TOKENS = 4  # the start of the chat template stays exact (attention sinks)
@@ -70,7 +70,7 @@ class Prefix:
                     share = float(name.split("@")[1]) if "@" in name else 0.25
                     if "repeat" not in self.pools:
                         self.pools["repeat"] = rq.repeat_prefill(self.model, self.cache, span)
-                    positions = rq.detail_positions(self.surprisal[SINK_TOKENS:], share)
+                    positions = detail_positions(self.surprisal[SINK_TOKENS:], share)
                     self.pools[name] = rq.select_positions(self.pools["repeat"], len(span), positions,
                                                            self.model.config.num_heads // self.model.config.num_kv_heads)
                 elif name == "self_study":

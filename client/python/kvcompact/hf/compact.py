@@ -88,10 +88,10 @@ def _repeat_positions(sources: list[str], count: int, keep: int, seed: int, surp
 
 def capture_queries(model, ids: Sequence[int], queries: str, fmt: Optional[ChatFormat], max_queries: int,
                     seed: int = 0, self_study_tokens: int = 64, surprisal: Optional[list] = None,
-                    detail_share: float = DETAIL_SHARE):
+                    detail_share: float = DETAIL_SHARE, pieces: Optional[Sequence[str]] = None):
     """Prefills `ids`; returns (its cache, per compactable layer the chosen sources' queries,
-    at most `max_queries` per KV head in all); each token's surprisal into `surprisal` if given
-    (repeat-detail needs it: pass a list)."""
+    at most `max_queries` per KV head in all); each token's surprisal into `surprisal` if given.
+    `pieces`: each token's text, if the caller has it (detail-questions decodes them otherwise)."""
     sources = _sources(queries)
     c = text_config(model)
     group = c.num_attention_heads // c.num_key_value_heads
@@ -112,7 +112,8 @@ def capture_queries(model, ids: Sequence[int], queries: str, fmt: Optional[ChatF
         picked.append(repeat_prefill(model, cache, ids, fmt.instruction(REPEAT_PROMPT), positions))
     eos = fmt.tokenizer.eos_token_id if fmt is not None else None
     if "detail-questions" in sources:
-        pieces = [fmt.tokenizer.decode([int(t)]) for t in ids]
+        if pieces is None:
+            pieces = [fmt.tokenizer.decode([int(t)]) for t in ids]
         questions = detail_questions(pieces, surprisal, count=DETAIL_QUESTIONS)
         if questions:  # a context without a named number adds none
             picked.append(self_study(model, cache, [fmt.instruction(q) for q in questions], DETAIL_ANSWER_TOKENS,
@@ -167,12 +168,13 @@ def compact_ids(model, ids: Sequence[int], *, server: str = "localhost:50051", c
     end = len(ids) - keep_last
     fmt = ChatFormat(tokenizer) if tokenizer is not None else None
     surprisal = [] if protect else None
+    wants_text = tokenizer is not None and (protect or "detail-questions" in _sources(queries))
+    pieces = [tokenizer.decode([int(t)]) for t in ids] if wants_text else None  # each token decoded once
     cache, refs = capture_queries(model, ids, queries, fmt, max_queries, seed, surprisal=surprisal,
-                                  detail_share=detail_share)
+                                  detail_share=detail_share, pieces=pieces)
     named = set(int(p) for p in protected) if protected is not None else set()
     if protect:
         total = int(tokens) if tokens is not None else ratio_budget(end - keep_first, ratio)
-        pieces = [tokenizer.decode([int(t)]) for t in ids]
         named |= set(number_positions(pieces, total, surprisal=surprisal, share=protect_share, before=protect_before,
                                       start=keep_first, end=end).tolist())
     span, exact = torch.arange(keep_first, end), torch.empty(0, dtype=torch.long)

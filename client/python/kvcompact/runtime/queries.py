@@ -23,7 +23,6 @@ from typing import Sequence
 
 import numpy as np
 
-from kvcompact.client import detail_positions  # noqa: F401 (the harness's repeat_detail source)
 from kvcompact.client import detail_questions as client_detail_questions
 from kvcompact.runtime.cache import KVCache
 
