@@ -1,7 +1,12 @@
 #include "core/dtype.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
 
 #include <Eigen/Core>
 
@@ -35,24 +40,63 @@ bool ParseDTypeName(std::string_view name, DType* out) {
 }
 
 namespace {
-template <typename T>
-void Widen(const void* src, size_t count, float* dst) {
-  const T* in = static_cast<const T*>(src);
-  for (size_t i = 0; i < count; ++i) dst[i] = static_cast<float>(in[i]);
+
+// Widens [begin, end) of `src` to fp32. bf16 is the top half of an fp32, so a shift; fp16 through
+// the CPU's converter where it has one (F16C on x86-64-v3). Both loops vectorize.
+void Widen(const void* src, DType dtype, size_t begin, size_t end, float* dst) {
+  if (dtype == DType::kFloat32) {
+    std::memcpy(dst + begin, static_cast<const float*>(src) + begin, (end - begin) * sizeof(float));
+  } else if (dtype == DType::kBFloat16) {
+    const uint16_t* in = static_cast<const uint16_t*>(src);
+    for (size_t i = begin; i < end; ++i) {
+      const uint32_t bits = static_cast<uint32_t>(in[i]) << 16;
+      std::memcpy(dst + i, &bits, sizeof(bits));
+    }
+  } else {
+    const uint16_t* in = static_cast<const uint16_t*>(src);
+    size_t i = begin;
+#if defined(__F16C__)
+    for (; i + 8 <= end; i += 8) {
+      _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i))));
+    }
+#endif
+    const Eigen::half* h = reinterpret_cast<const Eigen::half*>(in);
+    for (; i < end; ++i) dst[i] = static_cast<float>(h[i]);
+  }
 }
+
+// Whether some |dst[i]| in [begin, end) is over the limit or NaN: on the bits of |x|, which order
+// like |x| with NaN above +Inf; both sides are non-negative as int32, so the compare vectorizes.
+bool AnyOver(const float* dst, size_t begin, size_t end, int32_t limit_bits) {
+  int32_t over = 0;
+  for (size_t i = begin; i < end; ++i) {
+    int32_t bits;
+    std::memcpy(&bits, dst + i, sizeof(bits));
+    over |= static_cast<int32_t>((bits & 0x7fffffff) > limit_bits);
+  }
+  return over != 0;
+}
+
 }  // namespace
 
 absl::Status DecodeToFloat(const void* src, DType dtype, size_t count, float* dst, float max_abs) {
-  switch (dtype) {
-    case DType::kFloat32: std::memcpy(dst, src, count * sizeof(float)); break;
-    case DType::kFloat16: Widen<Eigen::half>(src, count, dst); break;
-    case DType::kBFloat16: Widen<Eigen::bfloat16>(src, count, dst); break;
-    default: return absl::InvalidArgumentError("unknown dtype");
+  if (dtype != DType::kFloat32 && dtype != DType::kFloat16 && dtype != DType::kBFloat16) {
+    return absl::InvalidArgumentError("unknown dtype");
   }
-  // One pass over each element (the sum trick would miss +Inf and -Inf cancelling); the test is
-  // false for NaN too.
-  for (size_t i = 0; i < count; ++i) {
-    if (!(std::fabs(dst[i]) <= max_abs)) {
+  // max_abs NaN or negative accepts nothing, as !(|x| <= max_abs) would.
+  int32_t limit_bits = -1;
+  if (max_abs >= 0) {
+    std::memcpy(&limit_bits, &max_abs, sizeof(limit_bits));
+    limit_bits &= 0x7fffffff;  // -0
+  }
+  // Blocks that stay in L1 between the widening and the check: one pass over memory.
+  constexpr size_t kBlock = 2048;
+  for (size_t begin = 0; begin < count; begin += kBlock) {
+    const size_t end = std::min(count, begin + kBlock);
+    Widen(src, dtype, begin, end, dst);
+    if (!AnyOver(dst, begin, end, limit_bits)) continue;
+    for (size_t i = begin; i < end; ++i) {  // the first offending element, for the message
+      if (std::fabs(dst[i]) <= max_abs) continue;
       if (!std::isfinite(dst[i])) {
         return absl::InvalidArgumentError(absl::StrCat("non-finite value (", dst[i], ") at element ", i));
       }

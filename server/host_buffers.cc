@@ -4,22 +4,31 @@
 
 namespace kvcompact::server {
 
-std::vector<float> HostBufferPool::TakeZeroed(size_t count) {
+std::vector<float> HostBufferPool::TakeIdle(size_t count) {
   std::vector<float> out;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    size_t best = idle_.size();
-    for (size_t i = 0; i < idle_.size(); ++i) {
-      if (idle_[i].capacity() >= count && (best == idle_.size() || idle_[i].capacity() < idle_[best].capacity())) best = i;
-    }
-    if (best < idle_.size()) {
-      out = std::move(idle_[best]);
-      idle_[best] = std::move(idle_.back());
-      idle_.pop_back();
-      idle_bytes_ -= out.capacity() * sizeof(float);
-    }
+  std::lock_guard<std::mutex> lock(mu_);
+  size_t best = idle_.size();
+  for (size_t i = 0; i < idle_.size(); ++i) {
+    if (idle_[i].capacity() >= count && (best == idle_.size() || idle_[i].capacity() < idle_[best].capacity())) best = i;
   }
+  if (best < idle_.size()) {
+    out = std::move(idle_[best]);
+    idle_[best] = std::move(idle_.back());
+    idle_.pop_back();
+    idle_bytes_ -= out.capacity() * sizeof(float);
+  }
+  return out;
+}
+
+std::vector<float> HostBufferPool::TakeZeroed(size_t count) {
+  std::vector<float> out = TakeIdle(count);
   out.assign(count, 0.f);  // within capacity: no allocation, pages already mapped
+  return out;
+}
+
+std::vector<float> HostBufferPool::TakeForOverwrite(size_t count) {
+  std::vector<float> out = TakeIdle(count);
+  out.resize(count);  // shrinking writes nothing; growing within capacity zeroes only the new tail
   return out;
 }
 

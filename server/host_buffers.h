@@ -18,6 +18,10 @@ class HostBufferPool {
 
   // `count` zeros, in the smallest idle buffer that holds them when there is one.
   std::vector<float> TakeZeroed(size_t count);
+  // `count` floats holding whatever their last user left (another stream's data): only for a
+  // caller that writes every element before anything reads them (the assembler's keys, values and
+  // queries, whose every row must arrive before a layer is complete). Saves a pass over memory.
+  std::vector<float> TakeForOverwrite(size_t count);
   // Keeps `v`'s storage for a later take while the idle total stays within the bound, else frees it.
   void Give(std::vector<float>&& v);
   // Gives back a compacted layer's keys, values, bias and queries.
@@ -27,6 +31,8 @@ class HostBufferPool {
   size_t max_idle_bytes() const { return max_idle_bytes_; }
 
  private:
+  std::vector<float> TakeIdle(size_t count);  // the smallest idle buffer that holds `count`, or none
+
   mutable std::mutex mu_;
   std::vector<std::vector<float>> idle_;
   size_t idle_bytes_ = 0;

@@ -168,6 +168,13 @@ std::vector<float> LayerAssembler::Zeroed(int64_t count) {
   return buffers_ != nullptr ? buffers_->TakeZeroed(n) : std::vector<float>(n, 0.f);
 }
 
+// For keys, values and queries: EndLayer refuses a layer until every row was written (kv_seen,
+// query_seen), so a reused buffer's old contents are never read.
+std::vector<float> LayerAssembler::ForOverwrite(int64_t count) {
+  const size_t n = static_cast<size_t>(count);
+  return buffers_ != nullptr ? buffers_->TakeForOverwrite(n) : std::vector<float>(n, 0.f);
+}
+
 absl::StatusOr<uint64_t> LayerAssembler::AddKV(const v1::KVChunk& c) {
   auto opened = OpenLayer(c.layer());
   if (!opened.ok()) return opened.status();
@@ -184,8 +191,8 @@ absl::StatusOr<uint64_t> LayerAssembler::AddKV(const v1::KVChunk& c) {
     if (d.queries > 0) need += LayerQueryBytes(d.heads, T, d.queries, d.head_dim, d.value_dim, threads_);
     if (absl::Status s = Reserve(p, need, StrCat(T, " tokens")); !s.ok()) return s;
     d.tokens = T;
-    d.keys = Zeroed(d.heads * d.tokens * d.head_dim);
-    d.values = Zeroed(d.heads * d.tokens * d.value_dim);
+    d.keys = ForOverwrite(d.heads * d.tokens * d.head_dim);
+    d.values = ForOverwrite(d.heads * d.tokens * d.value_dim);
     p.kv_seen.assign(d.heads * d.tokens, 0);
   } else if (d.tokens != static_cast<int64_t>(c.layer_tokens())) {
     return InvalidArgumentError(StrCat("layer_tokens ", c.layer_tokens(), " differs from ", d.tokens,
@@ -252,7 +259,7 @@ absl::StatusOr<uint64_t> LayerAssembler::AddQueries(const v1::QueryChunk& c) {
                                        : static_cast<uint64_t>(d.heads * n) * (4 * d.head_dim + 1);
     if (absl::Status s = Reserve(p, need, StrCat(n, " queries")); !s.ok()) return s;
     d.queries = n;
-    d.query_data = Zeroed(d.heads * d.queries * d.head_dim);
+    d.query_data = ForOverwrite(d.heads * d.queries * d.head_dim);
     p.query_seen.assign(d.heads * d.queries, 0);
   } else if (d.queries != static_cast<int64_t>(c.layer_queries())) {
     return InvalidArgumentError(StrCat("layer_queries ", c.layer_queries(), " differs from ", d.queries,

@@ -62,6 +62,7 @@ class LayerAssembler {
   };
   absl::StatusOr<Pending*> OpenLayer(uint32_t layer);
   std::vector<float> Zeroed(int64_t count);  // a layer buffer of zeros, from buffers_ when set
+  std::vector<float> ForOverwrite(int64_t count);  // one every element of which is written before use
   absl::Status Reserve(Pending& p, uint64_t bytes, absl::string_view what);
 
   const StreamPlan* plan_;

@@ -1,8 +1,15 @@
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <random>
+#include <string>
 #include <vector>
 
+#include <Eigen/Core>
 #include <gtest/gtest.h>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
 
 #include "core/dtype.h"
 #include "core/method.h"
@@ -47,6 +54,56 @@ TEST(DType, DecodeRejectsNanAndInf) {
       const absl::Status s = DecodeToFloat(wire.data(), dt, in.size(), out.data());
       EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
       EXPECT_NE(s.message().find("element 1"), std::string_view::npos) << s;
+    }
+  }
+}
+
+// The vectorized decode against a scalar reference on random bit patterns (NaN, Inf, subnormals
+// and every magnitude), lengths around its block size, and limits at the edges.
+TEST(DType, DecodeMatchesAScalarReferenceOnRandomBits) {
+  std::mt19937 rng(7);
+  const float kLimits[] = {0.f, -0.f, 1.f, 65504.f, std::numeric_limits<float>::max(),
+                           std::numeric_limits<float>::infinity(), -1.f, std::numeric_limits<float>::quiet_NaN()};
+  for (DType dt : {DType::kFloat32, DType::kFloat16, DType::kBFloat16}) {
+    for (size_t count : {size_t{0}, size_t{1}, size_t{7}, size_t{2047}, size_t{2048}, size_t{2049}, size_t{5000}}) {
+      for (float limit : kLimits) {
+        for (int trial = 0; trial < 4; ++trial) {
+          std::vector<uint8_t> wire(count * DTypeSize(dt));
+          for (auto& b : wire) b = static_cast<uint8_t>(rng());
+          if (trial == 0) {  // mostly small finite values: the first bad element lies deep inside
+            std::vector<float> v(count);
+            for (auto& x : v) x = std::ldexp(static_cast<float>(rng() % 2001) / 1000.f - 1.f, -static_cast<int>(rng() % 4));
+            if (count > 0) v[rng() % count] = (rng() % 2) ? 1e30f : std::numeric_limits<float>::quiet_NaN();
+            EncodeFromFloat(v.data(), count, dt, wire.data());
+          }
+          std::vector<float> expect(count);
+          std::string expect_error;
+          for (size_t i = 0; i < count; ++i) {
+            if (dt == DType::kFloat32) std::memcpy(&expect[i], wire.data() + 4 * i, 4);
+            else if (dt == DType::kBFloat16) {
+              uint32_t bits = static_cast<uint32_t>(wire[2 * i] | (wire[2 * i + 1] << 8)) << 16;
+              std::memcpy(&expect[i], &bits, 4);
+            } else {
+              Eigen::half h;
+              std::memcpy(&h, wire.data() + 2 * i, 2);
+              expect[i] = static_cast<float>(h);
+            }
+            if (expect_error.empty() && !(std::fabs(expect[i]) <= limit)) expect_error = absl::StrCat("element ", i);
+          }
+          std::vector<float> out(count);
+          const absl::Status s = DecodeToFloat(wire.data(), dt, count, out.data(), limit);
+          if (expect_error.empty()) {
+            ASSERT_TRUE(s.ok()) << s << " dtype " << DTypeName(dt) << " count " << count << " limit " << limit;
+            for (size_t i = 0; i < count; ++i) {
+              ASSERT_EQ(std::memcmp(&out[i], &expect[i], 4), 0) << i;
+            }
+          } else {
+            ASSERT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << DTypeName(dt) << " " << count << " " << limit;
+            EXPECT_TRUE(absl::EndsWith(s.message(), expect_error) || s.message().find(expect_error + " ") != std::string_view::npos)
+                << s << " expected " << expect_error;
+          }
+        }
+      }
     }
   }
 }

@@ -96,5 +96,77 @@ TEST(HostBufferPool, ReusesIdleStorageZeroedAndStaysWithinItsBound) {
   EXPECT_EQ(pool.idle_bytes(), 6000 * sizeof(float));
 }
 
+TEST(HostBufferPool, TakeForOverwriteReusesStorageWithoutAPass) {
+  HostBufferPool pool(10000 * sizeof(float));
+  std::vector<float> a = pool.TakeForOverwrite(6000);
+  EXPECT_EQ(a.size(), 6000u);
+  std::fill(a.begin(), a.end(), 7.f);
+  const float* storage = a.data();
+  pool.Give(std::move(a));
+  std::vector<float> b = pool.TakeForOverwrite(5000);  // same storage, old contents left
+  EXPECT_EQ(b.data(), storage);
+  EXPECT_EQ(b.size(), 5000u);
+  EXPECT_EQ(b[4999], 7.f);
+  pool.Give(std::move(b));
+  std::vector<float> c = pool.TakeForOverwrite(5500);  // grown within capacity: only the tail is new
+  EXPECT_EQ(c.data(), storage);
+  EXPECT_EQ(c.size(), 5500u);
+}
+
+// Layer buffers come back to the pool holding a stream's keys and values; the next stream's layer
+// must hold only what that stream sent, and a layer with a row missing is refused, not filled
+// with the old contents.
+TEST(LayerAssembler, AReusedBufferNeverCarriesAnotherStreamsData) {
+  v1::StreamHeader h;
+  h.mutable_geometry()->set_num_layers(1);
+  h.mutable_geometry()->set_num_kv_heads(kHeads);
+  h.mutable_geometry()->set_head_dim(kDim);
+  h.mutable_options()->mutable_budget()->set_ratio(4);
+  h.mutable_options()->set_method(v1::METHOD_TRUNCATE_RECENT);
+  absl::StatusOr<StreamPlan> plan = MakeStreamPlan(h);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  const Limits limits;
+  HostBufferPool pool(1u << 20);
+  auto chunk = [](float value, int64_t token_begin, int64_t rows) {
+    v1::KVChunk c;
+    c.set_head_end(kHeads);
+    c.set_token_begin(token_begin);
+    c.set_layer_tokens(kTokens);
+    std::vector<float> v(kHeads * rows * kDim, value);
+    for (auto* t : {c.mutable_keys(), c.mutable_values()}) {
+      t->set_dtype(v1::DTYPE_FP32);
+      for (int64_t s : {kHeads, rows, kDim}) t->add_shape(s);
+      t->set_data(std::string(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(float)));
+    }
+    return c;
+  };
+  {
+    LayerAssembler first(&*plan, &limits, nullptr, 1, &pool);
+    ASSERT_TRUE(first.AddKV(chunk(7.f, 0, kTokens)).ok());
+    absl::StatusOr<LayerJob> job = first.EndLayer(0);
+    ASSERT_TRUE(job.ok()) << job.status();
+    pool.GiveLayer(job->data);
+  }
+  {
+    LayerAssembler partial(&*plan, &limits, nullptr, 1, &pool);
+    ASSERT_TRUE(partial.AddKV(chunk(1.f, 0, kTokens / 2)).ok());
+    absl::StatusOr<LayerJob> job = partial.EndLayer(0);
+    EXPECT_EQ(job.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_NE(job.status().message().find("missing"), std::string_view::npos) << job.status();
+  }
+  LayerAssembler second(&*plan, &limits, nullptr, 1, &pool);
+  ASSERT_TRUE(second.AddKV(chunk(1.f, 0, kTokens / 2)).ok());
+  ASSERT_TRUE(second.AddKV(chunk(2.f, kTokens / 2, kTokens / 2)).ok());
+  absl::StatusOr<LayerJob> job = second.EndLayer(0);
+  ASSERT_TRUE(job.ok()) << job.status();
+  for (const std::vector<float>* v : {&job->data.keys, &job->data.values}) {
+    ASSERT_EQ(v->size(), static_cast<size_t>(kHeads * kTokens * kDim));
+    for (size_t i = 0; i < v->size(); ++i) {
+      const int64_t token = static_cast<int64_t>(i / kDim) % kTokens;
+      ASSERT_EQ((*v)[i], token < kTokens / 2 ? 1.f : 2.f) << i;
+    }
+  }
+}
+
 }  // namespace
 }  // namespace kvcompact::server
