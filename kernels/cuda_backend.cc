@@ -180,6 +180,13 @@ class CudaBackend final : public Backend {
   DeviceBuffer<float> logits_, scores_;
   DeviceBuffer<float> fused_ws_;  // 16-bit copies of Q, K and V for the fused statistics
   DeviceStats fit_, eval_;
+  // A layer's small per-head uploads (kept positions, beta), staged in pinned memory: from pageable
+  // memory cudaMemcpyAsync may wait for the stream, and the host could not queue the next head's
+  // work while the device runs this one's. Reset at the start of each layer (the stream is idle).
+  PinnedBuffer<char> stage_;
+  size_t stage_used_ = 0;
+  template <typename T>
+  absl::Status Upload(DeviceBuffer<T>& buf, const T* host, size_t count);
   // Per-head fit buffers.
   DeviceBuffer<int32_t> idx_;
   DeviceBuffer<float> ck_, beta_, subset_, gram_, rhs_, cvec_, yhat_, mhat_, work_;
@@ -211,6 +218,17 @@ class CudaBackend final : public Backend {
   // Long-lived threads for the OMP greedy loops (one per core), instead of a thread per head and layer.
   std::unique_ptr<ThreadPool> omp_pool_;
 };
+
+template <typename T>
+absl::Status CudaBackend::Upload(DeviceBuffer<T>& buf, const T* host, size_t count) {
+  const size_t bytes = count * sizeof(T), at = (stage_used_ + 15) / 16 * 16;
+  if (count == 0 || at + bytes > stage_.capacity()) return ToDevice(buf, host, count, stream_);
+  if (absl::Status st = buf.Reserve(count); !st.ok()) return st;
+  std::memcpy(stage_.get() + at, host, bytes);
+  KVC_CUDA(cudaMemcpyAsync(buf.get(), stage_.get() + at, bytes, cudaMemcpyHostToDevice, stream_));
+  stage_used_ = at + bytes;
+  return absl::OkStatus();
+}
 
 absl::Status CudaBackend::ReserveHeadBuffers(int64_t t, int64_t n_max) {
   for (auto* buf : {&ck_, &beta_, &cvec_, &mhat_}) {
@@ -309,7 +327,7 @@ absl::Status CudaBackend::MassFeatures(int64_t h, int64_t nf, int64_t t, const V
       !s.ok()) {
     return s;
   }
-  if (auto s = ToDevice(beta_, bias_s.data(), t, stream_); !s.ok()) return s;
+  if (auto s = Upload(beta_, bias_s.data(), t); !s.ok()) return s;
   ExpShifted(subset_.get(), nf, t, beta_.get(), fit_.row_max.get() + h * nf, stream_);
   KVC_LAUNCHED("ExpShifted");
   return absl::OkStatus();
@@ -455,7 +473,7 @@ absl::Status CudaBackend::ValueFit(int64_t h, int64_t nf, int64_t t, double ridg
                                    int* info) {
   // X = softmax(s Q K_S^T + beta);  (X^T X + lambda I) C_v = X^T Y  by Cholesky. No host
   // synchronisation: cuSOLVER's info codes go to `info` (two ints) and are checked per layer.
-  if (auto s = ToDevice(beta_, beta.data(), t, stream_); !s.ok()) return s;
+  if (auto s = Upload(beta_, beta.data(), t); !s.ok()) return s;
   if (auto s = Gemm(blas_, nf, t, d_, scale_, {in_->q_fit.get() + h * nf * d_, d_, 0, false}, {ck_.get(), d_, 0, true}, 0.f,
                     subset_.get(), t, 0, 1);
       !s.ok()) {
@@ -614,7 +632,7 @@ absl::Status CudaBackend::FitMass(const std::vector<int64_t>& heads, int64_t nf,
       const int64_t h = heads[k], t = sizes[k - first];
       const int i = static_cast<int>(k - first);
       if (auto s = ReserveHeadBuffers(t, n_max); !s.ok()) return s;
-      if (auto s = ToDevice(idx_, result->heads[h].indices.data(), t, stream_); !s.ok()) return s;
+      if (auto s = Upload(idx_, result->heads[h].indices.data(), t); !s.ok()) return s;
       GatherRows(in_->keys.get() + h * T_ * d_, idx_.get(), t, d_, ck_.get(), stream_);
       KVC_LAUNCHED("GatherRows");
       if (auto s = MassSystem(h, nf, t, bias_s[h], MassPrior(options[h], t, in_->distinct_fit.at(h)), lsq_->gram(i), lsq_->rhs(i));
@@ -663,6 +681,11 @@ absl::StatusOr<LayerResult> CudaBackend::Run(const LayerJob& job) {
   in_ = *inputs;
   const int64_t nf = in_->nf, ne = in_->ne;
   KVC_CUDA(cudaStreamSynchronize(stream_));
+  // Room for every head's uploads of this layer: kept positions twice, beta three times.
+  size_t stage_bytes = 4096;
+  for (int64_t h = 0; h < H_; ++h) stage_bytes += 5 * (16 + std::max<int64_t>(KeptKeys(job.budgets[h], T_), 0) * sizeof(float));
+  if (auto s = stage_.Reserve(stage_bytes); !s.ok()) return s;
+  stage_used_ = 0;
   result.seconds.upload += Since(start);
 
   const bool wants_scores = UsesKeyScores(spec);
@@ -773,7 +796,7 @@ absl::StatusOr<LayerResult> CudaBackend::Run(const LayerJob& job) {
     CompactedHead& head = result.heads[h];
     const int64_t t = static_cast<int64_t>(head.indices.size());
     float* cv = cv_all_.get() + offset[h];
-    if (auto s = ToDevice(idx_, head.indices.data(), t, stream_); !s.ok()) return s;
+    if (auto s = Upload(idx_, head.indices.data(), t); !s.ok()) return s;
     GatherRows(in_->keys.get() + h * T_ * d_, idx_.get(), t, d_, ck_.get(), stream_);
     KVC_LAUNCHED("GatherRows");
     KVC_CUDA(cudaEventRecord(events_[3 * h], stream_));
@@ -784,7 +807,7 @@ absl::StatusOr<LayerResult> CudaBackend::Run(const LayerJob& job) {
         return absl::Status(s.code(), absl::StrCat("head ", h, ": ", s.message()));
       }
     } else if (has_queries) {
-      if (auto s = ToDevice(beta_, head.beta.data(), t, stream_); !s.ok()) return s;
+      if (auto s = Upload(beta_, head.beta.data(), t); !s.ok()) return s;
       KVC_CUDA(cudaMemcpyAsync(cv, head.values.data(), t * dv_ * sizeof(float), cudaMemcpyHostToDevice, stream_));
     }
     KVC_CUDA(cudaEventRecord(events_[3 * h + 1], stream_));
@@ -797,7 +820,7 @@ absl::StatusOr<LayerResult> CudaBackend::Run(const LayerJob& job) {
       float* sel_cv = sel_cv_.get() + offset[h];
       GatherRows(in_->values.get() + h * T_ * dv_, idx_.get(), t, dv_, sel_cv, stream_);
       KVC_LAUNCHED("GatherRows(V_S)");
-      if (auto s = ToDevice(beta_, bias_s[h].data(), t, stream_); !s.ok()) return s;
+      if (auto s = Upload(beta_, bias_s[h].data(), t); !s.ok()) return s;
       if (auto s = EvaluateHead(h, t, nf, ne, sel_cv, sel_err_.get() + 6 * h); !s.ok()) return s;
     }
     KVC_CUDA(cudaEventRecord(events_[3 * h + 2], stream_));

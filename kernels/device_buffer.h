@@ -87,6 +87,7 @@ class PinnedBuffer {
     return absl::OkStatus();
   }
   T* get() const { return ptr_; }
+  size_t capacity() const { return capacity_; }
   void Release() {
     if (ptr_) cudaFreeHost(ptr_);
     ptr_ = nullptr;
