@@ -298,14 +298,19 @@ def number_positions(pieces: Sequence[str], budget: int, *, surprisal: Optional[
 
 
 DETAIL_QUESTION = 'What is the number after "{name}" in the text above?'
+DETAIL_SPAN_QUESTION = 'What comes after "{name}" in the text above?'
 
 
 def detail_questions(pieces: Sequence[str], surprisal: Sequence[float], count: int = 8, before: int = 4,
-                     start: int = 0) -> list[str]:
+                     start: int = 0, spans: bool = False) -> list[str]:
     """Questions about the context's `count` least predictable numbers, each named by the words in
     the `before` tokens in front of it ('What is the number after "pass key is" in the text
-    above?'); numbers with no word in front are skipped. Their queries and those of the model's
-    answers are reference queries that find a detail and copy it (docs/QUALITY.md)."""
+    above?'); numbers with no word in front are skipped. With `spans`, about its least predictable
+    words of any kind (names, code names, places; numbers keep their wording), at least `before`
+    tokens apart: 'What comes after "the code name" in the text above?'. Their queries and those of
+    the model's answers are reference queries that find a detail and copy it (docs/QUALITY.md)."""
+    if spans:
+        return _detail_span_questions(pieces, surprisal, count, before, start)
     out = []
     for first, digit, _ in number_spans(pieces, surprisal=surprisal, before=before, start=start):
         if len(out) == count:
@@ -313,6 +318,33 @@ def detail_questions(pieces: Sequence[str], surprisal: Sequence[float], count: i
         name = "".join(pieces[first:digit]).strip()
         if any(c.isalpha() for c in name):
             out.append(DETAIL_QUESTION.format(name=name))
+    return out
+
+
+def _detail_span_questions(pieces: Sequence[str], surprisal: Sequence[float], count: int, before: int,
+                           start: int) -> list[str]:
+    s = np.asarray(surprisal, dtype=np.float64)
+    out, taken, names = [], [], set()
+    for p in np.argsort(-s[start + before:], kind="stable") + start + before:
+        if len(out) == count:
+            break
+        p = int(p)
+        if not any(c.isalnum() for c in pieces[p]) or any(abs(p - q) < before for q in taken):
+            continue
+        first = p
+        if any(c.isdigit() for c in pieces[p]):  # name a number from its first digit token
+            while first > start and any(c.isdigit() for c in pieces[first - 1]):
+                first -= 1
+        lead = max(start, first - before)
+        while lead > max(start, first - 2 * before) and pieces[lead][:1].isalnum():
+            lead -= 1  # start the name at a word's beginning ("Felix Aydin", not "ix Aydin")
+        name = "".join(pieces[lead:first]).strip()
+        if not any(c.isalpha() for c in name) or name in names:  # a repeated name asks nothing definite
+            continue
+        taken.append(p)
+        names.add(name)
+        wording = DETAIL_QUESTION if any(c.isdigit() for c in pieces[p]) else DETAIL_SPAN_QUESTION
+        out.append(wording.format(name=name))
     return out
 
 

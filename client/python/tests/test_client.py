@@ -244,6 +244,30 @@ def test_detail_positions_are_the_ones_before_the_least_predictable_tokens_at_ev
             detail_positions(surprisal, bad)
 
 
+def test_detail_span_questions_name_the_least_predictable_words_of_any_kind():
+    from kvcompact.client import detail_questions
+    #          0     1        2       3      4         5       6     7     8      9       10    11    12
+    pieces = ["<s>", " The", " agent", " is", " Fel", "ix", " Ay", "din", ".", " Badge", " 4", "82", " ."]
+    surprisal = [0, 0, 1, 2, 9, 8.5, 8, 3, 7, 0.5, 6, 5, 0]
+    asked = detail_questions(pieces, surprisal, count=8, before=2, start=1, spans=True)
+    # The most surprising first, each named by the `before` tokens in front of it, from a word's
+    # start ("Felix", not "ix"); "ix" (within `before` of " Fel"), "." (punctuation) and "82"
+    # (inside the number " 482", named from its first digit) are not asked about.
+    assert asked == ['What comes after "agent is" in the text above?',
+                     'What comes after "Felix" in the text above?',
+                     'What is the number after ". Badge" in the text above?']
+    assert detail_questions(pieces, surprisal, count=1, before=2, start=1, spans=True) == asked[:1]
+    # Numbers only (the default) asks about the number alone.
+    assert detail_questions(pieces, surprisal, count=8, before=2, start=1) == [
+        'What is the number after ". Badge" in the text above?']
+    # A name already asked about is not asked again; nothing to ask in a text of no words.
+    twice = ["<s>", " a", " b", " X", " a", " b", " Y"]
+    asked_twice = detail_questions(twice, [0, 0, 0, 9, 0, 0, 8], count=8, before=2, start=1, spans=True)
+    assert asked_twice[0] == 'What comes after "a b" in the text above?'
+    assert asked_twice.count(asked_twice[0]) == 1  # " Y" is named "a b" too: not asked
+    assert detail_questions(["<s>", ".", ","], [0, 5, 5], count=8, before=1, spans=True) == []
+
+
 def test_protected_plan_splits_the_span_and_the_budget():
     from kvcompact.client import protected_plan
 

@@ -75,10 +75,10 @@ class Prefix:
                                                            self.model.config.num_heads // self.model.config.num_kv_heads)
                 elif name == "self_study":
                     self.pools[name] = rq.self_study(self.model, self.cache)
-                elif name.startswith("detail_questions"):  # detail_questions or detail_questions@8 (count)
+                elif name.startswith(("detail_questions", "detail_spans")):  # ...@8 (count)
                     count = int(name.split("@")[1]) if "@" in name else 8
                     self.pools[name] = rq.detail_questions(self.model, self.cache, self.tokens, self.surprisal, count,
-                                                           start=SINK_TOKENS)
+                                                           start=SINK_TOKENS, spans=name.startswith("detail_spans"))
                 elif name == "question":
                     if not self.question:
                         raise ValueError("'question' queries exist only where the question is known before compaction "
@@ -86,7 +86,7 @@ class Prefix:
                     _, self.pools[name] = self.model.forward(self.question, self.cache.copy(), capture_queries=True)
                 else:
                     raise ValueError(f"unknown query source {name!r} (context, repeat, repeat_detail[@share], "
-                                     "self_study, detail_questions[@count], question)")
+                                     "self_study, detail_questions[@count], detail_spans[@count], question)")
                 self.capture_seconds[name] = time.time() - start
             parts.append(self.pools[name])
         return rq.subsample(rq.combine(*parts), self.queries_per_head, np.random.default_rng(0))
@@ -504,7 +504,7 @@ def main(argv: list[str] | None = None) -> None:
                                                       "streaming_llm", "random", "summary"],
                     help="service methods (and 'summary', the text-summarization baseline run on the client), "
                          "optionally with options: am:ridge=1e-3, am:queries=repeat "
-                         "(query sources: context, repeat, repeat_detail[@share], self_study, detail_questions[@count], "
+                         "(query sources: context, repeat, repeat_detail[@share], self_study, detail_questions[@count], detail_spans[@count], "
                          "question, joined by +; "
                          "default repeat+self_study for am, "
                          "context for the baselines); am:protect=numbers,protect_before=3[,protect_share=0.5] keeps "

@@ -122,14 +122,14 @@ def _answer(model, cache: KVCache, prompt: list[int], max_new_tokens: int, per_l
 
 
 def detail_questions(model, cache: KVCache, tokens: Sequence[int], surprisal: np.ndarray, count: int = 8,
-                     before: int = 4, answer_tokens: int = 8, start: int = 0) -> list[np.ndarray]:
+                     before: int = 4, answer_tokens: int = 8, start: int = 0, spans: bool = False) -> list[np.ndarray]:
     """Queries of questions about the context's `count` least predictable named numbers
     (kvcompact.client.detail_questions) and of the model's greedy answers: the queries that must
     find a detail and copy it, the kind a later question about a detail makes. A context without
     a named number gives no queries."""
     pieces = [model.tokenizer.decode([t]) for t in tokens]
     per_layer: list[list[np.ndarray]] = [[] for _ in range(model.config.num_layers)]
-    for question in client_detail_questions(pieces, surprisal, count, before, start):
+    for question in client_detail_questions(pieces, surprisal, count, before, start, spans=spans):
         _answer(model, cache, instruction_tokens(model, question), answer_tokens, per_layer, with_prompt=True)
     if not per_layer[0]:
         c = model.config
