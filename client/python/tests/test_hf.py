@@ -218,6 +218,12 @@ def test_detail_questions_add_the_queries_of_questions_about_named_numbers_and_t
     assert extra % group == 0
     assert sum(len(fmt.instruction(q)) for q in asked) <= extra // group <= sum(len(fmt.instruction(q)) + 8 for q in asked)
     torch.testing.assert_close(both[l][:, :alone[l].shape[1]], alone[l])
+    # The narrative-or-unknown mix: the same queries, then the self-study answers'.
+    _, details = capture_queries(model, ids, "repeat-prefill+repeat-detail+detail-questions", fmt, max_queries=10_000)
+    _, every = capture_queries(model, ids, "repeat-prefill+repeat-detail+detail-questions+self-study", fmt,
+                               max_queries=10_000)
+    assert every[l].shape[1] > details[l].shape[1]
+    torch.testing.assert_close(every[l][:, :details[l].shape[1]], details[l])
     # No named number: the source adds nothing, and alone it is an error rather than an empty fit.
     plain = fmt.context("the crate holds salt and the gate is green " * 2)
     _, a = capture_queries(model, plain, "repeat-prefill", fmt, max_queries=10_000)

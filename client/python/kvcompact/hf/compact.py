@@ -152,8 +152,9 @@ def compact_ids(model, ids: Sequence[int], *, server: str = "localhost:50051", c
     queries' sources joined by '+' (QUERY_SOURCES); the default, one extra prefill that repeats
     the context with the queries before its `detail_share` least predictable tokens counted twice,
     and short questions about its least predictable named numbers with their answers, is the best
-    measured for contexts of details (every pass key at 20x) and level on narrative ones with
-    repeat-prefill alone (docs/QUALITY.md). `protected`: positions
+    measured for contexts of details (every pass key at 20x); for narrative or unknown contexts add
+    "+self-study" (the best measured on narrative answers, at most about a nat behind on dense
+    facts; docs/QUALITY.md). `protected`: positions
     of the span the caller names (the details a later question may need: numbers, names) kept
     exact with bias 0; they count against the budget and the service compacts the rest.
     `protect="numbers"` (needs `tokenizer`) adds every number with the `protect_before` tokens
