@@ -2,10 +2,10 @@
 
 The model reads lists of random records written here (words and numbers that mean nothing, so
 nothing but the context can supply them), is asked to copy one record back, and the right record
-is teacher-forced as its answer. For every answer token that occurs once in the context, each
-head's attention weight on that occurrence (from the query that predicts it, averaged over the
-query heads of the KV head) is recorded; a head's retrieval score is its mean over the copied
-tokens. Heads that score high are the ones a later question about a detail reads through (Wu et
+is teacher-forced as its answer. For every token of the record's value (after its key, which
+the question itself holds), each head's attention weight on that token's place in the context
+(from the query that predicts it, averaged over the query heads of the KV head) is recorded; a
+head's retrieval score is its mean over the copied tokens. Heads that score high are the ones a later question about a detail reads through (Wu et
 al., "Retrieval Head Mechanistically Explains Long-Context Factuality", 2024). Writes a budget
 profile (shares = score + floor x mean score) for the server's --profiles_dir:
 
@@ -48,6 +48,7 @@ def head_scores(model, records: list[str], asked: int) -> tuple[np.ndarray, int]
     """[layers, kv_heads] summed attention on the source of each copied token, and their count."""
     cfg = model.config
     tok = model.tokenizer
+    layers = model.compactable_layers()
     prefix = chat_prefix(model, "\n".join(records), 10 ** 6)
     cache, _ = rq.context_prefill(model, prefix)
     key = records[asked].split(":")[0]
@@ -61,11 +62,10 @@ def head_scores(model, records: list[str], asked: int) -> tuple[np.ndarray, int]
     body = answer[1:]  # the first token may be split differently after a newline
     start = next((p for p in range(len(prefix) - len(body) + 1) if prefix[p:p + len(body)] == body), None)
     if start is None:
-        return np.zeros((len(model.compactable_layers()), cfg.num_kv_heads)), 0
+        return np.zeros((len(layers), cfg.num_kv_heads)), 0
     first_value = len(tok.encode(key + ":"))
     steps = [(len(suffix) + i - 1, start + i - 1) for i in range(max(1, first_value), len(answer))]
     group = cfg.num_heads // cfg.num_kv_heads
-    layers = model.compactable_layers()
     scores = np.zeros((len(layers), cfg.num_kv_heads))
     for li, l in enumerate(layers):
         for g in range(cfg.num_kv_heads):
