@@ -126,6 +126,24 @@ def test_protected_positions_stay_exact_and_count_against_the_budget(server_addr
             np.testing.assert_array_equal(exact, before.heads[l][g].keys[protected])
             np.testing.assert_array_equal(block.values[-len(protected):], before.heads[l][g].values[protected])
             assert not block.bias[-len(protected):].any()
+
+    # An allocation rule splits what the protected leave of the total; explicit per-head budgets lose them each.
+    shares = [4, 1, 1, 1, 1, 2]
+    for budget, want in (({"allocation": "profile", "shares": shares, "ratio": 10}, None),
+                         ({"per_head": [30, 25, 20, 15, 10, 5]}, [30, 25, 20, 15, 10, 5])):
+        split = before.copy()
+        with Client(server_address) as client:
+            compact_cache(split, client, queries, 4, T, protected=protected, **budget)
+        sizes = [len(split.heads[l][g]) - 4 for l in range(layers) for g in range(heads)]
+        if want is None:
+            assert sum(sizes) == layers * heads * round((T - 4) / 10) and sizes[0] > sizes[1]
+        else:
+            assert sizes == want
+        for l in range(layers):
+            for g in range(heads):
+                np.testing.assert_array_equal(split.heads[l][g].keys[-len(protected):], before.heads[l][g].keys[protected])
+    with pytest.raises(ValueError, match="leave nothing"):
+        compact_cache(before.copy(), Client(server_address), queries, 4, T, protected=protected, per_head=[30, 3, 9, 9, 9, 9])
     with pytest.raises(ValueError, match="lie in"):
         compact_cache(before.copy(), Client(server_address), queries, 4, T, protected=[2], ratio=10)
     with pytest.raises(ValueError, match="leave nothing"):

@@ -34,17 +34,25 @@ def compact_cache(cache: KVCache, client: Client, queries: Optional[Sequence[np.
     """Compacts entries [start, end) of every head of `layers` (default: all; models with sliding
     windows pass their compactable_layers()) in place; returns the service result, whose layer i
     is layers[i]. `protected` (positions in [start, end)) stay exact, with their bias, and count against
-    the budget: the service compacts the rest of the span to `ratio`'s total less their number
-    (compacted blocks compose, so exact entries beside a compacted block change nothing in its fit)."""
+    the budget: the service compacts the rest of the span to `ratio`'s (or `tokens`', or each of
+    `per_head`'s) total less their number, split across heads by `allocation` if given (compacted
+    blocks compose, so exact entries beside a compacted block change nothing in its fit)."""
     chosen = list(range(len(cache.heads))) if layers is None else list(layers)
     if protected is None or len(protected) == 0:
         result = client.compact(cache_layers(cache, queries, start, end, chosen), **options)
         exact = None
     else:
-        if options.get("allocation") or options.get("per_head"):
-            raise ValueError("protected positions take a budget of either ratio or tokens")
-        rest, exact, left = protected_plan(start, end, protected, options.pop("ratio", None), options.pop("tokens", None))
-        result = client.compact(_gathered_layers(cache, queries, rest, chosen), tokens=left, **options)
+        per_head = options.pop("per_head", None)
+        if per_head is not None:  # each head's own total, the protected included
+            rest, exact, _ = protected_plan(start, end, protected, tokens=max(per_head))
+            if min(per_head) <= exact.size:
+                raise ValueError(f"{exact.size} protected positions leave nothing of a budget of {min(per_head)} per head")
+            budget = {"per_head": [int(t) - int(exact.size) for t in per_head]}
+        else:
+            rest, exact, left = protected_plan(start, end, protected, options.pop("ratio", None), options.pop("tokens", None))
+            # An allocation rule splits round(T / ratio) per head of the rest; this ratio makes that `left`.
+            budget = {"ratio": rest.size / left} if options.get("allocation") else {"tokens": left}
+        result = client.compact(_gathered_layers(cache, queries, rest, chosen), **budget, **options)
     if result.errors:
         raise RuntimeError(f"compaction failed for layers {sorted(result.errors)}: {next(iter(result.errors.values()))}")
     for i, layer in result.layers.items():
