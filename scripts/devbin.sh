@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rm -rf .devbin && mkdir -p .devbin/lib
-for b in tests/gpu_test bench/bench_gpu_layer bench/bench_fused_stats bench/bench_lsq bench/bench_lsq_caps bench/bench_omp server/kvcompact-server tests/e2e_test bench/bench_e2e client/kvcompact; do
+for b in tests/gpu_test bench/bench_gpu_layer bench/bench_fused_stats bench/bench_lsq bench/bench_cholesky bench/bench_lsq_caps bench/bench_omp server/kvcompact-server tests/e2e_test bench/bench_e2e client/kvcompact; do
   [ -x "build/$b" ] && cp "build/$b" .devbin/
 done
 find .devbin -maxdepth 1 -type f -exec ldd {} \; | awk '/=> \//{print $3}' | sort -u |
