@@ -24,7 +24,8 @@ def test_a_few_heads_carry_the_copy_and_get_the_largest_shares(tmp_path):
     retrieval_heads.main(["--model", "smollm2", "--out", str(out), "--documents", "1", "--records", "12",
                           "--floor", "1"])
     parsed = json_format.Parse(open(out).read(), pb.BudgetProfile())
-    assert parsed.name == "smollm2-135m-instruct-retrieval" and parsed.num_layers == 30 and parsed.num_kv_heads == 3
+    assert parsed.name == "smollm2-135m-instruct-retrieval" and parsed.model == "SmolLM2-135M-Instruct"
+    assert parsed.num_layers == 30 and parsed.num_kv_heads == 3
     shares = np.array(parsed.shares)
     assert shares.shape == (90,) and np.all(shares > 0) and abs(shares.sum() - 1) < 1e-4
     assert shares.max() > 5 * np.median(shares)

@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
           ", ".join(f"({layers[i // score.shape[1]]}, {i % score.shape[1]}, {score.flat[i]:.2f})" for i in order))
     name = args.name or PROFILE_NAMES[args.model] + "-retrieval"
     command = "python -m kvcompact.eval.retrieval_heads " + " ".join(argv if argv is not None else sys.argv[1:])
-    profile = {"name": name, "model": type(model).__name__, "numLayers": len(layers), "numKvHeads": score.shape[1],
+    profile = {"name": name, "model": model.name, "numLayers": len(layers), "numKvHeads": score.shape[1],
                "shares": [round(float(x), 6) for x in shares.ravel()],
                "method": f"{command}: retrieval scores (row-major, layers x KV heads) " +
                          " ".join(f"{x:.3f}" for x in score.ravel())}
