@@ -375,8 +375,8 @@ def make_header(layers: Layer | Sequence[Layer], *, ratio: Optional[float] = Non
     """The StreamHeader for `layers` (geometry from the first layer's shapes).
 
     Budget: `per_head` (explicit t per layer-major head), `tokens` (the same t everywhere), or
-    `ratio` (default 20) -- with `allocation` (one of ALLOCATIONS) splitting the ratio's total
-    across heads: "profile" takes a server-side `profile` name or inline `shares`. `layers` may be
+    `ratio` (default 20) -- with `allocation` (one of ALLOCATIONS) splitting the ratio's (or
+    `tokens`') total across heads: "profile" takes a server-side `profile` name or inline `shares`. `layers` may be
     the first layer alone when `num_layers` is given (layers streamed as they are computed)."""
     first = layers if isinstance(layers, Layer) else layers[0]
     if num_layers is None and isinstance(layers, Layer):
@@ -399,9 +399,12 @@ def make_header(layers: Layer | Sequence[Layer], *, ratio: Optional[float] = Non
     o.omp.progressive, o.omp.candidates = float(omp_progressive), int(omp_candidates)
     o.chunk_tokens = int(chunk_tokens)  # > 0: compacted in contiguous chunks of at most this many tokens
     if allocation is not None:
+        if per_head is not None:
+            raise ValueError("an allocation rule decides the per-head budgets: give ratio or tokens, not per_head")
         a = o.budget.allocation
         a.rule = _lookup(ALLOCATIONS, allocation, "allocation")
-        a.ratio = ratio if ratio is not None else 20.0
+        # The rule splits round(T / ratio) per head; `tokens` per head is the ratio T / tokens.
+        a.ratio = ratio if ratio is not None else (k_shape[1] / tokens if tokens else 20.0)
         a.profile, a.head_cap, a.pyramid_spread, a.probe_queries = profile, head_cap, pyramid_spread, probe_queries
         if shares is not None:
             a.shares.extend(float(x) for x in shares)

@@ -280,3 +280,14 @@ def test_protected_plan_splits_the_span_and_the_budget():
         protected_plan(4, 14, [14], ratio=2)
     with pytest.raises(ValueError, match="leave nothing"):
         protected_plan(4, 14, [4, 5, 6, 7, 8], ratio=2)
+
+
+def test_allocation_splits_a_ratio_or_a_per_head_token_budget():
+    from kvcompact.client import make_header
+    layers = make_layers(num_layers=1, tokens=600)
+    by_tokens = make_header(layers, tokens=40, allocation="profile", shares=[1, 3])
+    assert by_tokens.options.budget.allocation.ratio == pytest.approx(600 / 40)  # round(T / ratio) = 40 per head
+    assert make_header(layers, ratio=8, allocation="profile", shares=[1, 3]).options.budget.allocation.ratio == 8
+    assert make_header(layers, allocation="profile", shares=[1, 3]).options.budget.allocation.ratio == 20
+    with pytest.raises(ValueError, match="not per_head"):
+        make_header(layers, per_head=[10, 20], allocation="profile", shares=[1, 3])

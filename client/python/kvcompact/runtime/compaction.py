@@ -50,8 +50,7 @@ def compact_cache(cache: KVCache, client: Client, queries: Optional[Sequence[np.
             budget = {"per_head": [int(t) - int(exact.size) for t in per_head]}
         else:
             rest, exact, left = protected_plan(start, end, protected, options.pop("ratio", None), options.pop("tokens", None))
-            # An allocation rule splits round(T / ratio) per head of the rest; this ratio makes that `left`.
-            budget = {"ratio": rest.size / left} if options.get("allocation") else {"tokens": left}
+            budget = {"tokens": left}  # with an allocation rule, its mean per head
         result = client.compact(_gathered_layers(cache, queries, rest, chosen), **budget, **options)
     if result.errors:
         raise RuntimeError(f"compaction failed for layers {sorted(result.errors)}: {next(iter(result.errors.values()))}")
