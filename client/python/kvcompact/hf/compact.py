@@ -156,7 +156,7 @@ def compact_ids(model, ids: Sequence[int], *, server: str = "localhost:50051", c
     "+self-study" (the best measured on narrative answers, at most about a nat behind on dense
     facts; docs/QUALITY.md). With either, `allocation="profile"` and `profile=` a retrieval-head
     profile the server loaded (SmolLM2: "smollm2-135m-instruct-retrieval") give the heads that copy
-    details more of the budget: a dense fact's loss halved (docs/QUALITY.md). `protected`: positions
+    details more of the budget: a dense fact's loss about halved (docs/QUALITY.md). `protected`: positions
     of the span the caller names (the details a later question may need: numbers, names) kept
     exact with bias 0; they count against the budget and the service compacts the rest.
     `protect="numbers"` (needs `tokenizer`) adds every number with the `protect_before` tokens
