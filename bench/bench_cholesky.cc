@@ -88,15 +88,19 @@ int PotrfWork(cusolverDnHandle_t h, int n, T* a) {
 struct Lanes {
   std::vector<cudaStream_t> streams;
   std::vector<cusolverDnHandle_t> solvers;
-  explicit Lanes(int count) : streams(count), solvers(count) {
+  std::vector<cudaEvent_t> done;  // each lane's end, joined into stream 0 (made here, not while timing)
+  explicit Lanes(int count) : streams(count), solvers(count), done(count) {
     for (int i = 0; i < count; ++i) {
       CK(cudaStreamCreateWithFlags(&streams[i], cudaStreamNonBlocking));
       CK(cusolverDnCreate(&solvers[i]));
       CK(cusolverDnSetStream(solvers[i], streams[i]));
+      CK(cudaEventCreateWithFlags(&done[i], cudaEventDisableTiming));
     }
   }
   ~Lanes() {
-    for (size_t i = 0; i < streams.size(); ++i) cusolverDnDestroy(solvers[i]), cudaStreamDestroy(streams[i]);
+    for (size_t i = 0; i < streams.size(); ++i) {
+      cudaEventDestroy(done[i]), cusolverDnDestroy(solvers[i]), cudaStreamDestroy(streams[i]);
+    }
   }
 };
 
@@ -138,11 +142,8 @@ double TimeRoute(int route, int count, int n, const T* pristine, T* a, Lanes& la
         CK(Potrf<T>(lanes.solvers[k], n, a + b * nn, work + size_t(lwork) * b, lwork, info + b));
       }
       for (int k = 1; k < used; ++k) {
-        cudaEvent_t done;
-        CK(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
-        CK(cudaEventRecord(done, lanes.streams[k]));
-        CK(cudaStreamWaitEvent(lanes.streams[0], done, 0));
-        CK(cudaEventDestroy(done));
+        CK(cudaEventRecord(lanes.done[k], lanes.streams[k]));
+        CK(cudaStreamWaitEvent(lanes.streams[0], lanes.done[k], 0));
       }
     }
     CK(cudaEventRecord(stop, lanes.streams[0]));

@@ -326,6 +326,8 @@ def test_bad_arguments_are_refused_before_anything_is_sent():
         hf.compact_ids(model, _ids(20, 1), server="127.0.0.1:1", queries="psychic")
     with pytest.raises(ValueError, match="leave nothing"):
         hf.compact_ids(model, _ids(20, 1), server="127.0.0.1:1", keep_first=15, keep_last=5)
+    with pytest.raises(ValueError, match="not per_head"):
+        hf.compact_ids(model, _ids(20, 1), server="127.0.0.1:1", protected=[6], per_head=[3] * 8)
     for queries in ("repeat-prefill", "repeat-detail", "self-study"):
         with pytest.raises(ValueError, match="need the tokenizer"):
             hf.compact_ids(model, _ids(20, 1), server="127.0.0.1:1", queries=queries)

@@ -166,6 +166,8 @@ def compact_ids(model, ids: Sequence[int], *, server: str = "localhost:50051", c
         raise ValueError(f"keep_first={keep_first} and keep_last={keep_last} leave nothing of {len(ids)} tokens")
     if protect not in (None, "numbers"):
         raise ValueError(f"protect={protect!r}: only 'numbers' is defined")
+    if (protect or protected) and "per_head" in options:  # make_header would take it over the rest's budget
+        raise ValueError("protected positions take a budget of ratio or tokens here, not per_head")
     if protect and tokenizer is None:
         raise ValueError("protect='numbers' needs the tokenizer (numbers are found in the tokens' text)")
     end = len(ids) - keep_last

@@ -43,10 +43,8 @@ def compact_cache(cache: KVCache, client: Client, queries: Optional[Sequence[np.
         exact = None
     else:
         per_head = options.pop("per_head", None)
-        if per_head is not None:  # each head's own total, the protected included
-            rest, exact, _ = protected_plan(start, end, protected, tokens=max(per_head))
-            if min(per_head) <= exact.size:
-                raise ValueError(f"{exact.size} protected positions leave nothing of a budget of {min(per_head)} per head")
+        if per_head is not None:  # each head's own total, the protected included; the smallest must leave some
+            rest, exact, _ = protected_plan(start, end, protected, tokens=min(per_head))
             budget = {"per_head": [int(t) - int(exact.size) for t in per_head]}
         else:
             rest, exact, left = protected_plan(start, end, protected, options.pop("ratio", None), options.pop("tokens", None))
