@@ -4,6 +4,9 @@
 #include <filesystem>
 #include <fstream>
 #include <numeric>
+#include <string>
+
+#include <unistd.h>
 
 #include <gtest/gtest.h>
 
@@ -17,8 +20,10 @@ namespace {
 
 constexpr int kLayers = 4, kHeads = 2, kTokens = 400, kQueries = 200;
 
+// One directory per test process: CTest runs this suite's tests as parallel processes, and a
+// shared file rewritten by one while another's server reads it fails that server's start.
 std::string ProfileDir() {
-  const std::string dir = ::testing::TempDir() + "kvcompact_profiles";
+  const std::string dir = ::testing::TempDir() + "kvcompact_profiles_" + std::to_string(::getpid());
   std::filesystem::create_directories(dir);
   std::ofstream(dir + "/toy.json") << R"({"name": "toy", "model": "test", "numLayers": 4, "numKvHeads": 2,
     "shares": [8, 1, 4, 1, 2, 1, 1, 1], "method": "written by the test"})";
