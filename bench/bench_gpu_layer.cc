@@ -35,7 +35,8 @@ ABSL_FLAG(bool, fused_stats, true,
 ABSL_FLAG(std::string, dtype, "fp32",
           "the wire dtype of keys, values and queries (fp32, bf16, fp16): the generated layer is rounded through it, as the "
           "server's decode yields it");
-ABSL_FLAG(int, mass_fit_iterations, 0, "the mass fit's iteration bound (0: the service's, kMassFitMaxIterations)");
+ABSL_FLAG(int, mass_fit_iterations, 0, "the mass fit's iteration bound (0: the service's for the solver)");
+ABSL_FLAG(bool, mass_fit_newton, false, "the mass fit by projected Newton (cuSOLVER Cholesky) instead of the accelerated solver");
 ABSL_FLAG(uint32_t, distinct, 2, "distinct generated layers, reused round-robin");
 ABSL_FLAG(double, holdout, 0.1, "held-out share of queries");
 ABSL_FLAG(bool, prefetch, true, "hand the next layer to Backend::Prefetch before each layer, as the server's worker does");
@@ -62,6 +63,7 @@ int main(int argc, char** argv) {
   options.allow_tf32 = absl::GetFlag(FLAGS_allow_tf32);
   options.fused_stats = absl::GetFlag(FLAGS_fused_stats);
   options.mass_fit_max_iterations = absl::GetFlag(FLAGS_mass_fit_iterations);
+  options.mass_fit_newton = absl::GetFlag(FLAGS_mass_fit_newton);
   const uint32_t concurrent = std::max(1u, absl::GetFlag(FLAGS_concurrent_layers));
   // As the server makes its lanes: each backend with an equal share of the memory bound.
   auto made = kernels::MakeCudaBackends(options, static_cast<int>(concurrent));

@@ -1,6 +1,7 @@
 // The mass fit's bounded NNLS under iteration caps, across n_fit / t: how many iterations the
 // projected Newton method takes to converge, and how much of the objective and of the held-out
-// output error an early stop gives up. The basis for BoundedLsqOptions::max_iterations.
+// output error an early stop gives up, for it and for the accelerated solver. The basis for
+// kMassFitMaxIterations and kMassFitAcceleratedMaxIterations.
 //   bench_lsq_caps [--heads=8] [--tokens=4096] [--budget=400] [--eval=256] [--caps=5,10,12]
 #include <algorithm>
 #include <cmath>
@@ -24,6 +25,8 @@ ABSL_FLAG(int, budget, 400, "t");
 ABSL_FLAG(int, eval, 256, "held-out queries per head");
 ABSL_FLAG(std::vector<std::string>, caps, std::vector<std::string>({"5", "10", "12", "15", "20", "30"}),
           "iteration caps to compare with 200 iterations");
+ABSL_FLAG(std::vector<std::string>, accelerated, std::vector<std::string>({"50", "100", "200"}),
+          "iteration caps of the accelerated solver (core SolveBoundedLsqAccelerated), against the same reference");
 ABSL_FLAG(std::vector<std::string>, n_over_t, std::vector<std::string>({"0.25", "0.5", "1", "1.25", "2", "8"}),
           "fitting queries per point, as multiples of t");
 
@@ -34,6 +37,8 @@ int main(int argc, char** argv) {
             n_eval = absl::GetFlag(FLAGS_eval);
   std::vector<int> caps;
   for (const std::string& c : absl::GetFlag(FLAGS_caps)) caps.push_back(std::stoi(c));
+  std::vector<int> fo_its;
+  for (const std::string& c : absl::GetFlag(FLAGS_accelerated)) fo_its.push_back(std::stoi(c));
   caps.erase(std::remove(caps.begin(), caps.end(), 200), caps.end());
   caps.push_back(200);  // the reference every gap is measured against, last and once
   std::vector<double> n_over_t;
@@ -50,6 +55,7 @@ int main(int argc, char** argv) {
     const int n_fit = static_cast<int>(ratio * t);
     std::vector<int> iters;
     std::vector<double> err(caps.size()), gap(caps.size());
+    std::vector<double> fo_err(fo_its.size()), fo_gap(fo_its.size());
     for (int h = 0; h < heads; ++h) {
       SyntheticShape shape;
       shape.heads = 1;
@@ -86,10 +92,26 @@ int main(int argc, char** argv) {
         MeasureErrors(head, eval_q, eval_stats, block.scale, &out_err, &mass_err);
         err[k] += out_err / heads;
       }
+      for (size_t k = 0; k < fo_its.size(); ++k) {
+        AcceleratedLsqOptions o;
+        o.max_iterations = fo_its[k];
+        const VectorD w = SolveBoundedLsqAccelerated(gram, rhs, lo, hi, o).w;
+        const double f = 0.5 * w.dot(gram * w) - rhs.dot(w);
+        fo_gap[k] += (f - f_full) / std::max(1e-300, std::abs(f_full)) / heads;
+        head.beta = (w.array().log().cast<float>() + bias.array()).matrix();
+        const MatrixF design = RowSoftmax(SubsetLogits(fit_q, head.keys, head.beta, block.scale));
+        head.values = FitValues(design, fit_stats.outputs, ridge, &selected);
+        float out_err = 0, mass_err = 0;
+        MeasureErrors(head, eval_q, eval_stats, block.scale, &out_err, &mass_err);
+        fo_err[k] += out_err / heads;
+      }
     }
     std::sort(iters.begin(), iters.end());
     printf("%-8.2f | %4d / %-11d", ratio, iters.back(), iters[iters.size() / 2]);
     for (size_t k = 0; k < caps.size(); ++k) printf(" | %.4f [%7.1e]", err[k], gap[k]);
+    printf("\n");
+    printf("%-8s | %-18s", "", "accelerated solver");
+    for (size_t k = 0; k < fo_its.size(); ++k) printf(" | %4d its %.4f [%7.1e]", fo_its[k], fo_err[k], fo_gap[k]);
     printf("\n");
     fflush(stdout);
   }

@@ -113,4 +113,61 @@ BoundedLsqResult SolveBoundedLsq(const MatrixD& gram, const VectorD& rhs, double
   return result;
 }
 
+BoundedLsqResult SolveBoundedLsqAccelerated(const MatrixD& gram, const VectorD& rhs, double lo, double hi,
+                                            const AcceleratedLsqOptions& options) {
+  const Eigen::Index t = rhs.size();
+  BoundedLsqResult result;
+  if (t == 0) {
+    result.converged = true;
+    return result;
+  }
+  // Unit diagonal: one step size suits every variable (the columns of Phi span decades).
+  const VectorD s = gram.diagonal().cwiseMax(1e-300).cwiseSqrt();
+  const VectorD inv_s = s.cwiseInverse();
+  const MatrixD g = inv_s.asDiagonal() * gram * inv_s.asDiagonal();
+  const VectorD c = rhs.cwiseProduct(inv_s);
+  const VectorD u_lo = lo * s, u_hi = hi * s;
+
+  // L from power iteration; trace(G') <= t bounds the largest eigenvalue where it falls short.
+  VectorD v = VectorD::Ones(t);
+  double norm = 0;
+  for (int k = 0; k < std::max(1, options.power_iterations); ++k) {
+    const VectorD gv = g * v;
+    const double n = gv.norm();
+    if (!(n > 0)) break;
+    v = gv / n;
+    norm = k == 0 ? n / std::sqrt(static_cast<double>(t)) : n;  // |v| = sqrt(t) at the first step
+  }
+  const double tt = static_cast<double>(t);
+  const double step = 1.0 / std::max(norm > 0 ? std::min(1.02 * norm, tt) : tt, 1e-300);
+
+  VectorD x = s.cwiseMax(u_lo).cwiseMin(u_hi);  // w = 1
+  VectorD y = x;
+  double momentum = 1;
+  for (int it = 0; it < options.max_iterations; ++it) {
+    const VectorD grad = g * y - c;
+    const VectorD next = (y - step * grad).cwiseMax(u_lo).cwiseMin(u_hi);
+    const double pg = ((y - (y - grad).cwiseMax(u_lo).cwiseMin(u_hi)).cwiseProduct(inv_s)).cwiseAbs().maxCoeff();
+    const double size = std::max(1.0, y.cwiseProduct(inv_s).cwiseAbs().maxCoeff());
+    result.iterations = it + 1;
+    if (pg <= options.tolerance * size) {
+      x = next;
+      result.converged = true;
+      break;
+    }
+    const double next_momentum = 0.5 * (1 + std::sqrt(1 + 4 * momentum * momentum));
+    if ((y - next).dot(next - x) > 0) {  // the step turned back: restart the momentum
+      y = next;
+      momentum = 1;
+    } else {
+      y = next + ((momentum - 1) / next_momentum) * (next - x);
+      momentum = next_momentum;
+    }
+    x = next;
+  }
+  result.w = x.cwiseProduct(inv_s).cwiseMax(lo).cwiseMin(hi);
+  result.projected_gradient = ProjectedGradientNorm(gram, rhs, result.w, lo, hi);
+  return result;
+}
+
 }  // namespace kvcompact

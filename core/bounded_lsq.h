@@ -27,6 +27,22 @@ struct BoundedLsqResult {
 BoundedLsqResult SolveBoundedLsq(const MatrixD& gram, const VectorD& rhs, double lo, double hi,
                                  const BoundedLsqOptions& options = {});
 
+// The same problem by accelerated projected gradient (FISTA with gradient restart, O'Donoghue and
+// Candes 2015) on the Jacobi-scaled system u = sqrt(diag G) w: no factorisation, one product
+// G' y per iteration, so a device can run every head's problem in lockstep with no host round trip
+// (kernels/device_lsq.h mirrors it step for step). Start w = 1 (plain selection), clamped; step
+// 1 / L with L = 1.02 x the largest eigenvalue of G' by `power_iterations` (at least 1) of power
+// iteration from the ones vector, at most t (>= trace G', which bounds it). Stops where the Newton solver would call it converged (the same scaled
+// projected gradient, taken at the extrapolated point) or after max_iterations.
+struct AcceleratedLsqOptions {
+  int max_iterations = 200;
+  double tolerance = 1e-8;
+  int power_iterations = 30;
+};
+
+BoundedLsqResult SolveBoundedLsqAccelerated(const MatrixD& gram, const VectorD& rhs, double lo, double hi,
+                                            const AcceleratedLsqOptions& options = {});
+
 // max_j |w_j - clamp(w_j - g_j)| with g = G w - c: zero exactly at a KKT point.
 double ProjectedGradientNorm(const MatrixD& gram, const VectorD& rhs, const VectorD& w, double lo,
                              double hi);

@@ -9,6 +9,7 @@
 
 #include "absl/status/statusor.h"
 #include "core/attention.h"
+#include "core/fit.h"
 #include "core/method.h"
 #include "core/omp.h"
 #include "core/types.h"
@@ -42,6 +43,7 @@ struct HeadOptions {
   double holdout_fraction = 0.1;
   int query_chunk = 256;
   bool force_fit = false;                   // fit even when t >= T (tests of the fit itself)
+  MassFitSolver mass_fit_solver = MassFitSolver::kBackendDefault;  // not on the wire: tests and benchmarks
 };
 
 inline constexpr double kDefaultValueRidge = 1e-2;

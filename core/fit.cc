@@ -19,11 +19,13 @@ MassSystem BuildMassSystem(const MatrixF& subset_logits, const VectorF& row_max,
 }
 
 MassFitResult FitMass(const MatrixF& subset_logits, const VectorF& row_max, const VectorF& mass,
-                      const VectorF& subset_bias, double w_lo, double w_hi, double prior) {
+                      const VectorF& subset_bias, double w_lo, double w_hi, double prior, MassFitSolver solver) {
   const auto [gram, rhs] = BuildMassSystem(subset_logits, row_max, mass, prior);
   MassFitResult result;
   const auto start = std::chrono::steady_clock::now();
-  result.solver = SolveBoundedLsq(gram, rhs, w_lo, w_hi, MassFitSolverOptions());
+  result.solver = solver == MassFitSolver::kAccelerated
+                      ? SolveBoundedLsqAccelerated(gram, rhs, w_lo, w_hi, MassFitAcceleratedOptions())
+                      : SolveBoundedLsq(gram, rhs, w_lo, w_hi, MassFitSolverOptions());
   result.solve_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   result.beta = (result.solver.w.array().log().cast<float>() + subset_bias.array()).matrix();
   return result;

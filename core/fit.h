@@ -27,6 +27,20 @@ inline BoundedLsqOptions MassFitSolverOptions() {
   return options;
 }
 
+// The GPU backend's mass fit: the accelerated solver (no factorisation, no host round trip) for at
+// most this many iterations (docs/BENCHMARKS.md: the held-out error against the Newton solver's).
+inline constexpr int kMassFitAcceleratedMaxIterations = 200;
+
+inline AcceleratedLsqOptions MassFitAcceleratedOptions() {
+  AcceleratedLsqOptions options;
+  options.max_iterations = kMassFitAcceleratedMaxIterations;
+  return options;
+}
+
+// Which solver the mass fit uses: the backend's own (the CPU backend projected Newton, the GPU
+// backend the accelerated solver) or the one named (tests that compare the backends name one).
+enum class MassFitSolver { kBackendDefault, kNewton, kAccelerated };
+
 // The normal equations of the mass fit, G = Phi^T Phi and c = Phi^T m with Phi = exp(L - M),
 // plus `prior` * mean(diag(G)) * ||w - 1||^2 (the pull toward selection's w = 1).
 struct MassSystem {
@@ -44,8 +58,10 @@ struct MassFitResult {
 // `subset_logits` = s * Q K_S^T + b_S (n x t), `row_max`/`mass` of the full block for the same queries.
 // `prior` > 0 adds prior * mean(diag(G)) * ||w - 1||^2 to the objective (a pull toward w = 1, the
 // selection's beta = b_S).
+// `solver`: kBackendDefault is the Newton solver here.
 MassFitResult FitMass(const MatrixF& subset_logits, const VectorF& row_max, const VectorF& mass,
-                      const VectorF& subset_bias, double w_lo, double w_hi, double prior = 0);
+                      const VectorF& subset_bias, double w_lo, double w_hi, double prior = 0,
+                      MassFitSolver solver = MassFitSolver::kBackendDefault);
 
 // Row-wise softmax of logits.
 MatrixF RowSoftmax(const MatrixF& logits);

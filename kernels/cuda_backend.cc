@@ -2,7 +2,7 @@
 // key scores, outputs: strided-batched cuBLAS over heads, query chunks bounded by the workspace so
 // the n x T matrix never exists whole); per head for the t-sized fits (ragged budgets): subset
 // logits, Phi^T Phi and Phi^T m on the GPU; the bounded NNLS for all heads at once on the GPU in
-// fp64 (kernels/device_lsq.h: the CPU solver's method); X^T X and X^T Y on the GPU and the ridge
+// fp64 (kernels/device_lsq.h: the accelerated solver of core/bounded_lsq.h, every head in lockstep); X^T X and X^T Y on the GPU and the ridge
 // solve by cuSOLVER Cholesky in fp32. Key selection runs on the host from the GPU's scores, with the CPU
 // backend's code, so both backends pick the same keys; OMP's greedy loop (core/omp.h) runs on a
 // host thread per head and reads its Gram matrix on the device from the pool's features.
@@ -642,9 +642,16 @@ absl::Status CudaBackend::FitMass(const std::vector<int64_t>& heads, int64_t nf,
     }
     const auto solve_start = Clock::now();
     std::vector<LsqOutcome> outcomes;
-    BoundedLsqOptions solver = MassFitSolverOptions();
-    if (options_.mass_fit_max_iterations > 0) solver.max_iterations = options_.mass_fit_max_iterations;
-    if (auto s = lsq_->Solve(solver, &outcomes); !s.ok()) return s;
+    const MassFitSolver chosen = options[heads[first]].mass_fit_solver;  // the layer's heads share it
+    if (chosen == MassFitSolver::kNewton || (chosen == MassFitSolver::kBackendDefault && options_.mass_fit_newton)) {
+      BoundedLsqOptions solver = MassFitSolverOptions();
+      if (options_.mass_fit_max_iterations > 0) solver.max_iterations = options_.mass_fit_max_iterations;
+      if (auto s = lsq_->Solve(solver, &outcomes); !s.ok()) return s;
+    } else {
+      AcceleratedLsqOptions solver = MassFitAcceleratedOptions();
+      if (options_.mass_fit_max_iterations > 0) solver.max_iterations = options_.mass_fit_max_iterations;
+      if (auto s = lsq_->SolveAccelerated(solver, &outcomes); !s.ok()) return s;
+    }
     for (size_t k = first; k < last; ++k) {
       const int64_t h = heads[k], t = sizes[k - first];
       std::vector<double> w(t);

@@ -25,7 +25,11 @@ struct CudaBackendOptions {
   size_t memory_limit_bytes = 0;
   // This backend's share of that bound, where several backends share the device (layers in flight).
   double memory_share = 1.0;
-  // The mass fit's iteration bound; 0: kMassFitMaxIterations (core/fit.h). For benchmarks only.
+  // The mass fit's solver: the accelerated projected gradient (every head in lockstep, no
+  // factorisation) or the CPU backend's projected Newton (a cuSOLVER Cholesky per head and step).
+  bool mass_fit_newton = true;
+  // The mass fit's iteration bound; 0: kMassFitAcceleratedMaxIterations or kMassFitMaxIterations
+  // (core/fit.h). For benchmarks only.
   int mass_fit_max_iterations = 0;
 };
 

@@ -188,4 +188,42 @@ absl::Status DeviceBoundedLsq::Solve(const BoundedLsqOptions& options, std::vect
   return absl::OkStatus();
 }
 
+absl::Status DeviceBoundedLsq::SolveAccelerated(const AcceleratedLsqOptions& options,
+                                               std::vector<LsqOutcome>* outcomes, int check_every) {
+  const int count = static_cast<int>(host_problems_.size());
+  outcomes->assign(count, LsqOutcome{});
+  if (count == 0) return absl::OkStatus();
+  host_states_.assign(count, LsqState{});
+  AccPrepare(problems_.get(), states_.get(), count, stream_);
+  KVC_LAUNCHED("AccPrepare");
+  AccScale(problems_.get(), count, t_max_, stream_);
+  KVC_LAUNCHED("AccScale");
+  const int power = std::max(1, options.power_iterations);
+  for (int k = 0; k < power; ++k) {
+    AccProduct(problems_.get(), states_.get(), count, t_max_, kLsqDir, kLsqGt, stream_);
+    KVC_LAUNCHED("AccProduct");
+    AccPowerStep(problems_.get(), states_.get(), count, k == 0, k + 1 == power, stream_);
+    KVC_LAUNCHED("AccPowerStep");
+  }
+  for (int it = 0; it < options.max_iterations; ++it) {
+    AccProduct(problems_.get(), states_.get(), count, t_max_, kLsqTrial, kLsqGt, stream_);
+    KVC_LAUNCHED("AccProduct");
+    AccStep(problems_.get(), states_.get(), count, options.tolerance, stream_);
+    KVC_LAUNCHED("AccStep");
+    if (check_every > 0 && (it + 1) % check_every == 0 && it + 1 < options.max_iterations) {
+      if (auto s = ReadStates(); !s.ok()) return s;
+      bool all = true;
+      for (const LsqState& st : host_states_) all = all && st.status == kLsqConverged;
+      if (all) break;
+    }
+  }
+  AccFinish(problems_.get(), count, stream_);
+  KVC_LAUNCHED("AccFinish");
+  if (auto s = ReadStates(); !s.ok()) return s;
+  for (int i = 0; i < count; ++i) {
+    (*outcomes)[i] = {host_states_[i].iterations, host_states_[i].status == kLsqConverged};
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace kvcompact::kernels

@@ -55,6 +55,11 @@ class DeviceBoundedLsq {
   const double* weights(int i) const { return host_problems_[i].vec + kLsqW * host_problems_[i].t; }
 
   absl::Status Solve(const BoundedLsqOptions& options, std::vector<LsqOutcome>* outcomes);
+  // The accelerated solver (core SolveBoundedLsqAccelerated): every problem's iterations in
+  // lockstep, two launches per iteration and no factorisation; the host reads the states only
+  // every `check_every` iterations, to stop launching once all have converged.
+  absl::Status SolveAccelerated(const AcceleratedLsqOptions& options, std::vector<LsqOutcome>* outcomes,
+                                int check_every = 50);
   void Release() {
     arena_.Release();
     for (auto& lane : lane_) lane->work.Release();

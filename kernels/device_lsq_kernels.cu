@@ -220,6 +220,120 @@ __global__ void CastToDoubleKernel(const float* in, int64_t count, double* out) 
   }
 }
 
+
+// --- The accelerated solver (core/bounded_lsq.cc SolveBoundedLsqAccelerated) ---
+
+__global__ void AccPrepareKernel(const LsqProblem* problems, LsqState* states) {
+  const LsqProblem p = problems[blockIdx.x];
+  double *s = Vec(p, kLsqInvDiag), *c = Vec(p, kLsqSol), *x = Vec(p, kLsqW), *y = Vec(p, kLsqTrial), *v = Vec(p, kLsqDir);
+  for (int64_t j = threadIdx.x; j < p.t; j += blockDim.x) {
+    s[j] = sqrt(fmax(p.gram[j * p.t + j], 1e-300));
+    c[j] = Vec(p, kLsqRhs)[j] / s[j];
+    x[j] = y[j] = Clamp(s[j], p.lo * s[j], p.hi * s[j]);
+    v[j] = 1.0;
+  }
+  if (threadIdx.x == 0) {
+    LsqState st;
+    st.alpha = 1;      // momentum
+    st.lipschitz = 0;  // the power iteration's norm until the last step
+    states[blockIdx.x] = st;
+  }
+}
+
+__global__ void AccScaleKernel(const LsqProblem* problems) {
+  const LsqProblem p = problems[blockIdx.y];
+  const double* s = Vec(p, kLsqInvDiag);
+  const int64_t n = p.t * p.t;
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < n; e += int64_t(gridDim.x) * blockDim.x) {
+    p.system[e] = p.gram[e] / (s[e / p.t] * s[e % p.t]);
+  }
+}
+
+constexpr int kRowsPerBlock = kBlock / 32;
+
+__global__ void AccProductKernel(const LsqProblem* problems, const LsqState* states, int in, int out) {
+  const LsqProblem p = problems[blockIdx.y];
+  if (states[blockIdx.y].status != kLsqActive) return;
+  const int64_t row = blockIdx.x * int64_t(kRowsPerBlock) + (threadIdx.x >> 5);
+  if (row >= p.t) return;
+  const int lane = threadIdx.x & 31;
+  const double *a = p.system + row * p.t, *v = Vec(p, in);  // symmetric: row = column
+  double sum = 0;
+  for (int64_t j = lane; j < p.t; j += 32) sum += a[j] * v[j];
+  for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffff, sum, o);
+  if (lane == 0) Vec(p, out)[row] = sum;
+}
+
+__global__ void AccPowerStepKernel(const LsqProblem* problems, LsqState* states, bool first, bool last) {
+  __shared__ double shared[32];
+  const LsqProblem p = problems[blockIdx.x];
+  LsqState* st = states + blockIdx.x;
+  const bool stopped = st->moved != 0;  // a zero product ended the power iteration (CPU: break)
+  double norm = st->lipschitz;
+  const double* gv = Vec(p, kLsqGt);
+  double* v = Vec(p, kLsqDir);
+  double sq = 0;
+  for (int64_t j = threadIdx.x; j < p.t; j += blockDim.x) sq += gv[j] * gv[j];
+  const double n = sqrt(BlockReduce(sq, shared, Sum(), 0.0));
+  if (!stopped && n > 0) {
+    for (int64_t j = threadIdx.x; j < p.t; j += blockDim.x) v[j] = gv[j] / n;
+    norm = first ? n / sqrt(static_cast<double>(p.t)) : n;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    st->lipschitz = norm;
+    if (!stopped && !(n > 0)) st->moved = 1;
+    if (last) {
+      const double t = static_cast<double>(p.t);  // >= trace(G') >= its largest eigenvalue
+      st->lipschitz = fmax(norm > 0 ? fmin(1.02 * norm, t) : t, 1e-300);
+      st->moved = 0;
+    }
+  }
+}
+
+__global__ void AccStepKernel(const LsqProblem* problems, LsqState* states, double tolerance) {
+  __shared__ double shared[32];
+  const LsqProblem p = problems[blockIdx.x];
+  LsqState* st = states + blockIdx.x;
+  if (st->status != kLsqActive) return;
+  const double step = 1.0 / st->lipschitz, momentum = st->alpha;
+  const double *s = Vec(p, kLsqInvDiag), *c = Vec(p, kLsqSol), *gy = Vec(p, kLsqGt);
+  double *x = Vec(p, kLsqW), *y = Vec(p, kLsqTrial), *next = Vec(p, kLsqDir);
+  double pg = 0, size = 0, turn = 0;
+  for (int64_t j = threadIdx.x; j < p.t; j += blockDim.x) {
+    const double lo = p.lo * s[j], hi = p.hi * s[j], g = gy[j] - c[j], yj = y[j];
+    const double n = Clamp(yj - step * g, lo, hi);
+    next[j] = n;
+    pg = fmax(pg, fabs(yj - Clamp(yj - g, lo, hi)) / s[j]);
+    size = fmax(size, fabs(yj) / s[j]);
+    turn += (yj - n) * (n - x[j]);
+  }
+  pg = BlockReduce(pg, shared, Max(), 0.0);
+  size = fmax(1.0, BlockReduce(size, shared, Max(), 0.0));
+  turn = BlockReduce(turn, shared, Sum(), 0.0);
+  const bool converged = pg <= tolerance * size;
+  const double next_momentum = 0.5 * (1 + sqrt(1 + 4 * momentum * momentum));
+  const bool restart = turn > 0;
+  const double coef = (momentum - 1) / next_momentum;
+  for (int64_t j = threadIdx.x; j < p.t; j += blockDim.x) {
+    const double n = next[j];
+    if (!converged) y[j] = restart ? n : n + coef * (n - x[j]);
+    x[j] = n;
+  }
+  if (threadIdx.x == 0) {
+    st->iterations += 1;
+    if (converged) st->status = kLsqConverged;
+    else st->alpha = restart ? 1.0 : next_momentum;
+  }
+}
+
+__global__ void AccFinishKernel(const LsqProblem* problems) {
+  const LsqProblem p = problems[blockIdx.x];
+  double* x = Vec(p, kLsqW);
+  const double* s = Vec(p, kLsqInvDiag);
+  for (int64_t j = threadIdx.x; j < p.t; j += blockDim.x) x[j] = Clamp(x[j] / s[j], p.lo, p.hi);
+}
+
 dim3 MatrixGrid(int64_t t_max, int count) {
   const int64_t blocks = (t_max * t_max + kBlock * 8 - 1) / (kBlock * 8);
   return dim3(static_cast<unsigned>(blocks < 1 ? 1 : (blocks > 65535 ? 65535 : blocks)), static_cast<unsigned>(count));
@@ -251,6 +365,28 @@ void LsqAccept(const LsqProblem* problems, LsqState* states, int count, cudaStre
 }
 void LsqGradientStep(const LsqProblem* problems, const LsqState* states, int count, cudaStream_t stream) {
   GradientStepKernel<<<count, kBlock, 0, stream>>>(problems, states);
+}
+
+void AccPrepare(const LsqProblem* problems, LsqState* states, int count, cudaStream_t stream) {
+  AccPrepareKernel<<<count, kBlock, 0, stream>>>(problems, states);
+}
+void AccScale(const LsqProblem* problems, int count, int64_t t_max, cudaStream_t stream) {
+  AccScaleKernel<<<MatrixGrid(t_max, count), kBlock, 0, stream>>>(problems);
+}
+void AccProduct(const LsqProblem* problems, const LsqState* states, int count, int64_t t_max, int in, int out,
+                cudaStream_t stream) {
+  const int64_t blocks = (t_max + kRowsPerBlock - 1) / kRowsPerBlock;
+  AccProductKernel<<<dim3(static_cast<unsigned>(blocks < 1 ? 1 : blocks), count), kBlock, 0, stream>>>(problems, states,
+                                                                                                       in, out);
+}
+void AccPowerStep(const LsqProblem* problems, LsqState* states, int count, bool first, bool last, cudaStream_t stream) {
+  AccPowerStepKernel<<<count, kBlock, 0, stream>>>(problems, states, first, last);
+}
+void AccStep(const LsqProblem* problems, LsqState* states, int count, double tolerance, cudaStream_t stream) {
+  AccStepKernel<<<count, kBlock, 0, stream>>>(problems, states, tolerance);
+}
+void AccFinish(const LsqProblem* problems, int count, cudaStream_t stream) {
+  AccFinishKernel<<<count, kBlock, 0, stream>>>(problems);
 }
 
 void CastToDouble(const float* in, int64_t count, double* out, cudaStream_t stream) {

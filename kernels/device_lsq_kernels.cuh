@@ -27,6 +27,7 @@ enum LsqStatus : int { kLsqActive = 0, kLsqConverged = 1 };
 struct LsqState {
   double jitter = 0, f0 = 0, alpha = 1, lipschitz = 1;
   int nfree = 0, status = kLsqActive, searching = 0, moved = 0;
+  int iterations = 0;  // the accelerated solver's steps taken
 };
 
 // inv_diag, lipschitz; the unconstrained start (every variable free): system = G + 1e-12 (tr G / t) I,
@@ -50,6 +51,24 @@ void LsqTrial(const LsqProblem* problems, const LsqState* states, int count, cud
 void LsqAccept(const LsqProblem* problems, LsqState* states, int count, cudaStream_t stream);
 // For active problems that did not move: one projected-gradient step w = clamp(w - grad / L).
 void LsqGradientStep(const LsqProblem* problems, const LsqState* states, int count, cudaStream_t stream);
+
+// The accelerated solver (core SolveBoundedLsqAccelerated, step for step), on the Jacobi-scaled
+// system u = s w with s = sqrt(diag G). Its vectors reuse the slots: kLsqInvDiag holds s, kLsqSol
+// c' = c / s, kLsqW x, kLsqTrial the extrapolated point y, kLsqDir the power iterate and then the
+// projected step, kLsqGt the product G' y; alpha is the momentum, lipschitz the step's L.
+// s, c', x = y = clamp(s) (w = 1), the power iterate = 1; every problem active.
+void AccPrepare(const LsqProblem* problems, LsqState* states, int count, cudaStream_t stream);
+// system = G / (s s^T), the unit-diagonal matrix the iterations multiply by.
+void AccScale(const LsqProblem* problems, int count, int64_t t_max, cudaStream_t stream);
+// vec[out] = system vec[in], for active problems (a warp per row).
+void AccProduct(const LsqProblem* problems, const LsqState* states, int count, int64_t t_max, int in, int out,
+                cudaStream_t stream);
+// One power-iteration step from kLsqGt = G' v: v = Gt / |Gt|; the last sets L = 1.02 |G' v|.
+void AccPowerStep(const LsqProblem* problems, LsqState* states, int count, bool first, bool last, cudaStream_t stream);
+// One FISTA step from kLsqGt = G' y: the projected step, the convergence test at y, restart or momentum.
+void AccStep(const LsqProblem* problems, LsqState* states, int count, double tolerance, cudaStream_t stream);
+// w = clamp(x / s) into kLsqW.
+void AccFinish(const LsqProblem* problems, int count, cudaStream_t stream);
 
 // out[i] = double(in[i]).
 void CastToDouble(const float* in, int64_t count, double* out, cudaStream_t stream);

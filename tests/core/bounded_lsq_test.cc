@@ -103,5 +103,69 @@ TEST(BoundedLsq, RankDeficientGramStaysFinite) {
   EXPECT_LT((A * r.w - y).norm() / y.norm(), 1e-8);
 }
 
+// The accelerated solver (the device's algorithm) reaches the same minimum: against exhaustive
+// search on small problems, against the Newton solver on larger ones, within bounds throughout.
+TEST(BoundedLsqAccelerated, MatchesExhaustiveSearchOnSmallProblems) {
+  std::mt19937_64 rng(11);
+  const double lo = std::exp(-3.0), hi = std::exp(3.0);
+  AcceleratedLsqOptions options;
+  options.max_iterations = 20000;
+  options.tolerance = 1e-11;
+  for (int trial = 0; trial < 30; ++trial) {
+    const int t = 1 + trial % 6;
+    MatrixD A;
+    VectorD y;
+    MakeProblem(rng, 20, t, &A, &y);
+    const BoundedLsqResult got = SolveBoundedLsqAccelerated(A.transpose() * A, A.transpose() * y, lo, hi, options);
+    const VectorD want = testing::BruteBoundedLsq(A, y, lo, hi);
+    const double obj_got = (A * got.w - y).squaredNorm(), obj_want = (A * want - y).squaredNorm();
+    EXPECT_LE(obj_got, obj_want * (1 + 1e-7) + 1e-12) << "trial " << trial << " iterations " << got.iterations;
+    EXPECT_GE(got.w.minCoeff(), lo);
+    EXPECT_LE(got.w.maxCoeff(), hi);
+  }
+}
+
+TEST(BoundedLsqAccelerated, ReachesTheNewtonObjectiveOnLargerProblems) {
+  std::mt19937_64 rng(12);
+  const double lo = std::exp(-3.0), hi = std::exp(3.0);
+  for (int trial = 0; trial < 6; ++trial) {
+    MatrixD A;
+    VectorD y;
+    MakeProblem(rng, 400, 120, &A, &y);
+    const MatrixD G = A.transpose() * A;
+    const VectorD c = A.transpose() * y;
+    const double best = (A * SolveBoundedLsq(G, c, lo, hi).w - y).squaredNorm();
+    const double start = (A * VectorD::Ones(120) - y).squaredNorm();
+    AcceleratedLsqOptions options;
+    options.max_iterations = 3000;
+    const BoundedLsqResult r = SolveBoundedLsqAccelerated(G, c, lo, hi, options);
+    const double got = (A * r.w - y).squaredNorm();
+    // Of the way from the start (w = 1) to the optimum, all but 1e-6.
+    EXPECT_LE(got - best, 1e-6 * (start - best)) << "trial " << trial << " iterations " << r.iterations;
+    options.max_iterations = 200;  // the default: most of the way
+    const double early = (A * SolveBoundedLsqAccelerated(G, c, lo, hi, options).w - y).squaredNorm();
+    EXPECT_LE(early - best, 1e-2 * (start - best)) << "trial " << trial;
+  }
+}
+
+TEST(BoundedLsqAccelerated, EdgeSizesAndRankDeficiency) {
+  EXPECT_TRUE(SolveBoundedLsqAccelerated(MatrixD(0, 0), VectorD(0), 0.1, 10.0).converged);
+  MatrixD A(10, 3);
+  A.setRandom();
+  A = A.cwiseAbs();
+  A.col(2) = A.col(1);  // duplicate key
+  const VectorD y = A * VectorD::Constant(3, 2.0);
+  AcceleratedLsqOptions options;
+  options.max_iterations = 5000;
+  const BoundedLsqResult r = SolveBoundedLsqAccelerated(A.transpose() * A, A.transpose() * y, 0.1, 10.0, options);
+  ASSERT_TRUE(r.w.allFinite());
+  EXPECT_LT((A * r.w - y).norm() / y.norm(), 1e-6);
+  // A zero column (a key no query reaches): its weight stays where it started, within bounds.
+  A.col(0).setZero();
+  const BoundedLsqResult z = SolveBoundedLsqAccelerated(A.transpose() * A, A.transpose() * y, 0.1, 10.0, options);
+  ASSERT_TRUE(z.w.allFinite());
+  EXPECT_GE(z.w.minCoeff(), 0.1);
+}
+
 }  // namespace
 }  // namespace kvcompact

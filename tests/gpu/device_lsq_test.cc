@@ -54,7 +54,9 @@ struct Device {
   }
 };
 
-std::vector<VectorD> SolveOnDevice(const std::vector<Problem>& problems, std::vector<kernels::LsqOutcome>* outcomes) {
+// `accelerated`: the accelerated solver with these options; null: the Newton solver's defaults.
+std::vector<VectorD> SolveOnDevice(const std::vector<Problem>& problems, std::vector<kernels::LsqOutcome>* outcomes,
+                                   const AcceleratedLsqOptions* accelerated = nullptr) {
   Device dev;
   kernels::DeviceBoundedLsq lsq(dev.blas, dev.stream, 3);  // fewer lanes than problems: lanes are reused
   EXPECT_TRUE(lsq.Init().ok());
@@ -66,7 +68,7 @@ std::vector<VectorD> SolveOnDevice(const std::vector<Problem>& problems, std::ve
     cudaMemcpy(lsq.gram(i), problems[i].gram.data(), t * t * sizeof(double), cudaMemcpyHostToDevice);
     cudaMemcpy(lsq.rhs(i), problems[i].rhs.data(), t * sizeof(double), cudaMemcpyHostToDevice);
   }
-  const absl::Status s = lsq.Solve({}, outcomes);
+  const absl::Status s = accelerated ? lsq.SolveAccelerated(*accelerated, outcomes, 7) : lsq.Solve({}, outcomes);
   EXPECT_TRUE(s.ok()) << s;
   std::vector<VectorD> out;
   for (size_t i = 0; i < problems.size(); ++i) {
@@ -129,6 +131,42 @@ TEST(DeviceBoundedLsq, EmptyBatchIsANoOp) {
   std::vector<kernels::LsqOutcome> outcomes;
   EXPECT_TRUE(SolveOnDevice({}, &outcomes).empty());
   EXPECT_TRUE(outcomes.empty());
+}
+
+// The accelerated solver on the device against the same solver on the CPU (core/bounded_lsq),
+// step for step: a ragged batch, problems that converge early and ones that run to the bound.
+TEST(DeviceBoundedLsq, AcceleratedMatchesCpuAcceleratedOnARaggedBatch) {
+  SKIP_WITHOUT_GPU();
+  std::vector<Problem> problems;
+  uint64_t seed = 40;
+  for (int64_t t : {1, 2, 7, 40, 129, 300, 700, 1500})
+    for (double spread : {0.5, 1.5}) problems.push_back(MakeProblem(3 * t + 16, t, spread, ++seed, false));
+  problems.push_back(MakeProblem(200, 60, 1.0, 11, true));  // rank-deficient
+  AcceleratedLsqOptions options;
+  options.max_iterations = 300;
+  std::vector<kernels::LsqOutcome> outcomes;
+  const std::vector<VectorD> gpu = SolveOnDevice(problems, &outcomes, &options);
+  ASSERT_EQ(gpu.size(), problems.size());
+  int converged = 0, bounded = 0;
+  for (size_t i = 0; i < problems.size(); ++i) {
+    const Problem& p = problems[i];
+    const BoundedLsqResult cpu = SolveBoundedLsqAccelerated(p.gram, p.rhs, p.lo, p.hi, options);
+    const BoundedLsqResult best = SolveBoundedLsq(p.gram, p.rhs, p.lo, p.hi);
+    const std::string where = "problem " + std::to_string(i) + " t=" + std::to_string(p.rhs.size());
+    EXPECT_TRUE(gpu[i].allFinite()) << where;
+    EXPECT_GE(gpu[i].minCoeff(), p.lo) << where;
+    EXPECT_LE(gpu[i].maxCoeff(), p.hi) << where;
+    EXPECT_EQ(outcomes[i].converged, cpu.converged) << where;
+    EXPECT_NEAR(outcomes[i].iterations, cpu.iterations, 2) << where;
+    // The same iterates up to rounding: the same progress from w = 1 toward the optimum.
+    const double start = Objective(p, VectorD::Ones(p.rhs.size()).cwiseMax(p.lo).cwiseMin(p.hi));
+    const double span = std::max(start - Objective(p, best.w), 1e-300);
+    EXPECT_NEAR(Objective(p, gpu[i]), Objective(p, cpu.w), 1e-6 * span) << where;
+    converged += cpu.converged;
+    bounded += !cpu.converged;
+  }
+  EXPECT_GT(converged, 0);
+  EXPECT_GT(bounded, 0);
 }
 
 }  // namespace
