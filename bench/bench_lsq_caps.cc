@@ -27,6 +27,8 @@ ABSL_FLAG(std::vector<std::string>, caps, std::vector<std::string>({"5", "10", "
           "iteration caps to compare with 200 iterations");
 ABSL_FLAG(std::vector<std::string>, accelerated, std::vector<std::string>({"50", "100", "200"}),
           "iteration caps of the accelerated solver (core SolveBoundedLsqAccelerated), against the same reference");
+ABSL_FLAG(double, accelerated_tolerance, kvcompact::AcceleratedLsqOptions().tolerance,
+          "the accelerated solver's tolerance (iterations it took in parentheses)");
 ABSL_FLAG(std::vector<std::string>, n_over_t, std::vector<std::string>({"0.25", "0.5", "1", "1.25", "2", "8"}),
           "fitting queries per point, as multiples of t");
 
@@ -56,6 +58,7 @@ int main(int argc, char** argv) {
     std::vector<int> iters;
     std::vector<double> err(caps.size()), gap(caps.size());
     std::vector<double> fo_err(fo_its.size()), fo_gap(fo_its.size());
+    std::vector<int> fo_used(fo_its.size());  // most iterations any head took
     for (int h = 0; h < heads; ++h) {
       SyntheticShape shape;
       shape.heads = 1;
@@ -95,7 +98,10 @@ int main(int argc, char** argv) {
       for (size_t k = 0; k < fo_its.size(); ++k) {
         AcceleratedLsqOptions o;
         o.max_iterations = fo_its[k];
-        const VectorD w = SolveBoundedLsqAccelerated(gram, rhs, lo, hi, o).w;
+        o.tolerance = absl::GetFlag(FLAGS_accelerated_tolerance);
+        const BoundedLsqResult solved = SolveBoundedLsqAccelerated(gram, rhs, lo, hi, o);
+        fo_used[k] = std::max(fo_used[k], solved.iterations);
+        const VectorD& w = solved.w;
         const double f = 0.5 * w.dot(gram * w) - rhs.dot(w);
         fo_gap[k] += (f - f_full) / std::max(1e-300, std::abs(f_full)) / heads;
         head.beta = (w.array().log().cast<float>() + bias.array()).matrix();
@@ -111,7 +117,7 @@ int main(int argc, char** argv) {
     for (size_t k = 0; k < caps.size(); ++k) printf(" | %.4f [%7.1e]", err[k], gap[k]);
     printf("\n");
     printf("%-8s | %-18s", "", "accelerated solver");
-    for (size_t k = 0; k < fo_its.size(); ++k) printf(" | %4d its %.4f [%7.1e]", fo_its[k], fo_err[k], fo_gap[k]);
+    for (size_t k = 0; k < fo_its.size(); ++k) printf(" | %4d its (%d) %.4f [%7.1e]", fo_its[k], fo_used[k], fo_err[k], fo_gap[k]);
     printf("\n");
     fflush(stdout);
   }

@@ -236,7 +236,7 @@ absl::StatusOr<CompactedHead> CompactHead(const BlockView& block, const MatrixF*
       const auto [w_lo, w_hi] = WeightBounds(options, spec);
       distinct = DistinctQueryCount(fit_q);
       MassFitResult mass = FitMass(logits, fit_stats.row_max, fit_stats.mass, selection.beta, w_lo, w_hi,
-                                   MassPrior(options, t, distinct), options.mass_fit_solver);
+                                   MassPrior(options, t, distinct), options.mass_fit_solver, distinct);
       head.beta = std::move(mass.beta);
       head.mass_fit_converged = mass.solver.converged;
       head.mass_fit_iterations = mass.solver.iterations;

@@ -1,5 +1,6 @@
 #include "core/fit.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 
@@ -18,13 +19,22 @@ MassSystem BuildMassSystem(const MatrixF& subset_logits, const VectorF& row_max,
   return system;
 }
 
+int MassFitAcceleratedIterations(int64_t t, int64_t distinct_queries) {
+  if (distinct_queries <= 0) return kMassFitAcceleratedMaxIterations;
+  const double wanted = std::ceil(200.0 * static_cast<double>(t) / static_cast<double>(distinct_queries));
+  return static_cast<int>(std::clamp(wanted, static_cast<double>(kMassFitAcceleratedMinIterations),
+                                     static_cast<double>(kMassFitAcceleratedMaxIterations)));
+}
+
 MassFitResult FitMass(const MatrixF& subset_logits, const VectorF& row_max, const VectorF& mass,
-                      const VectorF& subset_bias, double w_lo, double w_hi, double prior, MassFitSolver solver) {
+                      const VectorF& subset_bias, double w_lo, double w_hi, double prior, MassFitSolver solver,
+                      int64_t distinct_queries) {
   const auto [gram, rhs] = BuildMassSystem(subset_logits, row_max, mass, prior);
   MassFitResult result;
   const auto start = std::chrono::steady_clock::now();
   result.solver = solver == MassFitSolver::kAccelerated
-                      ? SolveBoundedLsqAccelerated(gram, rhs, w_lo, w_hi, MassFitAcceleratedOptions())
+                      ? SolveBoundedLsqAccelerated(gram, rhs, w_lo, w_hi,
+                                                   MassFitAcceleratedOptions(rhs.size(), distinct_queries))
                       : SolveBoundedLsq(gram, rhs, w_lo, w_hi, MassFitSolverOptions());
   result.solve_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   result.beta = (result.solver.w.array().log().cast<float>() + subset_bias.array()).matrix();

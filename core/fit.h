@@ -27,13 +27,18 @@ inline BoundedLsqOptions MassFitSolverOptions() {
   return options;
 }
 
-// The GPU backend's mass fit: the accelerated solver (no factorisation, no host round trip) for at
-// most this many iterations (docs/BENCHMARKS.md: the held-out error against the Newton solver's).
+// The GPU backend's mass fit: the accelerated solver (no factorisation, no host round trip), for
+// 200 t / n iterations within [50, 200] (n: distinct fitting queries): the fewer queries per
+// weight, the worse conditioned the system and the more iterations it takes to come within 1% of
+// the converged held-out error (bench/bench_lsq_caps, docs/BENCHMARKS.md: 50 are enough from
+// n = 3.4t up, 100 at n = 2t, 200 at n = t and below).
+inline constexpr int kMassFitAcceleratedMinIterations = 50;
 inline constexpr int kMassFitAcceleratedMaxIterations = 200;
+int MassFitAcceleratedIterations(int64_t t, int64_t distinct_queries);
 
-inline AcceleratedLsqOptions MassFitAcceleratedOptions() {
+inline AcceleratedLsqOptions MassFitAcceleratedOptions(int64_t t, int64_t distinct_queries) {
   AcceleratedLsqOptions options;
-  options.max_iterations = kMassFitAcceleratedMaxIterations;
+  options.max_iterations = MassFitAcceleratedIterations(t, distinct_queries);
   return options;
 }
 
@@ -58,10 +63,11 @@ struct MassFitResult {
 // `subset_logits` = s * Q K_S^T + b_S (n x t), `row_max`/`mass` of the full block for the same queries.
 // `prior` > 0 adds prior * mean(diag(G)) * ||w - 1||^2 to the objective (a pull toward w = 1, the
 // selection's beta = b_S).
-// `solver`: kBackendDefault is the Newton solver here.
+// `solver`: kBackendDefault is the Newton solver here; the accelerated one runs
+// MassFitAcceleratedIterations(t, distinct_queries) iterations.
 MassFitResult FitMass(const MatrixF& subset_logits, const VectorF& row_max, const VectorF& mass,
                       const VectorF& subset_bias, double w_lo, double w_hi, double prior = 0,
-                      MassFitSolver solver = MassFitSolver::kBackendDefault);
+                      MassFitSolver solver = MassFitSolver::kBackendDefault, int64_t distinct_queries = 0);
 
 // Row-wise softmax of logits.
 MatrixF RowSoftmax(const MatrixF& logits);

@@ -625,7 +625,10 @@ absl::Status CudaBackend::FitMass(const std::vector<int64_t>& heads, int64_t nf,
     for (size_t k = first; k < last; ++k) {
       const HeadOptions& o = options[heads[k]];
       const auto [w_lo, w_hi] = WeightBounds(o, GetMethodSpec(o.method));
-      bounds.push_back({sizes[k - first], w_lo, w_hi});
+      const int cap = options_.mass_fit_max_iterations > 0
+                          ? options_.mass_fit_max_iterations
+                          : MassFitAcceleratedIterations(sizes[k - first], in_->distinct_fit.at(heads[k]));
+      bounds.push_back({sizes[k - first], w_lo, w_hi, cap});
     }
     if (auto s = lsq_->Reset(bounds); !s.ok()) return s;
     for (size_t k = first; k < last; ++k) {
@@ -648,9 +651,7 @@ absl::Status CudaBackend::FitMass(const std::vector<int64_t>& heads, int64_t nf,
       if (options_.mass_fit_max_iterations > 0) solver.max_iterations = options_.mass_fit_max_iterations;
       if (auto s = lsq_->Solve(solver, &outcomes); !s.ok()) return s;
     } else {
-      AcceleratedLsqOptions solver = MassFitAcceleratedOptions();
-      if (options_.mass_fit_max_iterations > 0) solver.max_iterations = options_.mass_fit_max_iterations;
-      if (auto s = lsq_->SolveAccelerated(solver, &outcomes); !s.ok()) return s;
+      if (auto s = lsq_->SolveAccelerated(AcceleratedLsqOptions(), &outcomes); !s.ok()) return s;  // caps per head
     }
     for (size_t k = first; k < last; ++k) {
       const int64_t h = heads[k], t = sizes[k - first];

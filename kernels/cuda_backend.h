@@ -27,8 +27,8 @@ struct CudaBackendOptions {
   double memory_share = 1.0;
   // The mass fit's solver: the accelerated projected gradient (every head in lockstep, no
   // factorisation) or the CPU backend's projected Newton (a cuSOLVER Cholesky per head and step).
-  bool mass_fit_newton = true;
-  // The mass fit's iteration bound; 0: kMassFitAcceleratedMaxIterations or kMassFitMaxIterations
+  bool mass_fit_newton = false;
+  // The mass fit's iteration bound; 0: MassFitAcceleratedIterations or kMassFitMaxIterations
   // (core/fit.h). For benchmarks only.
   int mass_fit_max_iterations = 0;
 };

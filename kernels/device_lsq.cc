@@ -57,6 +57,7 @@ absl::Status DeviceBoundedLsq::Reset(const std::vector<LsqBounds>& problems) {
     p.t = problems[i].t;
     p.lo = problems[i].lo;
     p.hi = problems[i].hi;
+    p.max_iterations = problems[i].max_iterations;
     p.gram = next;
     p.system = next + p.t * p.t;
     p.vec = next + 2 * p.t * p.t;
@@ -194,6 +195,13 @@ absl::Status DeviceBoundedLsq::SolveAccelerated(const AcceleratedLsqOptions& opt
   outcomes->assign(count, LsqOutcome{});
   if (count == 0) return absl::OkStatus();
   host_states_.assign(count, LsqState{});
+  int longest = 0;
+  for (LsqProblem& p : host_problems_) {
+    if (p.max_iterations <= 0) p.max_iterations = options.max_iterations;
+    longest = std::max(longest, p.max_iterations);
+  }
+  KVC_CUDA(cudaMemcpyAsync(problems_.get(), host_problems_.data(), count * sizeof(LsqProblem), cudaMemcpyHostToDevice,
+                           stream_));
   AccPrepare(problems_.get(), states_.get(), count, stream_);
   KVC_LAUNCHED("AccPrepare");
   AccScale(problems_.get(), count, t_max_, stream_);
@@ -205,16 +213,16 @@ absl::Status DeviceBoundedLsq::SolveAccelerated(const AcceleratedLsqOptions& opt
     AccPowerStep(problems_.get(), states_.get(), count, k == 0, k + 1 == power, stream_);
     KVC_LAUNCHED("AccPowerStep");
   }
-  for (int it = 0; it < options.max_iterations; ++it) {
+  for (int it = 0; it < longest; ++it) {
     AccProduct(problems_.get(), states_.get(), count, t_max_, kLsqTrial, kLsqGt, stream_);
     KVC_LAUNCHED("AccProduct");
     AccStep(problems_.get(), states_.get(), count, options.tolerance, stream_);
     KVC_LAUNCHED("AccStep");
-    if (check_every > 0 && (it + 1) % check_every == 0 && it + 1 < options.max_iterations) {
+    if (check_every > 0 && (it + 1) % check_every == 0 && it + 1 < longest) {
       if (auto s = ReadStates(); !s.ok()) return s;
-      bool all = true;
-      for (const LsqState& st : host_states_) all = all && st.status == kLsqConverged;
-      if (all) break;
+      bool done = true;
+      for (const LsqState& st : host_states_) done = done && st.status != kLsqActive;
+      if (done) break;
     }
   }
   AccFinish(problems_.get(), count, stream_);

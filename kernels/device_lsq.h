@@ -26,6 +26,7 @@ namespace kvcompact::kernels {
 struct LsqBounds {
   int64_t t = 0;
   double lo = 0, hi = 0;
+  int max_iterations = 0;  // the accelerated solver's bound for this problem; 0: the options'
 };
 
 struct LsqOutcome {
@@ -56,8 +57,9 @@ class DeviceBoundedLsq {
 
   absl::Status Solve(const BoundedLsqOptions& options, std::vector<LsqOutcome>* outcomes);
   // The accelerated solver (core SolveBoundedLsqAccelerated): every problem's iterations in
-  // lockstep, two launches per iteration and no factorisation; the host reads the states only
-  // every `check_every` iterations, to stop launching once all have converged.
+  // lockstep, two launches per iteration and no factorisation, each problem up to its own
+  // LsqBounds::max_iterations (0: options.max_iterations); the host reads the states only every
+  // `check_every` iterations, to stop launching once none is active.
   absl::Status SolveAccelerated(const AcceleratedLsqOptions& options, std::vector<LsqOutcome>* outcomes,
                                 int check_every = 50);
   void Release() {

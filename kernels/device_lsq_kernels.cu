@@ -323,6 +323,7 @@ __global__ void AccStepKernel(const LsqProblem* problems, LsqState* states, doub
   if (threadIdx.x == 0) {
     st->iterations += 1;
     if (converged) st->status = kLsqConverged;
+    else if (st->iterations >= p.max_iterations) st->status = kLsqStopped;
     else st->alpha = restart ? 1.0 : next_momentum;
   }
 }

@@ -20,9 +20,11 @@ struct LsqProblem {
   double* system = nullptr;  // t x t scratch: the Newton system of the free variables, nfree x nfree packed
   double* vec = nullptr;     // kLsqVectors x t
   double lo = 0, hi = 0;
+  int max_iterations = 0;    // the accelerated solver's bound for this problem
 };
 
-enum LsqStatus : int { kLsqActive = 0, kLsqConverged = 1 };
+// kLsqStopped: the accelerated solver reached the problem's max_iterations.
+enum LsqStatus : int { kLsqActive = 0, kLsqConverged = 1, kLsqStopped = 2 };
 
 struct LsqState {
   double jitter = 0, f0 = 0, alpha = 1, lipschitz = 1;

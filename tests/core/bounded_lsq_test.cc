@@ -4,6 +4,7 @@
 
 #include <gtest/gtest.h>
 
+#include "core/fit.h"
 #include "tests/core/brute_force.h"
 
 namespace kvcompact {
@@ -146,6 +147,16 @@ TEST(BoundedLsqAccelerated, ReachesTheNewtonObjectiveOnLargerProblems) {
     const double early = (A * SolveBoundedLsqAccelerated(G, c, lo, hi, options).w - y).squaredNorm();
     EXPECT_LE(early - best, 1e-2 * (start - best)) << "trial " << trial;
   }
+}
+
+TEST(BoundedLsqAccelerated, MassFitIterationsFollowQueriesPerWeight) {
+  EXPECT_EQ(MassFitAcceleratedIterations(1200, 7373), 50);  // BENCH-A: n = 6.1 t
+  EXPECT_EQ(MassFitAcceleratedIterations(1200, 2400), 100);
+  EXPECT_EQ(MassFitAcceleratedIterations(1200, 1200), 200);
+  EXPECT_EQ(MassFitAcceleratedIterations(1200, 300), 200);
+  EXPECT_EQ(MassFitAcceleratedIterations(1200, 0), 200);
+  EXPECT_EQ(MassFitAcceleratedIterations(1, int64_t{1} << 62), 50);
+  EXPECT_EQ(MassFitAcceleratedIterations(int64_t{1} << 40, 1), 200);
 }
 
 TEST(BoundedLsqAccelerated, EdgeSizesAndRankDeficiency) {

@@ -56,12 +56,15 @@ struct Device {
 
 // `accelerated`: the accelerated solver with these options; null: the Newton solver's defaults.
 std::vector<VectorD> SolveOnDevice(const std::vector<Problem>& problems, std::vector<kernels::LsqOutcome>* outcomes,
-                                   const AcceleratedLsqOptions* accelerated = nullptr) {
+                                   const AcceleratedLsqOptions* accelerated = nullptr,
+                                   const std::vector<int>& caps = {}) {
   Device dev;
   kernels::DeviceBoundedLsq lsq(dev.blas, dev.stream, 3);  // fewer lanes than problems: lanes are reused
   EXPECT_TRUE(lsq.Init().ok());
   std::vector<kernels::LsqBounds> bounds;
-  for (const Problem& p : problems) bounds.push_back({p.rhs.size(), p.lo, p.hi});
+  for (size_t i = 0; i < problems.size(); ++i) {
+    bounds.push_back({problems[i].rhs.size(), problems[i].lo, problems[i].hi, caps.empty() ? 0 : caps[i]});
+  }
   EXPECT_TRUE(lsq.Reset(bounds).ok());
   for (size_t i = 0; i < problems.size(); ++i) {
     const int64_t t = problems[i].rhs.size();
@@ -144,13 +147,18 @@ TEST(DeviceBoundedLsq, AcceleratedMatchesCpuAcceleratedOnARaggedBatch) {
   problems.push_back(MakeProblem(200, 60, 1.0, 11, true));  // rank-deficient
   AcceleratedLsqOptions options;
   options.max_iterations = 300;
+  std::vector<int> caps;  // each problem its own bound (0: the options' 300), as the backend sets them
+  for (size_t i = 0; i < problems.size(); ++i) caps.push_back(i % 3 == 0 ? 0 : 40 + 30 * static_cast<int>(i % 3));
   std::vector<kernels::LsqOutcome> outcomes;
-  const std::vector<VectorD> gpu = SolveOnDevice(problems, &outcomes, &options);
+  const std::vector<VectorD> gpu = SolveOnDevice(problems, &outcomes, &options, caps);
   ASSERT_EQ(gpu.size(), problems.size());
   int converged = 0, bounded = 0;
   for (size_t i = 0; i < problems.size(); ++i) {
     const Problem& p = problems[i];
-    const BoundedLsqResult cpu = SolveBoundedLsqAccelerated(p.gram, p.rhs, p.lo, p.hi, options);
+    AcceleratedLsqOptions own = options;
+    if (caps[i] > 0) own.max_iterations = caps[i];
+    const BoundedLsqResult cpu = SolveBoundedLsqAccelerated(p.gram, p.rhs, p.lo, p.hi, own);
+    if (!cpu.converged) EXPECT_EQ(outcomes[i].iterations, own.max_iterations) << "problem " << i;
     const BoundedLsqResult best = SolveBoundedLsq(p.gram, p.rhs, p.lo, p.hi);
     const std::string where = "problem " + std::to_string(i) + " t=" + std::to_string(p.rhs.size());
     EXPECT_TRUE(gpu[i].allFinite()) << where;
