@@ -21,7 +21,8 @@ MassSystem BuildMassSystem(const MatrixF& subset_logits, const VectorF& row_max,
 
 int MassFitAcceleratedIterations(int64_t t, int64_t distinct_queries) {
   if (distinct_queries <= 0) return kMassFitAcceleratedMaxIterations;
-  const double wanted = std::ceil(200.0 * static_cast<double>(t) / static_cast<double>(distinct_queries));
+  const double wanted = std::ceil(kMassFitAcceleratedMaxIterations * static_cast<double>(t) /
+                                 static_cast<double>(distinct_queries));
   return static_cast<int>(std::clamp(wanted, static_cast<double>(kMassFitAcceleratedMinIterations),
                                      static_cast<double>(kMassFitAcceleratedMaxIterations)));
 }

@@ -196,12 +196,15 @@ absl::Status DeviceBoundedLsq::SolveAccelerated(const AcceleratedLsqOptions& opt
   if (count == 0) return absl::OkStatus();
   host_states_.assign(count, LsqState{});
   int longest = 0;
+  bool defaulted = false;  // a problem without its own bound takes the options' (Reset uploaded 0)
   for (LsqProblem& p : host_problems_) {
-    if (p.max_iterations <= 0) p.max_iterations = options.max_iterations;
+    if (p.max_iterations <= 0) p.max_iterations = options.max_iterations, defaulted = true;
     longest = std::max(longest, p.max_iterations);
   }
-  KVC_CUDA(cudaMemcpyAsync(problems_.get(), host_problems_.data(), count * sizeof(LsqProblem), cudaMemcpyHostToDevice,
-                           stream_));
+  if (defaulted) {
+    KVC_CUDA(cudaMemcpyAsync(problems_.get(), host_problems_.data(), count * sizeof(LsqProblem),
+                             cudaMemcpyHostToDevice, stream_));
+  }
   AccPrepare(problems_.get(), states_.get(), count, stream_);
   KVC_LAUNCHED("AccPrepare");
   AccScale(problems_.get(), count, t_max_, stream_);

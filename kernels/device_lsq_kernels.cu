@@ -268,7 +268,7 @@ __global__ void AccPowerStepKernel(const LsqProblem* problems, LsqState* states,
   __shared__ double shared[32];
   const LsqProblem p = problems[blockIdx.x];
   LsqState* st = states + blockIdx.x;
-  const bool stopped = st->moved != 0;  // a zero product ended the power iteration (CPU: break)
+  const bool stopped = st->power_stopped != 0;
   double norm = st->lipschitz;
   const double* gv = Vec(p, kLsqGt);
   double* v = Vec(p, kLsqDir);
@@ -282,11 +282,10 @@ __global__ void AccPowerStepKernel(const LsqProblem* problems, LsqState* states,
   __syncthreads();
   if (threadIdx.x == 0) {
     st->lipschitz = norm;
-    if (!stopped && !(n > 0)) st->moved = 1;
+    if (!stopped && !(n > 0)) st->power_stopped = 1;
     if (last) {
       const double t = static_cast<double>(p.t);  // >= trace(G') >= its largest eigenvalue
       st->lipschitz = fmax(norm > 0 ? fmin(1.02 * norm, t) : t, 1e-300);
-      st->moved = 0;
     }
   }
 }

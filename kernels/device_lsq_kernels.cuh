@@ -29,7 +29,8 @@ enum LsqStatus : int { kLsqActive = 0, kLsqConverged = 1, kLsqStopped = 2 };
 struct LsqState {
   double jitter = 0, f0 = 0, alpha = 1, lipschitz = 1;
   int nfree = 0, status = kLsqActive, searching = 0, moved = 0;
-  int iterations = 0;  // the accelerated solver's steps taken
+  int iterations = 0;      // the accelerated solver's steps taken
+  int power_stopped = 0;   // a zero product ended its power iteration (the CPU solver's break)
 };
 
 // inv_diag, lipschitz; the unconstrained start (every variable free): system = G + 1e-12 (tr G / t) I,

@@ -176,6 +176,8 @@ TEST(BoundedLsqAccelerated, EdgeSizesAndRankDeficiency) {
   const BoundedLsqResult z = SolveBoundedLsqAccelerated(A.transpose() * A, A.transpose() * y, 0.1, 10.0, options);
   ASSERT_TRUE(z.w.allFinite());
   EXPECT_GE(z.w.minCoeff(), 0.1);
+  // No query reaches any key: the start, w = 1, is the answer.
+  EXPECT_EQ(SolveBoundedLsqAccelerated(MatrixD::Zero(4, 4), VectorD::Zero(4), 0.1, 10.0).w, VectorD::Ones(4));
 }
 
 }  // namespace

@@ -177,5 +177,21 @@ TEST(DeviceBoundedLsq, AcceleratedMatchesCpuAcceleratedOnARaggedBatch) {
   EXPECT_GT(bounded, 0);
 }
 
+// A Gram matrix of zeros (no query reaches any kept key) ends the power iteration at its first
+// product: the step falls back to 1 / t and every weight stays at w = 1, as on the CPU.
+TEST(DeviceBoundedLsq, AcceleratedZeroSystemKeepsTheStart) {
+  SKIP_WITHOUT_GPU();
+  const Problem zero{MatrixD::Zero(5, 5), VectorD::Zero(5), std::exp(-3.0), std::exp(3.0)};
+  AcceleratedLsqOptions options;
+  options.max_iterations = 20;
+  std::vector<kernels::LsqOutcome> outcomes;
+  const std::vector<VectorD> gpu = SolveOnDevice({zero, MakeProblem(40, 7, 1.0, 77, false)}, &outcomes, &options);
+  const BoundedLsqResult cpu = SolveBoundedLsqAccelerated(zero.gram, zero.rhs, zero.lo, zero.hi, options);
+  ASSERT_EQ(gpu.size(), 2u);
+  EXPECT_EQ(gpu[0], VectorD::Ones(5));
+  EXPECT_EQ(cpu.w, VectorD::Ones(5));
+  EXPECT_TRUE(gpu[1].allFinite());
+}
+
 }  // namespace
 }  // namespace kvcompact
