@@ -36,6 +36,8 @@ ABSL_FLAG(std::string, dtype, "fp32",
           "the wire dtype of keys, values and queries (fp32, bf16, fp16): the generated layer is rounded through it, as the "
           "server's decode yields it");
 ABSL_FLAG(int, mass_fit_iterations, 0, "the mass fit's iteration bound (0: the service's for the solver)");
+ABSL_FLAG(uint32_t, head_lanes, kvcompact::kernels::CudaBackendOptions{}.head_lanes,
+          "streams over which a layer's value fits and evaluations are spread (1: every head on the backend's stream)");
 ABSL_FLAG(bool, mass_fit_newton, false, "the mass fit by projected Newton (cuSOLVER Cholesky) instead of the accelerated solver");
 ABSL_FLAG(uint32_t, distinct, 2, "distinct generated layers, reused round-robin");
 ABSL_FLAG(double, holdout, 0.1, "held-out share of queries");
@@ -64,6 +66,7 @@ int main(int argc, char** argv) {
   options.fused_stats = absl::GetFlag(FLAGS_fused_stats);
   options.mass_fit_max_iterations = absl::GetFlag(FLAGS_mass_fit_iterations);
   options.mass_fit_newton = absl::GetFlag(FLAGS_mass_fit_newton);
+  options.head_lanes = static_cast<int>(absl::GetFlag(FLAGS_head_lanes));
   const uint32_t concurrent = std::max(1u, absl::GetFlag(FLAGS_concurrent_layers));
   // As the server makes its lanes: each backend with an equal share of the memory bound.
   auto made = kernels::MakeCudaBackends(options, static_cast<int>(concurrent));

@@ -124,7 +124,9 @@ BoundedLsqResult SolveBoundedLsqAccelerated(const MatrixD& gram, const VectorD& 
   // Unit diagonal: one step size suits every variable (the columns of Phi span decades).
   const VectorD s = gram.diagonal().cwiseMax(1e-300).cwiseSqrt();
   const VectorD inv_s = s.cwiseInverse();
-  const MatrixD g = inv_s.asDiagonal() * gram * inv_s.asDiagonal();
+  // G' is held in fp32 (the device reads it once per iteration: half the bytes, and a layer's
+  // heads fit in L2): its entries lie in [-1, 1] and G itself was built from fp32 products.
+  const MatrixD g = (inv_s.asDiagonal() * gram * inv_s.asDiagonal()).cast<float>().cast<double>();
   const VectorD c = rhs.cwiseProduct(inv_s);
   const VectorD u_lo = lo * s, u_hi = hi * s;
 

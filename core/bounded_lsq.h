@@ -28,8 +28,8 @@ BoundedLsqResult SolveBoundedLsq(const MatrixD& gram, const VectorD& rhs, double
                                  const BoundedLsqOptions& options = {});
 
 // The same problem by accelerated projected gradient (FISTA with gradient restart, O'Donoghue and
-// Candes 2015) on the Jacobi-scaled system u = sqrt(diag G) w: no factorisation, one product
-// G' y per iteration, so a device can run every head's problem in lockstep with no host round trip
+// Candes 2015) on the Jacobi-scaled system u = sqrt(diag G) w (G' rounded to fp32): no
+// factorisation, one product G' y per iteration, so a device can run every head's problem in lockstep with no host round trip
 // (kernels/device_lsq.h mirrors it step for step). Start w = 1 (plain selection), clamped; step
 // 1 / L with L = 1.02 x the largest eigenvalue of G' by `power_iterations` (at least 1) of power
 // iteration from the ones vector, at most t (>= trace G', which bounds it). Stops where the Newton solver would call it converged (the same scaled

@@ -3,7 +3,7 @@
 // the n x T matrix never exists whole); per head for the t-sized fits (ragged budgets): subset
 // logits, Phi^T Phi and Phi^T m on the GPU; the bounded NNLS for all heads at once on the GPU in
 // fp64 (kernels/device_lsq.h: the accelerated solver of core/bounded_lsq.h, every head in lockstep); X^T X and X^T Y on the GPU and the ridge
-// solve by cuSOLVER Cholesky in fp32. Key selection runs on the host from the GPU's scores, with the CPU
+// solve by cuSOLVER Cholesky in fp32, heads spread over a few streams (kernels/head_lane.h). Key selection runs on the host from the GPU's scores, with the CPU
 // backend's code, so both backends pick the same keys; OMP's greedy loop (core/omp.h) runs on a
 // host thread per head and reads its Gram matrix on the device from the pool's features.
 #include "kernels/cuda_backend.h"
@@ -29,6 +29,7 @@
 #include "kernels/fused_attention.cuh"
 #include "kernels/layer_inputs.h"
 #include "kernels/gemm.h"
+#include "kernels/head_lane.h"
 
 namespace kvcompact::kernels {
 namespace {
@@ -57,7 +58,7 @@ struct DeviceStats {
   DeviceBuffer<float> row_max, mass, outputs;
 };
 
-DeviceBytes EstimateDeviceBytesImpl(const LayerJob& job, size_t workspace_bytes);
+DeviceBytes EstimateDeviceBytesImpl(const LayerJob& job, size_t workspace_bytes, int head_lanes);
 
 class CudaBackend final : public Backend {
  public:
@@ -84,6 +85,13 @@ class CudaBackend final : public Backend {
       limit_ = free / 10 * 9;
     }
     limit_ = static_cast<size_t>(static_cast<double>(limit_) * std::clamp(options_.memory_share, 0.0, 1.0));
+    lanes_.resize(std::max(1, options_.head_lanes));
+    for (size_t i = 0; i < lanes_.size(); ++i) {
+      lanes_[i] = std::make_unique<HeadLane>();
+      absl::Status made = i == 0 ? lanes_[i]->Borrow(stream_, blas_, solver_)
+                                 : lanes_[i]->Create(options_.allow_tf32 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_PEDANTIC_MATH);
+      if (!made.ok()) return made;
+    }
     lsq_ = std::make_unique<DeviceBoundedLsq>(blas_, stream_);
     if (auto s = lsq_->Init(); !s.ok()) return s;
     const int copy_threads = static_cast<int>(std::clamp(std::thread::hardware_concurrency(), 1u, 16u));
@@ -100,7 +108,10 @@ class CudaBackend final : public Backend {
     absl::StatusOr<LayerResult> result = RunWithinLimit(job);
     if (!result.ok()) {
       // Leave no work in flight; a sticky error (the context is lost) makes the backend unhealthy.
-      const cudaError_t sync = cudaStreamSynchronize(stream_);
+      cudaError_t sync = cudaStreamSynchronize(stream_);
+      for (size_t i = 1; i < lanes_.size(); ++i) {
+        if (const cudaError_t e = cudaStreamSynchronize(lanes_[i]->stream); sync == cudaSuccess) sync = e;
+      }
       const cudaError_t last = cudaGetLastError();
       if (result.status().code() == absl::StatusCode::kDataLoss || IsStickyCudaError(sync) || IsStickyCudaError(last)) {
         healthy_ = false;
@@ -110,7 +121,7 @@ class CudaBackend final : public Backend {
   }
   bool healthy() const override { return healthy_.load(); }
   absl::Status CheckFits(const LayerJob& job) const override {
-    const DeviceBytes need = EstimateDeviceBytesImpl(job, options_.workspace_bytes);
+    const DeviceBytes need = EstimateDeviceBytesImpl(job, options_.workspace_bytes, options_.head_lanes);
     if (HeadsThatFit(need) >= 1) return absl::OkStatus();
     return absl::ResourceExhaustedError(absl::StrCat(
         "layer ", job.data.layer, ": one KV head of ", job.data.tokens, " tokens needs about ",
@@ -121,7 +132,7 @@ class CudaBackend final : public Backend {
   void Prefetch(std::shared_ptr<const LayerJob> job) override {
     // Only layers compacted in one piece: a layer split into head groups uploads per group.
     if (!healthy_ || static_cast<int64_t>(job->budgets.size()) != job->data.heads) return;
-    const DeviceBytes need = EstimateDeviceBytesImpl(*job, options_.workspace_bytes);
+    const DeviceBytes need = EstimateDeviceBytesImpl(*job, options_.workspace_bytes, options_.head_lanes);
     if (need.fixed + job->data.heads * need.per_head <= limit_) inputs_.Prefetch(std::move(job));
   }
 
@@ -134,12 +145,12 @@ class CudaBackend final : public Backend {
   }
   void ReleaseBuffers();
   absl::Status Stats(const float* queries, int64_t n, const std::optional<ScoreReduce>& reduce, DeviceStats* out);
-  // Mass system of head h on the device (C_k in ck_): G = Phi^T Phi and c = Phi^T m, into the
+  // Mass system of head h on the device (C_k in lane 0's ck): G = Phi^T Phi and c = Phi^T m, into the
   // solver's fp64 slots.
   absl::Status MassSystem(int64_t h, int64_t nf, int64_t t, const VectorF& bias_s, double prior, double* gram, double* rhs);
-  // The same system in fp32 into gram_ (t x t) and cvec_ (t), for the keys in ck_.
+  // The same system in fp32 into lane 0's gram (t x t) and cvec (t), for the keys in its ck.
   absl::Status MassSystemF32(int64_t h, int64_t nf, int64_t t, const VectorF& bias_s);
-  // Phi = exp(s Q K_S^T + b_S - M) (nf x t) into subset_, for the keys in ck_ (fp32 products).
+  // Phi = exp(s Q K_S^T + b_S - M) (nf x t) into lane 0's subset, for the keys in its ck (fp32 products).
   absl::Status MassFeatures(int64_t h, int64_t nf, int64_t t, const VectorF& bias_s);
   // OMP's pool system without G: Phi^T (t x nf) into `phi_t` and c = Phi^T m into `rhs` (device).
   absl::Status PoolFeatures(int64_t h, int64_t nf, int64_t t, const VectorF& bias_s, float* phi_t, float* rhs);
@@ -152,16 +163,16 @@ class CudaBackend final : public Backend {
   // batches whose solver memory fits the workspace; sets beta = log w + b on the host.
   absl::Status FitMass(const std::vector<int64_t>& heads, int64_t nf, int64_t n_max, const std::vector<HeadOptions>& options,
                        const std::vector<VectorF>& bias_s, LayerResult* result);
-  // Values of head h (C_k in ck_) by the ridge solve on the device, into `cv` (t x dv, device);
+  // Values of head h (C_k and kept positions in the lane's ck and idx) by the ridge solve on the device, into `cv` (t x dv, device);
   // cuSOLVER's two info codes into `info` (device).
-  absl::Status ValueFit(int64_t h, int64_t nf, int64_t t, double ridge, const VectorF& beta, float* cv, int* info);
-  absl::Status ReserveHeadBuffers(int64_t t, int64_t n_max);
+  absl::Status ValueFit(HeadLane& lane, int64_t h, int64_t nf, int64_t t, double ridge, const VectorF& beta, float* cv,
+                        int* info);
   // Compacted outputs for n queries (device; `stride` queries per head in `truth`) against head h's
-  // C_k (ck_), beta (beta_) and C_v (`cv`); the error sums of ErrorSums go to `sums` (device).
-  absl::Status Evaluate(const float* queries, int64_t n, int64_t stride, const DeviceStats& truth, int64_t h, int64_t t,
-                        const float* cv, double* sums);
+  // C_k (lane.ck), beta (lane.beta) and C_v (`cv`); the error sums of ErrorSums go to `sums` (device).
+  absl::Status Evaluate(HeadLane& lane, const float* queries, int64_t n, int64_t stride, const DeviceStats& truth, int64_t h,
+                        int64_t t, const float* cv, double* sums);
   // Both evaluations of head h: sums[0..2] on the fitting queries, sums[3..5] on the held-out ones.
-  absl::Status EvaluateHead(int64_t h, int64_t t, int64_t nf, int64_t ne, const float* cv, double* sums);
+  absl::Status EvaluateHead(HeadLane& lane, int64_t h, int64_t t, int64_t nf, int64_t ne, const float* cv, double* sums);
 
   CudaBackendOptions options_;
   size_t limit_ = 0;                // this backend's bound (its share of the device's)
@@ -186,10 +197,10 @@ class CudaBackend final : public Backend {
   PinnedBuffer<char> stage_;
   size_t stage_used_ = 0;
   template <typename T>
-  absl::Status Upload(DeviceBuffer<T>& buf, const T* host, size_t count);
-  // Per-head fit buffers.
-  DeviceBuffer<int32_t> idx_;
-  DeviceBuffer<float> ck_, beta_, subset_, gram_, rhs_, cvec_, yhat_, mhat_, work_;
+  absl::Status Upload(DeviceBuffer<T>& buf, const T* host, size_t count, cudaStream_t stream);
+  // Per-head fit buffers, a set per lane. Lane 0 runs on the backend's stream (the mass fit and OMP
+  // use it); a layer's value fits and evaluations spread over all of them.
+  std::vector<std::unique_ptr<HeadLane>> lanes_;
   DeviceBuffer<float> sel_cv_;    // every head's V_S, for the comparison with plain selection
   DeviceBuffer<double> sel_err_;  // and that one's error sums
   // Per layer: every head's C_v, cuSOLVER info codes and error sums, read back once at the end.
@@ -220,24 +231,14 @@ class CudaBackend final : public Backend {
 };
 
 template <typename T>
-absl::Status CudaBackend::Upload(DeviceBuffer<T>& buf, const T* host, size_t count) {
+absl::Status CudaBackend::Upload(DeviceBuffer<T>& buf, const T* host, size_t count, cudaStream_t stream) {
   const size_t bytes = count * sizeof(T), at = (stage_used_ + 15) / 16 * 16;
-  if (count == 0 || at + bytes > stage_.capacity()) return ToDevice(buf, host, count, stream_);
+  if (count == 0 || at + bytes > stage_.capacity()) return ToDevice(buf, host, count, stream);
   if (absl::Status st = buf.Reserve(count); !st.ok()) return st;
   std::memcpy(stage_.get() + at, host, bytes);
-  KVC_CUDA(cudaMemcpyAsync(buf.get(), stage_.get() + at, bytes, cudaMemcpyHostToDevice, stream_));
+  KVC_CUDA(cudaMemcpyAsync(buf.get(), stage_.get() + at, bytes, cudaMemcpyHostToDevice, stream));
   stage_used_ = at + bytes;
   return absl::OkStatus();
-}
-
-absl::Status CudaBackend::ReserveHeadBuffers(int64_t t, int64_t n_max) {
-  for (auto* buf : {&ck_, &beta_, &cvec_, &mhat_}) {
-    if (auto s = buf->Reserve(std::max(t * std::max(d_, dv_), n_max)); !s.ok()) return s;
-  }
-  if (auto s = subset_.Reserve(n_max * t); !s.ok()) return s;
-  if (auto s = gram_.Reserve(t * t); !s.ok()) return s;
-  if (auto s = rhs_.Reserve(t * dv_); !s.ok()) return s;
-  return yhat_.Reserve(n_max * dv_);
 }
 
 absl::Status CudaBackend::Stats(const float* queries, int64_t n, const std::optional<ScoreReduce>& reduce,
@@ -294,9 +295,10 @@ absl::Status CudaBackend::Stats(const float* queries, int64_t n, const std::opti
 
 absl::Status CudaBackend::MassSystem(int64_t h, int64_t nf, int64_t t, const VectorF& bias_s, double prior, double* gram,
                                      double* rhs) {
+  HeadLane& l0 = *lanes_[0];  // the backend's stream
   if (auto s = MassSystemF32(h, nf, t, bias_s); !s.ok()) return s;
-  CastToDouble(gram_.get(), t * t, gram, stream_);
-  CastToDouble(cvec_.get(), t, rhs, stream_);
+  CastToDouble(l0.gram.get(), t * t, gram, stream_);
+  CastToDouble(l0.cvec.get(), t, rhs, stream_);
   KVC_LAUNCHED("CastToDouble");
   AddPriorTowardOne(gram, rhs, t, prior, stream_);
   KVC_LAUNCHED("AddPriorTowardOne");
@@ -322,18 +324,20 @@ class ScopedMathMode {
 }  // namespace
 
 absl::Status CudaBackend::MassFeatures(int64_t h, int64_t nf, int64_t t, const VectorF& bias_s) {
-  if (auto s = Gemm(blas_, nf, t, d_, scale_, {in_->q_fit.get() + h * nf * d_, d_, 0, false}, {ck_.get(), d_, 0, true}, 0.f,
-                    subset_.get(), t, 0, 1);
+  HeadLane& l0 = *lanes_[0];  // the backend's stream
+  if (auto s = Gemm(blas_, nf, t, d_, scale_, {in_->q_fit.get() + h * nf * d_, d_, 0, false}, {l0.ck.get(), d_, 0, true}, 0.f,
+                    l0.subset.get(), t, 0, 1);
       !s.ok()) {
     return s;
   }
-  if (auto s = Upload(beta_, bias_s.data(), t); !s.ok()) return s;
-  ExpShifted(subset_.get(), nf, t, beta_.get(), fit_.row_max.get() + h * nf, stream_);
+  if (auto s = Upload(l0.beta, bias_s.data(), t, stream_); !s.ok()) return s;
+  ExpShifted(l0.subset.get(), nf, t, l0.beta.get(), fit_.row_max.get() + h * nf, stream_);
   KVC_LAUNCHED("ExpShifted");
   return absl::OkStatus();
 }
 
 absl::Status CudaBackend::MassSystemF32(int64_t h, int64_t nf, int64_t t, const VectorF& bias_s) {
+  HeadLane& l0 = *lanes_[0];  // the backend's stream
   // Phi = exp(s Q K_S^T + b_S - M)   (nf x t);  G = Phi^T Phi;  c = Phi^T m  (fp32 products, as on
   // the CPU; the solvers work in fp64). Always plain fp32, also with --allow_tf32: built from TF32
   // products the system sent the bounded NNLS to its iteration bound on 208 of 256 BENCH-A heads
@@ -341,20 +345,21 @@ absl::Status CudaBackend::MassSystemF32(int64_t h, int64_t nf, int64_t t, const 
   // time saved.
   ScopedMathMode fp32(blas_, CUBLAS_PEDANTIC_MATH);
   if (auto s = MassFeatures(h, nf, t, bias_s); !s.ok()) return s;
-  if (auto s = Gemm(blas_, t, t, nf, 1.f, {subset_.get(), t, 0, true}, {subset_.get(), t, 0, false}, 0.f, gram_.get(), t,
+  if (auto s = Gemm(blas_, t, t, nf, 1.f, {l0.subset.get(), t, 0, true}, {l0.subset.get(), t, 0, false}, 0.f, l0.gram.get(), t,
                     0, 1);
       !s.ok()) {
     return s;
   }
-  return Gemm(blas_, t, 1, nf, 1.f, {subset_.get(), t, 0, true}, {fit_.mass.get() + h * nf, 1, 0, false}, 0.f,
-              cvec_.get(), 1, 0, 1);
+  return Gemm(blas_, t, 1, nf, 1.f, {l0.subset.get(), t, 0, true}, {fit_.mass.get() + h * nf, 1, 0, false}, 0.f,
+              l0.cvec.get(), 1, 0, 1);
 }
 
 absl::Status CudaBackend::PoolFeatures(int64_t h, int64_t nf, int64_t t, const VectorF& bias_s, float* phi_t,
                                        float* rhs) {
+  HeadLane& l0 = *lanes_[0];  // the backend's stream
   ScopedMathMode fp32(blas_, CUBLAS_PEDANTIC_MATH);  // as MassSystemF32
   if (auto s = MassFeatures(h, nf, t, bias_s); !s.ok()) return s;
-  if (auto s = Gemm(blas_, t, 1, nf, 1.f, {subset_.get(), t, 0, true}, {fit_.mass.get() + h * nf, 1, 0, false}, 0.f,
+  if (auto s = Gemm(blas_, t, 1, nf, 1.f, {l0.subset.get(), t, 0, true}, {fit_.mass.get() + h * nf, 1, 0, false}, 0.f,
                     rhs, 1, 0, 1);
       !s.ok()) {
     return s;
@@ -362,13 +367,14 @@ absl::Status CudaBackend::PoolFeatures(int64_t h, int64_t nf, int64_t t, const V
   // Phi (nf x t row-major) is t x nf column-major; its transpose, nf x t column-major, is Phi^T
   // row-major.
   const float one = 1.f, zero = 0.f;
-  KVC_CUBLAS(cublasSgeam(blas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(nf), static_cast<int>(t), &one, subset_.get(),
+  KVC_CUBLAS(cublasSgeam(blas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(nf), static_cast<int>(t), &one, l0.subset.get(),
                          static_cast<int>(t), &zero, phi_t, static_cast<int>(nf), phi_t, static_cast<int>(nf)));
   return absl::OkStatus();
 }
 
 absl::Status CudaBackend::SelectByOmp(const LayerJob& job, const std::vector<int64_t>& heads, int64_t nf,
                                       const std::vector<float>& scores, LayerResult* result) {
+  HeadLane& l0 = *lanes_[0];  // the backend's stream
   const LayerData& data = job.data;
   const MethodSpec& spec = GetMethodSpec(job.options.method);
   if (!omp_pool_) omp_pool_ = std::make_unique<ThreadPool>(std::max(1u, std::thread::hardware_concurrency()));
@@ -395,10 +401,10 @@ absl::Status CudaBackend::SelectByOmp(const LayerJob& job, const std::vector<int
   // Every buffer before anything is queued: no allocation (an implicit synchronisation) while
   // loops run, and all of them charged to this backend's account by this thread.
   // The pool's keys, biases and features (nf x P; no P x P Gram matrix).
-  for (auto [buf, count] : {std::pair{&ck_, p_max * d_}, {&beta_, p_max}, {&subset_, std::max<int64_t>(nf, 1) * p_max}}) {
+  for (auto [buf, count] : {std::pair{&l0.ck, p_max * d_}, {&l0.beta, p_max}, {&l0.subset, std::max<int64_t>(nf, 1) * p_max}}) {
     if (auto s = buf->Reserve(count); !s.ok()) return s;
   }
-  if (auto s = idx_.Reserve(p_max); !s.ok()) return s;
+  if (auto s = l0.idx.Reserve(p_max); !s.ok()) return s;
   for (size_t k = 0; k < heads.size(); ++k) {
     const int64_t P = static_cast<int64_t>(pools[k].size());
     OmpHead& oh = *omp_heads_[k];
@@ -417,9 +423,9 @@ absl::Status CudaBackend::SelectByOmp(const LayerJob& job, const std::vector<int
     VectorF bias_p(P);
     for (int64_t j = 0; j < P; ++j) bias_p[j] = block.bias ? block.bias[pools[k][j]] : 0.f;
     OmpHead& oh = *omp_heads_[k];
-    status = ToDevice(idx_, pools[k].data(), P, stream_);
+    status = ToDevice(l0.idx, pools[k].data(), P, stream_);
     if (!status.ok()) break;
-    GatherRows(in_->keys.get() + h * T_ * d_, idx_.get(), P, d_, ck_.get(), stream_);
+    GatherRows(in_->keys.get() + h * T_ * d_, l0.idx.get(), P, d_, l0.ck.get(), stream_);
     if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) {
       status = absl::InternalError(absl::StrCat("GatherRows(pool): ", cudaGetErrorString(e)));
       break;
@@ -469,78 +475,78 @@ absl::Status CudaBackend::SelectByOmp(const LayerJob& job, const std::vector<int
   return status;
 }
 
-absl::Status CudaBackend::ValueFit(int64_t h, int64_t nf, int64_t t, double ridge, const VectorF& beta, float* cv,
+absl::Status CudaBackend::ValueFit(HeadLane& lane, int64_t h, int64_t nf, int64_t t, double ridge, const VectorF& beta, float* cv,
                                    int* info) {
   // X = softmax(s Q K_S^T + beta);  (X^T X + lambda I) C_v = X^T Y  by Cholesky. No host
   // synchronisation: cuSOLVER's info codes go to `info` (two ints) and are checked per layer.
-  if (auto s = Upload(beta_, beta.data(), t); !s.ok()) return s;
-  if (auto s = Gemm(blas_, nf, t, d_, scale_, {in_->q_fit.get() + h * nf * d_, d_, 0, false}, {ck_.get(), d_, 0, true}, 0.f,
-                    subset_.get(), t, 0, 1);
+  if (auto s = Upload(lane.beta, beta.data(), t, lane.stream); !s.ok()) return s;
+  if (auto s = Gemm(lane.blas, nf, t, d_, scale_, {in_->q_fit.get() + h * nf * d_, d_, 0, false}, {lane.ck.get(), d_, 0, true}, 0.f,
+                    lane.subset.get(), t, 0, 1);
       !s.ok()) {
     return s;
   }
-  RowSoftmaxStats(subset_.get(), 1, nf, t, beta_.get(), 0, nullptr, nullptr, 0, stream_);
+  RowSoftmaxStats(lane.subset.get(), 1, nf, t, lane.beta.get(), 0, nullptr, nullptr, 0, lane.stream);
   KVC_LAUNCHED("RowSoftmaxStats(X)");
-  if (auto s = Gemm(blas_, t, t, nf, 1.f, {subset_.get(), t, 0, true}, {subset_.get(), t, 0, false}, 0.f, gram_.get(), t, 0, 1);
+  if (auto s = Gemm(lane.blas, t, t, nf, 1.f, {lane.subset.get(), t, 0, true}, {lane.subset.get(), t, 0, false}, 0.f, lane.gram.get(), t, 0, 1);
       !s.ok()) {
     return s;
   }
   // Y^T X (dv x t, row-major) is X^T Y in column-major, the layout cuSOLVER wants for the right-hand sides.
-  if (auto s = Gemm(blas_, dv_, t, nf, 1.f, {fit_.outputs.get() + h * nf * dv_, dv_, 0, true}, {subset_.get(), t, 0, false},
-                    0.f, rhs_.get(), t, 0, 1);
+  if (auto s = Gemm(lane.blas, dv_, t, nf, 1.f, {fit_.outputs.get() + h * nf * dv_, dv_, 0, true}, {lane.subset.get(), t, 0, false},
+                    0.f, lane.rhs.get(), t, 0, 1);
       !s.ok()) {
     return s;
   }
-  // Ridge toward the selection's values V[S] (idx_ holds this head's kept positions).
-  AddRidgeTowardRows(gram_.get(), rhs_.get(), in_->values.get() + h * T_ * dv_, idx_.get(), t, dv_,
-                     static_cast<float>(ridge), stream_);
+  // Ridge toward the selection's values V[S] (lane.idx holds this head's kept positions).
+  AddRidgeTowardRows(lane.gram.get(), lane.rhs.get(), in_->values.get() + h * T_ * dv_, lane.idx.get(), t, dv_,
+                     static_cast<float>(ridge), lane.stream);
   KVC_LAUNCHED("AddRidgeTowardRows");
   int lwork = 0;
-  KVC_CUSOLVER(cusolverDnSpotrf_bufferSize(solver_, CUBLAS_FILL_MODE_LOWER, static_cast<int>(t), gram_.get(),
+  KVC_CUSOLVER(cusolverDnSpotrf_bufferSize(lane.solver, CUBLAS_FILL_MODE_LOWER, static_cast<int>(t), lane.gram.get(),
                                            static_cast<int>(t), &lwork));
-  if (auto s = work_.Reserve(std::max(lwork, 1)); !s.ok()) return s;
-  KVC_CUSOLVER(cusolverDnSpotrf(solver_, CUBLAS_FILL_MODE_LOWER, static_cast<int>(t), gram_.get(), static_cast<int>(t),
-                                work_.get(), lwork, info));
-  KVC_CUSOLVER(cusolverDnSpotrs(solver_, CUBLAS_FILL_MODE_LOWER, static_cast<int>(t), static_cast<int>(dv_), gram_.get(),
-                                static_cast<int>(t), rhs_.get(), static_cast<int>(t), info + 1));
+  if (auto s = lane.work.Reserve(std::max(lwork, 1)); !s.ok()) return s;
+  KVC_CUSOLVER(cusolverDnSpotrf(lane.solver, CUBLAS_FILL_MODE_LOWER, static_cast<int>(t), lane.gram.get(), static_cast<int>(t),
+                                lane.work.get(), lwork, info));
+  KVC_CUSOLVER(cusolverDnSpotrs(lane.solver, CUBLAS_FILL_MODE_LOWER, static_cast<int>(t), static_cast<int>(dv_), lane.gram.get(),
+                                static_cast<int>(t), lane.rhs.get(), static_cast<int>(t), info + 1));
   // C_v (t x dv, row-major) = the transpose of the column-major solution.
   const float one = 1.f, zero = 0.f;
-  KVC_CUBLAS(cublasSgeam(blas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(dv_), static_cast<int>(t), &one, rhs_.get(),
+  KVC_CUBLAS(cublasSgeam(lane.blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(dv_), static_cast<int>(t), &one, lane.rhs.get(),
                          static_cast<int>(t), &zero, cv, static_cast<int>(dv_), cv, static_cast<int>(dv_)));
   return absl::OkStatus();
 }
 
-absl::Status CudaBackend::EvaluateHead(int64_t h, int64_t t, int64_t nf, int64_t ne, const float* cv, double* sums) {
+absl::Status CudaBackend::EvaluateHead(HeadLane& lane, int64_t h, int64_t t, int64_t nf, int64_t ne, const float* cv, double* sums) {
   // The fit error on at most kFitErrorQueries fitting queries; the held-out error on the held-out
   // queries (on all fitting queries when none are held out).
   const int64_t nf_err = std::min<int64_t>(nf, kFitErrorQueries);
-  if (auto s = Evaluate(in_->q_fit.get() + h * nf * d_, nf_err, nf, fit_, h, t, cv, sums); !s.ok()) return s;
-  if (ne > 0) return Evaluate(in_->q_eval.get() + h * ne * d_, ne, ne, eval_, h, t, cv, sums + 3);
-  return Evaluate(in_->q_fit.get() + h * nf * d_, nf, nf, fit_, h, t, cv, sums + 3);
+  if (auto s = Evaluate(lane, in_->q_fit.get() + h * nf * d_, nf_err, nf, fit_, h, t, cv, sums); !s.ok()) return s;
+  if (ne > 0) return Evaluate(lane, in_->q_eval.get() + h * ne * d_, ne, ne, eval_, h, t, cv, sums + 3);
+  return Evaluate(lane, in_->q_fit.get() + h * nf * d_, nf, nf, fit_, h, t, cv, sums + 3);
 }
 
-absl::Status CudaBackend::Evaluate(const float* queries, int64_t n, int64_t stride, const DeviceStats& truth, int64_t h,
+absl::Status CudaBackend::Evaluate(HeadLane& lane, const float* queries, int64_t n, int64_t stride, const DeviceStats& truth, int64_t h,
                                    int64_t t, const float* cv, double* sums) {
   // L = s Q C_k^T + beta; softmax with the compacted rows' own maxima M_S (so that keys far below
   // the full row's maximum M do not underflow); Y_hat = softmax(L) C_v; m_hat = exp(M_S - M) *
-  // sum exp(L - M_S), formed in fp64 in ErrorSums. M_S goes to cvec_ (free during evaluation).
-  if (auto s = Gemm(blas_, n, t, d_, scale_, {queries, d_, 0, false}, {ck_.get(), d_, 0, true}, 0.f, subset_.get(), t, 0, 1);
+  // sum exp(L - M_S), formed in fp64 in ErrorSums. M_S goes to lane.cvec (free during evaluation).
+  if (auto s = Gemm(lane.blas, n, t, d_, scale_, {queries, d_, 0, false}, {lane.ck.get(), d_, 0, true}, 0.f, lane.subset.get(), t, 0, 1);
       !s.ok()) {
     return s;
   }
-  RowSoftmaxStats(subset_.get(), 1, n, t, beta_.get(), 0, cvec_.get(), mhat_.get(), 0, stream_);
+  RowSoftmaxStats(lane.subset.get(), 1, n, t, lane.beta.get(), 0, lane.cvec.get(), lane.mhat.get(), 0, lane.stream);
   KVC_LAUNCHED("RowSoftmaxStats(eval)");
-  if (auto s = Gemm(blas_, n, dv_, t, 1.f, {subset_.get(), t, 0, false}, {cv, dv_, 0, false}, 0.f, yhat_.get(), dv_, 0, 1);
+  if (auto s = Gemm(lane.blas, n, dv_, t, 1.f, {lane.subset.get(), t, 0, false}, {cv, dv_, 0, false}, 0.f, lane.yhat.get(), dv_, 0, 1);
       !s.ok()) {
     return s;
   }
-  ErrorSums(yhat_.get(), truth.outputs.get() + h * stride * dv_, n, dv_, mhat_.get(), truth.mass.get() + h * stride, sums,
-            stream_, cvec_.get(), truth.row_max.get() + h * stride);
+  ErrorSums(lane.yhat.get(), truth.outputs.get() + h * stride * dv_, n, dv_, lane.mhat.get(), truth.mass.get() + h * stride, sums,
+            lane.stream, lane.cvec.get(), truth.row_max.get() + h * stride);
   KVC_LAUNCHED("ErrorSums");
   return absl::OkStatus();
 }
 
-DeviceBytes EstimateDeviceBytesImpl(const LayerJob& job, size_t workspace_bytes) {
+DeviceBytes EstimateDeviceBytesImpl(const LayerJob& job, size_t workspace_bytes, int head_lanes) {
   const LayerData& d = job.data;
   const int64_t T = d.tokens, n = std::max<int64_t>(d.queries, 1);
   int64_t t = 1;
@@ -570,12 +576,15 @@ DeviceBytes EstimateDeviceBytesImpl(const LayerJob& job, size_t workspace_bytes)
                 sizeof(float) * static_cast<size_t>(5 * std::max(pool * wide, n) + n * pool + 2 * t * t + t * d.value_dim +
                                                     n * d.value_dim) +
                 std::max(workspace_bytes, DeviceBoundedLsq::BytesFor({t})) + (size_t{64} << 20);
+  // The other lanes' head buffers (the value fits and evaluations of a layer's heads overlap).
+  const int64_t lanes = std::clamp<int64_t>(head_lanes, 1, std::max<int64_t>(d.heads, 1));
+  bytes.fixed += static_cast<size_t>(lanes - 1) * HeadLane::BytesFor(t, n, d.head_dim, d.value_dim);
   return bytes;
 }
 
 absl::StatusOr<LayerResult> CudaBackend::RunWithinLimit(const LayerJob& job) {
   if (static_cast<int64_t>(job.budgets.size()) != job.data.heads) return absl::InvalidArgumentError("one budget per head is required");
-  const DeviceBytes need = EstimateDeviceBytesImpl(job, options_.workspace_bytes);
+  const DeviceBytes need = EstimateDeviceBytesImpl(job, options_.workspace_bytes, options_.head_lanes);
   const int64_t H = job.data.heads;
   const int64_t fit = HeadsThatFit(need);
   if (fit < 1) return CheckFits(job);
@@ -596,12 +605,11 @@ absl::StatusOr<LayerResult> CudaBackend::RunWithinLimit(const LayerJob& job) {
 void CudaBackend::ReleaseBuffers() {
   inputs_.Release();
   for (auto* b : {&logits_, &scores_, &fused_ws_, &fit_.row_max, &fit_.mass,
-                  &fit_.outputs, &eval_.row_max, &eval_.mass, &eval_.outputs, &ck_, &beta_, &subset_, &gram_,
-                  &rhs_, &cvec_, &yhat_, &mhat_, &work_, &sel_cv_}) {
+                  &fit_.outputs, &eval_.row_max, &eval_.mass, &eval_.outputs, &sel_cv_}) {
     b->Release();
   }
   sel_err_.Release();
-  idx_.Release();
+  for (auto& lane : lanes_) lane->Release();
   omp_heads_.clear();  // no loop runs here: SelectByOmp joins them before it returns
   lsq_->Release();
 }
@@ -634,9 +642,10 @@ absl::Status CudaBackend::FitMass(const std::vector<int64_t>& heads, int64_t nf,
     for (size_t k = first; k < last; ++k) {
       const int64_t h = heads[k], t = sizes[k - first];
       const int i = static_cast<int>(k - first);
-      if (auto s = ReserveHeadBuffers(t, n_max); !s.ok()) return s;
-      if (auto s = Upload(idx_, result->heads[h].indices.data(), t); !s.ok()) return s;
-      GatherRows(in_->keys.get() + h * T_ * d_, idx_.get(), t, d_, ck_.get(), stream_);
+      HeadLane& l0 = *lanes_[0];
+      if (auto s = l0.Reserve(t, n_max, d_, dv_); !s.ok()) return s;
+      if (auto s = Upload(l0.idx, result->heads[h].indices.data(), t, stream_); !s.ok()) return s;
+      GatherRows(in_->keys.get() + h * T_ * d_, l0.idx.get(), t, d_, l0.ck.get(), stream_);
       KVC_LAUNCHED("GatherRows");
       if (auto s = MassSystem(h, nf, t, bias_s[h], MassPrior(options[h], t, in_->distinct_fit.at(h)), lsq_->gram(i), lsq_->rhs(i));
           !s.ok()) {
@@ -774,7 +783,8 @@ absl::StatusOr<LayerResult> CudaBackend::Run(const LayerJob& job) {
   for (int64_t h : to_fit) fitted[h] = 1;
 
   // Phase 3, per head on the device: values by the ridge solve, then the errors on both query
-  // sets, with no host synchronisation until every head is queued.
+  // sets, with no host synchronisation until every head is queued. Head h runs on lane h mod L
+  // (each lane's stream waits for the mass fit, the backend's stream for every lane's last head).
   std::vector<int64_t> offset(H_ + 1, 0);
   int64_t t_max = 1;
   for (int64_t h = 0; h < H_; ++h) {
@@ -783,8 +793,10 @@ absl::StatusOr<LayerResult> CudaBackend::Run(const LayerJob& job) {
     t_max = std::max(t_max, t);
   }
   // No reallocation (an implicit device synchronisation) while heads are queued.
-  if (auto s = ReserveHeadBuffers(t_max, n_max); !s.ok()) return s;
-  if (auto s = idx_.Reserve(t_max); !s.ok()) return s;
+  const size_t lanes = std::min<size_t>(lanes_.size(), static_cast<size_t>(std::max<int64_t>(H_, 1)));
+  for (size_t i = 0; i < lanes; ++i) {
+    if (auto s = lanes_[i]->Reserve(t_max, n_max, d_, dv_); !s.ok()) return s;
+  }
   if (auto s = cv_all_.Reserve(std::max<int64_t>(offset[H_], 1)); !s.ok()) return s;
   if (auto s = info_all_.Reserve(2 * H_); !s.ok()) return s;
   if (auto s = err_all_.Reserve(6 * H_); !s.ok()) return s;
@@ -795,43 +807,51 @@ absl::StatusOr<LayerResult> CudaBackend::Run(const LayerJob& job) {
   KVC_CUDA(cudaMemsetAsync(sel_err_.get(), 0, 6 * H_ * sizeof(double), stream_));
   // Stage times from device events (start, values fitted, evaluated) per head: host clocks would
   // only measure the queueing.
-  while (events_.size() < static_cast<size_t>(3 * H_)) {
+  while (events_.size() < static_cast<size_t>(3 * H_ + 1)) {
     cudaEvent_t e;
     KVC_CUDA(cudaEventCreate(&e));
     events_.push_back(e);
   }
+  cudaEvent_t fitted_mass = events_[3 * H_];
+  KVC_CUDA(cudaEventRecord(fitted_mass, stream_));
+  for (size_t i = 1; i < lanes; ++i) KVC_CUDA(cudaStreamWaitEvent(lanes_[i]->stream, fitted_mass, 0));
   for (int64_t h = 0; h < H_; ++h) {
     CompactedHead& head = result.heads[h];
+    HeadLane& lane = *lanes_[h % lanes];
     const int64_t t = static_cast<int64_t>(head.indices.size());
     float* cv = cv_all_.get() + offset[h];
-    if (auto s = Upload(idx_, head.indices.data(), t); !s.ok()) return s;
-    GatherRows(in_->keys.get() + h * T_ * d_, idx_.get(), t, d_, ck_.get(), stream_);
+    if (auto s = Upload(lane.idx, head.indices.data(), t, lane.stream); !s.ok()) return s;
+    GatherRows(in_->keys.get() + h * T_ * d_, lane.idx.get(), t, d_, lane.ck.get(), lane.stream);
     KVC_LAUNCHED("GatherRows");
-    KVC_CUDA(cudaEventRecord(events_[3 * h], stream_));
+    KVC_CUDA(cudaEventRecord(events_[3 * h], lane.stream));
     if (fitted[h]) {
-      if (auto s = ValueFit(h, nf, t, ValueRidge(head_options[h], t, in_->distinct_fit.at(h)), head.beta, cv,
+      if (auto s = ValueFit(lane, h, nf, t, ValueRidge(head_options[h], t, in_->distinct_fit.at(h)), head.beta, cv,
                             info_all_.get() + 2 * h);
           !s.ok()) {
         return absl::Status(s.code(), absl::StrCat("head ", h, ": ", s.message()));
       }
     } else if (has_queries) {
-      if (auto s = Upload(beta_, head.beta.data(), t); !s.ok()) return s;
-      KVC_CUDA(cudaMemcpyAsync(cv, head.values.data(), t * dv_ * sizeof(float), cudaMemcpyHostToDevice, stream_));
+      if (auto s = Upload(lane.beta, head.beta.data(), t, lane.stream); !s.ok()) return s;
+      KVC_CUDA(cudaMemcpyAsync(cv, head.values.data(), t * dv_ * sizeof(float), cudaMemcpyHostToDevice, lane.stream));
     }
-    KVC_CUDA(cudaEventRecord(events_[3 * h + 1], stream_));
+    KVC_CUDA(cudaEventRecord(events_[3 * h + 1], lane.stream));
     if (has_queries) {
-      if (auto s = EvaluateHead(h, t, nf, ne, cv, err_all_.get() + 6 * h); !s.ok()) return s;
+      if (auto s = EvaluateHead(lane, h, t, nf, ne, cv, err_all_.get() + 6 * h); !s.ok()) return s;
     }
     if (fitted[h] && ne > 0) {
       // Plain selection of the same keys on the same queries (beta = b_S, C_v = V_S): the host
       // keeps whichever does better on the held-out ones (core/compact_head.cc does the same).
       float* sel_cv = sel_cv_.get() + offset[h];
-      GatherRows(in_->values.get() + h * T_ * dv_, idx_.get(), t, dv_, sel_cv, stream_);
+      GatherRows(in_->values.get() + h * T_ * dv_, lane.idx.get(), t, dv_, sel_cv, lane.stream);
       KVC_LAUNCHED("GatherRows(V_S)");
-      if (auto s = Upload(beta_, bias_s[h].data(), t); !s.ok()) return s;
-      if (auto s = EvaluateHead(h, t, nf, ne, sel_cv, sel_err_.get() + 6 * h); !s.ok()) return s;
+      if (auto s = Upload(lane.beta, bias_s[h].data(), t, lane.stream); !s.ok()) return s;
+      if (auto s = EvaluateHead(lane, h, t, nf, ne, sel_cv, sel_err_.get() + 6 * h); !s.ok()) return s;
     }
-    KVC_CUDA(cudaEventRecord(events_[3 * h + 2], stream_));
+    KVC_CUDA(cudaEventRecord(events_[3 * h + 2], lane.stream));
+  }
+  for (size_t i = 1; i < lanes; ++i) {
+    KVC_CUDA(cudaEventRecord(lanes_[i]->done, lanes_[i]->stream));
+    KVC_CUDA(cudaStreamWaitEvent(stream_, lanes_[i]->done, 0));
   }
   std::vector<float> cv_host(offset[H_]);
   std::vector<int> info(2 * H_);
@@ -883,8 +903,8 @@ absl::StatusOr<LayerResult> CudaBackend::Run(const LayerJob& job) {
 
 }  // namespace
 
-DeviceBytes EstimateDeviceBytes(const LayerJob& job, size_t workspace_bytes) {
-  return EstimateDeviceBytesImpl(job, workspace_bytes);
+DeviceBytes EstimateDeviceBytes(const LayerJob& job, size_t workspace_bytes, int head_lanes) {
+  return EstimateDeviceBytesImpl(job, workspace_bytes, head_lanes);
 }
 
 std::string CudaUnavailableReason() {

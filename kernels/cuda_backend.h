@@ -31,6 +31,9 @@ struct CudaBackendOptions {
   // The mass fit's iteration bound; 0: MassFitAcceleratedIterations or kMassFitMaxIterations
   // (core/fit.h). For benchmarks only.
   int mass_fit_max_iterations = 0;
+  // Streams (each with its own cuBLAS and cuSOLVER handles and one head's buffers) over which a
+  // layer's value fits and evaluations are spread: the per-head Cholesky chains overlap.
+  int head_lanes = 4;
 };
 
 // Device bytes the backend needs to compact `heads` heads of this job's shape at once, as a part
@@ -38,7 +41,7 @@ struct CudaBackendOptions {
 struct DeviceBytes {
   size_t fixed = 0, per_head = 0;
 };
-DeviceBytes EstimateDeviceBytes(const LayerJob& job, size_t workspace_bytes);
+DeviceBytes EstimateDeviceBytes(const LayerJob& job, size_t workspace_bytes, int head_lanes = CudaBackendOptions{}.head_lanes);
 
 // "" when a CUDA device is usable, else why not.
 std::string CudaUnavailableReason();

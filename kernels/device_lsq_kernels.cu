@@ -243,9 +243,10 @@ __global__ void AccPrepareKernel(const LsqProblem* problems, LsqState* states) {
 __global__ void AccScaleKernel(const LsqProblem* problems) {
   const LsqProblem p = problems[blockIdx.y];
   const double* s = Vec(p, kLsqInvDiag);
+  float* scaled = reinterpret_cast<float*>(p.system);  // G' in fp32, as the CPU solver holds it
   const int64_t n = p.t * p.t;
   for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < n; e += int64_t(gridDim.x) * blockDim.x) {
-    p.system[e] = p.gram[e] / (s[e / p.t] * s[e % p.t]);
+    scaled[e] = static_cast<float>(p.gram[e] / (s[e / p.t] * s[e % p.t]));
   }
 }
 
@@ -257,7 +258,8 @@ __global__ void AccProductKernel(const LsqProblem* problems, const LsqState* sta
   const int64_t row = blockIdx.x * int64_t(kRowsPerBlock) + (threadIdx.x >> 5);
   if (row >= p.t) return;
   const int lane = threadIdx.x & 31;
-  const double *a = p.system + row * p.t, *v = Vec(p, in);  // symmetric: row = column
+  const float* a = reinterpret_cast<const float*>(p.system) + row * p.t;  // symmetric: row = column
+  const double* v = Vec(p, in);
   double sum = 0;
   for (int64_t j = lane; j < p.t; j += 32) sum += a[j] * v[j];
   for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffff, sum, o);

@@ -352,6 +352,41 @@ TEST(CudaBackend, SmallWorkspaceChunksQueriesWithoutChangingResults) {
   }
 }
 
+// The value fits and evaluations of a layer's heads spread over lanes (streams with their own
+// handles and buffers): the same results with one lane, two (heads 0 and 2 share lane 0, after
+// the mass fit there) and more lanes than heads; ragged budgets, a bias, held-out queries.
+TEST(CudaBackend, HeadLanesGiveTheSameResults) {
+  SKIP_WITHOUT_GPU();
+  const LayerJob job = MakeJob({1000, 64, 10, Method::kAmHighestAttention, DType::kFloat32, true, 0.1f}, 41);
+  std::vector<LayerResult> results;
+  for (int lanes : {1, 2, 8}) {
+    kernels::CudaBackendOptions options;
+    options.head_lanes = lanes;
+    auto gpu = kernels::MakeCudaBackend(options);
+    ASSERT_TRUE(gpu.ok()) << gpu.status();
+    for (int pass = 0; pass < 2; ++pass) {  // the second layer reuses the lanes' buffers
+      auto r = (*gpu)->CompactLayer(job);
+      ASSERT_TRUE(r.ok()) << "lanes " << lanes << ": " << r.status();
+      results.push_back(*std::move(r));
+    }
+  }
+  const LayerResult& one = results[0];
+  for (size_t k = 1; k < results.size(); ++k) {
+    for (size_t h = 0; h < one.heads.size(); ++h) {
+      const CompactedHead &a = one.heads[h], &b = results[k].heads[h];
+      SCOPED_TRACE(testing::Message() << "run " << k << " head " << h);
+      EXPECT_EQ(a.indices, b.indices);
+      EXPECT_EQ(a.selection_kept, b.selection_kept);
+      EXPECT_LT((a.beta - b.beta).cwiseAbs().maxCoeff(), 1e-6f);
+      ASSERT_EQ(a.values.size(), b.values.size());
+      EXPECT_LT(RelErr(b.values.data(), a.values.data(), a.values.size()), 1e-5);
+      EXPECT_NEAR(a.quality.output_rel_error, b.quality.output_rel_error, 1e-5f);
+      EXPECT_NEAR(a.quality.fit_output_rel_error, b.quality.fit_output_rel_error, 1e-5f);
+      EXPECT_EQ(a.quality.eval_queries, b.quality.eval_queries);
+    }
+  }
+}
+
 TEST(CudaBackend, BadJobsAreStatusesNotCrashes) {
   SKIP_WITHOUT_GPU();
   auto gpu = kernels::MakeCudaBackend({});
