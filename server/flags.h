@@ -27,6 +27,7 @@ ABSL_DECLARE_FLAG(bool, allow_tf32);
 ABSL_DECLARE_FLAG(uint64_t, cuda_workspace_bytes);
 ABSL_DECLARE_FLAG(uint64_t, cuda_memory_limit_bytes);
 ABSL_DECLARE_FLAG(uint32_t, cuda_layers_in_flight);
+ABSL_DECLARE_FLAG(uint32_t, cuda_head_lanes);
 ABSL_DECLARE_FLAG(int, threads);
 ABSL_DECLARE_FLAG(uint64_t, max_message_bytes);
 ABSL_DECLARE_FLAG(uint64_t, max_tokens_per_block);

@@ -85,6 +85,7 @@ std::vector<std::unique_ptr<Backend>> MakeBackends(const std::string& name, int 
     options.allow_tf32 = absl::GetFlag(FLAGS_allow_tf32);
     options.workspace_bytes = absl::GetFlag(FLAGS_cuda_workspace_bytes);
     options.memory_limit_bytes = absl::GetFlag(FLAGS_cuda_memory_limit_bytes);
+    options.head_lanes = static_cast<int>(absl::GetFlag(FLAGS_cuda_head_lanes));
     const int lanes = static_cast<int>(absl::GetFlag(FLAGS_cuda_layers_in_flight));
     auto cuda = kernels::MakeCudaBackends(options, lanes);
     if (cuda.ok()) {
@@ -154,6 +155,9 @@ std::string CheckFlagBounds() {
   }
   if (absl::GetFlag(FLAGS_cuda_layers_in_flight) < 1 || absl::GetFlag(FLAGS_cuda_layers_in_flight) > 16) {
     return "--cuda_layers_in_flight must be in [1, 16]";
+  }
+  if (absl::GetFlag(FLAGS_cuda_head_lanes) < 1 || absl::GetFlag(FLAGS_cuda_head_lanes) > 16) {
+    return "--cuda_head_lanes must be in [1, 16]";
   }
   return "";
 }

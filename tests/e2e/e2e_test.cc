@@ -293,6 +293,12 @@ TEST(E2EConfig, LayersInFlightAreReportedAndBounded) {
     EXPECT_EQ(code, 2) << bad << ": " << log;
     EXPECT_NE(log.find("--cuda_layers_in_flight must be in [1, 16]"), std::string::npos) << log;
   }
+  for (const char* bad : {"--cuda_head_lanes=0", "--cuda_head_lanes=17"}) {
+    std::string log;
+    const int code = RunCommand({ServerBinary(), "--listen=127.0.0.1:0", "--metrics_listen=", bad}, &log);
+    EXPECT_EQ(code, 2) << bad << ": " << log;
+    EXPECT_NE(log.find("--cuda_head_lanes must be in [1, 16]"), std::string::npos) << log;
+  }
 }
 
 TEST(E2EConfig, BadEnvironmentValueExitsWithAClearMessage) {
