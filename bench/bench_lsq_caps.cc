@@ -29,6 +29,8 @@ ABSL_FLAG(std::vector<std::string>, accelerated, std::vector<std::string>({"50",
           "iteration caps of the accelerated solver (core SolveBoundedLsqAccelerated), against the same reference");
 ABSL_FLAG(double, accelerated_tolerance, kvcompact::AcceleratedLsqOptions().tolerance,
           "the accelerated solver's tolerance (iterations it took in parentheses)");
+ABSL_FLAG(int, power_iterations, kvcompact::AcceleratedLsqOptions().power_iterations,
+          "the accelerated solver's power-iteration steps for its step size");
 ABSL_FLAG(std::vector<std::string>, n_over_t, std::vector<std::string>({"0.25", "0.5", "1", "1.25", "2", "8"}),
           "fitting queries per point, as multiples of t");
 
@@ -99,6 +101,7 @@ int main(int argc, char** argv) {
         AcceleratedLsqOptions o;
         o.max_iterations = fo_its[k];
         o.tolerance = absl::GetFlag(FLAGS_accelerated_tolerance);
+        o.power_iterations = absl::GetFlag(FLAGS_power_iterations);
         const BoundedLsqResult solved = SolveBoundedLsqAccelerated(gram, rhs, lo, hi, o);
         fo_used[k] = std::max(fo_used[k], solved.iterations);
         const VectorD& w = solved.w;
