@@ -93,7 +93,7 @@ OmpParams OmpParamsFor(const HeadOptions& options, const MethodSpec& spec, int64
   return params;
 }
 
-int64_t DistinctQueryCount(const MatrixF& queries) {
+int64_t DistinctQueryCount(const Eigen::Ref<const MatrixF>& queries) {
   const Eigen::Index n = queries.rows(), d = queries.cols();
   if (n <= 1 || d == 0) return n;
   constexpr int kDirections = 4;
@@ -126,22 +126,27 @@ int64_t DistinctQueryCount(const MatrixF& queries) {
   return static_cast<int64_t>(cells.size());
 }
 
-void SplitQueries(const MatrixF& q, double fraction, uint64_t seed, MatrixF* fit, MatrixF* eval) {
-  const int64_t n = q.rows();
+void SplitQueryRows(int64_t n, double fraction, uint64_t seed, std::vector<int32_t>* fit_rows,
+                    std::vector<int32_t>* eval_rows) {
   int64_t n_eval = static_cast<int64_t>(std::floor(n * fraction));
   n_eval = std::clamp<int64_t>(n_eval, 0, std::max<int64_t>(n - 1, 0));
-  if (n_eval == 0) {
+  std::vector<int32_t> order(n);
+  std::iota(order.begin(), order.end(), 0);
+  if (n_eval > 0) std::shuffle(order.begin(), order.end(), std::mt19937_64(seed ^ 0x9e3779b97f4a7c15ull));
+  eval_rows->assign(order.begin(), order.begin() + n_eval);
+  fit_rows->assign(order.begin() + n_eval, order.end());
+  std::sort(eval_rows->begin(), eval_rows->end());
+  std::sort(fit_rows->begin(), fit_rows->end());
+}
+
+void SplitQueries(const MatrixF& q, double fraction, uint64_t seed, MatrixF* fit, MatrixF* eval) {
+  std::vector<int32_t> fit_rows, eval_rows;
+  SplitQueryRows(q.rows(), fraction, seed, &fit_rows, &eval_rows);
+  if (eval_rows.empty()) {
     *fit = q;
     *eval = MatrixF(0, q.cols());
     return;
   }
-  std::vector<int32_t> order(n);
-  std::iota(order.begin(), order.end(), 0);
-  std::shuffle(order.begin(), order.end(), std::mt19937_64(seed ^ 0x9e3779b97f4a7c15ull));
-  std::vector<int32_t> eval_rows(order.begin(), order.begin() + n_eval);
-  std::vector<int32_t> fit_rows(order.begin() + n_eval, order.end());
-  std::sort(eval_rows.begin(), eval_rows.end());
-  std::sort(fit_rows.begin(), fit_rows.end());
   *fit = GatherRows(q, fit_rows);
   *eval = GatherRows(q, eval_rows);
 }

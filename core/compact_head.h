@@ -119,11 +119,14 @@ MatrixF GatherRows(const Eigen::Ref<const MatrixF>& m, const std::vector<int32_t
 // Fitting queries that are not near-duplicates of one another: cells of a fixed 4-dimensional
 // random projection, 1/20 of each projection's spread wide. The priors toward selection scale
 // with this count, since repeated queries constrain the fit no more than one of them. O(n d).
-int64_t DistinctQueryCount(const MatrixF& queries);
+int64_t DistinctQueryCount(const Eigen::Ref<const MatrixF>& queries);
 
 // Held-out split: a seeded random subset of floor(n * fraction) queries (at least one query is
 // kept for fitting); both backends use it so that they see the same queries.
 void SplitQueries(const MatrixF& queries, double fraction, uint64_t seed, MatrixF* fit, MatrixF* eval);
+// The rows of that split, each ascending (for callers that gather the rows themselves).
+void SplitQueryRows(int64_t n, double fraction, uint64_t seed, std::vector<int32_t>* fit_rows,
+                    std::vector<int32_t>* eval_rows);
 
 // Relative output error ||Y_hat - Y|| / ||Y|| and mean relative mass error |m_hat - m| / m.
 void ErrorsFromOutputs(const MatrixF& outputs, const VectorF& mass, const MatrixF& true_outputs,

@@ -33,7 +33,7 @@ struct CudaBackendOptions {
   int mass_fit_max_iterations = 0;
   // Streams (each with its own cuBLAS and cuSOLVER handles and one head's buffers) over which a
   // layer's value fits and evaluations are spread: the per-head Cholesky chains overlap.
-  int head_lanes = 4;
+  int head_lanes = 1;
 };
 
 // Device bytes the backend needs to compact `heads` heads of this job's shape at once, as a part

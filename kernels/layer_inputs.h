@@ -7,6 +7,7 @@
 
 #include <future>
 #include <memory>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "core/layer.h"
@@ -46,6 +47,8 @@ class InputStager {
     PinnedUploader uploader;
     DeviceBuffer<uint16_t> wire16;  // bf16 inputs on their way to the fp32 buffers
     cudaStream_t copy = nullptr;
+    // The split queries on the host, reused across layers (no allocation or page faults per layer).
+    std::vector<float> q_fit, q_eval;
   };
   struct Staging {
     int slot = -1;

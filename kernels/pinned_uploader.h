@@ -28,6 +28,8 @@ class PinnedUploader {
   // The same for `count` floats sent as bf16 (rounded to nearest even while staging): half the
   // bytes through host memory and the link, and exact for values that arrived in bf16.
   absl::Status UploadAsBf16(uint16_t* dst, const float* src, size_t count);
+  // The staging threads, for other host work of the same upload between transfers.
+  ThreadPool& threads() { return *pool_; }
 
  private:
   // Copies `bytes` to dst through the staging buffers; fill(stage, begin, end) writes staged bytes

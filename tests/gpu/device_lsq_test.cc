@@ -158,7 +158,9 @@ TEST(DeviceBoundedLsq, AcceleratedMatchesCpuAcceleratedOnARaggedBatch) {
     AcceleratedLsqOptions own = options;
     if (caps[i] > 0) own.max_iterations = caps[i];
     const BoundedLsqResult cpu = SolveBoundedLsqAccelerated(p.gram, p.rhs, p.lo, p.hi, own);
-    if (!cpu.converged) EXPECT_EQ(outcomes[i].iterations, own.max_iterations) << "problem " << i;
+    if (!cpu.converged) {
+      EXPECT_EQ(outcomes[i].iterations, own.max_iterations) << "problem " << i;
+    }
     const BoundedLsqResult best = SolveBoundedLsq(p.gram, p.rhs, p.lo, p.hi);
     const std::string where = "problem " + std::to_string(i) + " t=" + std::to_string(p.rhs.size());
     EXPECT_TRUE(gpu[i].allFinite()) << where;
