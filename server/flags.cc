@@ -39,7 +39,7 @@ ABSL_FLAG(uint64_t, cuda_memory_limit_bytes, 0,
 ABSL_FLAG(uint32_t, cuda_layers_in_flight, 3,
           "Layers the CUDA backend compacts at once on the device, each on its own thread, streams and share of "
           "--cuda_memory_limit_bytes (one layer's solver steps are latency-bound; others fill the device meanwhile); 1-16");
-ABSL_FLAG(uint32_t, cuda_head_lanes, 4,
+ABSL_FLAG(uint32_t, cuda_head_lanes, 1,
           "Streams (each with its own cuBLAS/cuSOLVER handles and one KV head's buffers) over which a layer's value fits "
           "and evaluations are spread on the CUDA backend, so the heads' Cholesky factorisations overlap; 1-16");
 ABSL_FLAG(int, threads, 0, "CPU threads for the CPU backend; 0 = all cores");
