@@ -1,5 +1,7 @@
 #include "core/compact_head.h"
 
+#include <algorithm>
+#include <cmath>
 #include <random>
 
 #include <gtest/gtest.h>
@@ -47,6 +49,45 @@ TEST(AttentionStats, MatchesFloat64BruteForceAcrossChunkSizes) {
     EXPECT_LT(((st.mass.cast<double>() - ref.mass).array() / ref.mass.array()).abs().maxCoeff(), 1e-5);
     EXPECT_LT((st.outputs.cast<double>() - ref.outputs).norm() / ref.outputs.norm(), 1e-5);
     EXPECT_LT((st.scores.cast<double>() - ref.rms_scores).norm() / ref.rms_scores.norm(), 1e-5);
+  }
+}
+
+// The CUDA backend gathers the held-out split itself from SplitQueryRows; it must be the split
+// SplitQueries makes: disjoint, complete, ascending, floor(n f) held out (at least one row kept
+// for fitting), the same rows for the same seed. Edges: n = 0, 1, 2, f = 0 and 1.
+TEST(SplitQueries, RowsAreTheSplitOfSplitQueries) {
+  std::mt19937 rng(5);
+  std::normal_distribution<float> g;
+  for (int64_t n : {0, 1, 2, 7, 100, 1000}) {
+    for (double f : {0.0, 0.1, 0.5, 1.0}) {
+      SCOPED_TRACE(::testing::Message() << "n " << n << " fraction " << f);
+      MatrixF q(n, 3);
+      for (Eigen::Index i = 0; i < q.size(); ++i) q.data()[i] = g(rng);
+      std::vector<int32_t> fit_rows, eval_rows;
+      SplitQueryRows(n, f, 42, &fit_rows, &eval_rows);
+      const int64_t want_eval = std::clamp<int64_t>(static_cast<int64_t>(std::floor(n * f)), 0, std::max<int64_t>(n - 1, 0));
+      ASSERT_EQ(static_cast<int64_t>(eval_rows.size()), want_eval);
+      ASSERT_EQ(static_cast<int64_t>(fit_rows.size()), n - want_eval);
+      std::vector<int32_t> all(fit_rows);
+      all.insert(all.end(), eval_rows.begin(), eval_rows.end());
+      std::sort(all.begin(), all.end());
+      for (int64_t i = 0; i < n; ++i) ASSERT_EQ(all[i], i);
+      EXPECT_TRUE(std::is_sorted(fit_rows.begin(), fit_rows.end()));
+      EXPECT_TRUE(std::is_sorted(eval_rows.begin(), eval_rows.end()));
+      MatrixF fit, eval;
+      SplitQueries(q, f, 42, &fit, &eval);
+      ASSERT_EQ(fit.rows(), static_cast<Eigen::Index>(fit_rows.size()));
+      ASSERT_EQ(eval.rows(), static_cast<Eigen::Index>(eval_rows.size()));
+      for (size_t r = 0; r < fit_rows.size(); ++r) EXPECT_EQ(fit.row(r), q.row(fit_rows[r]));
+      for (size_t r = 0; r < eval_rows.size(); ++r) EXPECT_EQ(eval.row(r), q.row(eval_rows[r]));
+      std::vector<int32_t> again_fit, again_eval;
+      SplitQueryRows(n, f, 42, &again_fit, &again_eval);
+      EXPECT_EQ(again_eval, eval_rows);
+      if (want_eval > 0 && want_eval < n - 1) {  // another seed, another subset (1 in C(n, k) to collide)
+        SplitQueryRows(n, f, 43, &again_fit, &again_eval);
+        if (n >= 100) EXPECT_NE(again_eval, eval_rows);
+      }
+    }
   }
 }
 
