@@ -259,11 +259,11 @@ def protected_plan(start: int, end: int, protected: Sequence[int], ratio: Option
 
 
 def number_spans(pieces: Sequence[str], *, surprisal: Optional[Sequence[float]] = None, before: int = 3,
-                 start: int = 0, end: Optional[int] = None) -> list[tuple[int, int, int]]:
+                 start: int = 0, end: Optional[int] = None, after: int = 0) -> list[tuple[int, int, int]]:
     """Every number in [start, end) (a run of tokens whose text holds a digit: lab values, amounts,
-    dates, keys) as (first of the `before` tokens that name it, first digit, end); the least
-    predictable first (highest `surprisal` of its digits), in order of appearance without it.
-    `pieces`: each token's text."""
+    dates, keys) as (first of the `before` tokens that name it, first digit, end of the number and
+    of the `after` tokens that follow it); the least predictable first (highest `surprisal` of its
+    digits), in order of appearance without it. `pieces`: each token's text."""
     end = len(pieces) if end is None else end
     digit = [any(c.isdigit() for c in pieces[p]) for p in range(end)]
     spans, p = [], start
@@ -272,25 +272,35 @@ def number_spans(pieces: Sequence[str], *, surprisal: Optional[Sequence[float]] 
             q = p
             while q < end and digit[q]:
                 q += 1
-            spans.append((max(start, p - before), p, q))
+            spans.append((max(start, p - before), p, min(end, q + after)))
             p = q
         else:
             p += 1
     if surprisal is not None:
         s = np.asarray(surprisal, dtype=np.float64)
-        spans.sort(key=lambda sp: -float(np.max(s[sp[1]:sp[2]])))
+        spans.sort(key=lambda sp: -float(np.max(s[sp[1]:sp[1] + _digits(digit, sp[1])])))
     return spans
 
 
+def _digits(digit: Sequence[bool], first: int) -> int:
+    """Length of the run of digit tokens from `first`."""
+    q = first
+    while q < len(digit) and digit[q]:
+        q += 1
+    return q - first
+
+
 def number_positions(pieces: Sequence[str], budget: int, *, surprisal: Optional[Sequence[float]] = None,
-                     share: float = 0.5, before: int = 3, start: int = 0, end: Optional[int] = None) -> np.ndarray:
+                     share: float = 0.5, before: int = 3, start: int = 0, end: Optional[int] = None,
+                     after: int = 0) -> np.ndarray:
     """Positions in [start, end) to keep exact so that numbers survive compaction: each number
-    (number_spans) with the `before` tokens that name it ("pass key is", "glucose:"); whole
-    numbers, the least predictable first, until `share` of `budget` is used."""
+    (number_spans) with the `before` tokens that name it ("pass key is", "glucose:") and the
+    `after` tokens that follow it ("crates of lemons"); whole numbers, the least predictable
+    first, until `share` of `budget` is used."""
     if not 0 <= share < 1:
         raise ValueError("share must be in [0, 1): the rest of the budget is compacted")
     cap, kept = int(share * budget), set()
-    for first, _, stop in number_spans(pieces, surprisal=surprisal, before=before, start=start, end=end):
+    for first, _, stop in number_spans(pieces, surprisal=surprisal, before=before, start=start, end=end, after=after):
         new = set(range(first, stop)) - kept  # a span's naming tokens may overlap the previous number
         if len(kept) + len(new) <= cap:
             kept |= new

@@ -228,6 +228,12 @@ def test_number_positions_keep_whole_numbers_with_their_names_least_predictable_
     assert number_positions(["a", "b"], 10).size == 0
     with pytest.raises(ValueError, match="share"):
         number_positions(pieces, 8, share=1.0)
+    # `after` adds the tokens that follow each number (not past `end`); the ranking still goes by
+    # the digits' own surprisal, not by the words after them.
+    assert number_positions(pieces, 100, before=0, after=1).tolist() == [3, 4, 5, 8, 9, 11, 12]
+    assert number_positions(pieces, 100, before=0, after=2, end=12).tolist() == [3, 4, 5, 6, 8, 9, 10, 11]
+    loud_words = [0, 0, 0, 1, 1, 50, 50, 0, 9, 0, 0, 5, 0]
+    assert number_positions(pieces, 8, surprisal=loud_words, share=0.5, before=0, after=1).tolist() == [8, 9, 11, 12]
 
 
 def test_detail_positions_are_the_ones_before_the_least_predictable_tokens_at_every_share():

@@ -146,14 +146,16 @@ def method_options(label: str) -> dict:
     return options
 
 
-def protected_positions(prefix: Prefix, kind: str, budget: int, share: float, before: int = 0) -> np.ndarray:
+def protected_positions(prefix: Prefix, kind: str, budget: int, share: float, before: int = 0,
+                        after: int = 0) -> np.ndarray:
     """Context positions kept exact by 'protect=numbers' (kvcompact.client.number_positions, after
     the attention sinks)."""
     if kind != "numbers":
         raise ValueError(f"protect={kind!r}: only 'numbers' is defined")
     tok = prefix.model.tokenizer
     pieces = [tok.decode([t]) for t in prefix.tokens]
-    return number_positions(pieces, budget, surprisal=prefix.surprisal, share=share, before=before, start=SINK_TOKENS)
+    return number_positions(pieces, budget, surprisal=prefix.surprisal, share=share, before=before, start=SINK_TOKENS,
+                            after=after)
 
 
 def default_queries(method: str) -> str:
@@ -190,13 +192,14 @@ def compacted(prefix: Prefix, client: Client, method: str, ratio: float, max_con
     copy_values = bool(options.pop("copy_values", 0))
     protect, share = options.pop("protect", None), float(options.pop("protect_share", 0.5))
     before = int(options.pop("protect_before", 0))
+    after = int(options.pop("protect_after", 0))
     source = options.pop("queries", default_queries(options["method"]))
     queries = prefix.queries(source)  # capture stays out of the compaction timing
     capture = sum(prefix.capture_seconds.get(name, 0.0) for name in source.split("+"))
     start = time.time()
     layers = prefix.model.compactable_layers()
     budget = ratio_budget(len(prefix.tokens) - SINK_TOKENS, ratio)
-    kept = protected_positions(prefix, protect, budget, share, before) if protect else None
+    kept = protected_positions(prefix, protect, budget, share, before, after) if protect else None
     result = compact_cache(cache, client, queries, SINK_TOKENS, len(prefix.tokens), layers=layers, ratio=ratio,
                            holdout=0.1, return_indices=True, protected=kept,
                            **options)
@@ -507,8 +510,8 @@ def main(argv: list[str] | None = None) -> None:
                          "(query sources: context, repeat, repeat_detail[@share], self_study, detail_questions[@count], detail_spans[@count], "
                          "question, joined by +; "
                          "default repeat+self_study for am, "
-                         "context for the baselines); am:protect=numbers,protect_before=3[,protect_share=0.5] keeps "
-                         "numbers and the tokens that name them exact inside the budget (kvcompact.hf's default for "
+                         "context for the baselines); am:protect=numbers,protect_before=3[,protect_after=0][,protect_share=0.5] keeps "
+                         "numbers, the tokens that name them (and follow them) exact inside the budget (kvcompact.hf's default for "
                          "text contexts)")
     ap.add_argument("--facts", type=int, default=0, help="dense-fact items per family and length (0: none)")
     ap.add_argument("--facts-lengths", type=int, nargs="*", default=[1024], help="dense-fact document tokens")
