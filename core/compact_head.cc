@@ -126,10 +126,13 @@ int64_t DistinctQueryCount(const Eigen::Ref<const MatrixF>& queries) {
   return static_cast<int64_t>(cells.size());
 }
 
+int64_t HeldOutQueryCount(int64_t n, double fraction) {
+  return std::clamp<int64_t>(static_cast<int64_t>(std::floor(n * fraction)), 0, std::max<int64_t>(n - 1, 0));
+}
+
 void SplitQueryRows(int64_t n, double fraction, uint64_t seed, std::vector<int32_t>* fit_rows,
                     std::vector<int32_t>* eval_rows) {
-  int64_t n_eval = static_cast<int64_t>(std::floor(n * fraction));
-  n_eval = std::clamp<int64_t>(n_eval, 0, std::max<int64_t>(n - 1, 0));
+  const int64_t n_eval = HeldOutQueryCount(n, fraction);
   std::vector<int32_t> order(n);
   std::iota(order.begin(), order.end(), 0);
   if (n_eval > 0) std::shuffle(order.begin(), order.end(), std::mt19937_64(seed ^ 0x9e3779b97f4a7c15ull));

@@ -124,6 +124,8 @@ int64_t DistinctQueryCount(const Eigen::Ref<const MatrixF>& queries);
 // Held-out split: a seeded random subset of floor(n * fraction) queries (at least one query is
 // kept for fitting); both backends use it so that they see the same queries.
 void SplitQueries(const MatrixF& queries, double fraction, uint64_t seed, MatrixF* fit, MatrixF* eval);
+// How many of n queries that split holds out: floor(n * fraction), leaving at least one to fit.
+int64_t HeldOutQueryCount(int64_t n, double fraction);
 // The rows of that split, each ascending (for callers that gather the rows themselves).
 void SplitQueryRows(int64_t n, double fraction, uint64_t seed, std::vector<int32_t>* fit_rows,
                     std::vector<int32_t>* eval_rows);

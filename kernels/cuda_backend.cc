@@ -2,10 +2,12 @@
 // key scores, outputs: strided-batched cuBLAS over heads, query chunks bounded by the workspace so
 // the n x T matrix never exists whole); per head for the t-sized fits (ragged budgets): subset
 // logits, Phi^T Phi and Phi^T m on the GPU; the bounded NNLS for all heads at once on the GPU in
-// fp64 (kernels/device_lsq.h: the accelerated solver of core/bounded_lsq.h, every head in lockstep); X^T X and X^T Y on the GPU and the ridge
-// solve by cuSOLVER Cholesky in fp32, heads spread over a few streams (kernels/head_lane.h). Key selection runs on the host from the GPU's scores, with the CPU
-// backend's code, so both backends pick the same keys; OMP's greedy loop (core/omp.h) runs on a
-// host thread per head and reads its Gram matrix on the device from the pool's features.
+// fp64 (kernels/device_lsq.h: the accelerated solver of core/bounded_lsq.h, every head in
+// lockstep); X^T X and X^T Y on the GPU and the ridge solve by cuSOLVER Cholesky in fp32
+// (optionally heads over several streams, kernels/head_lane.h). Key selection runs on the host
+// from the GPU's scores, heads in parallel, with the CPU backend's code, so both backends pick
+// the same keys; OMP's greedy loop (core/omp.h) runs on a host thread per head and reads its Gram
+// matrix on the device from the pool's features.
 #include "kernels/cuda_backend.h"
 
 #include <algorithm>
@@ -201,6 +203,7 @@ class CudaBackend final : public Backend {
   // Per-head fit buffers, a set per lane. Lane 0 runs on the backend's stream (the mass fit and OMP
   // use it); a layer's value fits and evaluations spread over all of them.
   std::vector<std::unique_ptr<HeadLane>> lanes_;
+  HeadLane& MainLane() { return *lanes_[0]; }  // on stream_, blas_ and solver_
   DeviceBuffer<float> sel_cv_;    // every head's V_S, for the comparison with plain selection
   DeviceBuffer<double> sel_err_;  // and that one's error sums
   // Per layer: every head's C_v, cuSOLVER info codes and error sums, read back once at the end.
@@ -296,7 +299,7 @@ absl::Status CudaBackend::Stats(const float* queries, int64_t n, const std::opti
 
 absl::Status CudaBackend::MassSystem(int64_t h, int64_t nf, int64_t t, const VectorF& bias_s, double prior, double* gram,
                                      double* rhs) {
-  HeadLane& l0 = *lanes_[0];  // the backend's stream
+  HeadLane& l0 = MainLane();
   if (auto s = MassSystemF32(h, nf, t, bias_s); !s.ok()) return s;
   CastToDouble(l0.gram.get(), t * t, gram, stream_);
   CastToDouble(l0.cvec.get(), t, rhs, stream_);
@@ -325,7 +328,7 @@ class ScopedMathMode {
 }  // namespace
 
 absl::Status CudaBackend::MassFeatures(int64_t h, int64_t nf, int64_t t, const VectorF& bias_s) {
-  HeadLane& l0 = *lanes_[0];  // the backend's stream
+  HeadLane& l0 = MainLane();
   if (auto s = Gemm(blas_, nf, t, d_, scale_, {in_->q_fit.get() + h * nf * d_, d_, 0, false}, {l0.ck.get(), d_, 0, true}, 0.f,
                     l0.subset.get(), t, 0, 1);
       !s.ok()) {
@@ -338,7 +341,7 @@ absl::Status CudaBackend::MassFeatures(int64_t h, int64_t nf, int64_t t, const V
 }
 
 absl::Status CudaBackend::MassSystemF32(int64_t h, int64_t nf, int64_t t, const VectorF& bias_s) {
-  HeadLane& l0 = *lanes_[0];  // the backend's stream
+  HeadLane& l0 = MainLane();
   // Phi = exp(s Q K_S^T + b_S - M)   (nf x t);  G = Phi^T Phi;  c = Phi^T m  (fp32 products, as on
   // the CPU; the solvers work in fp64). Always plain fp32, also with --allow_tf32: built from TF32
   // products the system sent the bounded NNLS to its iteration bound on 208 of 256 BENCH-A heads
@@ -357,7 +360,7 @@ absl::Status CudaBackend::MassSystemF32(int64_t h, int64_t nf, int64_t t, const 
 
 absl::Status CudaBackend::PoolFeatures(int64_t h, int64_t nf, int64_t t, const VectorF& bias_s, float* phi_t,
                                        float* rhs) {
-  HeadLane& l0 = *lanes_[0];  // the backend's stream
+  HeadLane& l0 = MainLane();
   ScopedMathMode fp32(blas_, CUBLAS_PEDANTIC_MATH);  // as MassSystemF32
   if (auto s = MassFeatures(h, nf, t, bias_s); !s.ok()) return s;
   if (auto s = Gemm(blas_, t, 1, nf, 1.f, {l0.subset.get(), t, 0, true}, {fit_.mass.get() + h * nf, 1, 0, false}, 0.f,
@@ -375,7 +378,7 @@ absl::Status CudaBackend::PoolFeatures(int64_t h, int64_t nf, int64_t t, const V
 
 absl::Status CudaBackend::SelectByOmp(const LayerJob& job, const std::vector<int64_t>& heads, int64_t nf,
                                       const std::vector<float>& scores, LayerResult* result) {
-  HeadLane& l0 = *lanes_[0];  // the backend's stream
+  HeadLane& l0 = MainLane();
   const LayerData& data = job.data;
   const MethodSpec& spec = GetMethodSpec(job.options.method);
   if (!host_pool_) host_pool_ = std::make_unique<ThreadPool>(std::max(1u, std::thread::hardware_concurrency()));
@@ -643,7 +646,7 @@ absl::Status CudaBackend::FitMass(const std::vector<int64_t>& heads, int64_t nf,
     for (size_t k = first; k < last; ++k) {
       const int64_t h = heads[k], t = sizes[k - first];
       const int i = static_cast<int>(k - first);
-      HeadLane& l0 = *lanes_[0];
+      HeadLane& l0 = MainLane();
       if (auto s = l0.Reserve(t, n_max, d_, dv_); !s.ok()) return s;
       if (auto s = Upload(l0.idx, result->heads[h].indices.data(), t, stream_); !s.ok()) return s;
       GatherRows(in_->keys.get() + h * T_ * d_, l0.idx.get(), t, d_, l0.ck.get(), stream_);

@@ -51,12 +51,7 @@ absl::Status InputStager::Upload(const LayerJob& job, Slot& slot) {
   // same counts. Rows are gathered straight into the per-layer arrays, heads in parallel: one
   // thread with a copy per step was a third of a BENCH-A layer's upload time.
   const int64_t n = data.queries, d = data.head_dim;
-  int64_t nf = 0, ne = 0;
-  if (n > 0) {
-    std::vector<int32_t> fit_rows, eval_rows;
-    SplitQueryRows(n, job.options.holdout_fraction, 0, &fit_rows, &eval_rows);
-    nf = static_cast<int64_t>(fit_rows.size()), ne = static_cast<int64_t>(eval_rows.size());
-  }
+  const int64_t ne = HeldOutQueryCount(n, job.options.holdout_fraction), nf = n - ne;
   std::vector<float>& q_fit = slot.q_fit;
   std::vector<float>& q_eval = slot.q_eval;
   q_fit.resize(data.heads * nf * d), q_eval.resize(data.heads * ne * d);
