@@ -154,7 +154,7 @@ class CudaBackend final : public Backend {
   // Mass system of head h on the device (C_k in lane 0's ck): G = Phi^T Phi and c = Phi^T m, into the
   // solver's fp64 slots.
   absl::Status MassSystem(int64_t h, int64_t nf, int64_t t, const VectorF& bias_s, double prior, double* gram, double* rhs);
-  // The same system in fp32 into lane 0's gram (t x t) and cvec (t), for the keys in its ck.
+  // The same system in fp32 into lane 0's gram (t x t, lower triangle) and cvec (t), for the keys in its ck.
   absl::Status MassSystemF32(int64_t h, int64_t nf, int64_t t, const VectorF& bias_s);
   // Phi = exp(s Q K_S^T + b_S - M) (nf x t) into lane 0's subset, for the keys in its ck (fp32 products).
   absl::Status MassFeatures(int64_t h, int64_t nf, int64_t t, const VectorF& bias_s);
@@ -306,7 +306,8 @@ absl::Status CudaBackend::MassSystem(int64_t h, int64_t nf, int64_t t, const Vec
                                      double* rhs) {
   HeadLane& l0 = MainLane();
   if (auto s = MassSystemF32(h, nf, t, bias_s); !s.ok()) return s;
-  CastToDouble(l0.gram.get(), t * t, gram, stream_);
+  LowerToSymmetricDouble(l0.gram.get(), t, gram, stream_);
+  KVC_LAUNCHED("LowerToSymmetricDouble");
   CastToDouble(l0.cvec.get(), t, rhs, stream_);
   KVC_LAUNCHED("CastToDouble");
   AddPriorTowardOne(gram, rhs, t, prior, stream_);
@@ -347,18 +348,18 @@ absl::Status CudaBackend::MassFeatures(int64_t h, int64_t nf, int64_t t, const V
 
 absl::Status CudaBackend::MassSystemF32(int64_t h, int64_t nf, int64_t t, const VectorF& bias_s) {
   HeadLane& l0 = MainLane();
-  // Phi = exp(s Q K_S^T + b_S - M)   (nf x t);  G = Phi^T Phi;  c = Phi^T m  (fp32 products, as on
-  // the CPU; the solvers work in fp64). Always plain fp32, also with --allow_tf32: built from TF32
-  // products the system sent the bounded NNLS to its iteration bound on 208 of 256 BENCH-A heads
-  // at T = 120,000, t = 2,400 (2 s per layer instead of 0.16 s), for a few percent of the layer's
-  // time saved.
+  // Phi = exp(s Q K_S^T + b_S - M) (nf x t); G = Phi^T Phi (its lower triangle, column-major);
+  // c = Phi^T m (fp32 products, as on the CPU; the solvers work in fp64). Always plain fp32, also
+  // with --allow_tf32: built from TF32 products the system sent the bounded NNLS to its iteration
+  // bound on 208 of 256 BENCH-A heads at T = 120,000, t = 2,400 (2 s per layer instead of 0.16 s),
+  // for a few percent of the layer's time saved.
   ScopedMathMode fp32(blas_, CUBLAS_PEDANTIC_MATH);
   if (auto s = MassFeatures(h, nf, t, bias_s); !s.ok()) return s;
-  if (auto s = Gemm(blas_, t, t, nf, 1.f, {l0.subset.get(), t, 0, true}, {l0.subset.get(), t, 0, false}, 0.f, l0.gram.get(), t,
-                    0, 1);
-      !s.ok()) {
-    return s;
-  }
+  // G's lower triangle only (half the products): Phi (nf x t row-major) is Phi^T column-major
+  // (t x nf, leading dimension t), so G = A A^T with A = that matrix.
+  const float one = 1.f, zero = 0.f;
+  KVC_CUBLAS(cublasSsyrk(blas_, CUBLAS_FILL_MODE_LOWER, CUBLAS_OP_N, static_cast<int>(t), static_cast<int>(nf), &one,
+                         l0.subset.get(), static_cast<int>(t), &zero, l0.gram.get(), static_cast<int>(t)));
   return Gemm(blas_, t, 1, nf, 1.f, {l0.subset.get(), t, 0, true}, {fit_.mass.get() + h * nf, 1, 0, false}, 0.f,
               l0.cvec.get(), 1, 0, 1);
 }
