@@ -66,10 +66,7 @@ class CudaBackend final : public Backend {
  public:
   explicit CudaBackend(const CudaBackendOptions& options) : options_(options), limit_(options.memory_limit_bytes) {}
   ~CudaBackend() override {
-    for (cudaEvent_t e : events_) {
-      if (e) cudaEventDestroy(e);
-    }
-    if (readback_) cudaStreamDestroy(readback_);
+    for (cudaEvent_t e : events_) cudaEventDestroy(e);
     if (solver_) cusolverDnDestroy(solver_);
     if (blas_) cublasDestroy(blas_);
     if (stream_) cudaStreamDestroy(stream_);
@@ -78,7 +75,6 @@ class CudaBackend final : public Backend {
   absl::Status Init() {
     KVC_CUDA(cudaSetDevice(options_.device));
     KVC_CUDA(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
-    KVC_CUDA(cudaStreamCreateWithFlags(&readback_, cudaStreamNonBlocking));
     KVC_CUBLAS(cublasCreate(&blas_));
     KVC_CUBLAS(cublasSetStream(blas_, stream_));
     // fp32 by default (the least-squares fits are sensitive to TF32); TF32 only when asked.
@@ -154,7 +150,7 @@ class CudaBackend final : public Backend {
   // Mass system of head h on the device (C_k in lane 0's ck): G = Phi^T Phi and c = Phi^T m, into the
   // solver's fp64 slots.
   absl::Status MassSystem(int64_t h, int64_t nf, int64_t t, const VectorF& bias_s, double prior, double* gram, double* rhs);
-  // The same system in fp32 into lane 0's gram (t x t, lower triangle) and cvec (t), for the keys in its ck.
+  // The same system in fp32 into lane 0's gram (t x t) and cvec (t), for the keys in its ck.
   absl::Status MassSystemF32(int64_t h, int64_t nf, int64_t t, const VectorF& bias_s);
   // Phi = exp(s Q K_S^T + b_S - M) (nf x t) into lane 0's subset, for the keys in its ck (fp32 products).
   absl::Status MassFeatures(int64_t h, int64_t nf, int64_t t, const VectorF& bias_s);
@@ -185,7 +181,6 @@ class CudaBackend final : public Backend {
   DeviceMemoryAccount account_{0};  // what its buffers hold (declared before them: they release into it)
   std::atomic<bool> healthy_{true};
   cudaStream_t stream_ = nullptr;
-  cudaStream_t readback_ = nullptr;  // the key scores' copy to the host, apart from stream_'s queue
   cublasHandle_t blas_ = nullptr;
   cusolverDnHandle_t solver_ = nullptr;
   // Layer inputs and statistics.
@@ -306,8 +301,7 @@ absl::Status CudaBackend::MassSystem(int64_t h, int64_t nf, int64_t t, const Vec
                                      double* rhs) {
   HeadLane& l0 = MainLane();
   if (auto s = MassSystemF32(h, nf, t, bias_s); !s.ok()) return s;
-  LowerToSymmetricDouble(l0.gram.get(), t, gram, stream_);
-  KVC_LAUNCHED("LowerToSymmetricDouble");
+  CastToDouble(l0.gram.get(), t * t, gram, stream_);
   CastToDouble(l0.cvec.get(), t, rhs, stream_);
   KVC_LAUNCHED("CastToDouble");
   AddPriorTowardOne(gram, rhs, t, prior, stream_);
@@ -348,18 +342,18 @@ absl::Status CudaBackend::MassFeatures(int64_t h, int64_t nf, int64_t t, const V
 
 absl::Status CudaBackend::MassSystemF32(int64_t h, int64_t nf, int64_t t, const VectorF& bias_s) {
   HeadLane& l0 = MainLane();
-  // Phi = exp(s Q K_S^T + b_S - M) (nf x t); G = Phi^T Phi (its lower triangle, column-major);
-  // c = Phi^T m (fp32 products, as on the CPU; the solvers work in fp64). Always plain fp32, also
-  // with --allow_tf32: built from TF32 products the system sent the bounded NNLS to its iteration
-  // bound on 208 of 256 BENCH-A heads at T = 120,000, t = 2,400 (2 s per layer instead of 0.16 s),
-  // for a few percent of the layer's time saved.
+  // Phi = exp(s Q K_S^T + b_S - M)   (nf x t);  G = Phi^T Phi;  c = Phi^T m  (fp32 products, as on
+  // the CPU; the solvers work in fp64). Always plain fp32, also with --allow_tf32: built from TF32
+  // products the system sent the bounded NNLS to its iteration bound on 208 of 256 BENCH-A heads
+  // at T = 120,000, t = 2,400 (2 s per layer instead of 0.16 s), for a few percent of the layer's
+  // time saved.
   ScopedMathMode fp32(blas_, CUBLAS_PEDANTIC_MATH);
   if (auto s = MassFeatures(h, nf, t, bias_s); !s.ok()) return s;
-  // G's lower triangle only (half the products): Phi (nf x t row-major) is Phi^T column-major
-  // (t x nf, leading dimension t), so G = A A^T with A = that matrix.
-  const float one = 1.f, zero = 0.f;
-  KVC_CUBLAS(cublasSsyrk(blas_, CUBLAS_FILL_MODE_LOWER, CUBLAS_OP_N, static_cast<int>(t), static_cast<int>(nf), &one,
-                         l0.subset.get(), static_cast<int>(t), &zero, l0.gram.get(), static_cast<int>(t)));
+  if (auto s = Gemm(blas_, t, t, nf, 1.f, {l0.subset.get(), t, 0, true}, {l0.subset.get(), t, 0, false}, 0.f, l0.gram.get(), t,
+                    0, 1);
+      !s.ok()) {
+    return s;
+  }
   return Gemm(blas_, t, 1, nf, 1.f, {l0.subset.get(), t, 0, true}, {fit_.mass.get() + h * nf, 1, 0, false}, 0.f,
               l0.cvec.get(), 1, 0, 1);
 }
@@ -717,32 +711,23 @@ absl::StatusOr<LayerResult> CudaBackend::Run(const LayerJob& job) {
 
   const bool wants_scores = UsesKeyScores(spec);
   std::vector<float> scores;
-  if (events_.size() < 3) events_.resize(3, nullptr);
-  for (int i = 0; i < 3; ++i) {
-    if (!events_[i]) KVC_CUDA(cudaEventCreate(&events_[i]));
-  }
-  const cudaEvent_t scored = events_[0], eval_start = events_[1], eval_end = events_[2];
   if (has_queries) {
     const std::optional<ScoreReduce> reduce =
         wants_scores ? std::optional(job.options.score.value_or(spec.default_score)) : std::nullopt;
     if (auto s = Stats(in_->q_fit.get(), nf, reduce, &fit_); !s.ok()) return s;
+    if (wants_scores) {
+      scores.resize(H_ * T_);
+      if (auto s = ToHost(scores.data(), scores_.get(), scores.size(), stream_); !s.ok()) return s;
+    }
   }
-  KVC_CUDA(cudaEventRecord(scored, stream_));
-  // The held-out statistics are queued right behind and run while the scores travel to the host
-  // and the host selects keys (the readback goes on its own stream so it does not wait for them).
-  KVC_CUDA(cudaEventRecord(eval_start, stream_));
-  if (ne > 0) {
-    if (auto s = Stats(in_->q_eval.get(), ne, std::nullopt, &eval_); !s.ok()) return s;
-  }
-  KVC_CUDA(cudaEventRecord(eval_end, stream_));
-  if (wants_scores && has_queries) {
-    scores.resize(H_ * T_);
-    KVC_CUDA(cudaStreamWaitEvent(readback_, scored, 0));
-    if (auto s = ToHost(scores.data(), scores_.get(), scores.size(), readback_); !s.ok()) return s;
-  } else {
-    KVC_CUDA(cudaEventSynchronize(scored));
-  }
+  KVC_CUDA(cudaStreamSynchronize(stream_));
   result.seconds.score += Since(start);
+  if (ne > 0) {
+    start = Clock::now();
+    if (auto s = Stats(in_->q_eval.get(), ne, std::nullopt, &eval_); !s.ok()) return s;
+    KVC_CUDA(cudaStreamSynchronize(stream_));
+    result.seconds.evaluate += Since(start);
+  }
 
   const int64_t n_max = std::max<int64_t>(std::max(nf, ne), 1);
   const bool am_fit = spec.fit == Fit::kAttentionMatching;
@@ -831,14 +816,12 @@ absl::StatusOr<LayerResult> CudaBackend::Run(const LayerJob& job) {
   KVC_CUDA(cudaMemsetAsync(sel_err_.get(), 0, 6 * H_ * sizeof(double), stream_));
   // Stage times from device events (start, values fitted, evaluated) per head: host clocks would
   // only measure the queueing.
-  // events_[0..2] mark the statistics (above); head h's three are events_[3 + 3h ...].
-  while (events_.size() < static_cast<size_t>(3 * H_ + 4)) {
+  while (events_.size() < static_cast<size_t>(3 * H_ + 1)) {
     cudaEvent_t e;
     KVC_CUDA(cudaEventCreate(&e));
     events_.push_back(e);
   }
-  cudaEvent_t* head_events = events_.data() + 3;
-  cudaEvent_t fitted_mass = events_[3 * H_ + 3];
+  cudaEvent_t fitted_mass = events_[3 * H_];
   KVC_CUDA(cudaEventRecord(fitted_mass, stream_));
   for (size_t i = 1; i < lanes; ++i) KVC_CUDA(cudaStreamWaitEvent(lanes_[i]->stream, fitted_mass, 0));
   for (int64_t h = 0; h < H_; ++h) {
@@ -849,7 +832,7 @@ absl::StatusOr<LayerResult> CudaBackend::Run(const LayerJob& job) {
     if (auto s = Upload(lane.idx, head.indices.data(), t, lane.stream); !s.ok()) return s;
     GatherRows(in_->keys.get() + h * T_ * d_, lane.idx.get(), t, d_, lane.ck.get(), lane.stream);
     KVC_LAUNCHED("GatherRows");
-    KVC_CUDA(cudaEventRecord(head_events[3 * h], lane.stream));
+    KVC_CUDA(cudaEventRecord(events_[3 * h], lane.stream));
     if (fitted[h]) {
       if (auto s = ValueFit(lane, h, nf, t, ValueRidge(head_options[h], t, in_->distinct_fit.at(h)), head.beta, cv,
                             info_all_.get() + 2 * h);
@@ -860,7 +843,7 @@ absl::StatusOr<LayerResult> CudaBackend::Run(const LayerJob& job) {
       if (auto s = Upload(lane.beta, head.beta.data(), t, lane.stream); !s.ok()) return s;
       KVC_CUDA(cudaMemcpyAsync(cv, head.values.data(), t * dv_ * sizeof(float), cudaMemcpyHostToDevice, lane.stream));
     }
-    KVC_CUDA(cudaEventRecord(head_events[3 * h + 1], lane.stream));
+    KVC_CUDA(cudaEventRecord(events_[3 * h + 1], lane.stream));
     if (has_queries) {
       if (auto s = EvaluateHead(lane, h, t, nf, ne, cv, err_all_.get() + 6 * h); !s.ok()) return s;
     }
@@ -873,7 +856,7 @@ absl::StatusOr<LayerResult> CudaBackend::Run(const LayerJob& job) {
       if (auto s = Upload(lane.beta, bias_s[h].data(), t, lane.stream); !s.ok()) return s;
       if (auto s = EvaluateHead(lane, h, t, nf, ne, sel_cv, sel_err_.get() + 6 * h); !s.ok()) return s;
     }
-    KVC_CUDA(cudaEventRecord(head_events[3 * h + 2], lane.stream));
+    KVC_CUDA(cudaEventRecord(events_[3 * h + 2], lane.stream));
   }
   for (size_t i = 1; i < lanes; ++i) {
     KVC_CUDA(cudaEventRecord(lanes_[i]->done, lanes_[i]->stream));
@@ -888,14 +871,11 @@ absl::StatusOr<LayerResult> CudaBackend::Run(const LayerJob& job) {
   if (auto s = ToHost(sel_err.data(), sel_err_.get(), sel_err.size(), stream_); !s.ok()) return s;
   for (int64_t h = 0; h < H_; ++h) {
     float fit_ms = 0, eval_ms = 0;
-    KVC_CUDA(cudaEventElapsedTime(&fit_ms, head_events[3 * h], head_events[3 * h + 1]));
-    KVC_CUDA(cudaEventElapsedTime(&eval_ms, head_events[3 * h + 1], head_events[3 * h + 2]));
+    KVC_CUDA(cudaEventElapsedTime(&fit_ms, events_[3 * h], events_[3 * h + 1]));
+    KVC_CUDA(cudaEventElapsedTime(&eval_ms, events_[3 * h + 1], events_[3 * h + 2]));
     result.seconds.value_fit += fit_ms / 1e3;
     result.seconds.evaluate += eval_ms / 1e3;
   }
-  float eval_stats_ms = 0;
-  KVC_CUDA(cudaEventElapsedTime(&eval_stats_ms, eval_start, eval_end));
-  result.seconds.evaluate += eval_stats_ms / 1e3;
   for (int64_t h = 0; h < H_; ++h) {
     CompactedHead& head = result.heads[h];
     const int64_t t = static_cast<int64_t>(head.indices.size());

@@ -220,15 +220,6 @@ __global__ void CastToDoubleKernel(const float* in, int64_t count, double* out) 
   }
 }
 
-// Element (r, c) of the full matrix is element (max, min) of the lower triangle, which sits at
-// min * t + max in column-major storage.
-__global__ void LowerToSymmetricDoubleKernel(const float* lower, int64_t t, double* out) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < t * t; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t r = i / t, c = i % t;
-    out[i] = r >= c ? lower[c * t + r] : lower[r * t + c];
-  }
-}
-
 
 // --- The accelerated solver (core/bounded_lsq.cc SolveBoundedLsqAccelerated) ---
 
@@ -404,12 +395,6 @@ void CastToDouble(const float* in, int64_t count, double* out, cudaStream_t stre
   const int64_t blocks = (count + kBlock * 4 - 1) / (kBlock * 4);
   CastToDoubleKernel<<<static_cast<unsigned>(blocks < 1 ? 1 : (blocks > 65535 ? 65535 : blocks)), kBlock, 0, stream>>>(
       in, count, out);
-}
-
-void LowerToSymmetricDouble(const float* lower, int64_t t, double* out, cudaStream_t stream) {
-  const int64_t blocks = (t * t + kBlock * 4 - 1) / (kBlock * 4);
-  LowerToSymmetricDoubleKernel<<<static_cast<unsigned>(blocks < 1 ? 1 : (blocks > 65535 ? 65535 : blocks)), kBlock, 0,
-                                 stream>>>(lower, t, out);
 }
 
 }  // namespace kvcompact::kernels

@@ -75,8 +75,5 @@ void AccFinish(const LsqProblem* problems, int count, cudaStream_t stream);
 
 // out[i] = double(in[i]).
 void CastToDouble(const float* in, int64_t count, double* out, cudaStream_t stream);
-// The symmetric t x t matrix whose lower triangle `lower` holds (column-major, as cublasSsyrk
-// writes it), in full and in fp64 (row- and column-major alike).
-void LowerToSymmetricDouble(const float* lower, int64_t t, double* out, cudaStream_t stream);
 
 }  // namespace kvcompact::kernels
