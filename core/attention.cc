@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <numeric>
+#include <vector>
 
 namespace kvcompact {
 
@@ -13,7 +15,13 @@ AttentionStats ComputeAttentionStats(const BlockView& block, const MatrixF& quer
   stats.row_max.resize(n);
   stats.mass.resize(n);
   stats.outputs.resize(n, block.values.cols());
-  if (reduce) stats.scores = VectorF::Zero(T);
+  const bool squares = reduce && (*reduce == ScoreReduce::kRms || *reduce == ScoreReduce::kRmsMax ||
+                                   *reduce == ScoreReduce::kCoverage);
+  VectorF sum_sq, max_p, top_count;  // the accumulators the reduce needs
+  if (squares) sum_sq = VectorF::Zero(T);
+  if (reduce && (*reduce == ScoreReduce::kMax || *reduce == ScoreReduce::kRmsMax)) max_p = VectorF::Zero(T);
+  if (reduce && *reduce == ScoreReduce::kCoverage) top_count = VectorF::Zero(T);
+  if (reduce && *reduce == ScoreReduce::kMean) stats.scores = VectorF::Zero(T);
 
   Eigen::Map<const Eigen::RowVectorXf> bias(block.bias, block.bias ? T : 0);
   MatrixF probs;  // chunk x T: exp(L - M), later the softmax
@@ -30,21 +38,48 @@ AttentionStats ComputeAttentionStats(const BlockView& block, const MatrixF& quer
     probs.array().colwise() /= mass.array();  // softmax rows
     stats.outputs.middleRows(r0, rows).noalias() = probs * block.values;
     if (!reduce) continue;
-    switch (*reduce) {
-      case ScoreReduce::kMean: stats.scores += probs.colwise().sum().transpose(); break;
-      case ScoreReduce::kRms:
-        stats.scores += probs.array().square().matrix().colwise().sum().transpose();
-        break;
-      case ScoreReduce::kMax:
-        stats.scores = stats.scores.cwiseMax(probs.colwise().maxCoeff().transpose());
-        break;
+    if (*reduce == ScoreReduce::kMean) stats.scores += probs.colwise().sum().transpose();
+    if (squares) sum_sq += probs.array().square().matrix().colwise().sum().transpose();
+    if (max_p.size() > 0) max_p = max_p.cwiseMax(probs.colwise().maxCoeff().transpose());
+    if (top_count.size() > 0) {
+      for (Eigen::Index r = 0; r < rows; ++r) {
+        Eigen::Index top = 0;
+        probs.row(r).maxCoeff(&top);
+        top_count[top] += 1.0f;
+      }
     }
   }
-  if (reduce && n > 0) {
-    if (*reduce == ScoreReduce::kMean) stats.scores /= static_cast<float>(n);
-    if (*reduce == ScoreReduce::kRms) stats.scores = (stats.scores / static_cast<float>(n)).cwiseSqrt();
+  if (!reduce) return stats;
+  const float nf = static_cast<float>(std::max<Eigen::Index>(n, 1));  // n = 0: every sum is 0
+  const auto rms = [&] { return VectorF((sum_sq / nf).cwiseSqrt()); };
+  switch (*reduce) {
+    case ScoreReduce::kMean: stats.scores /= nf; break;
+    case ScoreReduce::kRms: stats.scores = rms(); break;
+    case ScoreReduce::kMax: stats.scores = std::move(max_p); break;
+    case ScoreReduce::kRmsMax: stats.scores = RankUnionScores(rms(), max_p); break;
+    case ScoreReduce::kCoverage:
+      // RMS < 1 breaks ties between equal counts without reordering different counts.
+      stats.scores = top_count + 0.5f * rms();
+      break;
   }
   return stats;
+}
+
+VectorF RankUnionScores(const VectorF& a, const VectorF& b) {
+  const Eigen::Index T = a.size();
+  std::vector<int32_t> order(static_cast<size_t>(T));
+  VectorF best_rank = VectorF::Constant(T, static_cast<float>(T));
+  for (const VectorF* s : {&a, &b}) {
+    std::iota(order.begin(), order.end(), 0);
+    // Descending score; equal scores rank the earlier token first, as TopK breaks ties.
+    std::stable_sort(order.begin(), order.end(), [s](int32_t x, int32_t y) {
+      return (*s)[x] > (*s)[y] || ((*s)[x] == (*s)[y] && x < y);
+    });
+    for (Eigen::Index r = 0; r < T; ++r) {
+      best_rank[order[r]] = std::min(best_rank[order[r]], static_cast<float>(r));
+    }
+  }
+  return (1.0f - best_rank.array() / static_cast<float>(std::max<Eigen::Index>(T, 1))).matrix();
 }
 
 MatrixF SubsetLogits(const MatrixF& queries, const MatrixF& keys, const VectorF& bias, float scale) {

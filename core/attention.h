@@ -4,7 +4,8 @@
 //   M_i = max_j L_ij                 row maxima
 //   m_i = sum_j exp(L_ij - M_i)      mass (shifted by M_i)
 //   Y_i = softmax(L_i) V             outputs
-//   score_j = reduce_i A_ij,  A = softmax(L)   (optional, for highest-attention selection)
+//   score_j = reduce_i A_ij,  A = softmax(L)   (optional, for highest-attention selection;
+//             the reduces are in core/method.h)
 #pragma once
 
 #include <optional>
@@ -32,6 +33,10 @@ struct AttentionStats {
 // `query_chunk` bounds the rows of L held at once (memory is query_chunk x T floats).
 AttentionStats ComputeAttentionStats(const BlockView& block, const MatrixF& queries,
                                      std::optional<ScoreReduce> reduce, int query_chunk = 256);
+
+// Scores whose top-t is the union of the top-t of `a` and of `b`, taken alternately: a key's
+// score is 1 - (its better rank of the two) / T.
+VectorF RankUnionScores(const VectorF& a, const VectorF& b);
 
 // Logits of the queries against a subset of keys given as a matrix: s * Q C^T + 1 bias^T.
 MatrixF SubsetLogits(const MatrixF& queries, const MatrixF& keys, const VectorF& bias, float scale);

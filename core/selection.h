@@ -19,7 +19,7 @@ struct SelectionParams {
 // 1-D max pooling with a centred odd window (SnapKV-like smoothing of key scores).
 VectorF MaxPool1d(const VectorF& scores, int kernel);
 
-// The t indices with the highest scores, ascending by position. Ties break towards later tokens.
+// The t indices with the highest scores, ascending by position. Ties break towards earlier tokens.
 std::vector<int32_t> TopK(const VectorF& scores, int64_t t);
 
 struct HeadOptions;

@@ -247,6 +247,9 @@ absl::Status CudaBackend::Upload(DeviceBuffer<T>& buf, const T* host, size_t cou
 
 absl::Status CudaBackend::Stats(const float* queries, int64_t n, const std::optional<ScoreReduce>& reduce,
                                 DeviceStats* out) {
+  if (reduce && (*reduce == ScoreReduce::kRmsMax || *reduce == ScoreReduce::kCoverage)) {
+    return absl::InvalidArgumentError("score RMS_MAX and COVERAGE are computed by the CPU backend only");
+  }
   if (auto s = out->row_max.Reserve(H_ * n); !s.ok()) return s;
   if (auto s = out->mass.Reserve(H_ * n); !s.ok()) return s;
   if (auto s = out->outputs.Reserve(H_ * n * dv_); !s.ok()) return s;

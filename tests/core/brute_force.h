@@ -16,21 +16,26 @@ using Vd = Eigen::VectorXd;
 struct BruteStats {
   Vd row_max, mass;
   Md outputs;
-  Vd rms_scores;
+  Vd rms_scores, max_scores;
+  Vd top_count;  // queries whose largest attention weight is on the key
 };
 
 inline BruteStats BruteAttention(const Md& K, const Md& V, const Vd& b, const Md& Q, double s) {
   const int n = Q.rows(), T = K.rows();
-  BruteStats st{Vd(n), Vd(n), Md::Zero(n, V.cols()), Vd::Zero(T)};
+  BruteStats st{Vd(n), Vd(n), Md::Zero(n, V.cols()), Vd::Zero(T), Vd::Zero(T), Vd::Zero(T)};
   for (int i = 0; i < n; ++i) {
     Vd l(T);
     for (int j = 0; j < T; ++j) l[j] = s * Q.row(i).dot(K.row(j)) + b[j];
     st.row_max[i] = l.maxCoeff();
     Vd p = (l.array() - st.row_max[i]).exp();
     st.mass[i] = p.sum();
+    Eigen::Index top = 0;
+    l.maxCoeff(&top);
+    st.top_count[top] += 1;
     for (int j = 0; j < T; ++j) {
       st.outputs.row(i) += p[j] / st.mass[i] * V.row(j);
       st.rms_scores[j] += std::pow(p[j] / st.mass[i], 2);
+      st.max_scores[j] = std::max(st.max_scores[j], p[j] / st.mass[i]);
     }
   }
   st.rms_scores = (st.rms_scores / n).cwiseSqrt();

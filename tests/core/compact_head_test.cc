@@ -8,6 +8,7 @@
 
 #include "core/fit.h"
 #include "core/layer.h"
+#include "core/selection.h"
 #include "core/synthetic.h"
 #include "tests/core/brute_force.h"
 
@@ -50,6 +51,51 @@ TEST(AttentionStats, MatchesFloat64BruteForceAcrossChunkSizes) {
     EXPECT_LT((st.outputs.cast<double>() - ref.outputs).norm() / ref.outputs.norm(), 1e-5);
     EXPECT_LT((st.scores.cast<double>() - ref.rms_scores).norm() / ref.rms_scores.norm(), 1e-5);
   }
+}
+
+// Every reduce against float64: max, mean, RMS, the argmax counts of coverage (an integer part
+// plus half the RMS), and the rank union of RMS and max (checked against ranks taken in float64).
+TEST(AttentionStats, EveryScoreReduceMatchesFloat64BruteForce) {
+  const Problem p = RandomProblem(12, 41, 60, 16, 8, 0.7f);
+  const auto ref = testing::BruteAttention(p.K.cast<double>(), p.V.cast<double>(),
+                                           p.b.cast<double>(), p.Q.cast<double>(), p.scale);
+  for (int chunk : {1, 7, 256}) {
+    const VectorF max = ComputeAttentionStats(p.view(), p.Q, ScoreReduce::kMax, chunk).scores;
+    EXPECT_LT((max.cast<double>() - ref.max_scores).cwiseAbs().maxCoeff(), 1e-6);
+    const VectorF coverage = ComputeAttentionStats(p.view(), p.Q, ScoreReduce::kCoverage, chunk).scores;
+    EXPECT_EQ(coverage.array().floor().cast<double>().matrix(), ref.top_count);
+    EXPECT_GT(ref.top_count.maxCoeff(), 1.0);  // the counts are not all 0 or 1
+    EXPECT_LT(((coverage.array() - coverage.array().floor()).cast<double>() - 0.5 * ref.rms_scores.array())
+                  .abs().maxCoeff(), 1e-5);
+    const VectorF union_scores = ComputeAttentionStats(p.view(), p.Q, ScoreReduce::kRmsMax, chunk).scores;
+    for (int64_t t : {1, 2, 5, 20, 41}) {
+      const std::vector<int32_t> by_rms = TopK(ref.rms_scores.cast<float>(), t);
+      const std::vector<int32_t> by_max = TopK(ref.max_scores.cast<float>(), t);
+      // Within the union of the two top-t lists, and holding both top-floor(t/2) lists.
+      const std::vector<int32_t> got = TopK(union_scores, t);
+      ASSERT_EQ(static_cast<int64_t>(got.size()), t);
+      for (int32_t j : got) {
+        EXPECT_TRUE(std::count(by_rms.begin(), by_rms.end(), j) || std::count(by_max.begin(), by_max.end(), j))
+            << "t=" << t << " key " << j;
+      }
+      for (const VectorF& s : {VectorF(ref.rms_scores.cast<float>()), VectorF(ref.max_scores.cast<float>())}) {
+        for (int32_t j : TopK(s, t / 2)) EXPECT_TRUE(std::count(got.begin(), got.end(), j)) << "t=" << t;
+      }
+    }
+  }
+}
+
+TEST(RankUnionScores, TakesTheTwoRankingsAlternately) {
+  VectorF a(4), b(4);
+  a << 0.9f, 0.1f, 0.5f, 0.2f;  // ranks 0, 3, 1, 2
+  b << 0.1f, 0.8f, 0.2f, 0.7f;  // ranks 3, 0, 2, 1
+  const VectorF s = RankUnionScores(a, b);
+  EXPECT_EQ(TopK(s, 1), (std::vector<int32_t>{0}));  // equal best ranks: the earlier token first
+  EXPECT_EQ(TopK(s, 2), (std::vector<int32_t>{0, 1}));
+  EXPECT_EQ(TopK(s, 3), (std::vector<int32_t>{0, 1, 2}));
+  EXPECT_EQ(TopK(s, 4), (std::vector<int32_t>{0, 1, 2, 3}));
+  EXPECT_EQ(RankUnionScores(VectorF::Constant(1, 0.3f), VectorF::Constant(1, 0.0f)), VectorF::Constant(1, 1.0f));
+  EXPECT_EQ(RankUnionScores(VectorF(), VectorF()).size(), 0);
 }
 
 // The CUDA backend gathers the held-out split itself from SplitQueryRows; it must be the split
