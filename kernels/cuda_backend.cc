@@ -247,9 +247,6 @@ absl::Status CudaBackend::Upload(DeviceBuffer<T>& buf, const T* host, size_t cou
 
 absl::Status CudaBackend::Stats(const float* queries, int64_t n, const std::optional<ScoreReduce>& reduce,
                                 DeviceStats* out) {
-  if (reduce && (*reduce == ScoreReduce::kRmsMax || *reduce == ScoreReduce::kCoverage)) {
-    return absl::InvalidArgumentError("score RMS_MAX and COVERAGE are computed by the CPU backend only");
-  }
   if (auto s = out->row_max.Reserve(H_ * n); !s.ok()) return s;
   if (auto s = out->mass.Reserve(H_ * n); !s.ok()) return s;
   if (auto s = out->outputs.Reserve(H_ * n * dv_); !s.ok()) return s;
@@ -695,6 +692,9 @@ absl::StatusOr<LayerResult> CudaBackend::Run(const LayerJob& job) {
   const bool has_queries = data.queries > 0;
   if (spec.needs_queries && !has_queries) {
     return absl::InvalidArgumentError(absl::StrCat("method ", std::string(spec.name), " needs reference queries and none were given"));
+  }
+  if (job.options.score == ScoreReduce::kRmsMax || job.options.score == ScoreReduce::kCoverage) {
+    return absl::InvalidArgumentError("score RMS_MAX and COVERAGE are computed by the CPU backend only");
   }
   LayerResult result;
   result.heads.resize(H_);
