@@ -15,12 +15,13 @@ AttentionStats ComputeAttentionStats(const BlockView& block, const MatrixF& quer
   stats.row_max.resize(n);
   stats.mass.resize(n);
   stats.outputs.resize(n, block.values.cols());
-  const bool squares = reduce && (*reduce == ScoreReduce::kRms || *reduce == ScoreReduce::kRmsMax ||
-                                   *reduce == ScoreReduce::kCoverage);
+  const bool squares = reduce && *reduce != ScoreReduce::kMean && *reduce != ScoreReduce::kMax;
   VectorF sum_sq, max_p, top_count;  // the accumulators the reduce needs
   if (squares) sum_sq = VectorF::Zero(T);
   if (reduce && (*reduce == ScoreReduce::kMax || *reduce == ScoreReduce::kRmsMax)) max_p = VectorF::Zero(T);
-  if (reduce && *reduce == ScoreReduce::kCoverage) top_count = VectorF::Zero(T);
+  if (reduce && (*reduce == ScoreReduce::kCoverage || *reduce == ScoreReduce::kRmsCoverage)) {
+    top_count = VectorF::Zero(T);
+  }
   if (reduce && *reduce == ScoreReduce::kMean) stats.scores = VectorF::Zero(T);
 
   Eigen::Map<const Eigen::RowVectorXf> bias(block.bias, block.bias ? T : 0);
@@ -61,6 +62,7 @@ AttentionStats ComputeAttentionStats(const BlockView& block, const MatrixF& quer
       // RMS < 1 breaks ties between equal counts without reordering different counts.
       stats.scores = top_count + 0.5f * rms();
       break;
+    case ScoreReduce::kRmsCoverage: stats.scores = RankUnionScores(rms(), top_count + 0.5f * rms()); break;
   }
   return stats;
 }

@@ -22,8 +22,9 @@ enum class Method : int {
 // kRmsMax: the union of the RMS and the max rankings (a key ranks by the better of its two
 // places), so that keys one query needs strongly compete beside keys many queries use a little.
 // kCoverage: the number of queries whose most-attended key it is (ties by RMS), so that the kept
-// keys cover as many queries' top key as the budget allows.
-enum class ScoreReduce : int { kRms = 1, kMean = 2, kMax = 3, kRmsMax = 4, kCoverage = 5 };
+// keys cover as many queries' top key as the budget allows. kRmsCoverage: the union of the RMS and
+// the coverage rankings.
+enum class ScoreReduce : int { kRms = 1, kMean = 2, kMax = 3, kRmsMax = 4, kCoverage = 5, kRmsCoverage = 6 };
 
 enum class Selection : int { kHighestAttention, kRecent, kSinksAndRecent, kRandom, kOmp };
 enum class Fit : int { kAttentionMatching, kCopy };

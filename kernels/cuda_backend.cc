@@ -693,8 +693,9 @@ absl::StatusOr<LayerResult> CudaBackend::Run(const LayerJob& job) {
   if (spec.needs_queries && !has_queries) {
     return absl::InvalidArgumentError(absl::StrCat("method ", std::string(spec.name), " needs reference queries and none were given"));
   }
-  if (job.options.score == ScoreReduce::kRmsMax || job.options.score == ScoreReduce::kCoverage) {
-    return absl::InvalidArgumentError("score RMS_MAX and COVERAGE are computed by the CPU backend only");
+  if (job.options.score == ScoreReduce::kRmsMax || job.options.score == ScoreReduce::kCoverage ||
+      job.options.score == ScoreReduce::kRmsCoverage) {
+    return absl::InvalidArgumentError("score RMS_MAX, COVERAGE and RMS_COVERAGE are computed by the CPU backend only");
   }
   LayerResult result;
   result.heads.resize(H_);

@@ -54,7 +54,7 @@ TEST(AttentionStats, MatchesFloat64BruteForceAcrossChunkSizes) {
 }
 
 // Every reduce against float64: max, mean, RMS, the argmax counts of coverage (an integer part
-// plus half the RMS), and the rank union of RMS and max (checked against ranks taken in float64).
+// plus half the RMS), and the rank unions of RMS with max and with coverage (against float64 ranks).
 TEST(AttentionStats, EveryScoreReduceMatchesFloat64BruteForce) {
   const Problem p = RandomProblem(12, 41, 60, 16, 8, 0.7f);
   const auto ref = testing::BruteAttention(p.K.cast<double>(), p.V.cast<double>(),
@@ -67,19 +67,23 @@ TEST(AttentionStats, EveryScoreReduceMatchesFloat64BruteForce) {
     EXPECT_GT(ref.top_count.maxCoeff(), 1.0);  // the counts are not all 0 or 1
     EXPECT_LT(((coverage.array() - coverage.array().floor()).cast<double>() - 0.5 * ref.rms_scores.array())
                   .abs().maxCoeff(), 1e-5);
-    const VectorF union_scores = ComputeAttentionStats(p.view(), p.Q, ScoreReduce::kRmsMax, chunk).scores;
-    for (int64_t t : {1, 2, 5, 20, 41}) {
-      const std::vector<int32_t> by_rms = TopK(ref.rms_scores.cast<float>(), t);
-      const std::vector<int32_t> by_max = TopK(ref.max_scores.cast<float>(), t);
-      // Within the union of the two top-t lists, and holding both top-floor(t/2) lists.
-      const std::vector<int32_t> got = TopK(union_scores, t);
-      ASSERT_EQ(static_cast<int64_t>(got.size()), t);
-      for (int32_t j : got) {
-        EXPECT_TRUE(std::count(by_rms.begin(), by_rms.end(), j) || std::count(by_max.begin(), by_max.end(), j))
-            << "t=" << t << " key " << j;
-      }
-      for (const VectorF& s : {VectorF(ref.rms_scores.cast<float>()), VectorF(ref.max_scores.cast<float>())}) {
-        for (int32_t j : TopK(s, t / 2)) EXPECT_TRUE(std::count(got.begin(), got.end(), j)) << "t=" << t;
+    const VectorF rms = ref.rms_scores.cast<float>();
+    const VectorF by_count = (ref.top_count + 0.5 * ref.rms_scores).cast<float>();
+    for (const auto& [reduce, second] : {std::pair{ScoreReduce::kRmsMax, VectorF(ref.max_scores.cast<float>())},
+                                         std::pair{ScoreReduce::kRmsCoverage, by_count}}) {
+      const VectorF union_scores = ComputeAttentionStats(p.view(), p.Q, reduce, chunk).scores;
+      for (int64_t t : {1, 2, 5, 20, 41}) {
+        const std::vector<int32_t> first_t = TopK(rms, t), second_t = TopK(second, t);
+        // Within the union of the two top-t lists, and holding both top-floor(t/2) lists.
+        const std::vector<int32_t> got = TopK(union_scores, t);
+        ASSERT_EQ(static_cast<int64_t>(got.size()), t);
+        for (int32_t j : got) {
+          EXPECT_TRUE(std::count(first_t.begin(), first_t.end(), j) || std::count(second_t.begin(), second_t.end(), j))
+              << "reduce " << static_cast<int>(reduce) << " t=" << t << " key " << j;
+        }
+        for (const VectorF* s : {&rms, &second}) {
+          for (int32_t j : TopK(*s, t / 2)) EXPECT_TRUE(std::count(got.begin(), got.end(), j)) << "t=" << t;
+        }
       }
     }
   }

@@ -398,7 +398,7 @@ TEST(CudaBackend, BadJobsAreStatusesNotCrashes) {
   job.data.queries = 0;
   job.data.query_data.clear();
   EXPECT_EQ((*gpu)->CompactLayer(job).status().code(), absl::StatusCode::kInvalidArgument);
-  for (ScoreReduce host_only : {ScoreReduce::kRmsMax, ScoreReduce::kCoverage}) {
+  for (ScoreReduce host_only : {ScoreReduce::kRmsMax, ScoreReduce::kCoverage, ScoreReduce::kRmsCoverage}) {
     job = MakeJob({256, 64, 4, Method::kAmHighestAttention, DType::kFloat32, false, 0.1f}, 3);
     job.options.score = host_only;
     EXPECT_EQ((*gpu)->CompactLayer(job).status().code(), absl::StatusCode::kInvalidArgument);

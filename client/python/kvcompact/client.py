@@ -24,7 +24,8 @@ METHODS = {
     "am_omp_fast": pb.METHOD_AM_OMP_FAST,
 }
 SCORES = {"": pb.SCORE_REDUCE_UNSPECIFIED, "rms": pb.SCORE_REDUCE_RMS, "mean": pb.SCORE_REDUCE_MEAN,
-          "max": pb.SCORE_REDUCE_MAX, "rms_max": pb.SCORE_REDUCE_RMS_MAX, "coverage": pb.SCORE_REDUCE_COVERAGE}
+          "max": pb.SCORE_REDUCE_MAX, "rms_max": pb.SCORE_REDUCE_RMS_MAX, "coverage": pb.SCORE_REDUCE_COVERAGE,
+          "rms_coverage": pb.SCORE_REDUCE_RMS_COVERAGE}
 ALLOCATIONS = {
     "uniform": pb.Allocation.RULE_UNIFORM,
     "pyramid": pb.Allocation.RULE_PYRAMID,
