@@ -297,3 +297,19 @@ def test_allocation_splits_a_ratio_or_a_per_head_token_budget():
     assert make_header(layers, allocation="profile", shares=[1, 3]).options.budget.allocation.ratio == 20
     with pytest.raises(ValueError, match="not per_head"):
         make_header(layers, per_head=[10, 20], allocation="profile", shares=[1, 3])
+
+
+def test_coverage_score_keeps_every_querys_most_attended_key(server_address):
+    """With as many keys as there are distinct most-attended keys, `score="coverage"` keeps exactly
+    those; the rank unions keep half their budget from each ranking (CPU backend)."""
+    layers = make_layers(num_layers=1, tokens=300, queries=64, seed=5)
+    layer = layers[0]
+    tops = [np.unique(np.argmax(layer.queries[h] @ layer.keys[h].T, axis=1)) for h in range(2)]
+    with Client(server_address) as client:
+        r = client.compact(layers, per_head=[len(t) for t in tops], method="h2o", score="coverage", holdout=0.0)
+        for h, head in enumerate(r.layers[0].heads):
+            assert np.array_equal(head.indices, tops[h])
+        for score in ("rms_max", "rms_coverage"):
+            r = client.compact(layers, ratio=10, method="am", score=score)
+            assert not r.errors
+            assert all(h.keys.shape == (30, 64) and 0 <= h.output_rel_error < 1 for h in r.layers[0].heads)
