@@ -52,17 +52,16 @@ AttentionStats ComputeAttentionStats(const BlockView& block, const MatrixF& quer
   }
   if (!reduce) return stats;
   const float nf = static_cast<float>(std::max<Eigen::Index>(n, 1));  // n = 0: every sum is 0
-  const auto rms = [&] { return VectorF((sum_sq / nf).cwiseSqrt()); };
+  const VectorF rms = squares ? VectorF((sum_sq / nf).cwiseSqrt()) : VectorF();
+  // Coverage: RMS < 1 breaks ties between equal counts without reordering different counts.
+  const auto coverage = [&] { return VectorF(top_count + 0.5f * rms); };
   switch (*reduce) {
     case ScoreReduce::kMean: stats.scores /= nf; break;
-    case ScoreReduce::kRms: stats.scores = rms(); break;
+    case ScoreReduce::kRms: stats.scores = rms; break;
     case ScoreReduce::kMax: stats.scores = std::move(max_p); break;
-    case ScoreReduce::kRmsMax: stats.scores = RankUnionScores(rms(), max_p); break;
-    case ScoreReduce::kCoverage:
-      // RMS < 1 breaks ties between equal counts without reordering different counts.
-      stats.scores = top_count + 0.5f * rms();
-      break;
-    case ScoreReduce::kRmsCoverage: stats.scores = RankUnionScores(rms(), top_count + 0.5f * rms()); break;
+    case ScoreReduce::kRmsMax: stats.scores = RankUnionScores(rms, max_p); break;
+    case ScoreReduce::kCoverage: stats.scores = coverage(); break;
+    case ScoreReduce::kRmsCoverage: stats.scores = RankUnionScores(rms, coverage()); break;
   }
   return stats;
 }
@@ -70,18 +69,20 @@ AttentionStats ComputeAttentionStats(const BlockView& block, const MatrixF& quer
 VectorF RankUnionScores(const VectorF& a, const VectorF& b) {
   const Eigen::Index T = a.size();
   std::vector<int32_t> order(static_cast<size_t>(T));
-  VectorF best_rank = VectorF::Constant(T, static_cast<float>(T));
+  std::vector<int64_t> best_rank(static_cast<size_t>(T), T);
   for (const VectorF* s : {&a, &b}) {
     std::iota(order.begin(), order.end(), 0);
     // Descending score; equal scores rank the earlier token first, as TopK breaks ties.
-    std::stable_sort(order.begin(), order.end(), [s](int32_t x, int32_t y) {
+    std::sort(order.begin(), order.end(), [s](int32_t x, int32_t y) {
       return (*s)[x] > (*s)[y] || ((*s)[x] == (*s)[y] && x < y);
     });
-    for (Eigen::Index r = 0; r < T; ++r) {
-      best_rank[order[r]] = std::min(best_rank[order[r]], static_cast<float>(r));
-    }
+    for (Eigen::Index r = 0; r < T; ++r) best_rank[order[r]] = std::min<int64_t>(best_rank[order[r]], r);
   }
-  return (1.0f - best_rank.array() / static_cast<float>(std::max<Eigen::Index>(T, 1))).matrix();
+  VectorF scores(T);
+  for (Eigen::Index j = 0; j < T; ++j) {
+    scores[j] = static_cast<float>(static_cast<double>(T - best_rank[j]) / static_cast<double>(T));
+  }
+  return scores;
 }
 
 MatrixF SubsetLogits(const MatrixF& queries, const MatrixF& keys, const VectorF& bias, float scale) {

@@ -35,7 +35,8 @@ AttentionStats ComputeAttentionStats(const BlockView& block, const MatrixF& quer
                                      std::optional<ScoreReduce> reduce, int query_chunk = 256);
 
 // Scores whose top-t is the union of the top-t of `a` and of `b`, taken alternately: a key's
-// score is 1 - (its better rank of the two) / T.
+// score is 1 - (its better rank of the two) / T. In float, ranks closer than T / 2^24 may tie
+// (only for T above 2^24); ties go to the earlier token.
 VectorF RankUnionScores(const VectorF& a, const VectorF& b);
 
 // Logits of the queries against a subset of keys given as a matrix: s * Q C^T + 1 bias^T.
