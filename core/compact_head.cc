@@ -1,7 +1,6 @@
 #include "core/compact_head.h"
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <numeric>
 #include <random>
@@ -9,35 +8,12 @@
 #include <unordered_set>
 
 #include "absl/strings/str_cat.h"
-#include "core/budget.h"
-#include "core/fit.h"
+#include "core/cpu_steps.h"
+#include "core/layer.h"
+#include "core/pipeline.h"
 #include "core/selection.h"
 
 namespace kvcompact {
-namespace {
-
-double Since(std::chrono::steady_clock::time_point start) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-}
-
-VectorF GatherBias(const BlockView& block, const std::vector<int32_t>& idx) {
-  VectorF out(static_cast<Eigen::Index>(idx.size()));
-  for (size_t i = 0; i < idx.size(); ++i) out[i] = block.bias ? block.bias[idx[i]] : 0.0f;
-  return out;
-}
-
-// OMP over a candidate pool: one pass over the fitting queries builds the pool's Gram system,
-// then the greedy loop runs in Gram space (core/omp.h).
-std::vector<int32_t> SelectByOmp(const BlockView& block, const MatrixF& fit_q, const AttentionStats& stats,
-                                 const HeadOptions& options, const MethodSpec& spec, int64_t t) {
-  const std::vector<int32_t> pool = OmpCandidates(stats.scores, block.tokens(), t, options.omp_pool);
-  const auto [gram, rhs] = BuildMassSystem(SubsetLogits(fit_q, GatherRows(block.keys, pool), GatherBias(block, pool),
-                                                        block.scale),
-                                           stats.row_max, stats.mass, /*prior=*/0.0);
-  return SelectedPositions(SelectOmp(gram, rhs, OmpParamsFor(options, spec, t)), pool);
-}
-
-}  // namespace
 
 MatrixF GatherRows(const Eigen::Ref<const MatrixF>& m, const std::vector<int32_t>& rows) {
   MatrixF out(static_cast<Eigen::Index>(rows.size()), m.cols());
@@ -154,21 +130,6 @@ void SplitQueries(const MatrixF& q, double fraction, uint64_t seed, MatrixF* fit
   *eval = GatherRows(q, eval_rows);
 }
 
-namespace {
-
-CompactedHead Unchanged(const BlockView& block) {
-  CompactedHead head;
-  head.indices.resize(block.tokens());
-  std::iota(head.indices.begin(), head.indices.end(), 0);
-  head.keys = block.keys;
-  head.values = block.values;
-  head.beta = block.bias ? VectorF(ConstVectorMapF(block.bias, block.tokens()))
-                         : VectorF::Zero(block.tokens());
-  return head;
-}
-
-}  // namespace
-
 void MeasureErrors(const CompactedHead& head, const MatrixF& queries, const AttentionStats& truth,
                    float scale, float* output_rel_error, float* mass_rel_error) {
   // Shifted by the compacted rows' own maxima: kept keys far below the full row's maximum would
@@ -198,97 +159,14 @@ void ErrorsFromOutputs(const MatrixF& outputs, const VectorF& mass, const Matrix
 
 absl::StatusOr<CompactedHead> CompactHead(const BlockView& block, const MatrixF* queries,
                                           const HeadOptions& options, StageSeconds* seconds) {
-  const MethodSpec& spec = GetMethodSpec(options.method);
-  const int64_t T = block.tokens();
   const bool has_queries = queries != nullptr && queries->rows() > 0;
-  if (options.budget <= 0) return absl::InvalidArgumentError("budget must be > 0");
-  if (spec.needs_queries && !has_queries) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("method ", std::string(spec.name), " needs reference queries and none were given"));
-  }
-  const bool unchanged = KeepsBlockUnchanged(options, T);
-  const int64_t t = KeptKeys(options.budget, T);
-
-  auto start = std::chrono::steady_clock::now();
-  MatrixF fit_q, eval_q;
-  AttentionStats fit_stats, eval_stats;
-  if (has_queries) {
-    SplitQueries(*queries, options.holdout_fraction, options.seed, &fit_q, &eval_q);
-    const bool scores = UsesKeyScores(spec) && !unchanged;
-    fit_stats = ComputeAttentionStats(
-        block, fit_q, scores ? std::optional(options.score.value_or(spec.default_score)) : std::nullopt,
-        options.query_chunk);
-    if (eval_q.rows() > 0) eval_stats = ComputeAttentionStats(block, eval_q, std::nullopt, options.query_chunk);
-  }
-
-  CompactedHead head;
-  int64_t distinct = 0;  // distinct fitting queries, for the priors
-  // Plain selection of the kept keys (beta = b_S, C_v = V_S): what the baselines return, the
-  // target of the AM fit's priors, and what the AM fit is compared with on held-out queries.
-  CompactedHead selection;
-  if (unchanged) {
-    head = Unchanged(block);
-  } else {
-    selection.indices = spec.selection == Selection::kOmp
-                            ? SelectByOmp(block, fit_q, fit_stats, options, spec, t)
-                            : SelectKeys(spec.selection, T, fit_stats.scores, SelectionParamsFor(options, spec, t));
-    selection.keys = GatherRows(block.keys, selection.indices);
-    selection.beta = GatherBias(block, selection.indices);
-    selection.values = GatherRows(block.values, selection.indices);
-    head = selection;
-    seconds->score += Since(start);
-
-    if (spec.fit == Fit::kAttentionMatching) {
-      start = std::chrono::steady_clock::now();
-      const MatrixF logits = SubsetLogits(fit_q, head.keys, selection.beta, block.scale);
-      const auto [w_lo, w_hi] = WeightBounds(options, spec);
-      distinct = DistinctQueryCount(fit_q);
-      MassFitResult mass = FitMass(logits, fit_stats.row_max, fit_stats.mass, selection.beta, w_lo, w_hi,
-                                   MassPrior(options, t, distinct), options.mass_fit_solver, distinct);
-      head.beta = std::move(mass.beta);
-      head.mass_fit_converged = mass.solver.converged;
-      head.mass_fit_iterations = mass.solver.iterations;
-      seconds->mass_fit += Since(start);
-      seconds->mass_solve += mass.solve_seconds;
-
-      start = std::chrono::steady_clock::now();
-      const MatrixF design = RowSoftmax(SubsetLogits(fit_q, head.keys, head.beta, block.scale));
-      head.values = FitValues(design, fit_stats.outputs, ValueRidge(options, t, distinct), &selection.values);
-      seconds->value_fit += Since(start);
-    }
-  }
-
-  if (has_queries) {
-    start = std::chrono::steady_clock::now();
-    HeadQuality& q = head.quality;
-    q.has_quality = true;
-    float unused_mass;
-    const int64_t m = std::min<int64_t>(fit_q.rows(), kFitErrorQueries);
-    const AttentionStats fit_head{fit_stats.row_max.head(m), fit_stats.mass.head(m), fit_stats.outputs.topRows(m), {}};
-    MeasureErrors(head, fit_q.topRows(m), fit_head, block.scale, &q.fit_output_rel_error, &unused_mass);
-    if (eval_q.rows() > 0) {
-      MeasureErrors(head, eval_q, eval_stats, block.scale, &q.output_rel_error, &q.mass_rel_error);
-      q.eval_queries = eval_q.rows();
-      if (spec.fit == Fit::kAttentionMatching && !unchanged) {
-        // Never worse than the simple thing: plain selection of the same keys, on the same
-        // held-out queries; the better of the two is returned.
-        HeadQuality sq = q;
-        MeasureErrors(selection, eval_q, eval_stats, block.scale, &sq.output_rel_error, &sq.mass_rel_error);
-        if (sq.output_rel_error < q.output_rel_error) {
-          MeasureErrors(selection, fit_q.topRows(m), fit_head, block.scale, &sq.fit_output_rel_error, &unused_mass);
-          head.beta = std::move(selection.beta);
-          head.values = std::move(selection.values);
-          head.selection_kept = true;
-          q = sq;
-        }
-      }
-    } else {
-      MeasureErrors(head, fit_q, fit_stats, block.scale, &q.output_rel_error, &q.mass_rel_error);
-      q.eval_queries = fit_q.rows();
-    }
-    seconds->evaluate += Since(start);
-  }
-  return head;
+  absl::StatusOr<LayerPlan> plan = PlanHeads({options}, block.tokens(), has_queries);
+  if (!plan.ok()) return plan.status();
+  CpuLayerSteps steps({HeadInput{block, has_queries ? queries : nullptr}}, /*pool=*/nullptr);
+  absl::StatusOr<LayerResult> result = RunLayerPipeline(*plan, steps, /*pool=*/nullptr, /*cancelled=*/{});
+  if (!result.ok()) return result.status();
+  *seconds += result->seconds;
+  return std::move(result->heads[0]);
 }
 
 }  // namespace kvcompact

@@ -40,4 +40,16 @@ std::optional<Method> MethodFromName(std::string_view name) {
   return std::nullopt;
 }
 
+std::string_view ScoreReduceName(ScoreReduce reduce) {
+  switch (reduce) {
+    case ScoreReduce::kRms: return "RMS";
+    case ScoreReduce::kMean: return "MEAN";
+    case ScoreReduce::kMax: return "MAX";
+    case ScoreReduce::kRmsMax: return "RMS_MAX";
+    case ScoreReduce::kCoverage: return "COVERAGE";
+    case ScoreReduce::kRmsCoverage: return "RMS_COVERAGE";
+  }
+  return "UNKNOWN";
+}
+
 }  // namespace kvcompact

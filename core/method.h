@@ -26,6 +26,9 @@ enum class Method : int {
 // the coverage rankings.
 enum class ScoreReduce : int { kRms = 1, kMean = 2, kMax = 3, kRmsMax = 4, kCoverage = 5, kRmsCoverage = 6 };
 
+// The score's name on the wire (the proto's SCORE_REDUCE_ suffix), for messages.
+std::string_view ScoreReduceName(ScoreReduce reduce);
+
 enum class Selection : int { kHighestAttention, kRecent, kSinksAndRecent, kRandom, kOmp };
 enum class Fit : int { kAttentionMatching, kCopy };
 

@@ -1,13 +1,13 @@
-// CUDA backend. Per layer, all KV heads at once for the n x T work (logits, softmax statistics,
-// key scores, outputs: strided-batched cuBLAS over heads, query chunks bounded by the workspace so
-// the n x T matrix never exists whole); per head for the t-sized fits (ragged budgets): subset
-// logits, Phi^T Phi and Phi^T m on the GPU; the bounded NNLS for all heads at once on the GPU in
-// fp64 (kernels/device_lsq.h: the accelerated solver of core/bounded_lsq.h, every head in
-// lockstep); X^T X and X^T Y on the GPU and the ridge solve by cuSOLVER Cholesky in fp32
-// (optionally heads over several streams, kernels/head_lane.h). Key selection runs on the host
-// from the GPU's scores, heads in parallel, with the CPU backend's code, so both backends pick
-// the same keys; OMP's greedy loop (core/omp.h) runs on a host thread per head and reads its Gram
-// matrix on the device from the pool's features.
+// CUDA backend: the steps of the pipeline in core/pipeline.h on the device. Per layer, all KV
+// heads at once for the n x T work (logits, softmax statistics, key scores, outputs: the fused
+// kernels, or strided-batched cuBLAS over heads with query chunks bounded by the workspace, so the
+// n x T matrix never exists whole); per head for the t-sized fits (ragged budgets): subset logits,
+// Phi^T Phi and Phi^T m on the GPU; the bounded NNLS for all heads at once on the GPU in fp64
+// (kernels/device_lsq.h: the accelerated solver of core/bounded_lsq.h, every head in lockstep);
+// X^T X and X^T Y on the GPU and the ridge solve by cuSOLVER Cholesky in fp32 (optionally heads
+// over several streams, kernels/head_lane.h). Key selection runs in the pipeline on the host from
+// the GPU's scores, so both backends pick the same keys; OMP's greedy loop (core/omp.h) runs on a
+// host thread per head and reads its Gram matrix on the device from the pool's features.
 #include "kernels/cuda_backend.h"
 
 #include <algorithm>
@@ -23,6 +23,7 @@
 
 #include "core/budget.h"
 #include "core/fit.h"
+#include "core/pipeline.h"
 #include "core/selection.h"
 #include "kernels/am_kernels.cuh"
 #include "kernels/device_buffer.h"
@@ -62,7 +63,7 @@ struct DeviceStats {
 
 DeviceBytes EstimateDeviceBytesImpl(const LayerJob& job, size_t workspace_bytes, int head_lanes);
 
-class CudaBackend final : public Backend {
+class CudaBackend final : public Backend, private LayerSteps {
  public:
   explicit CudaBackend(const CudaBackendOptions& options) : options_(options), limit_(options.memory_limit_bytes) {}
   ~CudaBackend() override {
@@ -156,15 +157,26 @@ class CudaBackend final : public Backend {
   absl::Status MassFeatures(int64_t h, int64_t nf, int64_t t, const VectorF& bias_s);
   // OMP's pool system without G: Phi^T (t x nf) into `phi_t` and c = Phi^T m into `rhs` (device).
   absl::Status PoolFeatures(int64_t h, int64_t nf, int64_t t, const VectorF& bias_s, float* phi_t, float* rhs);
-  // OMP key selection of `heads` (core/omp.h): each head's candidate-pool Gram system is built on
-  // the device (the part that reads the queries) and stays there; the greedy loop runs on a host
-  // thread per head, overlapping the device's work on the next head, and reads G on the device.
-  absl::Status SelectByOmp(const LayerJob& job, const std::vector<int64_t>& heads, int64_t nf,
-                           const std::vector<float>& scores, LayerResult* result);
-  // Bounded NNLS for the mass weights of `heads` (indices selected, C_k gathered per head) in
-  // batches whose solver memory fits the workspace; sets beta = log w + b on the host.
-  absl::Status FitMass(const std::vector<int64_t>& heads, int64_t nf, int64_t n_max, const std::vector<HeadOptions>& options,
-                       const std::vector<VectorF>& bias_s, LayerResult* result);
+  // The pipeline's steps (core/pipeline.h).
+  BlockView Block(int64_t head) const override { return job_->data.HeadBlock(head); }
+  bool ComputesScore(ScoreReduce reduce) const override {
+    return reduce == ScoreReduce::kRms || reduce == ScoreReduce::kMean || reduce == ScoreReduce::kMax;
+  }
+  // Uploads the layer (or takes its prefetched copy), then the statistics of both query sets.
+  absl::Status Statistics(const LayerPlan& plan, MatrixF* scores, StageSeconds* seconds) override;
+  // OMP: each head's candidate-pool Gram system is built on the device (the part that reads the
+  // queries) and stays there; the greedy loop (core/omp.h) runs on a host thread per head,
+  // overlapping the device's work on the next head, and reads G on the device.
+  absl::Status SelectOmp(const LayerPlan& plan, const std::vector<int64_t>& heads, const MatrixF& scores,
+                         std::vector<std::vector<int32_t>>* kept) override;
+  // Bounded NNLS for the mass weights of the fitted heads, in batches whose solver memory fits the
+  // workspace; beta = log w + b_S on the host.
+  absl::Status FitMass(const LayerPlan& plan, std::vector<CompactedHead>* heads, StageSeconds* seconds) override;
+  // Per head on the device: values by the ridge solve, then the errors on both query sets (and
+  // plain selection's), with no host synchronisation until every head is queued.
+  absl::Status FitValuesAndEvaluate(const LayerPlan& plan, const std::vector<CompactedHead>& selection,
+                                    std::vector<CompactedHead>* heads, std::vector<HeadFigures>* figures,
+                                    StageSeconds* seconds) override;
   // Values of head h (C_k and kept positions in the lane's ck and idx) by the ridge solve on the device, into `cv` (t x dv, device);
   // cuSOLVER's two info codes into `info` (device).
   absl::Status ValueFit(HeadLane& lane, int64_t h, int64_t nf, int64_t t, double ridge, const VectorF& beta, float* cv,
@@ -189,7 +201,8 @@ class CudaBackend final : public Backend {
   DType inputs_dtype_ = DType::kFloat32;
   bool has_bias_ = false;
   InputStager inputs_;
-  const LayerInputs* in_ = nullptr;  // this layer's inputs (a slot of inputs_)
+  const LayerJob* job_ = nullptr;    // the layer being compacted (during Run)
+  const LayerInputs* in_ = nullptr;  // its inputs on the device (a slot of inputs_)
   DeviceBuffer<float> logits_, scores_;
   DeviceBuffer<float> fused_ws_;  // 16-bit copies of Q, K and V for the fused statistics
   DeviceStats fit_, eval_;
@@ -376,12 +389,10 @@ absl::Status CudaBackend::PoolFeatures(int64_t h, int64_t nf, int64_t t, const V
   return absl::OkStatus();
 }
 
-absl::Status CudaBackend::SelectByOmp(const LayerJob& job, const std::vector<int64_t>& heads, int64_t nf,
-                                      const std::vector<float>& scores, LayerResult* result) {
+absl::Status CudaBackend::SelectOmp(const LayerPlan& plan, const std::vector<int64_t>& heads, const MatrixF& scores,
+                                    std::vector<std::vector<int32_t>>* kept) {
   HeadLane& l0 = MainLane();
-  const LayerData& data = job.data;
-  const MethodSpec& spec = GetMethodSpec(job.options.method);
-  if (!host_pool_) host_pool_ = std::make_unique<ThreadPool>(std::max(1u, std::thread::hardware_concurrency()));
+  const int64_t nf = in_->nf;
   while (omp_heads_.size() < heads.size()) {
     auto head = std::make_unique<OmpHead>();
     KVC_CUDA(cudaStreamCreateWithFlags(&head->stream, cudaStreamNonBlocking));
@@ -396,10 +407,9 @@ absl::Status CudaBackend::SelectByOmp(const LayerJob& job, const std::vector<int
   std::vector<OmpParams> params(heads.size());
   int64_t p_max = 1;
   for (size_t k = 0; k < heads.size(); ++k) {
-    const HeadOptions o = HeadOptionsFor(job, heads[k]);
-    const int64_t t = KeptKeys(o.budget, T_);
-    pools[k] = OmpCandidates(VectorF(ConstVectorMapF(scores.data() + heads[k] * T_, T_)), T_, t, o.omp_pool);
-    params[k] = OmpParamsFor(o, spec, t);
+    const HeadPlan& p = plan.heads[heads[k]];
+    pools[k] = OmpCandidates(VectorF(scores.row(heads[k]).transpose()), T_, p.t, p.options.omp_pool);
+    params[k] = OmpParamsFor(p.options, *plan.spec, p.t);
     p_max = std::max<int64_t>(p_max, static_cast<int64_t>(pools[k].size()));
   }
   // Every buffer before anything is queued: no allocation (an implicit synchronisation) while
@@ -423,7 +433,7 @@ absl::Status CudaBackend::SelectByOmp(const LayerJob& job, const std::vector<int
   absl::Status status;
   for (size_t k = 0; k < heads.size() && status.ok(); ++k) {
     const int64_t h = heads[k], P = static_cast<int64_t>(pools[k].size());
-    const BlockView block = data.HeadBlock(h);
+    const BlockView block = Block(h);
     VectorF bias_p(P);
     for (int64_t j = 0; j < P; ++j) bias_p[j] = block.bias ? block.bias[pools[k][j]] : 0.f;
     OmpHead& oh = *omp_heads_[k];
@@ -455,7 +465,7 @@ absl::Status CudaBackend::SelectByOmp(const LayerJob& job, const std::vector<int
       }
       const VectorD c = ConstVectorMapF(oh.rhs.get(), P).cast<double>();
       oh.reads.Bind(oh.system.get(), P, nf, oh.stream, oh.blas);
-      const OmpResult r = SelectOmp(oh.reads, c, params);
+      const OmpResult r = ::kvcompact::SelectOmp(oh.reads, c, params);
       if (!oh.reads.status().ok()) {
         selected->set_value(oh.reads.status());
         return;
@@ -471,8 +481,8 @@ absl::Status CudaBackend::SelectByOmp(const LayerJob& job, const std::vector<int
                                                                                 got.status().message()));
       continue;
     }
-    result->heads[heads[k]].indices = *std::move(got);
-    if (status.ok() && result->heads[heads[k]].indices.size() != static_cast<size_t>(params[k].budget)) {
+    (*kept)[heads[k]] = *std::move(got);
+    if (status.ok() && (*kept)[heads[k]].size() != static_cast<size_t>(params[k].budget)) {
       status = absl::InternalError(absl::StrCat("head ", heads[k], ": OMP selection did not complete"));
     }
   }
@@ -614,19 +624,49 @@ void CudaBackend::ReleaseBuffers() {
   }
   sel_err_.Release();
   for (auto& lane : lanes_) lane->Release();
-  omp_heads_.clear();  // no loop runs here: SelectByOmp joins them before it returns
+  omp_heads_.clear();  // no loop runs here: SelectOmp joins them before it returns
   lsq_->Release();
 }
 
-absl::Status CudaBackend::FitMass(const std::vector<int64_t>& heads, int64_t nf, int64_t n_max,
-                                  const std::vector<HeadOptions>& options, const std::vector<VectorF>& bias_s,
-                                  LayerResult* result) {
+absl::Status CudaBackend::Statistics(const LayerPlan& plan, MatrixF* scores, StageSeconds* seconds) {
+  auto start = Clock::now();
+  absl::StatusOr<const LayerInputs*> inputs = inputs_.Acquire(*job_);
+  if (!inputs.ok()) return inputs.status();
+  in_ = *inputs;
+  KVC_CUDA(cudaStreamSynchronize(stream_));
+  // Room for every head's uploads of this layer: kept positions twice, beta three times.
+  size_t stage_bytes = 4096;
+  for (const HeadPlan& p : plan.heads) stage_bytes += 5 * (16 + p.t * sizeof(float));
+  if (auto s = stage_.Reserve(stage_bytes); !s.ok()) return s;
+  stage_used_ = 0;
+  seconds->upload += Since(start);
+
+  if (auto s = Stats(in_->q_fit.get(), in_->nf, plan.reduce, &fit_); !s.ok()) return s;
+  if (plan.reduce) {
+    scores->resize(H_, T_);
+    if (auto s = ToHost(scores->data(), scores_.get(), H_ * T_, stream_); !s.ok()) return s;
+  }
+  KVC_CUDA(cudaStreamSynchronize(stream_));
+  seconds->score += Since(start);
+  if (in_->ne > 0) {
+    start = Clock::now();
+    if (auto s = Stats(in_->q_eval.get(), in_->ne, std::nullopt, &eval_); !s.ok()) return s;
+    KVC_CUDA(cudaStreamSynchronize(stream_));
+    seconds->evaluate += Since(start);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::FitMass(const LayerPlan& plan, std::vector<CompactedHead>* result, StageSeconds* seconds) {
+  const auto start = Clock::now();
+  const std::vector<int64_t> heads = plan.FittedHeads();
+  const int64_t nf = in_->nf, n_max = std::max<int64_t>({in_->nf, in_->ne, 1});
   for (size_t first = 0; first < heads.size();) {
     // The largest run of heads whose solver memory fits the workspace (at least one head).
     std::vector<int64_t> sizes;
     size_t last = first;
     while (last < heads.size()) {
-      sizes.push_back(static_cast<int64_t>(result->heads[heads[last]].indices.size()));
+      sizes.push_back(plan.heads[heads[last]].t);
       if (sizes.size() > 1 && DeviceBoundedLsq::BytesFor(sizes) > options_.workspace_bytes) {
         sizes.pop_back();
         break;
@@ -635,8 +675,8 @@ absl::Status CudaBackend::FitMass(const std::vector<int64_t>& heads, int64_t nf,
     }
     std::vector<LsqBounds> bounds;
     for (size_t k = first; k < last; ++k) {
-      const HeadOptions& o = options[heads[k]];
-      const auto [w_lo, w_hi] = WeightBounds(o, GetMethodSpec(o.method));
+      const HeadOptions& o = plan.heads[heads[k]].options;
+      const auto [w_lo, w_hi] = WeightBounds(o, *plan.spec);
       const int cap = options_.mass_fit_max_iterations > 0
                           ? options_.mass_fit_max_iterations
                           : MassFitAcceleratedIterations(sizes[k - first], in_->distinct_fit.at(heads[k]));
@@ -646,19 +686,20 @@ absl::Status CudaBackend::FitMass(const std::vector<int64_t>& heads, int64_t nf,
     for (size_t k = first; k < last; ++k) {
       const int64_t h = heads[k], t = sizes[k - first];
       const int i = static_cast<int>(k - first);
+      const CompactedHead& head = (*result)[h];  // the selection: beta = b_S
       HeadLane& l0 = MainLane();
       if (auto s = l0.Reserve(t, n_max, d_, dv_); !s.ok()) return s;
-      if (auto s = Upload(l0.idx, result->heads[h].indices.data(), t, stream_); !s.ok()) return s;
+      if (auto s = Upload(l0.idx, head.indices.data(), t, stream_); !s.ok()) return s;
       GatherRows(in_->keys.get() + h * T_ * d_, l0.idx.get(), t, d_, l0.ck.get(), stream_);
       KVC_LAUNCHED("GatherRows");
-      if (auto s = MassSystem(h, nf, t, bias_s[h], MassPrior(options[h], t, in_->distinct_fit.at(h)), lsq_->gram(i), lsq_->rhs(i));
-          !s.ok()) {
+      const double prior = MassPrior(plan.heads[h].options, t, in_->distinct_fit.at(h));
+      if (auto s = MassSystem(h, nf, t, head.beta, prior, lsq_->gram(i), lsq_->rhs(i)); !s.ok()) {
         return absl::Status(s.code(), absl::StrCat("head ", h, ": ", s.message()));
       }
     }
     const auto solve_start = Clock::now();
     std::vector<LsqOutcome> outcomes;
-    const MassFitSolver chosen = options[heads[first]].mass_fit_solver;  // the layer's heads share it
+    const MassFitSolver chosen = plan.heads[heads[first]].options.mass_fit_solver;  // the layer's heads share it
     if (chosen == MassFitSolver::kNewton || (chosen == MassFitSolver::kBackendDefault && options_.mass_fit_newton)) {
       BoundedLsqOptions solver = MassFitSolverOptions();
       if (options_.mass_fit_max_iterations > 0) solver.max_iterations = options_.mass_fit_max_iterations;
@@ -670,140 +711,29 @@ absl::Status CudaBackend::FitMass(const std::vector<int64_t>& heads, int64_t nf,
       const int64_t h = heads[k], t = sizes[k - first];
       std::vector<double> w(t);
       if (auto s = ToHost(w.data(), lsq_->weights(static_cast<int>(k - first)), t, stream_); !s.ok()) return s;
-      CompactedHead& head = result->heads[h];
-      head.beta.resize(t);
-      for (int64_t j = 0; j < t; ++j) head.beta[j] = static_cast<float>(std::log(w[j])) + bias_s[h][j];
+      CompactedHead& head = (*result)[h];
+      for (int64_t j = 0; j < t; ++j) head.beta[j] += static_cast<float>(std::log(w[j]));  // b_S + log w
       head.mass_fit_converged = outcomes[k - first].converged;
       head.mass_fit_iterations = outcomes[k - first].iterations;
     }
-    result->seconds.mass_solve += Since(solve_start);
+    seconds->mass_solve += Since(solve_start);
     first = last;
   }
+  seconds->mass_fit += Since(start);
   return absl::OkStatus();
 }
 
-absl::StatusOr<LayerResult> CudaBackend::Run(const LayerJob& job) {
-  const LayerData& data = job.data;
-  if (static_cast<int64_t>(job.budgets.size()) != data.heads) return absl::InvalidArgumentError("one budget per head is required");
-  const MethodSpec& spec = GetMethodSpec(job.options.method);
-  H_ = data.heads, T_ = data.tokens, d_ = data.head_dim, dv_ = data.value_dim, scale_ = data.scale;
-  inputs_dtype_ = data.inputs_dtype;
-  has_bias_ = !data.bias.empty();
-  const bool has_queries = data.queries > 0;
-  if (spec.needs_queries && !has_queries) {
-    return absl::InvalidArgumentError(absl::StrCat("method ", std::string(spec.name), " needs reference queries and none were given"));
-  }
-  if (job.options.score == ScoreReduce::kRmsMax || job.options.score == ScoreReduce::kCoverage ||
-      job.options.score == ScoreReduce::kRmsCoverage) {
-    return absl::InvalidArgumentError("score RMS_MAX, COVERAGE and RMS_COVERAGE are computed by the CPU backend only");
-  }
-  LayerResult result;
-  result.heads.resize(H_);
-  auto start = Clock::now();
-
-  absl::StatusOr<const LayerInputs*> inputs = inputs_.Acquire(job);
-  if (!inputs.ok()) return inputs.status();
-  in_ = *inputs;
-  const int64_t nf = in_->nf, ne = in_->ne;
-  KVC_CUDA(cudaStreamSynchronize(stream_));
-  // Room for every head's uploads of this layer: kept positions twice, beta three times.
-  size_t stage_bytes = 4096;
-  for (int64_t h = 0; h < H_; ++h) stage_bytes += 5 * (16 + std::max<int64_t>(KeptKeys(job.budgets[h], T_), 0) * sizeof(float));
-  if (auto s = stage_.Reserve(stage_bytes); !s.ok()) return s;
-  stage_used_ = 0;
-  result.seconds.upload += Since(start);
-
-  const bool wants_scores = UsesKeyScores(spec);
-  std::vector<float> scores;
-  if (has_queries) {
-    const std::optional<ScoreReduce> reduce =
-        wants_scores ? std::optional(job.options.score.value_or(spec.default_score)) : std::nullopt;
-    if (auto s = Stats(in_->q_fit.get(), nf, reduce, &fit_); !s.ok()) return s;
-    if (wants_scores) {
-      scores.resize(H_ * T_);
-      if (auto s = ToHost(scores.data(), scores_.get(), scores.size(), stream_); !s.ok()) return s;
-    }
-  }
-  KVC_CUDA(cudaStreamSynchronize(stream_));
-  result.seconds.score += Since(start);
-  if (ne > 0) {
-    start = Clock::now();
-    if (auto s = Stats(in_->q_eval.get(), ne, std::nullopt, &eval_); !s.ok()) return s;
-    KVC_CUDA(cudaStreamSynchronize(stream_));
-    result.seconds.evaluate += Since(start);
-  }
-
-  const int64_t n_max = std::max<int64_t>(std::max(nf, ne), 1);
-  const bool am_fit = spec.fit == Fit::kAttentionMatching;
-  std::vector<HeadOptions> head_options(H_);
-  std::vector<VectorF> bias_s(H_);
-  std::vector<int64_t> to_fit;
-  std::vector<uint8_t> fitted(H_, 0);
-
-  if (spec.selection == Selection::kOmp) {
-    start = Clock::now();
-    std::vector<int64_t> omp_heads;
-    for (int64_t h = 0; h < H_; ++h) {
-      const HeadOptions o = HeadOptionsFor(job, h);
-      if (o.budget > 0 && !KeepsBlockUnchanged(o, T_)) omp_heads.push_back(h);
-    }
-    if (auto s = SelectByOmp(job, omp_heads, nf, scores, &result); !s.ok()) return s;
-    result.seconds.score += Since(start);
-  }
-  // Phase 1, on the host: select S (from the device's scores), gather C_k and b_S; heads in
-  // parallel (the top-t of T scores and the gathers were a sixth of a BENCH-A layer at K = 1).
-  if (job.IsCancelled()) return absl::CancelledError("the stream is gone or the server is stopping");
-  for (int64_t h = 0; h < H_; ++h) {
-    head_options[h] = HeadOptionsFor(job, h);
-    if (head_options[h].budget <= 0) return absl::InvalidArgumentError(absl::StrCat("head ", h, ": budget must be > 0"));
-  }
-  start = Clock::now();
-  if (!host_pool_) host_pool_ = std::make_unique<ThreadPool>(std::max(1u, std::thread::hardware_concurrency()));
-  host_pool_->ParallelFor(H_, [&](int64_t h) {
-    const HeadOptions& o = head_options[h];
-    const bool unchanged = KeepsBlockUnchanged(o, T_);
-    const int64_t t = KeptKeys(o.budget, T_);
-    CompactedHead& head = result.heads[h];
-    if (unchanged) {
-      head.indices.resize(T_);
-      std::iota(head.indices.begin(), head.indices.end(), 0);
-    } else if (spec.selection != Selection::kOmp) {
-      VectorF head_scores = wants_scores ? VectorF(ConstVectorMapF(scores.data() + h * T_, T_)) : VectorF();
-      head.indices = SelectKeys(spec.selection, T_, head_scores, SelectionParamsFor(o, spec, t));
-    }
-    const BlockView block = data.HeadBlock(h);
-    head.keys.resize(t, d_);
-    bias_s[h].resize(t);
-    for (int64_t r = 0; r < t; ++r) {
-      head.keys.row(r) = block.keys.row(head.indices[r]);
-      bias_s[h][r] = block.bias ? block.bias[head.indices[r]] : 0.f;
-    }
-    if (!am_fit || unchanged) {
-      head.beta = bias_s[h];
-      head.values.resize(t, dv_);
-      for (int64_t r = 0; r < t; ++r) head.values.row(r) = block.values.row(head.indices[r]);
-    }
-  });
-  result.seconds.score += Since(start);
-  for (int64_t h = 0; h < H_; ++h) {
-    if (am_fit && !KeepsBlockUnchanged(head_options[h], T_)) to_fit.push_back(h);
-  }
-
-  // Phase 2, on the device: mass systems and the batched bounded NNLS.
-  start = Clock::now();
-  if (auto s = FitMass(to_fit, nf, n_max, head_options, bias_s, &result); !s.ok()) return s;
-  result.seconds.mass_fit += Since(start);
-  for (int64_t h : to_fit) fitted[h] = 1;
-
-  // Phase 3, per head on the device: values by the ridge solve, then the errors on both query
-  // sets, with no host synchronisation until every head is queued. Head h runs on lane h mod L
-  // (each lane's stream waits for the mass fit, the backend's stream for every lane's last head).
+absl::Status CudaBackend::FitValuesAndEvaluate(const LayerPlan& plan, const std::vector<CompactedHead>& selection,
+                                               std::vector<CompactedHead>* result, std::vector<HeadFigures>* figures,
+                                               StageSeconds* seconds) {
+  const int64_t nf = in_->nf, ne = in_->ne, n_max = std::max<int64_t>({nf, ne, 1});
+  // Head h runs on lane h mod L (each lane's stream waits for the mass fit, the backend's stream
+  // for every lane's last head).
   std::vector<int64_t> offset(H_ + 1, 0);
   int64_t t_max = 1;
   for (int64_t h = 0; h < H_; ++h) {
-    const int64_t t = static_cast<int64_t>(result.heads[h].indices.size());
-    offset[h + 1] = offset[h] + t * dv_;
-    t_max = std::max(t_max, t);
+    offset[h + 1] = offset[h] + plan.heads[h].t * dv_;
+    t_max = std::max(t_max, plan.heads[h].t);
   }
   // No reallocation (an implicit device synchronisation) while heads are queued.
   const size_t lanes = std::min<size_t>(lanes_.size(), static_cast<size_t>(std::max<int64_t>(H_, 1)));
@@ -829,35 +759,33 @@ absl::StatusOr<LayerResult> CudaBackend::Run(const LayerJob& job) {
   KVC_CUDA(cudaEventRecord(fitted_mass, stream_));
   for (size_t i = 1; i < lanes; ++i) KVC_CUDA(cudaStreamWaitEvent(lanes_[i]->stream, fitted_mass, 0));
   for (int64_t h = 0; h < H_; ++h) {
-    CompactedHead& head = result.heads[h];
+    const CompactedHead& head = (*result)[h];
+    const bool fit = plan.heads[h].fit;
     HeadLane& lane = *lanes_[h % lanes];
-    const int64_t t = static_cast<int64_t>(head.indices.size());
+    const int64_t t = plan.heads[h].t;
     float* cv = cv_all_.get() + offset[h];
     if (auto s = Upload(lane.idx, head.indices.data(), t, lane.stream); !s.ok()) return s;
     GatherRows(in_->keys.get() + h * T_ * d_, lane.idx.get(), t, d_, lane.ck.get(), lane.stream);
     KVC_LAUNCHED("GatherRows");
     KVC_CUDA(cudaEventRecord(events_[3 * h], lane.stream));
-    if (fitted[h]) {
-      if (auto s = ValueFit(lane, h, nf, t, ValueRidge(head_options[h], t, in_->distinct_fit.at(h)), head.beta, cv,
+    if (fit) {
+      if (auto s = ValueFit(lane, h, nf, t, ValueRidge(plan.heads[h].options, t, in_->distinct_fit.at(h)), head.beta, cv,
                             info_all_.get() + 2 * h);
           !s.ok()) {
         return absl::Status(s.code(), absl::StrCat("head ", h, ": ", s.message()));
       }
-    } else if (has_queries) {
+    } else {
       if (auto s = Upload(lane.beta, head.beta.data(), t, lane.stream); !s.ok()) return s;
       KVC_CUDA(cudaMemcpyAsync(cv, head.values.data(), t * dv_ * sizeof(float), cudaMemcpyHostToDevice, lane.stream));
     }
     KVC_CUDA(cudaEventRecord(events_[3 * h + 1], lane.stream));
-    if (has_queries) {
-      if (auto s = EvaluateHead(lane, h, t, nf, ne, cv, err_all_.get() + 6 * h); !s.ok()) return s;
-    }
-    if (fitted[h] && ne > 0) {
-      // Plain selection of the same keys on the same queries (beta = b_S, C_v = V_S): the host
-      // keeps whichever does better on the held-out ones (core/compact_head.cc does the same).
+    if (auto s = EvaluateHead(lane, h, t, nf, ne, cv, err_all_.get() + 6 * h); !s.ok()) return s;
+    if (fit && ne > 0) {
+      // Plain selection of the same keys on the same queries (beta = b_S, C_v = V_S).
       float* sel_cv = sel_cv_.get() + offset[h];
       GatherRows(in_->values.get() + h * T_ * dv_, lane.idx.get(), t, dv_, sel_cv, lane.stream);
       KVC_LAUNCHED("GatherRows(V_S)");
-      if (auto s = Upload(lane.beta, bias_s[h].data(), t, lane.stream); !s.ok()) return s;
+      if (auto s = Upload(lane.beta, selection[h].beta.data(), t, lane.stream); !s.ok()) return s;
       if (auto s = EvaluateHead(lane, h, t, nf, ne, sel_cv, sel_err_.get() + 6 * h); !s.ok()) return s;
     }
     KVC_CUDA(cudaEventRecord(events_[3 * h + 2], lane.stream));
@@ -877,40 +805,45 @@ absl::StatusOr<LayerResult> CudaBackend::Run(const LayerJob& job) {
     float fit_ms = 0, eval_ms = 0;
     KVC_CUDA(cudaEventElapsedTime(&fit_ms, events_[3 * h], events_[3 * h + 1]));
     KVC_CUDA(cudaEventElapsedTime(&eval_ms, events_[3 * h + 1], events_[3 * h + 2]));
-    result.seconds.value_fit += fit_ms / 1e3;
-    result.seconds.evaluate += eval_ms / 1e3;
+    seconds->value_fit += fit_ms / 1e3;
+    seconds->evaluate += eval_ms / 1e3;
   }
+  const int64_t n_eval = ne > 0 ? ne : nf;
+  const auto figures_of = [n_eval](const double* e) {
+    HeadQuality q;
+    q.fit_output_rel_error = static_cast<float>(std::sqrt(e[0]) / std::max(std::sqrt(e[1]), 1e-300));
+    q.output_rel_error = static_cast<float>(std::sqrt(e[3]) / std::max(std::sqrt(e[4]), 1e-300));
+    q.mass_rel_error = static_cast<float>(e[5] / std::max<int64_t>(n_eval, 1));
+    q.eval_queries = n_eval;
+    return q;
+  };
   for (int64_t h = 0; h < H_; ++h) {
-    CompactedHead& head = result.heads[h];
-    const int64_t t = static_cast<int64_t>(head.indices.size());
-    if (fitted[h]) {
+    if (plan.heads[h].fit) {
       if (info[2 * h] != 0) {
         return absl::InternalError(absl::StrCat("head ", h, ": value fit: Cholesky of X^T X + lambda I failed (cuSOLVER info ",
                                                 info[2 * h], "); raise options.ridge"));
       }
       if (info[2 * h + 1] != 0) return absl::InternalError(absl::StrCat("head ", h, ": value fit: potrs info ", info[2 * h + 1]));
-      head.values = ConstMatrixMapF(cv_host.data() + offset[h], t, dv_);
+      (*result)[h].values = ConstMatrixMapF(cv_host.data() + offset[h], plan.heads[h].t, dv_);
+      if (ne > 0) (*figures)[h].selection = figures_of(sel_err.data() + 6 * h);
     }
-    if (!has_queries) continue;
-    HeadQuality& q = head.quality;
-    const double* e = err.data() + 6 * h;
-    const double* se = sel_err.data() + 6 * h;
-    auto held_out = [](const double* sums) { return std::sqrt(sums[3]) / std::max(std::sqrt(sums[4]), 1e-300); };
-    if (fitted[h] && ne > 0 && held_out(se) < held_out(e)) {  // selection did better: return it
-      const BlockView block = data.HeadBlock(h);
-      head.beta = bias_s[h];
-      head.values.resize(t, dv_);
-      for (int64_t r = 0; r < t; ++r) head.values.row(r) = block.values.row(head.indices[r]);
-      head.selection_kept = true;
-      e = se;
-    }
-    const int64_t n_eval = ne > 0 ? ne : nf;
-    q.has_quality = true;
-    q.fit_output_rel_error = static_cast<float>(std::sqrt(e[0]) / std::max(std::sqrt(e[1]), 1e-300));
-    q.output_rel_error = static_cast<float>(std::sqrt(e[3]) / std::max(std::sqrt(e[4]), 1e-300));
-    q.mass_rel_error = static_cast<float>(e[5] / std::max<int64_t>(n_eval, 1));
-    q.eval_queries = n_eval;
+    (*figures)[h].fitted = figures_of(err.data() + 6 * h);
   }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<LayerResult> CudaBackend::Run(const LayerJob& job) {
+  absl::StatusOr<LayerPlan> plan = PlanLayer(job);
+  if (!plan.ok()) return plan.status();
+  const LayerData& data = job.data;
+  H_ = data.heads, T_ = data.tokens, d_ = data.head_dim, dv_ = data.value_dim, scale_ = data.scale;
+  inputs_dtype_ = data.inputs_dtype;
+  has_bias_ = !data.bias.empty();
+  job_ = &job;
+  in_ = nullptr;
+  if (!host_pool_) host_pool_ = std::make_unique<ThreadPool>(std::max(1u, std::thread::hardware_concurrency()));
+  absl::StatusOr<LayerResult> result = RunLayerPipeline(*plan, *this, host_pool_.get(), job.cancelled);
+  job_ = nullptr;
   return result;
 }
 

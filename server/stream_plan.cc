@@ -21,7 +21,7 @@ absl::StatusOr<std::vector<int64_t>> StreamPlan::LayerBudgets(uint32_t layer, in
       return std::vector<int64_t>(list.begin() + layer * H, list.begin() + (layer + 1) * H);
     }
     case v1::Budget::kAllocation: {
-      const int64_t t = std::min(nominal(budget.allocation().ratio()), tokens);
+      const int64_t t = KeptKeys(nominal(budget.allocation().ratio()), tokens);
       if (!cross_layer()) return std::vector<int64_t>(H, t);  // per-layer rules split this later
       const int64_t cap = std::max<int64_t>(1, static_cast<int64_t>(std::floor(head_cap * tokens)));
       const int64_t heads = static_cast<int64_t>(request_shares.size());
