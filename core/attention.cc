@@ -53,17 +53,26 @@ AttentionStats ComputeAttentionStats(const BlockView& block, const MatrixF& quer
   if (!reduce) return stats;
   const float nf = static_cast<float>(std::max<Eigen::Index>(n, 1));  // n = 0: every sum is 0
   const VectorF rms = squares ? VectorF((sum_sq / nf).cwiseSqrt()) : VectorF();
-  // Coverage: RMS < 1 breaks ties between equal counts without reordering different counts.
-  const auto coverage = [&] { return VectorF(top_count + 0.5f * rms); };
   switch (*reduce) {
     case ScoreReduce::kMean: stats.scores /= nf; break;
     case ScoreReduce::kRms: stats.scores = rms; break;
     case ScoreReduce::kMax: stats.scores = std::move(max_p); break;
-    case ScoreReduce::kRmsMax: stats.scores = RankUnionScores(rms, max_p); break;
-    case ScoreReduce::kCoverage: stats.scores = coverage(); break;
-    case ScoreReduce::kRmsCoverage: stats.scores = RankUnionScores(rms, coverage()); break;
+    case ScoreReduce::kRmsMax: stats.scores = CompositeScores(*reduce, rms, max_p); break;
+    case ScoreReduce::kCoverage:
+    case ScoreReduce::kRmsCoverage: stats.scores = CompositeScores(*reduce, rms, top_count); break;
   }
   return stats;
+}
+
+VectorF CompositeScores(ScoreReduce reduce, const VectorF& rms, const VectorF& second) {
+  // Coverage: RMS < 1 breaks ties between equal counts without reordering different counts.
+  const auto coverage = [&] { return VectorF(second + 0.5f * rms); };
+  switch (reduce) {
+    case ScoreReduce::kRmsMax: return RankUnionScores(rms, second);
+    case ScoreReduce::kCoverage: return coverage();
+    case ScoreReduce::kRmsCoverage: return RankUnionScores(rms, coverage());
+    default: return rms;
+  }
 }
 
 VectorF RankUnionScores(const VectorF& a, const VectorF& b) {

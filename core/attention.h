@@ -34,6 +34,15 @@ struct AttentionStats {
 AttentionStats ComputeAttentionStats(const BlockView& block, const MatrixF& queries,
                                      std::optional<ScoreReduce> reduce, int query_chunk = 256);
 
+// kRmsMax, kCoverage and kRmsCoverage are made from two parts: the RMS of the attention and a
+// second accumulator (the largest attention for kRmsMax; for the coverage scores, how many
+// queries attend most to each key).
+inline bool IsCompositeScore(ScoreReduce r) {
+  return r == ScoreReduce::kRmsMax || r == ScoreReduce::kCoverage || r == ScoreReduce::kRmsCoverage;
+}
+// A composite reduce's scores from its parts (both T), as every backend finishes them.
+VectorF CompositeScores(ScoreReduce reduce, const VectorF& rms, const VectorF& second);
+
 // Scores whose top-t is the union of the top-t of `a` and of `b`, taken alternately: a key's
 // score is 1 - (its better rank of the two) / T. In float, ranks closer than T / 2^24 may tie
 // (only for T above 2^24); ties go to the earlier token.

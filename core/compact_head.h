@@ -1,5 +1,6 @@
-// The compaction pipeline for one (layer, KV head) block: split queries into fit / held-out,
-// attention statistics, key selection, fit (AM or copy), evaluation.
+// One (layer, KV head) block: its options, its compacted result, and the helpers of the pipeline's
+// steps (query split, the fits' priors, error figures). CompactHead runs the pipeline
+// (core/pipeline.h) on one block with the CPU's steps.
 #pragma once
 
 #include <cstdint>

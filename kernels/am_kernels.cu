@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cfloat>
+#include <climits>
 
 namespace kvcompact::kernels {
 namespace {
@@ -105,7 +106,7 @@ constexpr int kScoreTileRows = 32;
 
 __global__ void NormalizeAndScoreKernel(float* logits, int64_t rows_per_head, int64_t cols, const float* bias,
                                         int64_t bias_stride, const float* row_max, const float* mass,
-                                        int64_t out_head_stride, int reduce, float* scores) {
+                                        int64_t out_head_stride, int reduce, float* scores, float* column_max) {
   __shared__ float tile_m[kScoreTileRows], tile_inv[kScoreTileRows];
   const int64_t head = blockIdx.z, r0 = int64_t(blockIdx.y) * kScoreTileRows;
   const int64_t rows = min(int64_t(kScoreTileRows), rows_per_head - r0);
@@ -118,20 +119,45 @@ __global__ void NormalizeAndScoreKernel(float* logits, int64_t rows_per_head, in
   if (j >= cols) return;
   const float bj = bias ? bias[head * bias_stride + j] : 0.f;
   float* x = logits + (head * rows_per_head + r0) * cols + j;
-  float acc = 0.f;
+  float acc = 0.f, top = 0.f;
   for (int64_t r = 0; r < rows; ++r) {
     const float p = expf(x[r * cols] + bj - tile_m[r]) * tile_inv[r];
     x[r * cols] = p;
     if (reduce == static_cast<int>(ScoreReduceKind::kMax)) acc = fmaxf(acc, p);
     else if (reduce == static_cast<int>(ScoreReduceKind::kRms)) acc = fmaf(p, p, acc);
     else if (reduce == static_cast<int>(ScoreReduceKind::kMean)) acc += p;
+    if (column_max) top = fmaxf(top, p);
   }
+  // p >= 0: the IEEE bit patterns of non-negative floats order like the floats.
   if (reduce == static_cast<int>(ScoreReduceKind::kMax)) {
-    // p >= 0: the IEEE bit patterns of non-negative floats order like the floats.
     atomicMax(reinterpret_cast<int*>(scores + head * cols + j), __float_as_int(acc));
   } else if (reduce != 0) {
     atomicAdd(scores + head * cols + j, acc);
   }
+  if (column_max) atomicMax(reinterpret_cast<int*>(column_max + head * cols + j), __float_as_int(top));
+}
+
+// counts[h][j] += 1 for the first column j where row i's logit (+ bias) equals its maximum M (the
+// same float expression RowMaxSum maximised, so equality is exact): each row's most-attended key.
+__global__ void CountRowArgmaxKernel(const float* logits, int64_t cols, const float* bias, int64_t rows_per_head,
+                                     int64_t bias_stride, const float* row_max, int64_t out_head_stride, float* counts) {
+  __shared__ int first;
+  const int64_t row = blockIdx.x;
+  const int64_t head = row / rows_per_head, within = row % rows_per_head;
+  const float* x = logits + row * cols;
+  const float* b = bias ? bias + head * bias_stride : nullptr;
+  const float m = row_max[head * out_head_stride + within];
+  if (threadIdx.x == 0) first = INT_MAX;
+  __syncthreads();
+  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
+    const float v = b ? x[j] + b[j] : x[j];
+    if (v == m) {
+      atomicMin(&first, static_cast<int>(j));
+      break;  // this thread's later columns come after j
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x == 0 && first != INT_MAX) atomicAdd(counts + head * cols + first, 1.f);
 }
 
 __global__ void FinalizeScoresKernel(float* scores, int64_t count, float inv_n, int reduce) {
@@ -231,14 +257,20 @@ void RowSoftmaxStats(float* logits, int64_t heads, int64_t rows_per_head, int64_
 
 void SoftmaxWithScores(float* logits, int64_t heads, int64_t rows_per_head, int64_t cols, const float* bias,
                        int64_t bias_stride, float* row_max, float* mass, int64_t out_head_stride,
-                       std::optional<ScoreReduceKind> reduce, float* scores, cudaStream_t stream) {
+                       std::optional<ScoreReduceKind> reduce, float* scores, cudaStream_t stream, float* column_max,
+                       float* argmax_counts) {
   if (heads * rows_per_head == 0 || cols == 0) return;
   RowStatsKernel<<<static_cast<unsigned>(heads * rows_per_head), kBlock, 0, stream>>>(
       logits, cols, bias, rows_per_head, bias_stride, row_max, mass, out_head_stride);
+  if (argmax_counts) {
+    CountRowArgmaxKernel<<<static_cast<unsigned>(heads * rows_per_head), kBlock, 0, stream>>>(
+        logits, cols, bias, rows_per_head, bias_stride, row_max, out_head_stride, argmax_counts);
+  }
   const dim3 grid(Blocks(cols), static_cast<unsigned>((rows_per_head + kScoreTileRows - 1) / kScoreTileRows),
                   static_cast<unsigned>(heads));
   NormalizeAndScoreKernel<<<grid, kBlock, 0, stream>>>(logits, rows_per_head, cols, bias, bias_stride, row_max, mass,
-                                                       out_head_stride, reduce ? static_cast<int>(*reduce) : 0, scores);
+                                                       out_head_stride, reduce ? static_cast<int>(*reduce) : 0, scores,
+                                                       column_max);
 }
 
 void FinalizeScores(float* scores, int64_t count, int64_t n, ScoreReduceKind reduce, cudaStream_t stream) {

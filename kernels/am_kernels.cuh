@@ -26,9 +26,13 @@ void RowSoftmaxStats(float* logits, int64_t heads, int64_t rows_per_head, int64_
 // over the rows, in one fewer pass over the logits than the two separately: a read for the row
 // statistics, then one read and one write that normalise and reduce column tiles together. kRms
 // and kMean accumulate sums (of squares), kMax the maximum; FinalizeScores finishes them.
+// `column_max` (optional, heads x cols): also the largest A over the rows, as kMax would;
+// `argmax_counts` (optional, heads x cols): += 1 at each row's most-attended column (the first
+// on ties): the parts of the composite scores (core/attention.h CompositeScores).
 void SoftmaxWithScores(float* logits, int64_t heads, int64_t rows_per_head, int64_t cols, const float* bias,
                        int64_t bias_stride, float* row_max, float* mass, int64_t out_head_stride,
-                       std::optional<ScoreReduceKind> reduce, float* scores, cudaStream_t stream);
+                       std::optional<ScoreReduceKind> reduce, float* scores, cudaStream_t stream,
+                       float* column_max = nullptr, float* argmax_counts = nullptr);
 // kRms: sqrt(sum / n); kMean: sum / n; kMax: unchanged.
 void FinalizeScores(float* scores, int64_t count, int64_t n, ScoreReduceKind reduce, cudaStream_t stream);
 

@@ -123,6 +123,9 @@ class CudaBackend final : public Backend, private LayerSteps {
     return result;
   }
   bool healthy() const override { return healthy_.load(); }
+  // The pipeline's steps on this backend for `job` (which must outlive their use): Run's own, and
+  // tests' (CudaStepsFor).
+  LayerSteps& BindSteps(const LayerJob& job);
   absl::Status CheckFits(const LayerJob& job) const override {
     const DeviceBytes need = EstimateDeviceBytesImpl(job, options_.workspace_bytes, options_.head_lanes);
     if (HeadsThatFit(need) >= 1) return absl::OkStatus();
@@ -159,9 +162,6 @@ class CudaBackend final : public Backend, private LayerSteps {
   absl::Status PoolFeatures(int64_t h, int64_t nf, int64_t t, const VectorF& bias_s, float* phi_t, float* rhs);
   // The pipeline's steps (core/pipeline.h).
   BlockView Block(int64_t head) const override { return job_->data.HeadBlock(head); }
-  bool ComputesScore(ScoreReduce reduce) const override {
-    return reduce == ScoreReduce::kRms || reduce == ScoreReduce::kMean || reduce == ScoreReduce::kMax;
-  }
   // Uploads the layer (or takes its prefetched copy), then the statistics of both query sets.
   absl::Status Statistics(const LayerPlan& plan, MatrixF* scores, StageSeconds* seconds) override;
   // OMP: each head's candidate-pool Gram system is built on the device (the part that reads the
@@ -203,7 +203,7 @@ class CudaBackend final : public Backend, private LayerSteps {
   InputStager inputs_;
   const LayerJob* job_ = nullptr;    // the layer being compacted (during Run)
   const LayerInputs* in_ = nullptr;  // its inputs on the device (a slot of inputs_)
-  DeviceBuffer<float> logits_, scores_;
+  DeviceBuffer<float> logits_, scores_, scores2_;
   DeviceBuffer<float> fused_ws_;  // 16-bit copies of Q, K and V for the fused statistics
   DeviceStats fit_, eval_;
   // A layer's small per-head uploads (kept positions, beta), staged in pinned memory: from pageable
@@ -263,12 +263,21 @@ absl::Status CudaBackend::Stats(const float* queries, int64_t n, const std::opti
   if (auto s = out->row_max.Reserve(H_ * n); !s.ok()) return s;
   if (auto s = out->mass.Reserve(H_ * n); !s.ok()) return s;
   if (auto s = out->outputs.Reserve(H_ * n * dv_); !s.ok()) return s;
+  // A composite score (core/attention.h) accumulates the RMS into scores_ and its second part into
+  // scores2_, on the unfused path only.
+  const bool composite = reduce && IsCompositeScore(*reduce);
   if (reduce) {
     if (auto s = scores_.Reserve(H_ * T_); !s.ok()) return s;
   }
+  if (composite) {
+    if (auto s = scores2_.Reserve(H_ * T_); !s.ok()) return s;
+    KVC_CUDA(cudaMemsetAsync(scores2_.get(), 0, H_ * T_ * sizeof(float), stream_));
+  }
+  const std::optional<ScoreReduceKind> kind =
+      !reduce ? std::nullopt : std::optional(composite ? ScoreReduceKind::kRms : ToKind(*reduce));
   // With tensor-core math allowed and inputs that arrived in bf16 or fp16, the fused kernels: the
   // logits never reach device memory.
-  if (options_.allow_tf32 && options_.fused_stats && FusedStatsSupported(inputs_dtype_, d_, dv_) && n > 0) {
+  if (options_.allow_tf32 && options_.fused_stats && FusedStatsSupported(inputs_dtype_, d_, dv_) && n > 0 && !composite) {
     if (auto s = fused_ws_.Reserve(FusedStatsWorkspaceBytes(H_, n, T_, d_, dv_) / sizeof(float) + 1); !s.ok()) return s;
     if (FusedAttentionStats(inputs_dtype_, queries, n, in_->keys.get(), in_->values.get(),
                             has_bias_ ? in_->bias.get() : nullptr, H_, T_, d_, dv_, scale_, out->row_max.get(),
@@ -293,8 +302,9 @@ absl::Status CudaBackend::Stats(const float* queries, int64_t n, const std::opti
       return s;
     }
     SoftmaxWithScores(logits_.get(), H_, rows, T_, has_bias_ ? in_->bias.get() : nullptr, T_, out->row_max.get() + r0,
-                      out->mass.get() + r0, n, reduce ? std::optional(ToKind(*reduce)) : std::nullopt, scores_.get(),
-                      stream_);
+                      out->mass.get() + r0, n, kind, scores_.get(), stream_,
+                      composite && *reduce == ScoreReduce::kRmsMax ? scores2_.get() : nullptr,
+                      composite && *reduce != ScoreReduce::kRmsMax ? scores2_.get() : nullptr);
     KVC_LAUNCHED("SoftmaxWithScores");
     // Y[h][r0:r0+rows] = A V[h]                  (rows x dv per head)
     if (auto s = Gemm(blas_, rows, dv_, T_, 1.f, {logits_.get(), T_, rows * T_, false}, {in_->values.get(), dv_, T_ * dv_, false},
@@ -304,7 +314,7 @@ absl::Status CudaBackend::Stats(const float* queries, int64_t n, const std::opti
     }
   }
   if (reduce) {
-    FinalizeScores(scores_.get(), H_ * T_, n, ToKind(*reduce), stream_);
+    FinalizeScores(scores_.get(), H_ * T_, n, *kind, stream_);
     KVC_LAUNCHED("FinalizeScores");
   }
   return absl::OkStatus();
@@ -575,6 +585,8 @@ DeviceBytes EstimateDeviceBytesImpl(const LayerJob& job, size_t workspace_bytes,
     omp_per_head = sizeof(float) * static_cast<size_t>(pool * n + pool + 2 * t * n + t * t) +
                    sizeof(double) * static_cast<size_t>(pool + t + n) + sizeof(int32_t) * static_cast<size_t>(2 * t);
   }
+  // A composite key score's second accumulator (core/attention.h).
+  const bool composite = job.options.score && IsCompositeScore(*job.options.score);
   DeviceBytes bytes;
   // Per head: K, V, bias and queries in two input slots (the next layer uploads while this one
   // computes); scores; row max, mass and outputs of both query sets; at least one logit row; the
@@ -582,7 +594,8 @@ DeviceBytes EstimateDeviceBytesImpl(const LayerJob& job, size_t workspace_bytes,
   bytes.per_head = sizeof(float) * static_cast<size_t>(2 * T * (d.head_dim + d.value_dim + 1) + 2 * T + 2 * n * d.head_dim +
                                                        n * (2 + d.value_dim)) +
                    FusedStatsWorkspaceBytes(1, n, T, d.head_dim, d.value_dim) +
-                   2 * sizeof(uint16_t) * static_cast<size_t>(std::max(T, n) * wide) + omp_per_head;
+                   2 * sizeof(uint16_t) * static_cast<size_t>(std::max(T, n) * wide) + omp_per_head +
+                   (composite ? sizeof(float) * static_cast<size_t>(T) : 0);
   // Per layer: the logit workspace, one head's fit buffers (keys and features pool-sized, the
   // t x t systems budget-sized), the NNLS batch (bounded by the workspace but at least one head),
   // the Cholesky workspace of the value fit.
@@ -618,7 +631,7 @@ absl::StatusOr<LayerResult> CudaBackend::RunWithinLimit(const LayerJob& job) {
 
 void CudaBackend::ReleaseBuffers() {
   inputs_.Release();
-  for (auto* b : {&logits_, &scores_, &fused_ws_, &fit_.row_max, &fit_.mass,
+  for (auto* b : {&logits_, &scores_, &scores2_, &fused_ws_, &fit_.row_max, &fit_.mass,
                   &fit_.outputs, &eval_.row_max, &eval_.mass, &eval_.outputs, &sel_cv_}) {
     b->Release();
   }
@@ -645,6 +658,13 @@ absl::Status CudaBackend::Statistics(const LayerPlan& plan, MatrixF* scores, Sta
   if (plan.reduce) {
     scores->resize(H_, T_);
     if (auto s = ToHost(scores->data(), scores_.get(), H_ * T_, stream_); !s.ok()) return s;
+  }
+  if (plan.reduce && IsCompositeScore(*plan.reduce)) {
+    MatrixF second(H_, T_);
+    if (auto s = ToHost(second.data(), scores2_.get(), H_ * T_, stream_); !s.ok()) return s;
+    host_pool_->ParallelFor(H_, [&](int64_t h) {
+      scores->row(h) = CompositeScores(*plan.reduce, scores->row(h).transpose(), second.row(h).transpose()).transpose();
+    });
   }
   KVC_CUDA(cudaStreamSynchronize(stream_));
   seconds->score += Since(start);
@@ -832,9 +852,7 @@ absl::Status CudaBackend::FitValuesAndEvaluate(const LayerPlan& plan, const std:
   return absl::OkStatus();
 }
 
-absl::StatusOr<LayerResult> CudaBackend::Run(const LayerJob& job) {
-  absl::StatusOr<LayerPlan> plan = PlanLayer(job);
-  if (!plan.ok()) return plan.status();
+LayerSteps& CudaBackend::BindSteps(const LayerJob& job) {
   const LayerData& data = job.data;
   H_ = data.heads, T_ = data.tokens, d_ = data.head_dim, dv_ = data.value_dim, scale_ = data.scale;
   inputs_dtype_ = data.inputs_dtype;
@@ -842,12 +860,20 @@ absl::StatusOr<LayerResult> CudaBackend::Run(const LayerJob& job) {
   job_ = &job;
   in_ = nullptr;
   if (!host_pool_) host_pool_ = std::make_unique<ThreadPool>(std::max(1u, std::thread::hardware_concurrency()));
-  absl::StatusOr<LayerResult> result = RunLayerPipeline(*plan, *this, host_pool_.get(), job.cancelled);
+  return *this;
+}
+
+absl::StatusOr<LayerResult> CudaBackend::Run(const LayerJob& job) {
+  absl::StatusOr<LayerPlan> plan = PlanLayer(job);
+  if (!plan.ok()) return plan.status();
+  absl::StatusOr<LayerResult> result = RunLayerPipeline(*plan, BindSteps(job), host_pool_.get(), job.cancelled);
   job_ = nullptr;
   return result;
 }
 
 }  // namespace
+
+LayerSteps& CudaStepsFor(Backend& backend, const LayerJob& job) { return static_cast<CudaBackend&>(backend).BindSteps(job); }
 
 DeviceBytes EstimateDeviceBytes(const LayerJob& job, size_t workspace_bytes, int head_lanes) {
   return EstimateDeviceBytesImpl(job, workspace_bytes, head_lanes);

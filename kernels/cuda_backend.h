@@ -10,6 +10,7 @@
 
 #include "absl/status/statusor.h"
 #include "core/layer.h"
+#include "core/pipeline.h"
 
 namespace kvcompact::kernels {
 
@@ -42,6 +43,10 @@ struct DeviceBytes {
   size_t fixed = 0, per_head = 0;
 };
 DeviceBytes EstimateDeviceBytes(const LayerJob& job, size_t workspace_bytes, int head_lanes = CudaBackendOptions{}.head_lanes);
+
+// The pipeline's steps (core/pipeline.h) of a backend made by MakeCudaBackend, bound to `job`
+// (which must outlive their use): for tests that compare each step with the CPU's.
+LayerSteps& CudaStepsFor(Backend& backend, const LayerJob& job);
 
 // "" when a CUDA device is usable, else why not.
 std::string CudaUnavailableReason();
