@@ -27,6 +27,8 @@ ABSL_FLAG(uint32_t, tokens, 60000, "T per layer");
 ABSL_FLAG(uint32_t, queries, 8192, "reference queries per KV head");
 ABSL_FLAG(double, ratio, 50, "compaction ratio");
 ABSL_FLAG(std::string, method, "am", "method name");
+ABSL_FLAG(std::string, score, "",
+          "key score (RMS, MEAN, MAX, RMS_MAX, COVERAGE, RMS_COVERAGE; empty: the method's)");
 ABSL_FLAG(uint32_t, omp_keys_per_step, 0, "OMP methods: k (0: the method's)");
 ABSL_FLAG(double, omp_progressive, 0, "OMP methods: progressive schedule fraction (0: off)");
 ABSL_FLAG(bool, allow_tf32, false, "TF32 tensor-op math in cuBLAS");
@@ -97,6 +99,15 @@ int main(int argc, char** argv) {
     RoundThroughWire(jobs[i]->data, wire);
     jobs[i]->options.method = *MethodFromName(absl::GetFlag(FLAGS_method));
     jobs[i]->options.holdout_fraction = absl::GetFlag(FLAGS_holdout);
+    for (int r = 1; r <= 6 && !absl::GetFlag(FLAGS_score).empty(); ++r) {
+      if (ScoreReduceName(static_cast<ScoreReduce>(r)) == absl::GetFlag(FLAGS_score)) {
+        jobs[i]->options.score = static_cast<ScoreReduce>(r);
+      }
+    }
+    if (!absl::GetFlag(FLAGS_score).empty() && !jobs[i]->options.score) {
+      fprintf(stderr, "unknown --score %s\n", absl::GetFlag(FLAGS_score).c_str());
+      return 2;
+    }
     jobs[i]->options.omp_keys_per_step = static_cast<int>(absl::GetFlag(FLAGS_omp_keys_per_step));
     jobs[i]->options.omp_progressive = absl::GetFlag(FLAGS_omp_progressive);
     jobs[i]->budgets.assign(shape.heads, RatioBudget(shape.tokens, absl::GetFlag(FLAGS_ratio)));

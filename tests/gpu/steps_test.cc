@@ -184,7 +184,7 @@ TEST(PipelineSteps, EveryStepMatchesTheCpuOnRandomInputs) {
   const Config configs[] = {
       // The whole-result tests' bounds (cuda_backend_test.cc, fused_attention_test.cc) where they
       // exist; the others from the sizes of the fp32 and TF32 roundings.
-      {"fp32", DType::kFloat32, false, {1e-4, 5e-2, 0.95, 2e-3f, 2e-3, 2e-3f, 0.02f}},
+      {"fp32", DType::kFloat32, false, {1e-4, 5e-2, 0.90, 2e-3f, 2e-3, 2e-3f, 0.02f}},
       {"bf16, tensor cores", DType::kBFloat16, true, {2e-3, 0.15, 0.90, 2e-2f, 2e-2, 3e-3f, 0.03f}},
       {"fp16, tensor cores", DType::kFloat16, true, {2e-3, 0.15, 0.90, 2e-2f, 2e-2, 3e-3f, 0.03f}},
   };
