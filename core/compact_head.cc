@@ -160,7 +160,7 @@ void ErrorsFromOutputs(const MatrixF& outputs, const VectorF& mass, const Matrix
 absl::StatusOr<CompactedHead> CompactHead(const BlockView& block, const MatrixF* queries,
                                           const HeadOptions& options, StageSeconds* seconds) {
   const bool has_queries = queries != nullptr && queries->rows() > 0;
-  absl::StatusOr<LayerPlan> plan = PlanHeads({options}, block.tokens(), has_queries);
+  absl::StatusOr<CompactionPlan> plan = PlanHeads({options}, block.tokens(), has_queries);
   if (!plan.ok()) return plan.status();
   CpuLayerSteps steps({HeadInput{block, has_queries ? queries : nullptr}}, /*pool=*/nullptr);
   absl::StatusOr<LayerResult> result = RunLayerPipeline(*plan, steps, /*pool=*/nullptr, /*cancelled=*/{});

@@ -13,7 +13,7 @@ class CpuBackend final : public Backend {
   std::string_view name() const override { return "cpu"; }
 
   absl::StatusOr<LayerResult> CompactLayer(const LayerJob& job) override {
-    absl::StatusOr<LayerPlan> plan = PlanLayer(job);
+    absl::StatusOr<CompactionPlan> plan = PlanLayer(job);
     if (!plan.ok()) return plan.status();
     const LayerData& data = job.data;
     std::vector<MatrixF> queries(data.heads);

@@ -47,7 +47,7 @@ void CpuLayerSteps::ForHeads(const std::vector<int64_t>& list, const std::functi
   for (const StageSeconds& s : seconds) *total += s;
 }
 
-absl::Status CpuLayerSteps::Statistics(const LayerPlan& plan, MatrixF* scores, StageSeconds* seconds) {
+absl::Status CpuLayerSteps::Statistics(const CompactionPlan& plan, MatrixF* scores, StageSeconds* seconds) {
   const auto H = static_cast<int64_t>(heads_.size());
   if (plan.reduce) scores->setZero(H, plan.tokens);
   ForHeads(AllHeads(), [&](int64_t h, StageSeconds* s) {
@@ -69,7 +69,7 @@ absl::Status CpuLayerSteps::Statistics(const LayerPlan& plan, MatrixF* scores, S
   return absl::OkStatus();
 }
 
-absl::Status CpuLayerSteps::SelectOmp(const LayerPlan& plan, const std::vector<int64_t>& heads, const MatrixF& scores,
+absl::Status CpuLayerSteps::SelectOmp(const CompactionPlan& plan, const std::vector<int64_t>& heads, const MatrixF& scores,
                                       std::vector<std::vector<int32_t>>* kept) {
   // OMP over a candidate pool: one pass over the fitting queries builds the pool's Gram system,
   // then the greedy loop runs in Gram space (core/omp.h).
@@ -88,7 +88,7 @@ absl::Status CpuLayerSteps::SelectOmp(const LayerPlan& plan, const std::vector<i
   return absl::OkStatus();
 }
 
-absl::Status CpuLayerSteps::FitMass(const LayerPlan& plan, std::vector<CompactedHead>* heads, StageSeconds* seconds) {
+absl::Status CpuLayerSteps::FitMass(const CompactionPlan& plan, std::vector<CompactedHead>* heads, StageSeconds* seconds) {
   ForHeads(plan.FittedHeads(), [&](int64_t h, StageSeconds* s) {
     const HeadPlan& p = plan.heads[h];
     HeadState& st = state_[h];
@@ -123,7 +123,7 @@ HeadQuality CpuLayerSteps::Measure(const CompactedHead& head, const HeadState& s
   return q;
 }
 
-absl::Status CpuLayerSteps::FitValuesAndEvaluate(const LayerPlan& plan, const std::vector<CompactedHead>& selection,
+absl::Status CpuLayerSteps::FitValuesAndEvaluate(const CompactionPlan& plan, const std::vector<CompactedHead>& selection,
                                                  std::vector<CompactedHead>* heads, std::vector<HeadFigures>* figures,
                                                  StageSeconds* seconds) {
   ForHeads(AllHeads(), [&](int64_t h, StageSeconds* s) {

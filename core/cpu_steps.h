@@ -26,11 +26,11 @@ class CpuLayerSteps final : public LayerSteps {
   CpuLayerSteps(std::vector<HeadInput> heads, ThreadPool* pool, std::function<bool()> cancelled = {});
 
   BlockView Block(int64_t head) const override { return heads_[head].block; }
-  absl::Status Statistics(const LayerPlan& plan, MatrixF* scores, StageSeconds* seconds) override;
-  absl::Status SelectOmp(const LayerPlan& plan, const std::vector<int64_t>& heads, const MatrixF& scores,
+  absl::Status Statistics(const CompactionPlan& plan, MatrixF* scores, StageSeconds* seconds) override;
+  absl::Status SelectOmp(const CompactionPlan& plan, const std::vector<int64_t>& heads, const MatrixF& scores,
                          std::vector<std::vector<int32_t>>* kept) override;
-  absl::Status FitMass(const LayerPlan& plan, std::vector<CompactedHead>* heads, StageSeconds* seconds) override;
-  absl::Status FitValuesAndEvaluate(const LayerPlan& plan, const std::vector<CompactedHead>& selection,
+  absl::Status FitMass(const CompactionPlan& plan, std::vector<CompactedHead>* heads, StageSeconds* seconds) override;
+  absl::Status FitValuesAndEvaluate(const CompactionPlan& plan, const std::vector<CompactedHead>& selection,
                                     std::vector<CompactedHead>* heads, std::vector<HeadFigures>* figures,
                                     StageSeconds* seconds) override;
 

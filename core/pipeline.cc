@@ -44,7 +44,7 @@ void GatherSelection(const BlockView& block, CompactedHead* head) {
 
 }  // namespace
 
-std::vector<int64_t> LayerPlan::FittedHeads() const {
+std::vector<int64_t> CompactionPlan::FittedHeads() const {
   std::vector<int64_t> out;
   for (size_t h = 0; h < heads.size(); ++h) {
     if (heads[h].fit) out.push_back(static_cast<int64_t>(h));
@@ -52,9 +52,9 @@ std::vector<int64_t> LayerPlan::FittedHeads() const {
   return out;
 }
 
-absl::StatusOr<LayerPlan> PlanHeads(std::vector<HeadOptions> options, int64_t tokens, bool has_queries) {
+absl::StatusOr<CompactionPlan> PlanHeads(std::vector<HeadOptions> options, int64_t tokens, bool has_queries) {
   const int64_t H = static_cast<int64_t>(options.size());
-  LayerPlan plan;
+  CompactionPlan plan;
   plan.tokens = tokens;
   plan.has_queries = has_queries;
   plan.heads.resize(H);
@@ -79,7 +79,7 @@ absl::StatusOr<LayerPlan> PlanHeads(std::vector<HeadOptions> options, int64_t to
   return plan;
 }
 
-absl::StatusOr<LayerPlan> PlanLayer(const LayerJob& job) {
+absl::StatusOr<CompactionPlan> PlanLayer(const LayerJob& job) {
   if (static_cast<int64_t>(job.budgets.size()) != job.data.heads) {
     return absl::InvalidArgumentError("one budget per head is required");
   }
@@ -88,7 +88,7 @@ absl::StatusOr<LayerPlan> PlanLayer(const LayerJob& job) {
   return PlanHeads(std::move(options), job.data.tokens, job.data.queries > 0);
 }
 
-absl::StatusOr<LayerResult> RunLayerPipeline(const LayerPlan& plan, LayerSteps& steps, ThreadPool* pool,
+absl::StatusOr<LayerResult> RunLayerPipeline(const CompactionPlan& plan, LayerSteps& steps, ThreadPool* pool,
                                              const std::function<bool()>& cancelled) {
   const int64_t H = static_cast<int64_t>(plan.heads.size()), T = plan.tokens;
   const auto is_cancelled = [&] { return cancelled && cancelled(); };

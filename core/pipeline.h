@@ -32,7 +32,7 @@ struct HeadPlan {
   bool fit = false;        // the AM fit runs (the method fits, queries were given, not unchanged)
 };
 
-struct LayerPlan {
+struct CompactionPlan {
   const MethodSpec* spec = nullptr;
   int64_t tokens = 0;
   bool has_queries = false;
@@ -43,9 +43,9 @@ struct LayerPlan {
 
 // Checks and plans heads with these options over `tokens` tokens: every budget > 0, queries where
 // the method needs them. Errors name the head where there is more than one.
-absl::StatusOr<LayerPlan> PlanHeads(std::vector<HeadOptions> options, int64_t tokens, bool has_queries);
+absl::StatusOr<CompactionPlan> PlanHeads(std::vector<HeadOptions> options, int64_t tokens, bool has_queries);
 // The same for a layer job (one budget per head, the seeds of HeadOptionsFor).
-absl::StatusOr<LayerPlan> PlanLayer(const LayerJob& job);
+absl::StatusOr<CompactionPlan> PlanLayer(const LayerJob& job);
 
 // Error figures of one compacted head (HeadQuality without has_quality).
 struct HeadFigures {
@@ -64,24 +64,24 @@ class LayerSteps {
   virtual bool ComputesScore(ScoreReduce reduce) const { (void)reduce; return true; }
   // Statistics of every head's fitting and held-out queries; with plan.reduce, each head's key
   // scores into row h of `scores` (heads x T; rows of unchanged heads may be left unset).
-  virtual absl::Status Statistics(const LayerPlan& plan, MatrixF* scores, StageSeconds* seconds) = 0;
+  virtual absl::Status Statistics(const CompactionPlan& plan, MatrixF* scores, StageSeconds* seconds) = 0;
   // OMP key selection of `heads` from their scores: ascending positions, t per head, into (*kept)[h].
-  virtual absl::Status SelectOmp(const LayerPlan& plan, const std::vector<int64_t>& heads, const MatrixF& scores,
+  virtual absl::Status SelectOmp(const CompactionPlan& plan, const std::vector<int64_t>& heads, const MatrixF& scores,
                                  std::vector<std::vector<int32_t>>* kept) = 0;
   // The mass fit of the fitted heads: (*heads)[h] holds the selection (indices, keys, beta = b_S);
   // its beta becomes log w + b_S, with mass_fit_converged and mass_fit_iterations.
-  virtual absl::Status FitMass(const LayerPlan& plan, std::vector<CompactedHead>* heads, StageSeconds* seconds) = 0;
+  virtual absl::Status FitMass(const CompactionPlan& plan, std::vector<CompactedHead>* heads, StageSeconds* seconds) = 0;
   // The value fit of the fitted heads (their values, from (*heads)[h] with the fitted beta) and
   // the error figures of every head; `selection` holds plain selection of each fitted head (empty
   // entries elsewhere), whose figures are measured too where queries are held out.
-  virtual absl::Status FitValuesAndEvaluate(const LayerPlan& plan, const std::vector<CompactedHead>& selection,
+  virtual absl::Status FitValuesAndEvaluate(const CompactionPlan& plan, const std::vector<CompactedHead>& selection,
                                             std::vector<CompactedHead>* heads, std::vector<HeadFigures>* figures,
                                             StageSeconds* seconds) = 0;
 };
 
 // Runs the pipeline: `pool` (may be null) spreads the host's selection over heads; `cancelled`
 // (may be empty) is checked between steps.
-absl::StatusOr<LayerResult> RunLayerPipeline(const LayerPlan& plan, LayerSteps& steps, ThreadPool* pool,
+absl::StatusOr<LayerResult> RunLayerPipeline(const CompactionPlan& plan, LayerSteps& steps, ThreadPool* pool,
                                              const std::function<bool()>& cancelled);
 
 }  // namespace kvcompact

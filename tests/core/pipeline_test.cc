@@ -31,20 +31,20 @@ class CountingSteps final : public LayerSteps {
 
   BlockView Block(int64_t head) const override { return inner_->Block(head); }
   bool ComputesScore(ScoreReduce reduce) const override { return reduce != refused_score; }
-  absl::Status Statistics(const LayerPlan& plan, MatrixF* scores, StageSeconds* seconds) override {
+  absl::Status Statistics(const CompactionPlan& plan, MatrixF* scores, StageSeconds* seconds) override {
     ++statistics;
     return inner_->Statistics(plan, scores, seconds);
   }
-  absl::Status SelectOmp(const LayerPlan& plan, const std::vector<int64_t>& heads, const MatrixF& scores,
+  absl::Status SelectOmp(const CompactionPlan& plan, const std::vector<int64_t>& heads, const MatrixF& scores,
                          std::vector<std::vector<int32_t>>* kept) override {
     omp_heads = heads;
     return inner_->SelectOmp(plan, heads, scores, kept);
   }
-  absl::Status FitMass(const LayerPlan& plan, std::vector<CompactedHead>* heads, StageSeconds* seconds) override {
+  absl::Status FitMass(const CompactionPlan& plan, std::vector<CompactedHead>* heads, StageSeconds* seconds) override {
     ++mass_fits;
     return inner_->FitMass(plan, heads, seconds);
   }
-  absl::Status FitValuesAndEvaluate(const LayerPlan& plan, const std::vector<CompactedHead>& selection,
+  absl::Status FitValuesAndEvaluate(const CompactionPlan& plan, const std::vector<CompactedHead>& selection,
                                     std::vector<CompactedHead>* heads, std::vector<HeadFigures>* figures,
                                     StageSeconds* seconds) override {
     ++value_fits;
@@ -68,7 +68,7 @@ class CountingSteps final : public LayerSteps {
 TEST(PlanHeads, DecidesEachHeadsKeptKeysAndWhatRuns) {
   LayerJob job = SyntheticJob(3, 100, 20, 10, 1);
   job.budgets = {10, 100, 1000};  // below T, equal to T, far over
-  absl::StatusOr<LayerPlan> plan = PlanLayer(job);
+  absl::StatusOr<CompactionPlan> plan = PlanLayer(job);
   ASSERT_TRUE(plan.ok()) << plan.status();
   EXPECT_EQ(plan->heads[0].t, 10);
   EXPECT_EQ(plan->heads[1].t, 100);

@@ -43,7 +43,7 @@ class TeeSteps final : public LayerSteps {
   BlockView Block(int64_t head) const override { return ref_.Block(head); }
   bool ComputesScore(ScoreReduce r) const override { return ref_.ComputesScore(r) && dev_.ComputesScore(r); }
 
-  absl::Status Statistics(const LayerPlan& plan, MatrixF* scores, StageSeconds* seconds) override {
+  absl::Status Statistics(const CompactionPlan& plan, MatrixF* scores, StageSeconds* seconds) override {
     MatrixF dev_scores;
     StageSeconds unused;
     if (auto s = ref_.Statistics(plan, scores, seconds); !s.ok()) return s;
@@ -63,7 +63,7 @@ class TeeSteps final : public LayerSteps {
     return absl::OkStatus();
   }
 
-  absl::Status SelectOmp(const LayerPlan& plan, const std::vector<int64_t>& heads, const MatrixF& scores,
+  absl::Status SelectOmp(const CompactionPlan& plan, const std::vector<int64_t>& heads, const MatrixF& scores,
                          std::vector<std::vector<int32_t>>* kept) override {
     std::vector<std::vector<int32_t>> dev_kept(kept->size());
     if (auto s = ref_.SelectOmp(plan, heads, scores, kept); !s.ok()) return s;
@@ -81,7 +81,7 @@ class TeeSteps final : public LayerSteps {
     return absl::OkStatus();
   }
 
-  absl::Status FitMass(const LayerPlan& plan, std::vector<CompactedHead>* heads, StageSeconds* seconds) override {
+  absl::Status FitMass(const CompactionPlan& plan, std::vector<CompactedHead>* heads, StageSeconds* seconds) override {
     std::vector<CompactedHead> dev_heads = *heads;
     StageSeconds unused;
     if (auto s = ref_.FitMass(plan, heads, seconds); !s.ok()) return s;
@@ -97,7 +97,7 @@ class TeeSteps final : public LayerSteps {
     return absl::OkStatus();
   }
 
-  absl::Status FitValuesAndEvaluate(const LayerPlan& plan, const std::vector<CompactedHead>& selection,
+  absl::Status FitValuesAndEvaluate(const CompactionPlan& plan, const std::vector<CompactedHead>& selection,
                                     std::vector<CompactedHead>* heads, std::vector<HeadFigures>* figures,
                                     StageSeconds* seconds) override {
     std::vector<CompactedHead> dev_heads = *heads;
@@ -218,7 +218,7 @@ TEST(PipelineSteps, EveryStepMatchesTheCpuOnRandomInputs) {
           for (int64_t h = 0; h < job.data.heads; ++h) inputs.push_back({job.data.HeadBlock(h), &queries[h]});
           CpuLayerSteps cpu(std::move(inputs), nullptr);
           TeeSteps tee(cpu, kernels::CudaStepsFor(**gpu, job), config.tol, where);
-          absl::StatusOr<LayerPlan> plan = PlanLayer(job);
+          absl::StatusOr<CompactionPlan> plan = PlanLayer(job);
           ASSERT_TRUE(plan.ok()) << plan.status();
           absl::StatusOr<LayerResult> result = RunLayerPipeline(*plan, tee, nullptr, {});
           ASSERT_TRUE(result.ok()) << where << ": " << result.status();
