@@ -148,6 +148,7 @@ absl::StatusOr<LayerResult> RunLayerPipeline(const CompactionPlan& plan, LayerSt
   if (is_cancelled()) return Cancelled();
   std::vector<HeadFigures> figures(H);
   if (auto s = steps.FitValuesAndEvaluate(plan, selection, &heads, &figures, &result.seconds); !s.ok()) return s;
+  if (is_cancelled()) return Cancelled();  // a step may have skipped heads once it was cancelled
 
   for (int64_t h = 0; h < H; ++h) {
     CompactedHead& head = heads[h];

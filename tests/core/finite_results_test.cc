@@ -64,6 +64,22 @@ TEST(Cancellation, ACancelledLayerStopsAndSaysSo) {
   EXPECT_TRUE(backend->CompactLayer(job).ok());
 }
 
+// Cancelled while the last step runs (some heads done, the rest skipped): the layer is CANCELLED,
+// never OK with heads half fitted.
+TEST(Cancellation, ACancellationDuringTheLastStepIsNotAResult) {
+  LayerJob job = SyntheticJob(4, 256, 64, 32, 7);
+  int checks = 0;
+  job.cancelled = [&checks] { return ++checks < 0; };  // counts the checks of a whole run
+  auto backend = MakeCpuBackend(1);
+  ASSERT_TRUE(backend->CompactLayer(job).ok());
+  const int whole_run = checks;
+  checks = 0;
+  // True from the third-to-last check on: inside the last step, after its first heads.
+  job.cancelled = [&checks, whole_run] { return ++checks > whole_run - 3; };
+  absl::StatusOr<LayerResult> result = backend->CompactLayer(job);
+  EXPECT_EQ(result.status().code(), absl::StatusCode::kCancelled) << result.status();
+}
+
 // The reported errors when every kept key sits ~100 below the row's maximum (a key that was not
 // kept dominates): outputs and mass come out right instead of underflowing to zero.
 TEST(MeasureErrors, KeptKeysFarBelowTheRowMaximumDoNotUnderflow) {
