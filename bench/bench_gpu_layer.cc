@@ -99,11 +99,7 @@ int main(int argc, char** argv) {
     RoundThroughWire(jobs[i]->data, wire);
     jobs[i]->options.method = *MethodFromName(absl::GetFlag(FLAGS_method));
     jobs[i]->options.holdout_fraction = absl::GetFlag(FLAGS_holdout);
-    for (int r = 1; r <= 6 && !absl::GetFlag(FLAGS_score).empty(); ++r) {
-      if (ScoreReduceName(static_cast<ScoreReduce>(r)) == absl::GetFlag(FLAGS_score)) {
-        jobs[i]->options.score = static_cast<ScoreReduce>(r);
-      }
-    }
+    jobs[i]->options.score = ScoreReduceFromName(absl::GetFlag(FLAGS_score));
     if (!absl::GetFlag(FLAGS_score).empty() && !jobs[i]->options.score) {
       fprintf(stderr, "unknown --score %s\n", absl::GetFlag(FLAGS_score).c_str());
       return 2;

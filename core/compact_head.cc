@@ -15,6 +15,12 @@
 
 namespace kvcompact {
 
+VectorF GatherBias(const BlockView& block, const std::vector<int32_t>& positions) {
+  VectorF out(static_cast<Eigen::Index>(positions.size()));
+  for (size_t i = 0; i < positions.size(); ++i) out[i] = block.bias ? block.bias[positions[i]] : 0.0f;
+  return out;
+}
+
 MatrixF GatherRows(const Eigen::Ref<const MatrixF>& m, const std::vector<int32_t>& rows) {
   MatrixF out(static_cast<Eigen::Index>(rows.size()), m.cols());
   for (size_t i = 0; i < rows.size(); ++i) out.row(i) = m.row(rows[i]);

@@ -116,6 +116,8 @@ absl::StatusOr<CompactedHead> CompactHead(const BlockView& block, const MatrixF*
 
 // m's rows at `rows`, in that order (kept keys, their values, a query subset).
 MatrixF GatherRows(const Eigen::Ref<const MatrixF>& m, const std::vector<int32_t>& rows);
+// The block's bias at `positions` (0 where the block has none: a fresh cache).
+VectorF GatherBias(const BlockView& block, const std::vector<int32_t>& positions);
 
 // Fitting queries that are not near-duplicates of one another: cells of a fixed 4-dimensional
 // random projection, 1/20 of each projection's spread wide. The priors toward selection scale

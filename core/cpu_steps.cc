@@ -15,12 +15,6 @@ double Since(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
-VectorF GatherBias(const BlockView& block, const std::vector<int32_t>& idx) {
-  VectorF out(static_cast<Eigen::Index>(idx.size()));
-  for (size_t i = 0; i < idx.size(); ++i) out[i] = block.bias ? block.bias[idx[i]] : 0.0f;
-  return out;
-}
-
 }  // namespace
 
 CpuLayerSteps::CpuLayerSteps(std::vector<HeadInput> heads, ThreadPool* pool, std::function<bool()> cancelled)
@@ -132,10 +126,13 @@ absl::Status CpuLayerSteps::FitValuesAndEvaluate(const CompactionPlan& plan, con
     const float scale = heads_[h].block.scale;
     CompactedHead& head = (*heads)[h];
     auto start = std::chrono::steady_clock::now();
+    // Plain selection of a fitted head (its values V_S are the value fit's prior).
+    CompactedHead plain;
     if (p.fit) {
+      plain = selection[h];
+      plain.values = GatherRows(heads_[h].block.values, plain.indices);
       const MatrixF design = RowSoftmax(SubsetLogits(st.fit_q, head.keys, head.beta, scale));
-      head.values = FitValues(design, st.fit_stats.outputs, ValueRidge(p.options, p.t, st.distinct),
-                              &selection[h].values);
+      head.values = FitValues(design, st.fit_stats.outputs, ValueRidge(p.options, p.t, st.distinct), &plain.values);
       s->value_fit += Since(start);
       start = std::chrono::steady_clock::now();
     }
@@ -144,8 +141,8 @@ absl::Status CpuLayerSteps::FitValuesAndEvaluate(const CompactionPlan& plan, con
     if (p.fit && st.eval_q.rows() > 0) {
       // Plain selection's held-out error; its fit error only where it is the one returned.
       HeadQuality sq = f.fitted;
-      MeasureErrors(selection[h], st.eval_q, st.eval_stats, scale, &sq.output_rel_error, &sq.mass_rel_error);
-      if (sq.output_rel_error < f.fitted.output_rel_error) sq = Measure(selection[h], st, scale);
+      MeasureErrors(plain, st.eval_q, st.eval_stats, scale, &sq.output_rel_error, &sq.mass_rel_error);
+      if (sq.output_rel_error < f.fitted.output_rel_error) sq = Measure(plain, st, scale);
       f.selection = sq;
     }
     s->evaluate += Since(start);

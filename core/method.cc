@@ -52,4 +52,12 @@ std::string_view ScoreReduceName(ScoreReduce reduce) {
   return "UNKNOWN";
 }
 
+std::optional<ScoreReduce> ScoreReduceFromName(std::string_view name) {
+  for (ScoreReduce r : {ScoreReduce::kRms, ScoreReduce::kMean, ScoreReduce::kMax, ScoreReduce::kRmsMax,
+                        ScoreReduce::kCoverage, ScoreReduce::kRmsCoverage}) {
+    if (ScoreReduceName(r) == name) return r;
+  }
+  return std::nullopt;
+}
+
 }  // namespace kvcompact

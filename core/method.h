@@ -26,8 +26,9 @@ enum class Method : int {
 // the coverage rankings.
 enum class ScoreReduce : int { kRms = 1, kMean = 2, kMax = 3, kRmsMax = 4, kCoverage = 5, kRmsCoverage = 6 };
 
-// The score's name on the wire (the proto's SCORE_REDUCE_ suffix), for messages.
+// The score's name on the wire (the proto's SCORE_REDUCE_ suffix), for messages and flags.
 std::string_view ScoreReduceName(ScoreReduce reduce);
+std::optional<ScoreReduce> ScoreReduceFromName(std::string_view name);
 
 enum class Selection : int { kHighestAttention, kRecent, kSinksAndRecent, kRandom, kOmp };
 enum class Fit : int { kAttentionMatching, kCopy };

@@ -28,18 +28,12 @@ std::string HeadPrefix(int64_t head, int64_t heads) { return heads > 1 ? absl::S
 
 absl::Status Cancelled() { return absl::CancelledError("the stream is gone or the server is stopping"); }
 
-// Plain selection of head h's kept keys: C_k = K[S], beta = b_S, C_v = V[S].
-void GatherSelection(const BlockView& block, CompactedHead* head) {
-  const auto t = static_cast<Eigen::Index>(head->indices.size());
-  head->keys.resize(t, block.keys.cols());
-  head->values.resize(t, block.values.cols());
-  head->beta.resize(t);
-  for (Eigen::Index r = 0; r < t; ++r) {
-    const int32_t j = head->indices[r];
-    head->keys.row(r) = block.keys.row(j);
-    head->values.row(r) = block.values.row(j);
-    head->beta[r] = block.bias ? block.bias[j] : 0.0f;
-  }
+// Plain selection of a head's kept keys: C_k = K[S], beta = b_S, and C_v = V[S] where no fit
+// replaces it (a fitted head gathers V[S] only if plain selection is returned).
+void GatherSelection(const BlockView& block, bool fitted, CompactedHead* head) {
+  head->keys = GatherRows(block.keys, head->indices);
+  head->beta = GatherBias(block, head->indices);
+  if (!fitted) head->values = GatherRows(block.values, head->indices);
 }
 
 }  // namespace
@@ -130,7 +124,7 @@ absl::StatusOr<LayerResult> RunLayerPipeline(const CompactionPlan& plan, LayerSt
       const VectorF head_scores = plan.reduce ? VectorF(scores.row(h).transpose()) : VectorF();
       head.indices = SelectKeys(spec.selection, T, head_scores, SelectionParamsFor(p.options, spec, p.t));
     }
-    GatherSelection(steps.Block(h), &head);
+    GatherSelection(steps.Block(h), p.fit, &head);
   });
   for (int64_t h = 0; h < H; ++h) {
     if (static_cast<int64_t>(heads[h].indices.size()) != plan.heads[h].t) {
@@ -157,7 +151,7 @@ absl::StatusOr<LayerResult> RunLayerPipeline(const CompactionPlan& plan, LayerSt
     // the held-out queries.
     if (figures[h].selection && figures[h].selection->output_rel_error < head.quality.output_rel_error) {
       head.beta = std::move(selection[h].beta);
-      head.values = std::move(selection[h].values);
+      head.values = GatherRows(steps.Block(h).values, head.indices);
       head.selection_kept = true;
       head.quality = *figures[h].selection;
     }

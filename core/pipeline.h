@@ -72,8 +72,9 @@ class LayerSteps {
   // its beta becomes log w + b_S, with mass_fit_converged and mass_fit_iterations.
   virtual absl::Status FitMass(const CompactionPlan& plan, std::vector<CompactedHead>* heads, StageSeconds* seconds) = 0;
   // The value fit of the fitted heads (their values, from (*heads)[h] with the fitted beta) and
-  // the error figures of every head; `selection` holds plain selection of each fitted head (empty
-  // entries elsewhere), whose figures are measured too where queries are held out.
+  // the error figures of every head; `selection` holds plain selection of each fitted head
+  // (indices, keys, beta = b_S; its values V_S are not gathered; empty entries elsewhere), whose
+  // figures are measured too where queries are held out.
   virtual absl::Status FitValuesAndEvaluate(const CompactionPlan& plan, const std::vector<CompactedHead>& selection,
                                             std::vector<CompactedHead>* heads, std::vector<HeadFigures>* figures,
                                             StageSeconds* seconds) = 0;

@@ -178,3 +178,18 @@ TEST(RunLayerPipeline, WithoutQueriesStopsAfterSelection) {
 
 }  // namespace
 }  // namespace kvcompact
+
+namespace kvcompact {
+namespace {
+
+TEST(ScoreReduceName, RoundTripsEveryScoreAndRefusesOthers) {
+  for (ScoreReduce r : {ScoreReduce::kRms, ScoreReduce::kMean, ScoreReduce::kMax, ScoreReduce::kRmsMax,
+                        ScoreReduce::kCoverage, ScoreReduce::kRmsCoverage}) {
+    EXPECT_EQ(ScoreReduceFromName(ScoreReduceName(r)), r);
+  }
+  EXPECT_FALSE(ScoreReduceFromName("rms").has_value()) << "the wire's upper-case names only";
+  EXPECT_FALSE(ScoreReduceFromName("").has_value());
+}
+
+}  // namespace
+}  // namespace kvcompact
